@@ -1,0 +1,38 @@
+# know2vec-jax: `make demo` runs the main job, `make test` runs the tests. Both set themselves up
+# (virtual environment, package, Debian's Fashion-MNIST package) on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ZOO    ?= artifacts/zoo-demo
+
+.PHONY: setup data demo test clean
+
+$(STAMP): pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,plot]'
+	touch $(STAMP)
+
+data:
+	@if [ -f $(FMNIST) ]; then \
+	  echo "Fashion-MNIST: found in /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST missing: install Debian's dataset-fashion-mnist, or put the four IDX" \
+	       "*-ubyte.gz files in a directory and pass it as data_dir"; exit 1; \
+	fi
+
+setup: $(STAMP) data
+
+demo: setup
+	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
+
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

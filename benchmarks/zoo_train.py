@@ -1,0 +1,66 @@
+"""Zoo training throughput: model-steps/s of a stack, ``vmap`` vs ``lax.map`` over the model axis,
+and the two convolution lowerings (``im2col`` matmuls vs ``lax.conv``), per architecture family.
+
+This is the measurement behind ``resolve_strategy("auto")`` and the default ``conv_impl``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import time_call
+from know2vec_jax.data import load_source
+from know2vec_jax.zoo import architectures, train
+
+NAME = "zoo_train"
+
+
+def run(quick: bool = False) -> dict:
+  src = load_source("mnist5k")
+  pool = jax.device_put(src.train_images)
+  n = 3000
+  models = 4 if quick else 16
+  steps = 10 if quick else 40
+  batch = 64
+  rows = []
+  for arch in architectures.ARCHITECTURES:
+    impls = ("im2col",) if arch == "mlp" else ("im2col", "xla")
+    for impl in impls:
+      if quick and impl == "xla" and arch == "cnn_l":
+        continue  # the slow lowering of the big family alone would take most of --quick
+      for strategy in ("vmap", "map"):
+        spec = train.StackSpec(arch, 4, conv_impl=impl)
+        gd = spec.graphdef()
+        seeds = list(range(models))
+        keys = train.model_keys(seeds)
+        idx = jnp.tile(jnp.arange(n, dtype=jnp.int32), (models, 1))
+        lab = jnp.asarray(np.tile(src.train_labels[:n] % 4, (models, 1)))
+        counts = jnp.full((models,), n, jnp.int32)
+        lr = jnp.full((models,), 3e-3, jnp.float32)
+        budget = jnp.full((models,), steps, jnp.int32)
+
+        def fn():
+          p = train.init_stack(spec, seeds)
+          o = train.init_opt_state(p)
+          return train.train_stack(gd, p, o, keys, budget, lr, pool, idx, counts, lab,
+                                   batch_size=batch, strategy=strategy)[2]
+        t = time_call(fn, repeats=2 if quick else 3)
+        rate = models * steps / t["median_s"]
+        flops = 3 * architectures.flops_per_image(arch, 4) * batch * rate
+        rows.append(dict(arch=arch, conv_impl=impl, strategy=strategy, models=models,
+                         steps=steps, batch=batch, model_steps_per_s=rate,
+                         train_gflops_per_s=flops / 1e9, **t))
+        print(f"  {arch:6s} {impl:7s} {strategy:5s} {rate:9.1f} model-steps/s "
+              f"({flops / 1e9:6.1f} GFLOP/s)", flush=True)
+  ratios = {}
+  for arch in architectures.ARCHITECTURES:
+    get = {(r["conv_impl"], r["strategy"]): r["model_steps_per_s"] for r in rows
+           if r["arch"] == arch}
+    ratios[f"{arch}_map_vs_vmap"] = get[("im2col", "map")] / get[("im2col", "vmap")]
+    if ("xla", "map") in get:
+      ratios[f"{arch}_im2col_vs_xla_conv_map"] = get[("im2col", "map")] / get[("xla", "map")]
+      ratios[f"{arch}_im2col_vs_xla_conv_vmap"] = get[("im2col", "vmap")] / get[("xla", "vmap")]
+  return {"rows": rows, "ratios": ratios,
+          "note": "ratios are throughput ratios (> 1: the first named is faster), same process"}

@@ -1,0 +1,200 @@
+"""Training a zoo from its specs: models grouped into stacks, each chunk of a stack one jitted call."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from know2vec_jax.data import load_source, task_split
+from know2vec_jax.zoo import train as train_lib
+from know2vec_jax.zoo.specs import ModelSpec
+from know2vec_jax.zoo.zoo import ModelRecord, Zoo, ZooError, ZooStack
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+  """How a zoo is trained (not what it contains: that is the specs).
+
+  Attributes:
+    image_size, channels: the common image format of every source.
+    conv_impl: ``"im2col"`` (fast on CPU) or ``"xla"``.
+    strategy: ``"vmap"``, ``"map"`` or ``"auto"`` over the model axis (see ``resolve_strategy``).
+    chunk_size: models per jitted training call; the last chunk of a stack is padded with
+      zero-step copies so that every chunk of a stack reuses one compilation.
+    eval_chunk: images per forward call when measuring accuracy.
+    train_eval_max: at most this many train images per model for the train accuracy.
+  """
+  image_size: int = 28
+  channels: int = 1
+  conv_impl: str = "im2col"
+  strategy: str = "auto"
+  chunk_size: int = 16
+  eval_chunk: int = 512
+  train_eval_max: int = 2000
+
+
+class ImagePool:
+  """Every image of every (source, split) a zoo needs, in one array, addressed by offsets."""
+
+  def __init__(self, sources: list[str], image_size: int, channels: int):
+    self.data = {s: load_source(s, image_size=image_size, channels=channels) for s in sources}
+    parts, self.offsets, n = [], {}, 0
+    for s in sources:
+      for split in ("train", "test"):
+        images, _ = self.data[s].split(split)
+        self.offsets[(s, split)] = n
+        parts.append(images)
+        n += len(images)
+    self.images = jax.device_put(np.concatenate(parts))
+
+  def task_rows(self, spec: ModelSpec, split: str):
+    """Global pool indices and task-local labels of one task split."""
+    idx, y = task_split(self.data[spec.task.source], spec.task, split)
+    return (idx + self.offsets[(spec.task.source, split)]).astype(np.int32), y
+
+
+def _noisy_labels(y: np.ndarray, k: int, fraction: float, seed: int) -> np.ndarray:
+  """Replaces ``fraction`` of the labels by a uniformly drawn *other* class (deterministic)."""
+  if fraction <= 0:
+    return y
+  rng = np.random.default_rng([seed, 7])
+  flip = rng.random(len(y)) < fraction
+  shift = rng.integers(1, k, size=len(y))
+  return np.where(flip, (y + shift) % k, y).astype(np.int32)
+
+
+def check_specs(specs: list[ModelSpec]) -> None:
+  """Raises ZooError on an empty zoo, duplicate ids or an unknown architecture."""
+  from know2vec_jax.zoo.architectures import ARCHITECTURES
+  if not specs:
+    raise ZooError("a zoo needs at least one model spec")
+  seen = set()
+  for s in specs:
+    if s.model_id in seen:
+      raise ZooError(f"duplicate model id {s.model_id!r}")
+    seen.add(s.model_id)
+    if s.arch not in ARCHITECTURES:
+      raise ZooError(f"{s.model_id}: unknown architecture {s.arch!r}; known: "
+                     f"{sorted(ARCHITECTURES)}")
+
+
+def train_models(specs: list[ModelSpec], pool: ImagePool, stack_spec: train_lib.StackSpec,
+                 config: BuildConfig):
+  """Trains the given models (one architecture, one K) as one stack call.
+
+  Returns:
+    (stacked params, heldout accuracy [M], train accuracy [M], final loss [M]) as numpy/State.
+  """
+  strategy = train_lib.resolve_strategy(config.strategy)
+  batch_sizes = {s.batch_size for s in specs}
+  if len(batch_sizes) != 1:
+    raise ZooError(f"models of one training call need one batch size, got {sorted(batch_sizes)}")
+  train_rows, train_labels, test_rows, test_labels, evtr_rows, evtr_labels = [], [], [], [], [], []
+  for s in specs:
+    idx, y = pool.task_rows(s, "train")
+    if len(idx) == 0:
+      raise ZooError(f"{s.model_id}: task {s.task.task_id} has no training images")
+    train_rows.append(idx)
+    train_labels.append(_noisy_labels(y, s.k, s.label_noise, s.seed))
+    sub = np.random.default_rng([s.seed, 3]).permutation(len(idx))[:config.train_eval_max]
+    evtr_rows.append(idx[sub])
+    evtr_labels.append(y[sub])
+    idx, y = pool.task_rows(s, "test")
+    test_rows.append(idx)
+    test_labels.append(y)
+  tr_idx, _ = train_lib.pad_rows(train_rows)
+  tr_lab, _ = train_lib.pad_rows(train_labels)
+  keys = train_lib.model_keys([s.seed for s in specs])
+  params = train_lib.init_stack(stack_spec, [s.seed for s in specs])
+  opt_state = train_lib.init_opt_state(params)
+  data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  params, opt_state, loss = train_lib.train_stack(
+      stack_spec.graphdef(), params, opt_state, data_keys,
+      jnp.asarray([s.steps for s in specs], jnp.int32),
+      jnp.asarray([s.learning_rate for s in specs], jnp.float32), pool.images, jnp.asarray(tr_idx),
+      jnp.asarray([len(r) for r in train_rows], jnp.int32), jnp.asarray(tr_lab),
+      batch_size=specs[0].batch_size, strategy=strategy)
+  accs = []
+  for rows, labels in ((test_rows, test_labels), (evtr_rows, evtr_labels)):
+    idx, mask = train_lib.pad_rows(rows, config.eval_chunk)
+    lab, _ = train_lib.pad_rows(labels, config.eval_chunk)
+    accs.append(np.asarray(train_lib.stack_accuracy(
+        stack_spec.graphdef(), params, pool.images, jnp.asarray(idx), jnp.asarray(lab),
+        jnp.asarray(mask), strategy=strategy, chunk=config.eval_chunk)))
+  return params, accs[0], accs[1], np.asarray(loss)
+
+
+def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
+              progress: bool = True) -> tuple[Zoo, dict]:
+  """Trains every model of a zoo and measures its accuracy on its own task.
+
+  Models are grouped by (architecture, K) into stacks; each stack trains in chunks of
+  ``config.chunk_size`` models, one jitted call per chunk.
+
+  Args:
+    specs: the models to train (e.g. ``preset_specs("demo")``).
+    config: how to train them.
+    progress: show a progress bar (tqdm) over model-steps.
+
+  Returns:
+    (the zoo, build info: seconds, model-steps, strategy, backend, conv_impl).
+  """
+  check_specs(specs)
+  t0 = time.perf_counter()
+  sources = sorted({s.task.source for s in specs})
+  pool = ImagePool(sources, config.image_size, config.channels)
+  image_shape = (config.image_size, config.image_size, config.channels)
+  groups: dict[str, list[ModelSpec]] = {}
+  for s in specs:
+    groups.setdefault(f"{s.arch}-k{s.k}", []).append(s)
+
+  total_steps = sum(max(s.steps, 1) for s in specs)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, unit="model-step", desc="training zoo", dynamic_ncols=True)
+  stacks, records = {}, {}
+  for name, group in groups.items():
+    stack_spec = train_lib.StackSpec(group[0].arch, group[0].k, image_shape, config.conv_impl)
+    # Budgets sorted within a stack so that, under vmap, models of similar length share a chunk.
+    order = sorted(range(len(group)), key=lambda i: (group[i].batch_size, group[i].steps))
+    chunk_params, by_id = [], {}
+    for c0 in range(0, len(order), config.chunk_size):
+      chunk = [group[i] for i in order[c0:c0 + config.chunk_size]]
+      real = len(chunk)
+      pad = [dataclasses.replace(chunk[0], steps=0)] * (config.chunk_size - real)
+      if bar is not None:
+        bar.set_postfix_str(f"{name} models {c0 + 1}-{c0 + real}/{len(group)}")
+      params, heldout, train_acc, _ = train_models(chunk + pad, pool, stack_spec, config)
+      chunk_params.append(jax.tree.map(lambda a: a[:real], params))
+      for j, s in enumerate(chunk):
+        by_id[s.model_id] = (s, float(heldout[j]), float(train_acc[j]))
+      if bar is not None:
+        bar.update(sum(max(s.steps, 1) for s in chunk))
+    params = jax.tree.map(lambda *a: jnp.concatenate(a), *chunk_params)
+    # Rows of the stored stack follow the spec order, not the training order.
+    trained_order = [group[i].model_id for i in order]
+    perm = np.asarray([trained_order.index(s.model_id) for s in group])
+    params = jax.tree.map(lambda a: a[perm], params)
+    stacks[name] = ZooStack(name, stack_spec, [s.model_id for s in group], params)
+    for row, s in enumerate(group):
+      _, heldout, train_acc = by_id[s.model_id]
+      data = pool.data[s.task.source]
+      records[s.model_id] = ModelRecord(
+          model_id=s.model_id, arch=s.arch, task=s.task,
+          class_names=tuple(data.class_names[c] for c in s.task.classes), seed=s.seed,
+          steps=s.steps, learning_rate=s.learning_rate, batch_size=s.batch_size,
+          label_noise=s.label_noise, role=s.role, train_accuracy=train_acc,
+          heldout_accuracy=heldout, stack=name, stack_index=row)
+  if bar is not None:
+    bar.close()
+  # Records in spec order, whatever the stack grouping.
+  records = {s.model_id: records[s.model_id] for s in specs}
+  info = dict(seconds=time.perf_counter() - t0, model_steps=int(sum(s.steps for s in specs)),
+              strategy=train_lib.resolve_strategy(config.strategy), backend=jax.default_backend(),
+              conv_impl=config.conv_impl, num_models=len(specs))
+  return Zoo(image_shape, stacks, records), info

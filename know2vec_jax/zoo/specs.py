@@ -1,0 +1,143 @@
+"""What a zoo contains: one :class:`ModelSpec` per model, and the preset zoos.
+
+The demo preset is designed so that both evaluation settings are meaningful (DESIGN.md §4): tasks
+that differ by class set *and* tasks that share a class set but differ in domain; and, within the
+models of a task, structured variety that changes how well a model transfers (capacity, training
+budget, source breadth, deliberately weak models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from know2vec_jax.data import load_source, sample_tasks
+from know2vec_jax.data.tasks import Task
+
+ROLES = ("normal", "label_noise", "short")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """How one zoo model is trained.
+
+  Attributes:
+    model_id: unique, human-readable id.
+    arch: architecture family (see ``architectures.ARCHITECTURES``).
+    task: the source (domain transforms included) and its classes, in label order.
+    seed: init and batch-order seed.
+    steps: Adam steps.
+    learning_rate: peak learning rate.
+    batch_size: per-step batch.
+    label_noise: fraction of training labels replaced by a uniformly drawn other class.
+    role: ``normal``, or why the model is deliberately weak (``label_noise``, ``short``).
+  """
+  model_id: str
+  arch: str
+  task: Task
+  seed: int
+  steps: int
+  learning_rate: float = 3e-3
+  batch_size: int = 64
+  label_noise: float = 0.0
+  role: str = "normal"
+
+  @property
+  def k(self) -> int:
+    return self.task.k
+
+  def __post_init__(self):
+    if self.steps < 0:
+      raise ValueError(f"{self.model_id}: steps must be >= 0")
+    if not 0.0 <= self.label_noise < 1.0:
+      raise ValueError(f"{self.model_id}: label_noise must be in [0, 1)")
+    if self.role not in ROLES:
+      raise ValueError(f"{self.model_id}: role must be one of {ROLES}")
+
+
+def model_id(arch: str, task: Task, variant: str = "a") -> str:
+  return f"{arch}.{task.source}.{'-'.join(str(c) for c in task.classes)}.{variant}"
+
+
+def demo_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[ModelSpec]:
+  """The demo zoo: 435 models over 3 datasets x 4 domains, 3 families, K in {2, 4, 10}.
+
+  Per base dataset (fashion_mnist, mnist5k, digits):
+    - 32 distinct 4-way class sets in the plain domain, and 12 of them again in a transformed domain
+      (4 each inverted, rotated, blurred): 44 4-way tasks, 3 models each (mlp, cnn_s, cnn_l).
+    - 4 two-way tasks (mlp and cnn_s) and 10-way tasks in each domain (cnn_s; also cnn_l plain).
+  Budgets vary by model (short 100, normal 300, long 600 steps for CNNs; MLPs 400); about 1 in 16
+  4-way models is trained with 50% label noise and about 1 in 16 for only 12 steps.
+
+  Args:
+    seed: the seed for class sets, budgets, weak-model choice and model seeds.
+    image_size, channels: the common image format (used to check the tasks against the sources).
+
+  Returns:
+    The model specs, in a fixed order.
+  """
+  rng = np.random.default_rng(seed)
+  specs: list[ModelSpec] = []
+  domains = ("invert", "rot90", "blur")
+  for b, base in enumerate(("fashion_mnist", "mnist5k", "digits")):
+    data = load_source(base, image_size=image_size, channels=channels)
+    class_sets = [t.classes for t in sample_tasks(data, 4, 32, seed=seed * 1000 + b)]
+    tasks = [Task(base, c) for c in class_sets]
+    tasks += [Task(f"{base}+{domains[i // 4]}", class_sets[i]) for i in range(12)]
+    for task in tasks:
+      for arch in ("mlp", "cnn_s", "cnn_l"):
+        roll = rng.random()
+        steps = 400 if arch == "mlp" else int(rng.choice([100, 300, 300, 600]))
+        noise, role = 0.0, "normal"
+        if roll < 1 / 16:
+          noise, role = 0.5, "label_noise"
+        elif roll < 2 / 16:
+          steps, role = 12, "short"
+        specs.append(ModelSpec(model_id(arch, task), arch, task, seed=int(rng.integers(2**31)),
+                               steps=steps, label_noise=noise, role=role))
+    for t in sample_tasks(data, 2, 4, seed=seed * 1000 + 100 + b):
+      for arch in ("mlp", "cnn_s"):
+        specs.append(ModelSpec(model_id(arch, t), arch, t, seed=int(rng.integers(2**31)),
+                               steps=300))
+    all_classes = tuple(range(data.num_classes))
+    for dom in ("",) + domains:
+      task = Task(base + (f"+{dom}" if dom else ""), all_classes)
+      for arch in (("cnn_s", "cnn_l") if not dom else ("cnn_s",)):
+        specs.append(ModelSpec(model_id(arch, task), arch, task, seed=int(rng.integers(2**31)),
+                               steps=600))
+  return specs
+
+
+def tiny_specs(seed: int = 0) -> list[ModelSpec]:
+  """A zoo small enough for tests: 8 models on the small offline datasets, a few seconds to train.
+
+  Two 4-way digits tasks (mlp and cnn_s each), one of them also inverted, and one 2-way mnist5k
+  task with a cnn_s, plus one deliberately weak (label-noise) mlp.
+  """
+  digits = load_source("digits")
+  mnist = load_source("mnist5k")
+  t1, t2 = sample_tasks(digits, 4, 2, seed=seed)
+  t3 = Task("digits+invert", t1.classes)
+  (t4,) = sample_tasks(mnist, 2, 1, seed=seed)
+  rng = np.random.default_rng(seed)
+  specs = []
+  for task in (t1, t2, t3):
+    for arch in ("mlp", "cnn_s"):
+      specs.append(ModelSpec(model_id(arch, task), arch, task, seed=int(rng.integers(2**31)),
+                             steps=120))
+  specs.append(ModelSpec(model_id("cnn_s", t4), "cnn_s", t4, seed=int(rng.integers(2**31)),
+                         steps=80))
+  specs.append(ModelSpec(model_id("mlp", t1, "noisy"), "mlp", t1, seed=int(rng.integers(2**31)),
+                         steps=120, label_noise=0.5, role="label_noise"))
+  return specs
+
+
+PRESETS = {"tiny": tiny_specs, "demo": demo_specs}
+
+
+def preset_specs(name: str, seed: int = 0) -> list[ModelSpec]:
+  """The specs of a named preset (``tiny`` or ``demo``)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown zoo preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name](seed=seed)

@@ -1,0 +1,165 @@
+"""ZooStore: a zoo on disk. Parameters with orbax-checkpoint, metadata as JSON, atomic writes.
+
+Layout of a zoo directory::
+
+    zoo.json               manifest: format, version, image shape, stacks, one record per model
+    params/<stack name>/   orbax checkpoint of the stack's parameters (leading model axis)
+
+A zoo is written into a sibling temporary directory; the manifest is written last, then the
+directory is renamed into place. An interrupted write therefore never leaves a directory that loads
+as a complete zoo, and an existing zoo at the same path stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from know2vec_jax.zoo import train as train_lib
+from know2vec_jax.zoo.zoo import ModelRecord, Zoo, ZooError, ZooStack
+
+FORMAT = "know2vec-zoo"
+VERSION = 1
+MANIFEST = "zoo.json"
+
+
+def _write_json_atomic(path: pathlib.Path, obj) -> None:
+  tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def replace_dir_atomic(staging: pathlib.Path, target: pathlib.Path) -> None:
+  """Moves a finished ``staging`` directory to ``target``, replacing what was there.
+
+  The old directory is renamed aside first and removed only after the new one is in place.
+  """
+  old = None
+  if target.exists():
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+  try:
+    os.replace(staging, target)
+  except BaseException:
+    if old is not None:
+      os.replace(old, target)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_zoo(zoo: Zoo, path: str | os.PathLike, build_info: dict | None = None) -> pathlib.Path:
+  """Writes a zoo atomically.
+
+  Args:
+    zoo: the zoo.
+    path: the zoo directory (created or replaced).
+    build_info: optional build facts stored in the manifest (time, strategy, ...).
+
+  Returns:
+    The absolute path written.
+  """
+  target = pathlib.Path(path).expanduser().absolute()
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+  staging.mkdir()
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      for name, stack in zoo.stacks.items():
+        ckpt.save(staging / "params" / name, nnx.to_pure_dict(stack.params))
+      ckpt.wait_until_finished()
+    manifest = {
+        "format": FORMAT, "version": VERSION, "image_shape": list(zoo.image_shape),
+        "stacks": [{"name": s.name, "arch": s.spec.arch, "num_classes": s.spec.num_classes,
+                    "conv_impl": s.spec.conv_impl, "model_ids": s.model_ids}
+                   for s in zoo.stacks.values()],
+        "models": [r.to_json() for r in zoo.records.values()],
+        "build": build_info or {},
+    }
+    _write_json_atomic(staging / MANIFEST, manifest)
+    replace_dir_atomic(staging, target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return target
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+  """The manifest of a stored zoo (no weights loaded); raises ZooError if it is not a zoo."""
+  root = pathlib.Path(path).expanduser()
+  f = root / MANIFEST
+  if not root.is_dir():
+    raise ZooError(f"no zoo at {root}: directory does not exist (build one with "
+                   "`know2vec zoo build`)")
+  if not f.is_file():
+    raise ZooError(f"{root} is not a complete zoo: {MANIFEST} is missing (an interrupted build?)")
+  try:
+    manifest = json.loads(f.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ZooError(f"{f} is corrupted: {e}") from e
+  if manifest.get("format") != FORMAT:
+    raise ZooError(f"{f} is not a know2vec zoo manifest")
+  if manifest.get("version") != VERSION:
+    raise ZooError(f"{f} has zoo format version {manifest.get('version')}; this know2vec-jax "
+                   f"reads version {VERSION}")
+  return manifest
+
+
+def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
+  """Loads a stored zoo: the same parameters, bit for bit, without retraining.
+
+  Args:
+    path: the zoo directory.
+    conv_impl: override the stored convolution lowering (same parameters, same function).
+
+  Returns:
+    The :class:`Zoo`.
+
+  Raises:
+    ZooError: missing, incomplete or corrupted zoo.
+  """
+  root = pathlib.Path(path).expanduser().absolute()
+  manifest = read_manifest(root)
+  image_shape = tuple(manifest["image_shape"])
+  records = {d["model_id"]: ModelRecord.from_json(d) for d in manifest["models"]}
+  stacks = {}
+  with ocp.StandardCheckpointer() as ckpt:
+    for s in manifest["stacks"]:
+      spec = train_lib.StackSpec(s["arch"], s["num_classes"], image_shape,
+                                 conv_impl or s["conv_impl"])
+      m = len(s["model_ids"])
+      one = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: spec.make(0))))
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), one)
+      ckpt_dir = root / "params" / s["name"]
+      if not ckpt_dir.is_dir():
+        raise ZooError(f"zoo {root} is corrupted: parameters of stack {s['name']!r} missing "
+                       f"({ckpt_dir})")
+      try:
+        restored = ckpt.restore(ckpt_dir, abstract)
+      except Exception as e:  # orbax raises many types for a damaged checkpoint
+        raise ZooError(f"zoo {root}: cannot read parameters of stack {s['name']!r} from "
+                       f"{ckpt_dir}: {type(e).__name__}: {e}") from e
+      state = nnx.state(nnx.eval_shape(lambda: spec.make(0)))
+      state = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), state)
+      nnx.replace_by_pure_dict(state, restored)
+      for leaf_a, leaf_b in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
+        if tuple(np.shape(leaf_a)) != tuple(leaf_b.shape):
+          raise ZooError(f"zoo {root}: stack {s['name']!r} has parameters of shape "
+                         f"{np.shape(leaf_a)}, expected {leaf_b.shape}")
+      stacks[s["name"]] = ZooStack(s["name"], spec, list(s["model_ids"]), state)
+  for r in records.values():
+    if r.stack not in stacks or stacks[r.stack].model_ids[r.stack_index] != r.model_id:
+      raise ZooError(f"zoo {root} is inconsistent: model {r.model_id!r} not at "
+                     f"{r.stack}[{r.stack_index}]")
+  return Zoo(image_shape, stacks, records)
