@@ -17,6 +17,7 @@ over stacked conv weights lowers to grouped convolutions; the im2col lowering av
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -138,6 +139,7 @@ def make_model(arch: str, num_classes: int, *, image_shape=(28, 28, 1), conv_imp
                              rngs=nnx.Rngs(params=seed))
 
 
+@functools.lru_cache(maxsize=None)
 def flops_per_image(arch: str, num_classes: int, image_shape=(28, 28, 1)) -> int:
   """Forward multiply-add FLOPs (2 per MAC) of one image, for throughput reports."""
   model = nnx.eval_shape(lambda: make_model(arch, num_classes, image_shape=image_shape))

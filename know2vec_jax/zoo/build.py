@@ -11,6 +11,7 @@ import numpy as np
 
 from know2vec_jax.data import load_source, task_split
 from know2vec_jax.zoo import train as train_lib
+from know2vec_jax.zoo.architectures import flops_per_image
 from know2vec_jax.zoo.specs import ModelSpec
 from know2vec_jax.zoo.zoo import ModelRecord, Zoo, ZooError, ZooStack
 
@@ -152,11 +153,15 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
   for s in specs:
     groups.setdefault(f"{s.arch}-k{s.k}", []).append(s)
 
-  total_steps = sum(max(s.steps, 1) for s in specs)
+  # Progress is counted in training FLOPs (3x the forward pass), so that the bar's rate and ETA
+  # hold across families whose step costs differ by 60x.
+  def cost(s: ModelSpec) -> float:
+    return 3e-9 * flops_per_image(s.arch, s.k, image_shape) * s.batch_size * max(s.steps, 1)
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, unit="model-step", desc="training zoo", dynamic_ncols=True)
+    bar = tqdm(total=round(sum(cost(s) for s in specs)), unit="GFLOP", desc="training zoo",
+               dynamic_ncols=True)
   stacks, records = {}, {}
   for name, group in groups.items():
     stack_spec = train_lib.StackSpec(group[0].arch, group[0].k, image_shape, config.conv_impl)
@@ -174,7 +179,7 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
       for j, s in enumerate(chunk):
         by_id[s.model_id] = (s, float(heldout[j]), float(train_acc[j]))
       if bar is not None:
-        bar.update(sum(max(s.steps, 1) for s in chunk))
+        bar.update(round(sum(cost(s) for s in chunk)))
     params = jax.tree.map(lambda *a: jnp.concatenate(a), *chunk_params)
     # Rows of the stored stack follow the spec order, not the training order.
     trained_order = [group[i].model_id for i in order]

@@ -77,8 +77,12 @@ def model_keys(seeds) -> jax.Array:
 
 def init_stack(spec: StackSpec, seeds) -> nnx.State:
   """Stacked parameters of ``len(seeds)`` freshly initialised models (leading model axis)."""
-  keys = model_keys(seeds)
-  return jax.jit(jax.vmap(lambda k: nnx.state(spec.make(jax.random.fold_in(k, 0)))))(keys)
+  return _init_stack(spec, model_keys(seeds))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _init_stack(spec: StackSpec, keys: jax.Array) -> nnx.State:
+  return jax.vmap(lambda k: nnx.state(spec.make(jax.random.fold_in(k, 0))))(keys)
 
 
 def unstack(params: nnx.State, i: int) -> nnx.State:

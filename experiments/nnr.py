@@ -1,0 +1,323 @@
+"""NNR (neural network retrieval) on the demo zoo: Know2Vec against random, untrained anchor
+matching and LEEP, on tasks the aligner saw and on tasks (and models) it never saw.
+
+Command:   python -m experiments.nnr            (full: 3 folds, every method, the T ablation)
+           python -m experiments.nnr --quick    (1 fold, default variant only)
+Hardware:  2-core x86-64 CPU, 24 GiB, no GPU.
+Runtime:   ~? min from a built demo zoo with an empty cache; ~? min with cached artifacts.
+Expected:  see experiments/results/nnr.json (summary) and the README table.
+
+Protocol (nothing is tuned on the evaluation queries):
+- Every distinct task of the zoo is a task. 4-way tasks are split into ``folds`` folds; in fold f
+  the aligner trains on every task outside fold f (its models and query episodes drawn from the
+  tasks' *train* splits); fold f's models are vectorized after training and added to the index.
+- Queries: ``queries_per_task`` draws of ``shots`` images per class from each task's *held-out*
+  split. The index holds every zoo model; a retrieved model is correct when it was trained on the
+  query's task (same source domain and class set). ``seen`` = queries of training tasks,
+  ``heldout`` = queries of fold-f tasks; each task is held out in exactly one fold.
+- Metrics: top-1, top-5 (a correct model among the first 5), MRR (1 / rank of the first correct
+  model), averaged over queries; also by how many classes the query's task shares with its
+  closest other task of the zoo (same base dataset, any domain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from know2vec_jax import align, features
+from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
+from know2vec_jax.baselines import leep_scores
+from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.data import Task, few_shot, load_source
+from know2vec_jax.index import ModelIndex
+from know2vec_jax.knowledge import KnowledgeConfig, extract_knowledge
+from know2vec_jax.metrics import retrieval_metrics
+from know2vec_jax.vectorizers import VectorizerConfig, pad_grid
+from know2vec_jax.zoo import load_zoo
+
+VARIANTS = {
+    "know2vec-attention-shared": VectorizerConfig(variant="attention", shared=True),
+    "know2vec-attention-separate": VectorizerConfig(variant="attention", shared=False),
+    "know2vec-lstm": VectorizerConfig(variant="lstm", shared=False),
+}
+DEFAULT_VARIANT = "know2vec-attention-shared"
+
+
+@dataclasses.dataclass(frozen=True)
+class NNRConfig:
+  zoo_dir: str = "artifacts/zoo-demo"
+  cache_dir: str = "artifacts/nnr-cache"
+  out: str = "experiments/results/nnr.json"
+  folds: int = 3
+  shots: int = 5
+  queries_per_task: int = 3
+  pool_per_source: int = 800
+  search_steps: int = 8
+  episodes: int = 32
+  max_classes: int = 10
+  variants: tuple[str, ...] = tuple(VARIANTS)
+  ablate_search_steps: bool = True
+  leep: bool = True
+  align: align.AlignConfig = align.AlignConfig()
+  seed: int = 0
+
+
+def _cached(path: pathlib.Path, make):
+  """np.savez cache of a dict of arrays (written atomically)."""
+  if path.exists():
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  out = make()
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **out)
+  tmp.replace(path)
+  return out
+
+
+def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
+  """For each task: the most classes it shares with another task of the same base dataset."""
+  out = {}
+  for t in tasks:
+    base = t.source.split("+")[0]
+    out[t] = max((len(set(t.classes) & set(o.classes)) for o in tasks
+                  if o != t and o.source.split("+")[0] == base), default=0)
+  return out
+
+
+def run(cfg: NNRConfig, progress: bool = True) -> dict:
+  t_start = time.perf_counter()
+  cache = pathlib.Path(cfg.cache_dir)
+  cache.mkdir(parents=True, exist_ok=True)
+  zoo = load_zoo(cfg.zoo_dir)
+  records = list(zoo.records.values())
+  ids = [r.model_id for r in records]
+  sources = sorted({r.source for r in records})
+  timings = {}
+
+  # 1. Probe pool: unlabelled train-split images of every domain (queries come from test splits).
+  rng = np.random.default_rng(cfg.seed)
+  pool = np.concatenate([
+      load_source(s).train_images[rng.permutation(len(load_source(s).train_images))
+                                  [:cfg.pool_per_source]] for s in sources])
+
+  # 2. Decision knowledge, black-box (for T and, for the ablation, T = 0).
+  def knowledge(steps):
+    def make():
+      t = time.perf_counter()
+      out = {}
+      for g in groups_from_zoo(zoo):
+        kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=steps))
+        for i, mid in enumerate(kn.model_ids):
+          out[f"inputs/{mid}"] = kn.inputs[i]
+          out[f"queries/{mid}"] = kn.queries[i]
+      out["seconds"] = np.asarray(time.perf_counter() - t)
+      return out
+    return _cached(cache / f"knowledge-T{steps}-pool{cfg.pool_per_source}.npz", make)
+  kn_main = knowledge(cfg.search_steps)
+  timings["knowledge_s"] = float(kn_main["seconds"])
+
+  # 3. Backbone phi, trained on the train splits of the probe sources.
+  bb_dir = cache / "backbone"
+  if (bb_dir / "backbone.json").exists():
+    backbone = Backbone.load(bb_dir)
+  else:
+    backbone, info = train_backbone(BackboneConfig(sources=tuple(sources)), progress=progress)
+    backbone.save(bb_dir)
+    (cache / "backbone-info.json").write_text(json.dumps(info))
+  k_max = cfg.max_classes
+
+  def model_grids(kn):
+    grids = np.zeros((len(ids), k_max, k_max, backbone.dim), np.float32)
+    masks = np.zeros((len(ids), k_max), np.float32)
+    for i, mid in enumerate(ids):
+      g = np.asarray(backbone.embed(kn[f"inputs/{mid}"]))
+      gp, m = pad_grid(g, k_max)
+      grids[i], masks[i] = gp, m
+    return grids, masks
+  grids_main = model_grids(kn_main)
+
+  # 4. Tasks, training episodes (train split) and evaluation queries (held-out split).
+  tasks = sorted({r.task for r in records}, key=lambda t: t.task_id)
+  task_index = {t: i for i, t in enumerate(tasks)}
+  model_task = np.asarray([task_index[r.task] for r in records], np.int32)
+  overlap = closest_overlap(tasks)
+
+  def episodes():
+    ep = np.zeros((len(tasks), cfg.episodes, k_max, k_max, backbone.dim), np.float32)
+    for i, t in enumerate(tasks):
+      g = features.task_episodes(backbone, load_source(t.source), t, cfg.episodes, cfg.shots,
+                                 seed=cfg.seed * 7919 + i, split="train")
+      ep[i] = pad_grid(g, k_max)[0]
+    return {"grid": ep}
+  ep_grid = _cached(cache / f"episodes-{cfg.episodes}x{cfg.shots}.npz", episodes)["grid"]
+  task_mask = np.stack([np.asarray(pad_grid(np.zeros((t.k, t.k, 1)), k_max)[1]) for t in tasks])
+
+  queries = []  # (task index, query grid [k_max, k_max, D], images, labels)
+  for i, t in enumerate(tasks):
+    data = load_source(t.source)
+    for q in range(cfg.queries_per_task):
+      x, y = few_shot(data, t, cfg.shots, seed=cfg.seed * 100003 + i * 31 + q, split="test")
+      queries.append((i, x, y))
+  q_grid = np.stack([pad_grid(features.query_grid(backbone, x, y), k_max)[0]
+                     for _, x, y in queries])
+  q_task = np.asarray([i for i, _, _ in queries])
+  q_mask = task_mask[q_task]
+
+  # 5. Folds over the 4-way tasks.
+  four = [i for i, t in enumerate(tasks) if t.k == 4]
+  fold_of = {}
+  for j, i in enumerate(np.random.default_rng(cfg.seed + 1).permutation(four)):
+    fold_of[int(i)] = j % cfg.folds
+
+  results = {"queries": {}, "costs": {}}
+
+  def record(method, fold, scores):
+    """scores [Q, M] over all models -> per-query ranks of the first correct model."""
+    correct = model_task[None, :] == q_task[:, None]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    first = np.argmax(np.take_along_axis(correct, order, 1), axis=1) + 1
+    held = np.asarray([fold_of.get(int(t), -1) == fold for t in q_task])
+    seen = np.asarray([fold_of.get(int(t), -1) != fold for t in q_task])
+    store = results["queries"].setdefault(method, {"heldout": {}, "seen": {}})
+    for split, sel in (("heldout", held), ("seen", seen)):
+      for qi in np.flatnonzero(sel):
+        store[split].setdefault(int(qi), []).append(int(first[qi]))
+
+  def train_and_score(name, vcfg, grids):
+    for fold in range(cfg.folds):
+      train_tasks = [i for i in range(len(tasks)) if fold_of.get(i, -1) != fold]
+      remap = {t: j for j, t in enumerate(train_tasks)}
+      rows = np.flatnonzero(np.isin(model_task, train_tasks))
+      data = align.AlignData(grids[0][rows], grids[1][rows],
+                             np.asarray([remap[t] for t in model_task[rows]], np.int32),
+                             ep_grid[train_tasks], task_mask[train_tasks])
+      trainer = align.Trainer(dataclasses.replace(vcfg, max_classes=k_max), cfg.align, data)
+      trainer.run(progress=progress)
+      model = trainer.model()
+      index = ModelIndex(vcfg.embed_dim)
+      held_rows = np.setdiff1d(np.arange(len(ids)), rows)
+      m_vec = np.asarray(model.embed_models(grids[0], grids[1]))
+      # Held-out models join after training: vectorized by the trained model vectorizer.
+      index.add_vectors([ids[i] for i in rows], m_vec[rows])
+      index.add_vectors([ids[i] for i in held_rows], m_vec[held_rows])
+      qv = np.asarray(model.embed_queries(q_grid, q_mask))
+      scores, got = index.search(qv, k=len(ids))
+      pos = {m: i for i, m in enumerate(ids)}
+      full = np.full((len(qv), len(ids)), -np.inf, np.float32)
+      for qi in range(len(qv)):
+        full[qi, [pos[m] for m in got[qi]]] = scores[qi]
+      record(name, fold, full)
+      results["costs"].setdefault(name, {"train_s": []})["train_s"].append(trainer.seconds)
+
+  for name in cfg.variants:
+    train_and_score(name, VARIANTS[name], grids_main)
+  if cfg.ablate_search_steps:
+    grids_t0 = model_grids(knowledge(0))
+    train_and_score(f"{DEFAULT_VARIANT} (T=0)", VARIANTS[DEFAULT_VARIANT], grids_t0)
+
+  # Baselines (query-time scores do not depend on the fold; ranks are split per fold).
+  rng = np.random.default_rng(cfg.seed + 2)
+  rand = rng.random((len(q_task), len(ids)))
+  anchors = grids_main[0][:, np.arange(k_max), np.arange(k_max)]  # [M, K_max, D]
+  protos = q_grid[:, np.arange(k_max), np.arange(k_max)]  # [Q, K_max, D]
+  sim = np.einsum("qid,mjd->qmij", protos, anchors)
+  valid = q_mask[:, None, :, None] * grids_main[1][None, :, None, :]
+  sim = np.where(valid > 0, sim, -np.inf)
+  q_side = np.where(q_mask[:, None] > 0, sim.max(3), 0).sum(2) / q_mask.sum(1)[:, None]
+  m_side = (np.where(grids_main[1][None] > 0, sim.max(2), 0).sum(2) /
+            grids_main[1].sum(1)[None])
+  anchor = 0.5 * (q_side + m_side)
+  for fold in range(cfg.folds):
+    record("random", fold, rand)
+    record("anchor-matching (untrained)", fold, anchor)
+  if cfg.leep:
+    t = time.perf_counter()
+    groups = groups_from_zoo(zoo)
+    leep = np.zeros((len(queries), len(ids)), np.float32)
+    pos = {m: i for i, m in enumerate(ids)}
+    forwards = 0
+    for qi, (_, x, y) in enumerate(queries):
+      for g in groups:
+        logits = g(x)
+        forwards += logits.shape[0] * logits.shape[1]
+        s = np.asarray(leep_scores(logits, y, int(y.max()) + 1))
+        leep[qi, [pos[m] for m in g.model_ids]] = s
+    results["costs"]["leep"] = {"forwards_per_query": forwards / len(queries),
+                                "seconds_per_query": (time.perf_counter() - t) / len(queries)}
+    for fold in range(cfg.folds):
+      record("leep", fold, leep)
+
+  summary, by_overlap = {}, {}
+  for method, splits in results["queries"].items():
+    summary[method] = {}
+    by_overlap[method] = {}
+    for split, per_q in splits.items():
+      ranks = [r for rs in per_q.values() for r in rs]
+      if not ranks:
+        continue
+      summary[method][split] = retrieval_metrics(np.asarray(ranks))
+      groups_ = {}
+      for qi, rs in per_q.items():
+        groups_.setdefault(overlap[tasks[q_task[qi]]], []).extend(rs)
+      by_overlap[method][split] = {str(o): retrieval_metrics(np.asarray(r)) | {"n": len(r)}
+                                   for o, r in sorted(groups_.items())}
+  out = {
+      "summary": summary, "by_closest_overlap": by_overlap,
+      "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                 for k, v in dataclasses.asdict(cfg).items()},
+      "num_models": len(ids), "num_tasks": len(tasks), "num_queries": len(queries),
+      "heldout_tasks_per_fold": [sum(1 for v in fold_of.values() if v == f)
+                                 for f in range(cfg.folds)],
+      "knowledge_queries_per_model": {str(k): int(kn_main[f"queries/{mid}"])
+                                      for k, mid in [(r.k, r.model_id) for r in records]},
+      "costs": results["costs"] | {"knowledge_s": timings["knowledge_s"]},
+      "seconds": time.perf_counter() - t_start, "backend": jax.default_backend(),
+  }
+  path = pathlib.Path(cfg.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=1))
+  return out
+
+
+def format_table(out: dict) -> str:
+  lines = ["| method | seen top-1 | seen top-5 | seen MRR | held-out top-1 | held-out top-5 | "
+           "held-out MRR |", "|---|---|---|---|---|---|---|"]
+  for method, s in out["summary"].items():
+    cells = []
+    for split in ("seen", "heldout"):
+      for m in ("top1", "top5", "mrr"):
+        cells.append(f"{s[split][m]:.3f}" if split in s else "-")
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="1 fold, default variant, no ablation")
+  p.add_argument("--zoo", default=NNRConfig.zoo_dir)
+  p.add_argument("--out", default=None)
+  p.add_argument("--steps", type=int, default=None, help="aligner steps (default from config)")
+  args = p.parse_args(argv)
+  cfg = NNRConfig(zoo_dir=args.zoo)
+  if args.quick:
+    cfg = dataclasses.replace(cfg, variants=(DEFAULT_VARIANT,), ablate_search_steps=False,
+                              out="experiments/results/nnr-quick.json")
+  if args.out:
+    cfg = dataclasses.replace(cfg, out=args.out)
+  if args.steps:
+    cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, steps=args.steps))
+  out = run(cfg)
+  print(format_table(out))
+  print(f"\n{out['num_models']} models, {out['num_tasks']} tasks, {out['num_queries']} queries, "
+        f"{cfg.folds} folds; {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,249 @@
+"""The aligner: trains the vectorizers so that a query's vector points at its task's models.
+
+Loss (DESIGN.md §2 step 7; after the released code and TANS): on S = Q M^T over a batch of
+(query, model) pairs, a bidirectional hardest-negative margin ranking loss (each query's own model
+must beat the hardest model of another task by ``margin``, and each model's own query the hardest
+query of another task), plus ``ce_weight`` x cross-entropy classifying each model vector into its
+task id. Models of the query's own task are never negatives.
+
+The step is a pure function ``train_step(state, batch, rng) -> (state, metrics)``, jitted with
+explicit shardings: the batch is split over the ``data`` axis of a ``jax.make_mesh`` mesh, the
+state is replicated, and XLA inserts the collectives (S needs every device's vectors). The host
+side draws each step's global batch from a seed and the step number, so every process (and any
+device count) sees the same global batch; each process feeds only its own slice through
+``jax.make_array_from_process_local_data``: the same code runs on one CPU, 8 forced CPU devices,
+or a multi-host GPU/TPU setup after ``jax.distributed.initialize()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from know2vec_jax.mesh import data_mesh
+from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+  """Aligner training settings.
+
+  Attributes:
+    steps, batch_size: optimisation budget; batch_size must divide by the device count.
+    learning_rate, warmup_steps, weight_decay: AdamW with warm-up and cosine decay.
+    margin: ranking margin.
+    ce_weight: weight of the task-id cross-entropy.
+    feature_noise: std of Gaussian noise added to input features (augmentation; uses the rng).
+    seed: init and batch-sampling seed.
+    checkpoint_every: steps between orbax checkpoints (when a checkpoint dir is given).
+  """
+  steps: int = 1500
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  weight_decay: float = 1e-4
+  margin: float = 0.2
+  ce_weight: float = 1.0
+  feature_noise: float = 0.0
+  seed: int = 0
+  checkpoint_every: int = 500
+
+
+@dataclasses.dataclass
+class AlignData:
+  """What the aligner trains on (host arrays).
+
+  Attributes:
+    model_grid: float32 [M, K_max, K_max, D] knowledge-grid features of the training models.
+    model_mask: float32 [M, K_max].
+    model_task: int32 [M] task index of each model in [0, T).
+    query_grid: float32 [T, S, K_max, K_max, D]: S sampled query episodes per task (from the
+      task's *train* split, never the evaluation queries).
+    query_mask: float32 [T, K_max].
+  """
+  model_grid: np.ndarray
+  model_mask: np.ndarray
+  model_task: np.ndarray
+  query_grid: np.ndarray
+  query_mask: np.ndarray
+
+  @property
+  def num_tasks(self) -> int:
+    return self.query_grid.shape[0]
+
+
+def ranking_loss(q, m, task, margin: float):
+  """Bidirectional hardest-negative margin ranking loss on S = q m^T.
+
+  Args:
+    q, m: [B, E] unit query and model vectors; row i of each belongs to task ``task[i]``.
+    task: int32 [B].
+    margin: the margin.
+
+  Returns:
+    (loss scalar, S [B, B]).
+  """
+  s = q @ m.T
+  same = task[:, None] == task[None, :]
+  pos = jnp.diagonal(s)
+  neg_s = jnp.where(same, -jnp.inf, s)
+  hard_m = neg_s.max(axis=1)  # hardest other-task model for each query
+  hard_q = neg_s.max(axis=0)  # hardest other-task query for each model
+  l_q = jnp.where(jnp.isfinite(hard_m), jax.nn.relu(margin - pos + hard_m), 0.0)
+  l_m = jnp.where(jnp.isfinite(hard_q), jax.nn.relu(margin - pos + hard_q), 0.0)
+  return l_q.mean() + l_m.mean(), s
+
+
+def make_optimizer(cfg: AlignConfig) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                max(cfg.steps, cfg.warmup_steps + 1),
+                                                0.02 * cfg.learning_rate)
+  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+
+def init_state(vcfg: VectorizerConfig, num_tasks: int, cfg: AlignConfig):
+  """(graphdef, state) where state = {"params", "opt_state", "step"} is a pure pytree."""
+  model = Know2Vec(vcfg, num_tasks, rngs=nnx.Rngs(params=cfg.seed))
+  graphdef, params = nnx.split(model)
+  tx = make_optimizer(cfg)
+  return graphdef, {"params": params, "opt_state": tx.init(params),
+                    "step": jnp.zeros((), jnp.int32)}
+
+
+def loss_fn(graphdef, params, batch, rng, cfg: AlignConfig):
+  model = nnx.merge(graphdef, params)
+  mg, qg = batch["model_grid"], batch["query_grid"]
+  if cfg.feature_noise > 0:
+    k1, k2 = jax.random.split(rng)
+    mg = mg + cfg.feature_noise * jax.random.normal(k1, mg.shape)
+    qg = qg + cfg.feature_noise * jax.random.normal(k2, qg.shape)
+  m = model.embed_models(mg, batch["model_mask"])
+  q = model.embed_queries(qg, batch["query_mask"])
+  rank, s = ranking_loss(q, m, batch["task"], cfg.margin)
+  ce = optax.softmax_cross_entropy_with_integer_labels(model.task_head(m), batch["task"]).mean()
+  loss = rank + cfg.ce_weight * ce
+  top1 = jnp.mean(jnp.argmax(s, axis=1) == jnp.arange(s.shape[0]))
+  return loss, {"loss": loss, "rank_loss": rank, "ce_loss": ce, "batch_top1": top1}
+
+
+def train_step(graphdef, cfg: AlignConfig, state, batch, rng):
+  """One AdamW step. Pure: ``(state, batch, rng) -> (state, metrics)``."""
+  tx = make_optimizer(cfg)
+  grads, metrics = jax.grad(functools.partial(loss_fn, graphdef, cfg=cfg), has_aux=True)(
+      state["params"], batch, rng)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def sample_batch_indices(data: AlignData, cfg: AlignConfig, step: int):
+  """The global batch of a step: (model rows [B], episode ids [B]); same on every process."""
+  rng = np.random.default_rng([cfg.seed, step])
+  rows = rng.integers(0, len(data.model_task), cfg.batch_size)
+  eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)
+  return rows, eps
+
+
+def local_batch(data: AlignData, rows, eps) -> dict:
+  task = data.model_task[rows]
+  return {"model_grid": data.model_grid[rows], "model_mask": data.model_mask[rows],
+          "query_grid": data.query_grid[task, eps], "query_mask": data.query_mask[task],
+          "task": task.astype(np.int32)}
+
+
+class Trainer:
+  """Runs the aligner: sharded jitted steps, progress, orbax checkpoints with resume.
+
+  Args:
+    vcfg: vectorizer config.
+    cfg: aligner config.
+    data: the training data (on every process).
+    mesh: the ``data`` mesh (default: all devices of all processes).
+    checkpoint_dir: where a ``CheckpointManager`` keeps the latest checkpoints; training resumes
+      from the latest step found there.
+  """
+
+  def __init__(self, vcfg: VectorizerConfig, cfg: AlignConfig, data: AlignData, mesh=None,
+               checkpoint_dir=None):
+    self.vcfg, self.cfg, self.data = vcfg, cfg, data
+    self.mesh = mesh if mesh is not None else data_mesh()
+    n = self.mesh.size
+    if cfg.batch_size % n:
+      raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {n} devices")
+    self.graphdef, state = init_state(vcfg, data.num_tasks, cfg)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.state = jax.device_put(state, self.replicated)
+    self._step = jax.jit(functools.partial(train_step, self.graphdef, cfg),
+                         in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                         out_shardings=(self.replicated, self.replicated),
+                         donate_argnums=(0,))
+    self.manager = None
+    if checkpoint_dir is not None:
+      self.manager = ocp.CheckpointManager(
+          pathlib.Path(checkpoint_dir).expanduser().absolute(),
+          options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+      latest = self.manager.latest_step()
+      if latest is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        restored = self.manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        self.state = jax.device_put(restored, self.replicated)
+
+  @property
+  def step(self) -> int:
+    return int(self.state["step"])
+
+  def global_batch(self, step: int) -> dict:
+    """This process's slice of the step's global batch, assembled into global sharded arrays."""
+    rows, eps = sample_batch_indices(self.data, self.cfg, step)
+    per = self.cfg.batch_size // jax.process_count()
+    lo = jax.process_index() * per
+    local = local_batch(self.data, rows[lo:lo + per], eps[lo:lo + per])
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+  def run(self, steps: int | None = None, progress: bool = True, log_every: int = 50) -> list:
+    """Trains up to ``steps`` (default ``cfg.steps``) total steps; returns logged metrics."""
+    total = self.cfg.steps if steps is None else steps
+    history = []
+    bar = None
+    if progress and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=total, initial=self.step, desc="training aligner", unit="step",
+                 dynamic_ncols=True)
+    key = jax.random.key(self.cfg.seed + 1)
+    t0 = time.perf_counter()
+    while self.step < total:
+      step = self.step
+      batch = self.global_batch(step)
+      self.state, metrics = self._step(self.state, batch, jax.random.fold_in(key, step))
+      if (step + 1) % log_every == 0 or step + 1 == total:
+        m = {k: float(v) for k, v in metrics.items()} | {"step": step + 1}
+        history.append(m)
+        if bar is not None:
+          bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['batch_top1']:.2f}")
+      if bar is not None:
+        bar.update(1)
+      if self.manager is not None and ((step + 1) % self.cfg.checkpoint_every == 0
+                                       or step + 1 == total):
+        self.manager.save(step + 1, args=ocp.args.StandardSave(self.state))
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+    if bar is not None:
+      bar.close()
+    self.seconds = time.perf_counter() - t0
+    return history
+
+  def model(self) -> Know2Vec:
+    """The trained vectorizers as an NNX module (host copy of the parameters)."""
+    return nnx.merge(self.graphdef, jax.device_get(self.state["params"]))

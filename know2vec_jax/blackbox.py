@@ -1,0 +1,235 @@
+"""Black boxes: images in, logits out. The proxy side sees zoo models only through this API.
+
+A :class:`BlackBoxGroup` is M black boxes with one label-space size K, called together with one
+batch of inputs *per model* (``[M, B, H, W, C] -> [M, B, K]``) or one batch shared by all
+(``[B, H, W, C] -> [M, B, K]``). Two adapters:
+
+- :class:`StackGroup`, the fast path: a zoo stack evaluated by one jitted call for all its models
+  (:mod:`know2vec_jax.probe`: ``vmap | map | loop | auto``, sharded over devices).
+- :class:`CallableBlackBox`, the slow path: any Python callable ``images -> logits`` (a remote API,
+  a PyTorch model, ...), called in batches; it is a group of one.
+
+Every group counts the inputs each model evaluated and can enforce a per-model budget. Inputs are
+validated (shape, dtype, range, finiteness) and so are outputs (shape, finiteness): a failure names
+the black box and the problem instead of surfacing from deep inside JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from know2vec_jax import probe as probe_lib
+
+
+class InputError(ValueError):
+  """User-supplied images (or labels) that cannot be used; the message says why."""
+
+
+class BlackBoxError(RuntimeError):
+  """A black box that raised, returned a wrong shape or non-finite logits."""
+
+
+class BudgetExceededError(BlackBoxError):
+  """A call would take a black box past its query budget."""
+
+
+def check_images(images, image_shape: Sequence[int] | None = None, *, batch_dims: int = 1,
+                 what: str = "images") -> np.ndarray:
+  """Validates float images in [0, 1]; returns them as a float32 numpy array.
+
+  Args:
+    images: array-like [*batch, H, W, C].
+    image_shape: the expected (H, W, C), or None to accept any.
+    batch_dims: how many leading batch axes.
+    what: the name used in error messages.
+
+  Raises:
+    InputError: wrong rank or shape, a non-float dtype, NaN/inf, or values outside [0, 1].
+  """
+  x = np.asarray(images)
+  if x.ndim != batch_dims + 3:
+    raise InputError(f"{what} must have shape [{', '.join(['B'] * batch_dims)}, H, W, C] "
+                     f"({batch_dims + 3} axes), got shape {x.shape}")
+  if image_shape is not None and tuple(x.shape[batch_dims:]) != tuple(image_shape):
+    raise InputError(f"{what} have image shape {tuple(x.shape[batch_dims:])}, expected "
+                     f"{tuple(image_shape)} (H, W, C)")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise InputError(f"{what} must be float32 in [0, 1], got dtype {x.dtype} "
+                     "(divide uint8 images by 255)")
+  if not np.all(np.isfinite(x)):
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    raise InputError(f"{what} contain {bad} NaN/inf values")
+  if x.size and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
+    raise InputError(f"{what} must lie in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}]")
+  return x.astype(np.float32, copy=False)
+
+
+class BlackBoxGroup:
+  """M black boxes with one label-space size, evaluated together.
+
+  Subclasses implement :meth:`_evaluate`. Attributes: ``model_ids``, ``num_classes``,
+  ``image_shape``, ``queries`` (int64 [M], inputs evaluated per model), ``budget`` (per model, or
+  None).
+  """
+
+  def __init__(self, model_ids: Sequence[str], num_classes: int, image_shape: Sequence[int],
+               budget: int | None = None):
+    if num_classes < 2:
+      raise ValueError(f"a black box needs at least 2 classes, got {num_classes}")
+    self.model_ids = list(model_ids)
+    self.num_classes = int(num_classes)
+    self.image_shape = tuple(int(d) for d in image_shape)
+    self.budget = budget
+    self.queries = np.zeros(len(self.model_ids), np.int64)
+
+  @property
+  def num_models(self) -> int:
+    return len(self.model_ids)
+
+  def __call__(self, images, *, validate: bool = True) -> np.ndarray:
+    """Logits of every model.
+
+    Args:
+      images: [M, B, H, W, C] (a batch per model) or [B, H, W, C] (shared by all models).
+      validate: check the inputs (the knowledge extractor skips it for points it built itself
+        from already-validated inputs).
+
+    Returns:
+      float32 [M, B, K].
+
+    Raises:
+      InputError, BudgetExceededError, BlackBoxError.
+    """
+    shared = np.ndim(images) == 4
+    if validate:
+      images = check_images(images, self.image_shape, batch_dims=1 if shared else 2)
+    elif not shared and np.shape(images)[0] != self.num_models:
+      raise InputError(f"got inputs for {np.shape(images)[0]} models, the group has "
+                       f"{self.num_models}")
+    if not shared and np.shape(images)[0] != self.num_models:
+      raise InputError(f"got inputs for {np.shape(images)[0]} models, the group has "
+                       f"{self.num_models}")
+    b = np.shape(images)[0 if shared else 1]
+    if self.budget is not None and np.any(self.queries + b > self.budget):
+      worst = int(np.argmax(self.queries))
+      raise BudgetExceededError(
+          f"black box {self.model_ids[worst]!r}: {b} more queries would exceed its budget of "
+          f"{self.budget} ({int(self.queries[worst])} used)")
+    try:
+      out = self._evaluate(images, shared)
+    except (InputError, BlackBoxError):
+      raise
+    except Exception as e:
+      raise BlackBoxError(f"black box group {self.model_ids[:3]}... raised "
+                          f"{type(e).__name__}: {e}") from e
+    out = np.asarray(out)
+    expect = (self.num_models, b, self.num_classes)
+    if out.shape != expect:
+      raise BlackBoxError(f"black box {self.model_ids[0]!r} returned logits of shape {out.shape}, "
+                          f"expected {expect}")
+    if not np.all(np.isfinite(out)):
+      bad = [self.model_ids[i] for i in np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))]
+      raise BlackBoxError(f"black box {bad[0]!r} returned NaN/inf logits"
+                          + (f" ({len(bad)} models)" if len(bad) > 1 else ""))
+    self.queries += b
+    return out.astype(np.float32, copy=False)
+
+  def _evaluate(self, images, shared: bool):
+    raise NotImplementedError
+
+
+class StackGroup(BlackBoxGroup):
+  """The fast path: every model of a zoo stack in one jitted call.
+
+  Built by :func:`groups_from_zoo`; it keeps the stack's parameters private and exposes only
+  logits.
+  """
+
+  def __init__(self, stack, *, strategy: str = "auto", mesh=None, budget: int | None = None):
+    super().__init__(stack.model_ids, stack.spec.num_classes, stack.spec.image_shape, budget)
+    self._graphdef = stack.graphdef
+    self._params = probe_lib.shard_stack(stack.params, mesh)
+    self.strategy = probe_lib.resolve_probe_strategy(strategy)
+    self._mesh = mesh
+    self.name = stack.name
+    self.max_pairs = 16384 * max(1, mesh.size if mesh is not None else 1)
+    self.max_batch = 4096
+
+  def _evaluate(self, images, shared: bool):
+    # Bound the live activations: vmap materialises every model's activations at once, so a call
+    # covers at most ``max_pairs`` (model, image) pairs; map/loop hold one model at a time.
+    b = images.shape[0 if shared else 1]
+    per_call = max(1, self.max_pairs // (self.num_models if self.strategy == "vmap" else 1))
+    per_call = min(per_call, self.max_batch)
+    outs = []
+    for s in range(0, b, per_call):
+      x = images[s:s + per_call] if shared else images[:, s:s + per_call]
+      outs.append(probe_lib.stack_logits(self._graphdef, self._params, jax.numpy.asarray(x),
+                                         strategy=self.strategy, mesh=self._mesh))
+    return outs[0] if len(outs) == 1 else jax.numpy.concatenate(outs, axis=1)
+
+
+class CallableBlackBox(BlackBoxGroup):
+  """The slow path: one black box from any callable ``images [B, H, W, C] -> logits [B, K]``.
+
+  Args:
+    fn: the callable (numpy in; numpy or JAX array out).
+    num_classes: its label-space size K.
+    image_shape: the (H, W, C) it takes.
+    model_id: its id in the index.
+    batch_size: largest batch passed to ``fn`` at once.
+    budget: optional query budget.
+  """
+
+  def __init__(self, fn: Callable, num_classes: int, image_shape: Sequence[int],
+               model_id: str = "callable", batch_size: int = 256, budget: int | None = None):
+    super().__init__([model_id], num_classes, image_shape, budget)
+    self._fn = fn
+    self.batch_size = int(batch_size)
+
+  def _evaluate(self, images, shared: bool):
+    x = np.asarray(images if shared else images[0])
+    outs = []
+    for i in range(0, len(x), self.batch_size):
+      chunk = x[i:i + self.batch_size]
+      out = np.asarray(self._fn(chunk))
+      if out.shape != (len(chunk), self.num_classes):
+        raise BlackBoxError(f"black box {self.model_ids[0]!r} returned logits of shape "
+                            f"{out.shape} for {len(chunk)} images, expected "
+                            f"{(len(chunk), self.num_classes)}")
+      outs.append(out)
+    return np.concatenate(outs)[None] if outs else np.zeros((1, 0, self.num_classes), np.float32)
+
+
+def groups_from_zoo(zoo, *, strategy: str = "auto", mesh=None, budget: int | None = None,
+                    model_ids: Sequence[str] | None = None) -> list[BlackBoxGroup]:
+  """The zoo's models as black-box groups, one per stack (optionally only some models).
+
+  Args:
+    zoo: a :class:`know2vec_jax.zoo.Zoo`.
+    strategy: probe strategy for every stack.
+    mesh: shard each stack's model axis over this mesh.
+    budget: per-model query budget.
+    model_ids: restrict to these models (stacks are sliced; order within a stack is kept).
+  """
+  import dataclasses
+  wanted = None if model_ids is None else set(model_ids)
+  if wanted is not None:
+    unknown = wanted - set(zoo.records)
+    if unknown:
+      raise InputError(f"unknown model ids: {sorted(unknown)[:5]}")
+  groups = []
+  for stack in zoo.stacks.values():
+    if wanted is not None:
+      rows = [i for i, m in enumerate(stack.model_ids) if m in wanted]
+      if not rows:
+        continue
+      if len(rows) != len(stack):
+        sel = np.asarray(rows)
+        stack = dataclasses.replace(stack, model_ids=[stack.model_ids[i] for i in rows],
+                                    params=jax.tree.map(lambda a: a[sel], stack.params))
+    groups.append(StackGroup(stack, strategy=strategy, mesh=mesh, budget=budget))
+  return groups

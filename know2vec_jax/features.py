@@ -1,0 +1,100 @@
+"""Lifting knowledge grids and few-shot queries to backbone-feature grids [K, K, D]."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from know2vec_jax.blackbox import InputError, check_images
+from know2vec_jax.data import SourceData, Task, task_split
+from know2vec_jax.knowledge import Knowledge
+
+
+def knowledge_features(backbone, knowledge: Knowledge) -> np.ndarray:
+  """phi of every grid input: float32 [M, K, K, D]."""
+  return np.asarray(backbone.embed(knowledge.inputs))
+
+
+def _normalize(x, axis=-1):
+  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-6)
+
+
+def check_query(images, labels, image_shape=None, max_classes: int | None = None):
+  """Validates a few-shot query; returns (images float32, labels int32, K).
+
+  Raises:
+    InputError: bad images (see ``check_images``), labels not matching the images, fewer than 2
+      classes, a class id with no image (labels must be 0..K-1), or more than ``max_classes``.
+  """
+  images = check_images(images, image_shape, what="query images")
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or len(labels) != len(images):
+    raise InputError(f"query labels must be a vector with one label per image: got shape "
+                     f"{labels.shape} for {len(images)} images")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise InputError(f"query labels must be integers 0..K-1, got dtype {labels.dtype}")
+  if len(labels) == 0:
+    raise InputError("the query has no images")
+  k = int(labels.max()) + 1
+  if labels.min() < 0:
+    raise InputError(f"query labels must be in 0..K-1, got {int(labels.min())}")
+  counts = np.bincount(labels, minlength=k)
+  if k < 2:
+    raise InputError(f"a query needs at least 2 classes, got {k}")
+  if np.any(counts == 0):
+    raise InputError(f"query class(es) {np.flatnonzero(counts == 0).tolist()} have no images "
+                     f"(labels must be 0..K-1, each with at least one image)")
+  if max_classes is not None and k > max_classes:
+    raise InputError(f"the query has {k} classes, more than the vectorizer's maximum of "
+                     f"{max_classes}")
+  return images, labels.astype(np.int32), k
+
+
+def query_grid_batch(backbone, images, labels, k: int) -> np.ndarray:
+  """Query grids of S episodes at once.
+
+  Args:
+    backbone: phi.
+    images: float32 [S, N, H, W, C], labels int32 [S, N] in 0..k-1 (every class present).
+    k: classes.
+
+  Returns:
+    float32 [S, K, K, D]: prototypes on the diagonal, phi of the midpoint of two classes' mean
+    images off it.
+  """
+  s, n = labels.shape
+  onehot = np.eye(k, dtype=np.float32)[labels]  # [S, N, K]
+  counts = onehot.sum(1)  # [S, K]
+  feats = np.asarray(backbone.embed(images))  # [S, N, D]
+  protos = _normalize(np.einsum("snk,snd->skd", onehot, feats) / counts[..., None])
+  mean_img = np.einsum("snk,snhwc->skhwc", onehot, images) / counts[..., None, None, None]
+  ii, jj = np.nonzero(~np.eye(k, dtype=bool))
+  mids = 0.5 * (mean_img[:, ii] + mean_img[:, jj])  # [S, P, H, W, C]
+  grid = np.zeros((s, k, k, protos.shape[-1]), np.float32)
+  grid[:, np.arange(k), np.arange(k)] = protos
+  if len(ii):
+    grid[:, ii, jj] = np.asarray(backbone.embed(mids))
+  return grid
+
+
+def query_grid(backbone, images, labels, max_classes: int | None = None) -> np.ndarray:
+  """The query grid [K, K, D] of one few-shot query (validated; see :func:`check_query`)."""
+  images, labels, k = check_query(images, labels, backbone.image_shape, max_classes)
+  return query_grid_batch(backbone, images[None], labels[None], k)[0]
+
+
+def task_episodes(backbone, data: SourceData, task: Task, episodes: int, shots: int, seed: int,
+                  split: str = "train") -> np.ndarray:
+  """Query grids of ``episodes`` random ``shots``-per-class samples of a task split.
+
+  Returns:
+    float32 [episodes, K, K, D].
+  """
+  idx, y = task_split(data, task, split)
+  pool, _ = data.split(split)
+  rng = np.random.default_rng(seed)
+  picks = np.stack([
+      np.concatenate([rng.choice(idx[y == c], size=shots, replace=len(idx[y == c]) < shots)
+                      for c in range(task.k)]) for _ in range(episodes)])
+  labels = np.tile(np.repeat(np.arange(task.k, dtype=np.int32), shots), (episodes, 1))
+  return query_grid_batch(backbone, pool[picks], labels, task.k)

@@ -1,0 +1,477 @@
+"""ModelIndex: the retrieval index of a model zoo (unit vectors plus metadata, never weights).
+
+Each model of the zoo is one row: a unit vector of size ``dim`` (from the model vectorizer) and a
+JSON-serialisable metadata dict, keyed by a unique string model id. Search is maximum inner product
+(cosine, since rows are unit vectors) with ``jax.lax.top_k``; rows can be sharded across devices.
+
+Layout of an index directory::
+
+    index.json   manifest: format, version, dim, ids (row order), one metadata dict per model
+    vectors/     orbax checkpoint of {"vectors": float32 [M, dim]} (absent when M == 0)
+
+An index is written into a sibling temporary directory with the manifest last, then renamed into
+place, so an interrupted save leaves any previous index at that path intact and loadable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from know2vec_jax.mesh import data_mesh
+from know2vec_jax.zoo.store import _write_json_atomic, replace_dir_atomic
+
+FORMAT = "know2vec-index"
+VERSION = 1
+MANIFEST = "index.json"
+VECTORS_DIR = "vectors"
+DTYPES = ("float32", "bfloat16")
+# Below this many rows one device answers a search faster than a cross-device gather costs.
+SHARD_MIN_ROWS = 8192
+
+
+class IndexStoreError(ValueError):
+  """An index operation that cannot be done (bad vectors, ids or files); the message says why."""
+
+
+def _dot_scores(queries: jax.Array, vectors: jax.Array) -> jax.Array:
+  """[Q, E] x [M, E] -> [Q, M] float32 scores, in the vectors' dtype with float32 accumulation."""
+  return jax.lax.dot_general(queries.astype(vectors.dtype), vectors, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _search_single(queries: jax.Array, vectors: jax.Array, num_valid: jax.Array, k: int):
+  """Top-k of one device's rows; columns at or past ``num_valid`` are padding and score -inf."""
+  scores = _dot_scores(queries, vectors)
+  col = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+  scores = jnp.where(col < num_valid, scores, -jnp.inf)
+  return jax.lax.top_k(scores, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_search_fn(mesh: jax.sharding.Mesh, k_local: int, k: int) -> Callable:
+  """A jitted search over rows sharded on the mesh's ``data`` axis (one compile per mesh and k).
+
+  Each device takes the top ``k_local`` of its own rows, the candidates (n * k_local per query,
+  not the whole [Q, M] score matrix) are gathered, and a second top_k picks the global best. Ties
+  resolve as in one device's top_k: candidates are gathered in shard order, each shard's in row
+  order, and top_k prefers the earlier position, so the lower row index wins.
+  """
+  def local(queries, vectors, num_valid):
+    rows = vectors.shape[0]
+    scores = _dot_scores(queries, vectors)
+    offset = jax.lax.axis_index("data") * rows
+    col = offset + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    scores = jnp.where(col < num_valid, scores, -jnp.inf)
+    vals, idx = jax.lax.top_k(scores, k_local)
+    vals = jax.lax.all_gather(vals, "data", axis=1, tiled=True)
+    idx = jax.lax.all_gather(idx + offset, "data", axis=1, tiled=True)
+    top, pos = jax.lax.top_k(vals, k)
+    return top, jnp.take_along_axis(idx, pos, axis=1)
+
+  spec_rows = PartitionSpec("data", None)
+  # The final top_k runs redundantly on every device, so the outputs are replicated and unvarying
+  # along "data"; check_vma cannot see that through top_k of gathered values.
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), spec_rows, PartitionSpec()),
+                     out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+  return jax.jit(fn)
+
+
+def _json_copy(obj: Any, what: str) -> Any:
+  """``obj`` as it reads back from JSON (so a loaded index equals the saved one)."""
+  try:
+    return json.loads(json.dumps(obj, allow_nan=False))
+  except (TypeError, ValueError) as e:
+    raise IndexStoreError(f"{what} is not JSON-serialisable: {e}") from e
+
+
+class ModelIndex:
+  """Unit vectors [M, dim] (float32) plus one metadata dict per model, keyed by model id.
+
+  Rows keep insertion order. The host copy is the source of truth (float32, saved bit for bit);
+  searches use a cached device copy, optionally in bfloat16 and sharded across devices, that is
+  rebuilt only after :meth:`add_vectors` or :meth:`remove`.
+  """
+
+  def __init__(self, dim: int, *, dtype: str = "float32",
+               devices: Sequence[jax.Device] | None = None,
+               shard_min_rows: int = SHARD_MIN_ROWS):
+    """Creates an empty index.
+
+    Args:
+      dim: vector size E (the model vectorizer's output size).
+      dtype: "float32" or "bfloat16": the dtype of the device copy searched (scores are always
+        accumulated in float32). The stored, saved vectors are float32 either way.
+      devices: devices to search on; default ``jax.devices()``. With more than one, rows are
+        sharded across them once the index holds ``shard_min_rows`` rows.
+      shard_min_rows: the number of rows from which a multi-device search is sharded.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+      raise IndexStoreError(f"index vector size must be a positive int, got {dim!r}")
+    try:
+      dtype_name = jnp.dtype(dtype).name
+    except TypeError as e:
+      raise IndexStoreError(f"unknown index dtype {dtype!r}; use one of {DTYPES}") from e
+    if dtype_name not in DTYPES:
+      raise IndexStoreError(f"unsupported index dtype {dtype_name!r}; use one of {DTYPES}")
+    if devices is not None and len(devices) == 0:
+      raise IndexStoreError("devices must name at least one device (or be None for all)")
+    self._dim = int(dim)
+    self._dtype = dtype_name
+    self._devices = tuple(devices) if devices is not None else None
+    self._shard_min_rows = int(shard_min_rows)
+    self._ids: list[str] = []
+    self._row: dict[str, int] = {}
+    self._meta: list[dict] = []
+    self._vectors = np.zeros((0, self._dim), np.float32)
+    self._device_state = None  # (vectors on device, num_valid on device, mesh or None)
+
+  # ---- read access -------------------------------------------------------------------------
+
+  @property
+  def dim(self) -> int:
+    """Vector size E."""
+    return self._dim
+
+  @property
+  def dtype(self) -> str:
+    """The dtype of the searched device copy ("float32" or "bfloat16")."""
+    return self._dtype
+
+  @property
+  def ids(self) -> list[str]:
+    """Model ids in row (insertion) order; a copy."""
+    return list(self._ids)
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def __contains__(self, model_id: object) -> bool:
+    return model_id in self._row
+
+  @property
+  def vectors(self) -> np.ndarray:
+    """The unit vectors, float32 [M, dim], row i for ``ids[i]`` (a read-only view)."""
+    view = self._vectors.view()
+    view.flags.writeable = False  # writes would bypass the device cache's invalidation
+    return view
+
+  def metadata(self, model_id: str) -> dict:
+    """A copy of one model's metadata dict.
+
+    Args:
+      model_id: the model's id.
+
+    Returns:
+      The metadata dict given when the model was added (as it round-trips through JSON).
+    """
+    return json.loads(json.dumps(self._meta[self._lookup(model_id)]))
+
+  def _lookup(self, model_id: str) -> int:
+    try:
+      return self._row[model_id]
+    except (KeyError, TypeError):
+      raise IndexStoreError(f"unknown model id {model_id!r}: not in the index "
+                            f"({len(self)} models)") from None
+
+  @property
+  def num_shards(self) -> int:
+    """How many devices the next search uses (1 unless rows are sharded)."""
+    devices = self._devices or tuple(jax.devices())
+    if len(devices) > 1 and len(self) >= max(self._shard_min_rows, 1):
+      return len(devices)
+    return 1
+
+  # ---- mutation ------------------------------------------------------------------------------
+
+  def add_vectors(self, ids: Sequence[str], vectors, metadata: Sequence[dict] | None = None
+                  ) -> None:
+    """Adds models; their vectors are L2-normalised before they are stored.
+
+    Nothing is added unless every row is valid.
+
+    Args:
+      ids: n new, unique, non-empty model ids.
+      vectors: array-like [n, dim] of finite, non-zero vectors.
+      metadata: n JSON-serialisable dicts, or None for empty dicts.
+
+    Raises:
+      IndexStoreError: wrong shape, NaN/inf or zero vector, duplicate or invalid id, bad metadata.
+    """
+    if isinstance(ids, str):
+      raise IndexStoreError(f"ids must be a list of model ids, got the string {ids!r}")
+    ids = list(ids)
+    for i in ids:
+      if not isinstance(i, str) or not i:
+        raise IndexStoreError(f"model ids must be non-empty strings, got {i!r}")
+    try:
+      arr = np.asarray(vectors)
+    except Exception as e:  # ragged lists, objects, ...
+      raise IndexStoreError(f"vectors are not an array: {e}") from e
+    if arr.dtype.kind not in "fiub" and arr.dtype != jnp.bfloat16:
+      raise IndexStoreError(f"vectors must be numeric, got dtype {arr.dtype}")
+    if arr.shape != (len(ids), self._dim):
+      raise IndexStoreError(f"vectors must have shape [n, dim] = {[len(ids), self._dim]} for "
+                            f"{len(ids)} ids, got {list(arr.shape)}")
+    seen = set()
+    for i in ids:
+      if i in seen:
+        raise IndexStoreError(f"duplicate model id {i!r} in this call")
+      if i in self._row:
+        raise IndexStoreError(f"model id {i!r} is already in the index")
+      seen.add(i)
+    if metadata is None:
+      metas = [{} for _ in ids]
+    else:
+      metas = list(metadata)
+      if len(metas) != len(ids):
+        raise IndexStoreError(f"got {len(metas)} metadata dicts for {len(ids)} ids")
+      for i, m in zip(ids, metas):
+        if not isinstance(m, dict):
+          raise IndexStoreError(f"metadata of {i!r} must be a dict, got {type(m).__name__}")
+      metas = [_json_copy(m, f"metadata of {i!r}") for i, m in zip(ids, metas)]
+    # float64 for the checks and the norm: a float32 square could overflow, and a value that is
+    # finite in float64 may not be in float32.
+    rows = arr.astype(np.float64)
+    f32_max = float(np.finfo(np.float32).max)
+    for i, row in zip(ids, rows):
+      if not np.all(np.isfinite(row)) or np.any(np.abs(row) > f32_max):
+        raise IndexStoreError(f"vector of {i!r} has non-finite values (NaN or inf)")
+    norms = np.linalg.norm(rows, axis=1)
+    for i, n in zip(ids, norms):
+      if n == 0:
+        raise IndexStoreError(f"vector of {i!r} is zero; it has no direction to normalise")
+    unit = (rows / norms[:, None]).astype(np.float32)
+    self._vectors = np.concatenate([self._vectors, unit], axis=0)
+    for i, m in zip(ids, metas):
+      self._row[i] = len(self._ids)
+      self._ids.append(i)
+      self._meta.append(m)
+    self._device_state = None
+
+  def add(self, model_id: str, vectorize_fn: Callable[..., Any], *args,
+          metadata: dict | None = None) -> np.ndarray:
+    """Vectorizes one model with ``vectorize_fn(*args)`` and adds it (no retraining needed).
+
+    Args:
+      model_id: the new model's id.
+      vectorize_fn: returns the model's vector, [dim] or [1, dim] (e.g. a trained vectorizer).
+      *args: passed to ``vectorize_fn``.
+      metadata: the model's JSON-serialisable metadata.
+
+    Returns:
+      The stored unit vector [dim].
+
+    Raises:
+      IndexStoreError: as :meth:`add_vectors`.
+    """
+    if not isinstance(model_id, str) or not model_id:
+      raise IndexStoreError(f"model ids must be non-empty strings, got {model_id!r}")
+    if model_id in self._row:  # before paying for the vectorization
+      raise IndexStoreError(f"model id {model_id!r} is already in the index")
+    vec = np.asarray(vectorize_fn(*args))
+    if vec.shape == (self._dim,):
+      vec = vec[None]
+    elif vec.shape != (1, self._dim):
+      raise IndexStoreError(f"vectorize_fn returned shape {list(vec.shape)} for {model_id!r}; "
+                            f"expected [{self._dim}] or [1, {self._dim}]")
+    self.add_vectors([model_id], vec, None if metadata is None else [metadata])
+    return self._vectors[-1].copy()
+
+  def remove(self, ids: str | Sequence[str]) -> None:
+    """Removes models (their rows and metadata); the other rows keep their order.
+
+    Args:
+      ids: one model id or a list of them.
+
+    Raises:
+      IndexStoreError: an id is not in the index (then nothing is removed).
+    """
+    ids = [ids] if isinstance(ids, str) else list(ids)
+    drop = {self._lookup(i) for i in ids}
+    if not drop:
+      return
+    keep = [r for r in range(len(self._ids)) if r not in drop]
+    self._vectors = self._vectors[keep]
+    self._ids = [self._ids[r] for r in keep]
+    self._meta = [self._meta[r] for r in keep]
+    self._row = {i: r for r, i in enumerate(self._ids)}
+    self._device_state = None
+
+  # ---- search --------------------------------------------------------------------------------
+
+  def _place(self):
+    """Copies the vectors to the device(s) once; reused by every search until the next change."""
+    devices = self._devices or tuple(jax.devices())
+    m = len(self)
+    n = self.num_shards
+    host = self._vectors.astype(jnp.dtype(self._dtype))
+    if n > 1:
+      mesh = data_mesh(devices=devices)
+      # Pad to a multiple of the device count; padded rows are masked to -inf before top_k.
+      m_pad = math.ceil(m / n) * n
+      host = np.concatenate([host, np.zeros((m_pad - m, self._dim), host.dtype)], axis=0)
+      vectors = jax.device_put(host, NamedSharding(mesh, PartitionSpec("data", None)))
+      num_valid = jax.device_put(np.int32(m), NamedSharding(mesh, PartitionSpec()))
+    else:
+      mesh = None
+      vectors = jax.device_put(host, devices[0])
+      num_valid = jax.device_put(np.int32(m), devices[0])
+    self._device_state = (vectors, num_valid, mesh)
+    return self._device_state
+
+  def search(self, queries, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
+    """The k best models per query by dot product (cosine for unit queries), best first.
+
+    Args:
+      queries: float [dim] (one query) or [Q, dim], finite.
+      k: how many models to return per query; k' = min(k, len(self)) are returned.
+
+    Returns:
+      ``(scores, ids)``: float32 scores [Q, k'] (Q = 1 for a 1-D query), descending along each
+      row, and for each query the k' model ids in the same order. Equal scores resolve to the
+      earlier-added model.
+
+    Raises:
+      IndexStoreError: wrong query shape, non-finite query, k < 1.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise IndexStoreError(f"k must be a positive int, got {k!r}")
+    try:
+      q = np.asarray(queries, dtype=np.float32)
+    except Exception as e:
+      raise IndexStoreError(f"queries are not a float array: {e}") from e
+    if q.ndim == 1:
+      q = q[None]
+    if q.ndim != 2 or q.shape[1] != self._dim:
+      raise IndexStoreError(f"queries must have shape [{self._dim}] or [Q, {self._dim}] for this "
+                            f"index, got {list(np.shape(queries))}")
+    bad = np.flatnonzero(~np.all(np.isfinite(q), axis=1))
+    if bad.size:
+      raise IndexStoreError(f"query {int(bad[0])} has non-finite values (NaN or inf)")
+    kk = min(int(k), len(self))
+    if kk == 0 or q.shape[0] == 0:
+      return np.zeros((q.shape[0], kk), np.float32), [[] for _ in range(q.shape[0])]
+    vectors, num_valid, mesh = self._device_state or self._place()
+    if mesh is None:
+      q_dev = jax.device_put(q, next(iter(vectors.devices())))
+      scores, idx = _search_single(q_dev, vectors, num_valid, kk)
+    else:
+      rows_per_shard = vectors.shape[0] // mesh.size
+      fn = _sharded_search_fn(mesh, min(kk, rows_per_shard), kk)
+      q_dev = jax.device_put(q, NamedSharding(mesh, PartitionSpec()))
+      scores, idx = fn(q_dev, vectors, num_valid)
+    scores, idx = np.asarray(scores), np.asarray(idx)
+    # Padding scores -inf and so can never outrank one of the kk real rows; this guards the logic.
+    assert idx.size == 0 or idx.max() < len(self), "search returned a padding row"
+    return scores, [[self._ids[j] for j in row] for row in idx]
+
+  # ---- storage -------------------------------------------------------------------------------
+
+  def save(self, path: str | os.PathLike) -> pathlib.Path:
+    """Writes the index atomically (vectors with orbax-checkpoint, the rest as JSON).
+
+    Args:
+      path: the index directory (created, or replaced once the new index is complete).
+
+    Returns:
+      The absolute path written.
+    """
+    target = pathlib.Path(path).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+      if len(self):  # orbax cannot save a zero-size array; an empty index is its manifest alone
+        with ocp.StandardCheckpointer() as ckpt:
+          ckpt.save(staging / VECTORS_DIR, {"vectors": np.array(self._vectors)})
+          ckpt.wait_until_finished()
+      manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
+                  "num_vectors": len(self), "vectors_dtype": "float32", "ids": self._ids,
+                  "metadata": self._meta}
+      _write_json_atomic(staging / MANIFEST, manifest)  # last: it marks the index complete
+      replace_dir_atomic(staging, target)
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
+    return target
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, expected_dim: int | None = None, **kwargs
+           ) -> "ModelIndex":
+    """Loads a saved index, bit for bit.
+
+    Args:
+      path: the index directory.
+      expected_dim: if given, the vector size the index must have (the vectorizer's).
+      **kwargs: passed to the constructor (``dtype``, ``devices``, ``shard_min_rows``).
+
+    Returns:
+      The :class:`ModelIndex`.
+
+    Raises:
+      IndexStoreError: missing, incomplete or corrupted index, or a vector size other than
+        ``expected_dim``.
+    """
+    root = pathlib.Path(path).expanduser().absolute()
+    if not root.is_dir():
+      raise IndexStoreError(f"no index at {root}: directory does not exist")
+    f = root / MANIFEST
+    if not f.is_file():
+      raise IndexStoreError(f"{root} is not a complete index: {MANIFEST} is missing")
+    try:
+      manifest = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise IndexStoreError(f"{f} is corrupted: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+      raise IndexStoreError(f"{f} is not a know2vec index manifest")
+    if manifest.get("version") != VERSION:
+      raise IndexStoreError(f"{f} has index format version {manifest.get('version')!r}; this "
+                            f"know2vec-jax reads version {VERSION}")
+    dim, ids, metas = manifest.get("dim"), manifest.get("ids"), manifest.get("metadata")
+    if (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0
+        or not isinstance(ids, list) or not isinstance(metas, list)
+        or len(ids) != len(metas) or manifest.get("num_vectors") != len(ids)
+        or not all(isinstance(i, str) and i for i in ids) or len(set(ids)) != len(ids)
+        or not all(isinstance(m, dict) for m in metas)):
+      raise IndexStoreError(f"{f} is corrupted: dim, ids, metadata or num_vectors are invalid")
+    if expected_dim is not None and dim != expected_dim:
+      raise IndexStoreError(f"index vector size {dim} does not match the vectorizer's "
+                            f"{expected_dim} ({root})")
+    vectors = np.zeros((0, dim), np.float32)
+    if ids:
+      ckpt_dir = root / VECTORS_DIR
+      if not ckpt_dir.is_dir():
+        raise IndexStoreError(f"index {root} is corrupted: vector checkpoint missing ({ckpt_dir})")
+      try:
+        with ocp.StandardCheckpointer() as ckpt:
+          restored = ckpt.restore(ckpt_dir, {"vectors": np.zeros((len(ids), dim), np.float32)})
+        vectors = np.asarray(restored["vectors"])
+      except Exception as e:  # orbax raises many types for a damaged checkpoint
+        raise IndexStoreError(f"index {root}: cannot read the vectors from {ckpt_dir}: "
+                              f"{type(e).__name__}: {e}") from e
+      # orbax restores the stored shape whatever the target says, so check it here.
+      if vectors.shape != (len(ids), dim) or vectors.dtype != np.float32:
+        raise IndexStoreError(f"index {root} is inconsistent: {len(ids)} ids of size {dim} but "
+                              f"the checkpoint holds {vectors.dtype} {list(vectors.shape)}")
+      if not np.all(np.isfinite(vectors)):
+        raise IndexStoreError(f"index {root} is corrupted: the vectors hold NaN or inf")
+    index = cls(dim, **kwargs)
+    index._vectors = np.array(vectors, np.float32)
+    index._ids = list(ids)
+    index._row = {i: r for r, i in enumerate(ids)}
+    index._meta = metas
+    return index

@@ -1,0 +1,84 @@
+"""Aligner: the loss, 1 vs 8 devices, checkpoint resume."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from know2vec_jax import align
+from know2vec_jax.mesh import data_mesh
+from know2vec_jax.vectorizers import VectorizerConfig
+
+VCFG = VectorizerConfig(feature_dim=8, hidden=16, embed_dim=8, heads=2, layers=1, max_classes=4)
+CFG = align.AlignConfig(steps=6, batch_size=16, learning_rate=3e-3, warmup_steps=2,
+                        checkpoint_every=3, feature_noise=0.01)
+
+
+def _data(seed=0, models=24, tasks=8):
+  rng = np.random.default_rng(seed)
+  task_feat = rng.normal(size=(tasks, 4, 4, 8)).astype(np.float32)
+  model_task = (np.arange(models) % tasks).astype(np.int32)
+  mg = task_feat[model_task] + 0.1 * rng.normal(size=(models, 4, 4, 8)).astype(np.float32)
+  qg = task_feat[:, None] + 0.1 * rng.normal(size=(tasks, 5, 4, 4, 8)).astype(np.float32)
+  mask = np.ones((tasks, 4), np.float32)
+  return align.AlignData(mg, np.ones((models, 4), np.float32), model_task, qg, mask)
+
+
+def test_ranking_loss_by_hand():
+  q = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+  m = jnp.asarray([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+  task = jnp.asarray([0, 1, 2])
+  loss, s = align.ranking_loss(q, m, task, margin=0.2)
+  # query 0: pos 1.0, hardest neg 0.6 -> 0; query 1: pos 0.8, neg 1.0 -> 0.4;
+  # query 2: pos 0.8, neg 1.0 -> 0.4.  model 0: pos 1, neg max(0, .6) -> 0; model 1: pos .8,
+  # neg max(.6, 1.0) -> 0.4; model 2: pos .8, neg max(0, 1.0) -> 0.4.
+  assert float(loss) == pytest.approx(0.8 / 3 + 0.8 / 3, abs=1e-6)
+  # Same-task pairs are never negatives.
+  loss2, _ = align.ranking_loss(q, m, jnp.asarray([0, 1, 1]), margin=0.2)
+  assert float(loss2) < float(loss)
+
+
+def _train(mesh, steps=CFG.steps, ckpt=None, cfg=CFG):
+  tr = align.Trainer(VCFG, cfg, _data(), mesh=mesh, checkpoint_dir=ckpt)
+  hist = tr.run(steps, progress=False, log_every=1)
+  return tr, hist
+
+
+def test_one_and_eight_devices_agree():
+  assert jax.device_count() == 8
+  one = data_mesh(1)
+  eight = data_mesh(8)
+  t1, h1 = _train(one)
+  t8, h8 = _train(eight)
+  assert t8.state["params"]["model_vectorizer"]["encoder"]["diag"]["kernel"].sharding.mesh.size \
+      == 8
+  np.testing.assert_allclose([h["loss"] for h in h1], [h["loss"] for h in h8], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(t1.state["params"]), jax.tree.leaves(t8.state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_training_lowers_the_loss():
+  cfg = dataclasses.replace(CFG, steps=60)
+  _, hist = _train(data_mesh(1), 60, cfg=cfg)
+  assert np.mean([h["loss"] for h in hist[-10:]]) < 0.7 * np.mean([h["loss"] for h in hist[:5]])
+
+
+def test_checkpoint_resume_matches_uninterrupted(tmp_path):
+  mesh = data_mesh(8)
+  full, _ = _train(mesh)
+  part, _ = _train(mesh, steps=3, ckpt=tmp_path)
+  assert part.step == 3
+  resumed = align.Trainer(VCFG, CFG, _data(), mesh=mesh, checkpoint_dir=tmp_path)
+  assert resumed.step == 3
+  resumed.run(progress=False)
+  assert resumed.step == CFG.steps
+  for a, b in zip(jax.tree.leaves(full.state["params"]), jax.tree.leaves(resumed.state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_must_divide_devices():
+  with pytest.raises(ValueError, match="divisible by the 8 devices"):
+    align.Trainer(VCFG, dataclasses.replace(CFG, batch_size=12), _data(),
+                  mesh=data_mesh(8))

@@ -1,0 +1,76 @@
+"""Anchors, label-only boundary search and the query-count formula."""
+
+import numpy as np
+import pytest
+
+from know2vec_jax.blackbox import CallableBlackBox, groups_from_zoo
+from know2vec_jax.data import load_source
+from know2vec_jax.knowledge import KnowledgeConfig, expected_queries, extract_knowledge
+
+
+@pytest.fixture(scope="module")
+def pool():
+  return np.concatenate([load_source("digits").train_images[:200],
+                         load_source("digits+invert").train_images[:200]])
+
+
+def test_query_count_follows_the_formula(tiny_zoo, pool):
+  zoo, _ = tiny_zoo
+  for steps in (0, 3, 6):
+    for g in groups_from_zoo(zoo):
+      kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=steps, pool_batch=150))
+      want = expected_queries(len(pool), g.num_classes, steps)
+      assert np.all(kn.queries == want) and np.all(g.queries == want)
+
+
+def test_anchors_and_boundaries_are_what_the_model_says(tiny_zoo, pool):
+  zoo, _ = tiny_zoo
+  steps = 7
+  (g,) = [g for g in groups_from_zoo(zoo) if g.num_classes == 4 and "cnn_s" in g.model_ids[0]]
+  kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=steps))
+  k = g.num_classes
+  for m, mid in enumerate(kn.model_ids):
+    model = zoo.model(mid)
+    prob = np.asarray(__import__("jax").nn.softmax(model(pool)))
+    pred = prob.argmax(1)
+    for c in range(k):
+      assert not kn.anchor_fallback[m, c]
+      # The anchor is the most confident pool image among those predicted as c.
+      cand = np.flatnonzero(pred == c)
+      assert kn.anchor_index[m, c] == cand[np.argmax(prob[cand, c])]
+      np.testing.assert_array_equal(kn.inputs[m, c, c], pool[kn.anchor_index[m, c]])
+    half = 0.5 ** (steps + 1)
+    for i in range(k):
+      for j in range(k):
+        if i == j:
+          continue
+        a, b = pool[kn.anchor_index[m, i]], pool[kn.anchor_index[m, j]]
+        t = kn.flip_t[m, i, j]
+        np.testing.assert_allclose(kn.inputs[m, i, j], a + t * (b - a), atol=1e-6)
+        lo, hi = t - half, t + half
+        labels = np.asarray(model(np.stack([a + lo * (b - a), a + hi * (b - a)]))).argmax(1)
+        assert lo < 1e-9 or labels[0] == i  # the lower end still says i ...
+        assert hi > 1 - 1e-9 or labels[1] != i  # ... the upper end no longer does
+    np.testing.assert_allclose(kn.logits[m], np.asarray(model(
+        kn.inputs[m].reshape(-1, 28, 28, 1))).reshape(k, k, k), rtol=1e-4, atol=1e-4)
+
+
+def test_class_never_predicted_uses_the_documented_fallback(pool):
+  def fn(x):  # class 2 always loses: it is never predicted
+    s = x.reshape(len(x), -1).mean(1)
+    return np.stack([s, 1 - s, 0.9 * s + 0.05 - 1.0], 1)
+  bb = CallableBlackBox(fn, 3, (28, 28, 1))
+  kn = extract_knowledge(bb, pool, KnowledgeConfig(search_steps=2))
+  assert kn.anchor_fallback[0].tolist() == [False, False, True]
+  logits = fn(pool)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  assert kn.anchor_index[0, 2] == np.argmax(p[:, 2])
+
+
+def test_zero_steps_gives_segment_midpoints(tiny_zoo, pool):
+  zoo, _ = tiny_zoo
+  g = groups_from_zoo(zoo)[0]
+  kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=0))
+  off = ~np.eye(g.num_classes, dtype=bool)
+  assert np.allclose(kn.flip_t[:, off], 0.5)
