@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ZOO    ?= artifacts/zoo-demo
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo reproduce bench test clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ data:
 
 setup: $(STAMP) data
 
+# The main job: demo zoo -> black-box knowledge -> backbone -> aligner -> index -> NNR table and
+# the ranked models for one held-out query. Artifacts are cached under artifacts/.
 demo: setup
 	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
+	$(BIN)/python -m experiments.nnr --quick --zoo $(ZOO)
+
+# Every results table of experiments/ from scratch (reusing cached artifacts when present).
+reproduce: setup
+	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
+	$(BIN)/python -m experiments.nnr --zoo $(ZOO)
+
+bench: setup
+	$(BIN)/python -m benchmarks
 
 test: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests

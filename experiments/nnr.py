@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import pathlib
 import time
@@ -38,7 +39,7 @@ from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.data import Task, few_shot, load_source
 from know2vec_jax.index import ModelIndex
 from know2vec_jax.knowledge import KnowledgeConfig, extract_knowledge
-from know2vec_jax.metrics import retrieval_metrics
+from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
 from know2vec_jax.vectorizers import VectorizerConfig, pad_grid
 from know2vec_jax.zoo import load_zoo
 
@@ -60,12 +61,15 @@ class NNRConfig:
   queries_per_task: int = 3
   pool_per_source: int = 800
   search_steps: int = 8
+  anchors_per_class: int = 32
   episodes: int = 32
   max_classes: int = 10
   variants: tuple[str, ...] = tuple(VARIANTS)
   ablate_search_steps: bool = True
   leep: bool = True
   align: align.AlignConfig = align.AlignConfig()
+  vectorizer_overrides: tuple = ()
+  validate: bool = False
   seed: int = 0
 
 
@@ -93,7 +97,9 @@ def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
 
 def run(cfg: NNRConfig, progress: bool = True) -> dict:
   t_start = time.perf_counter()
-  cache = pathlib.Path(cfg.cache_dir)
+  # Cached artifacts belong to one zoo: key them by its manifest so a rebuilt zoo never reuses them.
+  zoo_key = hashlib.sha1((pathlib.Path(cfg.zoo_dir) / "zoo.json").read_bytes()).hexdigest()[:10]
+  cache = pathlib.Path(cfg.cache_dir) / zoo_key
   cache.mkdir(parents=True, exist_ok=True)
   zoo = load_zoo(cfg.zoo_dir)
   records = list(zoo.records.values())
@@ -113,13 +119,16 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
       t = time.perf_counter()
       out = {}
       for g in groups_from_zoo(zoo):
-        kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=steps))
+        kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=steps,
+                                                         anchors_per_class=cfg.anchors_per_class))
         for i, mid in enumerate(kn.model_ids):
           out[f"inputs/{mid}"] = kn.inputs[i]
+          out[f"anchors/{mid}"] = kn.anchor_index[i]
           out[f"queries/{mid}"] = kn.queries[i]
       out["seconds"] = np.asarray(time.perf_counter() - t)
       return out
-    return _cached(cache / f"knowledge-T{steps}-pool{cfg.pool_per_source}.npz", make)
+    return _cached(cache / f"knowledge-T{steps}-A{cfg.anchors_per_class}-"
+                   f"pool{cfg.pool_per_source}.npz", make)
   kn_main = knowledge(cfg.search_steps)
   timings["knowledge_s"] = float(kn_main["seconds"])
 
@@ -133,11 +142,15 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
     (cache / "backbone-info.json").write_text(json.dumps(info))
   k_max = cfg.max_classes
 
+  pool_feat = np.asarray(backbone.embed(pool))
+
   def model_grids(kn):
     grids = np.zeros((len(ids), k_max, k_max, backbone.dim), np.float32)
     masks = np.zeros((len(ids), k_max), np.float32)
     for i, mid in enumerate(ids):
-      g = np.asarray(backbone.embed(kn[f"inputs/{mid}"]))
+      g = features.knowledge_features(
+          backbone, kn[f"inputs/{mid}"][None],
+          features.anchor_features(pool_feat, kn[f"anchors/{mid}"][None]))[0]
       gp, m = pad_grid(g, k_max)
       grids[i], masks[i] = gp, m
     return grids, masks
@@ -198,7 +211,7 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
       data = align.AlignData(grids[0][rows], grids[1][rows],
                              np.asarray([remap[t] for t in model_task[rows]], np.int32),
                              ep_grid[train_tasks], task_mask[train_tasks])
-      trainer = align.Trainer(dataclasses.replace(vcfg, max_classes=k_max), cfg.align, data)
+      trainer = align.Trainer(dataclasses.replace(vcfg, max_classes=k_max, **dict(cfg.vectorizer_overrides)), cfg.align, data)
       trainer.run(progress=progress)
       model = trainer.model()
       index = ModelIndex(vcfg.embed_dim)
@@ -214,7 +227,23 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
       for qi in range(len(qv)):
         full[qi, [pos[m] for m in got[qi]]] = scores[qi]
       record(name, fold, full)
+      if fold == 0 and "example" not in results:
+        # One held-out query, shown end to end: its task and the models ranked for it.
+        qi = next(i for i, t in enumerate(q_task) if fold_of.get(int(t), -1) == 0)
+        t = tasks[q_task[qi]]
+        data = load_source(t.source)
+        results["example"] = {
+            "method": name, "query_task": t.task_id,
+            "query_classes": [data.class_names[c] for c in t.classes],
+            "ranked": [{"model_id": m, "score": float(sc), "arch": zoo.records[m].arch,
+                        "task": zoo.records[m].task.task_id,
+                        "correct": zoo.records[m].task == t}
+                       for m, sc in zip(got[qi][:5], scores[qi][:5])]}
       results["costs"].setdefault(name, {"train_s": []})["train_s"].append(trainer.seconds)
+
+  if cfg.validate:
+    return validate(cfg, tasks, fold_of, model_task, grids_main, ep_grid, task_mask, ids,
+                    progress)
 
   for name in cfg.variants:
     train_and_score(name, VARIANTS[name], grids_main)
@@ -278,12 +307,49 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
       "knowledge_queries_per_model": {str(k): int(kn_main[f"queries/{mid}"])
                                       for k, mid in [(r.k, r.model_id) for r in records]},
       "costs": results["costs"] | {"knowledge_s": timings["knowledge_s"]},
+      "example": results.get("example"),
       "seconds": time.perf_counter() - t_start, "backend": jax.default_backend(),
   }
   path = pathlib.Path(cfg.out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=1))
   return out
+
+
+def validate(cfg, tasks, fold_of, model_task, grids, ep_grid, task_mask, ids, progress):
+  """Model selection without the evaluation queries.
+
+  Inside fold 0's *training* tasks, a quarter of the 4-way tasks become validation tasks: the
+  aligner trains on the rest, and validation queries are query episodes drawn from the validation
+  tasks' *train* splits. Fold 0's evaluation tasks and their models are left out entirely.
+  """
+  train_pool = [i for i in range(len(tasks)) if fold_of.get(i, -1) != 0]
+  four = [i for i in train_pool if tasks[i].k == 4]
+  val = set(np.random.default_rng(cfg.seed + 3).permutation(four)[:len(four) // 4].tolist())
+  inner = [i for i in train_pool if i not in val]
+  remap = {t: j for j, t in enumerate(inner)}
+  rows = np.flatnonzero(np.isin(model_task, inner))
+  keep = np.flatnonzero(np.isin(model_task, train_pool))
+  out = {}
+  for name in cfg.variants:
+    vcfg = dataclasses.replace(VARIANTS[name], max_classes=cfg.max_classes,
+                               **dict(cfg.vectorizer_overrides))
+    data = align.AlignData(grids[0][rows], grids[1][rows],
+                           np.asarray([remap[t] for t in model_task[rows]], np.int32),
+                           ep_grid[inner], task_mask[inner])
+    trainer = align.Trainer(vcfg, cfg.align, data)
+    trainer.run(progress=progress)
+    model = trainer.model()
+    m_vec = np.asarray(model.embed_models(grids[0][keep], grids[1][keep]))
+    vt = sorted(val)
+    qg = ep_grid[vt, :3].reshape((-1,) + ep_grid.shape[2:])
+    qt = np.repeat(vt, 3)
+    q_vec = np.asarray(model.embed_queries(qg, task_mask[qt]))
+    ranks = first_correct_rank(q_vec @ m_vec.T, model_task[keep][None] == qt[:, None])
+    out[name] = retrieval_metrics(ranks)
+    print(name, out[name], flush=True)
+  return {"validation": out, "align": dataclasses.asdict(cfg.align),
+          "vectorizer_overrides": dict(cfg.vectorizer_overrides)}
 
 
 def format_table(out: dict) -> str:
@@ -304,8 +370,30 @@ def main(argv=None):
   p.add_argument("--zoo", default=NNRConfig.zoo_dir)
   p.add_argument("--out", default=None)
   p.add_argument("--steps", type=int, default=None, help="aligner steps (default from config)")
+  p.add_argument("--validate", action="store_true",
+                  help="model selection on validation tasks carved from fold 0's training tasks")
+  p.add_argument("--variant", action="append", default=None, choices=list(VARIANTS))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override an AlignConfig or VectorizerConfig field (repeatable)")
   args = p.parse_args(argv)
   cfg = NNRConfig(zoo_dir=args.zoo)
+  align_over, vec_over = {}, {}
+  for kv in args.set:
+    key, value = kv.split("=", 1)
+    value = json.loads(value) if value not in ("True", "False") else value == "True"
+    if key in {f.name for f in dataclasses.fields(align.AlignConfig)}:
+      align_over[key] = value
+    else:
+      vec_over[key] = value
+  cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **align_over),
+                            vectorizer_overrides=tuple(sorted(vec_over.items())),
+                            validate=args.validate)
+  if args.variant:
+    cfg = dataclasses.replace(cfg, variants=tuple(args.variant))
+  if args.validate:
+    out = run(cfg)
+    print(json.dumps(out, indent=1))
+    return
   if args.quick:
     cfg = dataclasses.replace(cfg, variants=(DEFAULT_VARIANT,), ablate_search_steps=False,
                               out="experiments/results/nnr-quick.json")
@@ -315,6 +403,13 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, steps=args.steps))
   out = run(cfg)
   print(format_table(out))
+  ex = out.get("example")
+  if ex:
+    print(f"\nExample held-out query: {ex['query_task']} ({', '.join(ex['query_classes'])}); "
+          f"top models by {ex['method']}:")
+    for r, row in enumerate(ex["ranked"], 1):
+      print(f"  {r}. {row['model_id']:44s} score {row['score']:.3f}"
+            f"{'   <- trained on this task' if row['correct'] else ''}")
   print(f"\n{out['num_models']} models, {out['num_tasks']} tasks, {out['num_queries']} queries, "
         f"{cfg.folds} folds; {out['seconds']:.0f} s")
 

@@ -1,0 +1,34 @@
+"""know2vec-jax: Know2Vec black-box model-zoo vectorization and few-shot model retrieval in JAX.
+
+The public API, re-exported here (see the README for a walk-through):
+
+- data: :func:`load_source`, :func:`sample_tasks`, :class:`Task`, :func:`few_shot`
+- zoo: :func:`build_zoo`, :func:`save_zoo`, :func:`load_zoo`, :func:`preset_specs`
+- black boxes: :class:`CallableBlackBox`, :func:`groups_from_zoo`
+- knowledge: :func:`extract_knowledge`, :class:`KnowledgeConfig`
+- backbone: :class:`Backbone`, :func:`train_backbone`
+- vectorizers (Flax NNX): :class:`ModelVectorizer`, :class:`QueryVectorizer`, :class:`Know2Vec`
+- aligner: :class:`Trainer`, :class:`AlignConfig`, :func:`train_step`, :func:`ranking_loss`
+- index: :class:`ModelIndex`
+"""
+
+from know2vec_jax.align import AlignConfig, AlignData, Trainer, ranking_loss, train_step
+from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
+from know2vec_jax.blackbox import (BlackBoxError, BlackBoxGroup, BudgetExceededError,
+                                   CallableBlackBox, InputError, StackGroup, check_images,
+                                   groups_from_zoo)
+from know2vec_jax.data import (DataError, SourceData, Task, few_shot, list_sources, load_source,
+                               make_task, sample_tasks, task_images, task_split)
+from know2vec_jax.features import (anchor_features, check_query, knowledge_features, query_grid,
+                                   task_episodes)
+from know2vec_jax.index import IndexStoreError, ModelIndex
+from know2vec_jax.knowledge import Knowledge, KnowledgeConfig, expected_queries, extract_knowledge
+from know2vec_jax.mesh import data_mesh
+from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
+from know2vec_jax.probe import stack_logits
+from know2vec_jax.vectorizers import (Know2Vec, ModelVectorizer, QueryVectorizer, VectorizerConfig,
+                                      pad_grid)
+from know2vec_jax.zoo import (BuildConfig, ModelSpec, Zoo, ZooError, build_zoo, load_zoo,
+                              make_model, preset_specs, save_zoo)
+
+__version__ = "0.1.0"

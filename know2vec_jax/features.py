@@ -7,12 +7,31 @@ import numpy as np
 
 from know2vec_jax.blackbox import InputError, check_images
 from know2vec_jax.data import SourceData, Task, task_split
-from know2vec_jax.knowledge import Knowledge
 
 
-def knowledge_features(backbone, knowledge: Knowledge) -> np.ndarray:
-  """phi of every grid input: float32 [M, K, K, D]."""
-  return np.asarray(backbone.embed(knowledge.inputs))
+def knowledge_features(backbone, inputs, anchor_features=None) -> np.ndarray:
+  """Feature grid of knowledge grids: phi of every grid input, the diagonal replaced by the
+  normalised mean feature of each class's A anchors when given.
+
+  Args:
+    backbone: phi.
+    inputs: float32 [M, K, K, H, W, C] grid inputs (``Knowledge.inputs``).
+    anchor_features: optional float32 [M, K, D] mean anchor features
+      (:func:`anchor_features`).
+
+  Returns:
+    float32 [M, K, K, D].
+  """
+  grid = np.array(backbone.embed(inputs))
+  if anchor_features is not None:
+    k = grid.shape[1]
+    grid[:, np.arange(k), np.arange(k)] = _normalize(np.asarray(anchor_features))
+  return grid
+
+
+def anchor_features(pool_features, anchor_index) -> np.ndarray:
+  """Mean phi of each class's anchors: pool_features [N, D], anchor_index [M, K, A] -> [M, K, D]."""
+  return np.asarray(pool_features)[np.asarray(anchor_index)].mean(axis=2)
 
 
 def _normalize(x, axis=-1):

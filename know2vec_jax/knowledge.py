@@ -3,9 +3,9 @@
 For a model with K output classes the knowledge is a K x K grid of inputs (DESIGN.md §2, step 3):
 
 - diagonal ``(i, i)``: the **anchor** of class i: the probe-pool image the model assigns to class i
-  with the highest softmax confidence. **Fallback** for a class the model never predicts on the
-  pool: the pool image with the highest probability of that class (it is predicted as something
-  else); ``anchor_fallback[m, i]`` flags it.
+  with the highest confidence (logit margin); the A next most confident are kept too.
+  **Fallback** for a class the model never predicts on the pool: the pool images with the highest
+  margin for that class (all predicted as something else); ``anchor_fallback[m, i]`` flags it.
 - off-diagonal ``(i, j)``: the point on the segment anchor_i -> anchor_j where the predicted label
   stops being i, found by a **label-only binary search** of T steps. Each step asks every model
   for the labels of all its K(K-1) current midpoints in **one batched call per group**; a midpoint
@@ -35,9 +35,16 @@ class KnowledgeConfig:
   Attributes:
     search_steps: T, binary-search steps per class pair (0: the grid's off-diagonal cells are
       segment midpoints, i.e. no boundary information).
+    anchors_per_class: A, how many most-confident pool images are kept per class. The grid's
+      diagonal input (and the end of every search segment) is the first; the features of the
+      diagonal cell average all A (:func:`know2vec_jax.features.knowledge_features`), because a
+      small network's single most confident image is often out of its training domain (on the
+      demo zoo only ~60 % of top-1 anchors came from the model's own source; the mean feature of
+      the top 32 was closer to the true class prototype: cosine 0.90 vs 0.81).
     pool_batch: probe-pool images per black-box call during the anchor pass.
   """
   search_steps: int = 8
+  anchors_per_class: int = 32
   pool_batch: int = 2048
 
 
@@ -50,7 +57,7 @@ class Knowledge:
     inputs: float32 [M, K, K, H, W, C]: anchors on the diagonal, boundary points off it.
     logits: float32 [M, K, K, K]: each model's logits at its grid points.
     flip_t: float32 [M, K, K]: the position t in [0, 1] of each boundary point on its segment.
-    anchor_index: int32 [M, K]: pool index of each anchor.
+    anchor_index: int32 [M, K, A]: pool indices of each class's A anchors, best first.
     anchor_fallback: bool [M, K]: the class was never predicted on the pool (see module doc).
     queries: int64 [M]: black-box inputs evaluated per model during extraction.
   """
@@ -72,31 +79,47 @@ def expected_queries(pool_size: int, k: int, search_steps: int) -> int:
   return pool_size + search_steps * k * (k - 1) + k * k
 
 
-def find_anchors(group: BlackBoxGroup, pool: np.ndarray, pool_batch: int = 2048):
-  """Anchors of every model of a group on an unlabelled probe pool.
+def _margin(logits: np.ndarray) -> np.ndarray:
+  """Logit margin of every class: z_c - max_{c' != c} z_c'. [..., K] -> [..., K]."""
+  top2 = np.sort(logits, axis=-1)[..., -2:]
+  other = np.where(logits >= top2[..., -1:], top2[..., -2:-1], top2[..., -1:])
+  return logits - other
+
+
+def find_anchors(group: BlackBoxGroup, pool: np.ndarray, pool_batch: int = 2048,
+                 anchors_per_class: int = 1):
+  """The ``anchors_per_class`` most confident pool images of every class of every model.
+
+  Confidence is the logit margin z_c - max_{c' != c} z_c' among the images the model predicts as
+  c: unlike the softmax probability it does not saturate at 1, so it still orders the many images
+  a small network calls "certainly c" (and ranks in-domain images above the out-of-domain ones such
+  networks are often over-confident on; see ``anchors_per_class`` in :class:`KnowledgeConfig`).
 
   Returns:
-    (anchor_index int32 [M, K], anchor_fallback bool [M, K]).
+    (anchor_index int32 [M, K, A] best first, anchor_fallback bool [M, K]).
   """
-  m, k = group.num_models, group.num_classes
-  best = np.full((m, k), -np.inf)
-  best_idx = np.zeros((m, k), np.int64)
-  any_best = np.full((m, k), -np.inf)
-  any_idx = np.zeros((m, k), np.int64)
+  m, k, a = group.num_models, group.num_classes, anchors_per_class
+  # Two running top-A lists: among images predicted as c, and (fallback) among all images.
+  best = {name: (np.full((m, k, a), -np.inf), np.zeros((m, k, a), np.int64))
+          for name in ("own", "any")}
   for start in range(0, len(pool), pool_batch):
     logits = group(pool[start:start + pool_batch], validate=False)  # [M, B, K]
-    z = logits - logits.max(-1, keepdims=True)
-    prob = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    pred = prob.argmax(-1)
-    own = np.where(pred[..., None] == np.arange(k), prob, -np.inf)  # confidence where predicted
-    for store_v, store_i, score in ((best, best_idx, own), (any_best, any_idx, prob)):
-      arg = score.argmax(1)  # [M, K]
-      val = np.take_along_axis(score, arg[:, None, :], 1)[:, 0]
-      better = val > store_v
-      store_v[better] = val[better]
-      store_i[better] = (arg + start)[better]
-  fallback = ~np.isfinite(best)
-  return np.where(fallback, any_idx, best_idx).astype(np.int32), fallback
+    margin = _margin(logits)
+    pred = logits.argmax(-1)
+    scores = {"own": np.where(pred[..., None] == np.arange(k), margin, -np.inf), "any": margin}
+    for name, score in scores.items():
+      vals, idx = best[name]
+      cand_v = np.concatenate([vals, np.moveaxis(score, 1, 2)], axis=2)  # [M, K, A + B]
+      cand_i = np.concatenate([idx, np.broadcast_to(np.arange(start, start + score.shape[1]),
+                                                    (m, k, score.shape[1]))], axis=2)
+      order = np.argsort(-cand_v, axis=2, kind="stable")[..., :a]
+      best[name] = (np.take_along_axis(cand_v, order, 2), np.take_along_axis(cand_i, order, 2))
+  own_v, own_i = best["own"]
+  fallback = ~np.isfinite(own_v[..., 0])
+  # Fewer than A images predicted as c: fill the list from the fallback ranking.
+  short = ~np.isfinite(own_v)
+  index = np.where(short, best["any"][1], own_i)
+  return index.astype(np.int32), fallback
 
 
 def extract_knowledge(group: BlackBoxGroup, pool, config: KnowledgeConfig = KnowledgeConfig()
@@ -116,8 +139,9 @@ def extract_knowledge(group: BlackBoxGroup, pool, config: KnowledgeConfig = Know
     raise ValueError("the probe pool is empty")
   start_queries = group.queries.copy()
   m, k = group.num_models, group.num_classes
-  anchor_index, fallback = find_anchors(group, pool, config.pool_batch)
-  anchors = pool[anchor_index]  # [M, K, H, W, C]
+  anchor_index, fallback = find_anchors(group, pool, config.pool_batch,
+                                        config.anchors_per_class)
+  anchors = pool[anchor_index[..., 0]]  # [M, K, H, W, C]
   ii, jj = np.nonzero(~np.eye(k, dtype=bool))  # the K(K-1) ordered pairs
   a_i, a_j = anchors[:, ii], anchors[:, jj]  # [M, P, H, W, C]
   lo = np.zeros((m, len(ii)), np.float32)

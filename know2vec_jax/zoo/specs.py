@@ -68,7 +68,7 @@ def demo_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[M
       (4 each inverted, rotated, blurred): 44 4-way tasks, 3 models each (mlp, cnn_s, cnn_l).
     - 4 two-way tasks (mlp and cnn_s) and 10-way tasks in each domain (cnn_s; also cnn_l plain).
   Budgets vary by model (short 100, normal 300, long 600 steps for CNNs; MLPs 400); about 1 in 16
-  4-way models is trained with 60% label noise and about 1 in 16 for only 12 steps.
+  4-way models is trained with 50% label noise and about 1 in 16 for only 12 steps.
 
   Args:
     seed: the seed for class sets, budgets, weak-model choice and model seeds.
@@ -91,7 +91,7 @@ def demo_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[M
         steps = 400 if arch == "mlp" else int(rng.choice([100, 300, 300, 600]))
         noise, role = 0.0, "normal"
         if roll < 1 / 16:
-          noise, role = 0.6, "label_noise"
+          noise, role = 0.5, "label_noise"
         elif roll < 2 / 16:
           steps, role = 12, "short"
         specs.append(ModelSpec(model_id(arch, task), arch, task, seed=int(rng.integers(2**31)),
