@@ -113,7 +113,8 @@ def make_optimizer(cfg: AlignConfig) -> optax.GradientTransformation:
 
 def init_state(vcfg: VectorizerConfig, num_tasks: int, cfg: AlignConfig):
   """(graphdef, state) where state = {"params", "opt_state", "step"} is a pure pytree."""
-  model = Know2Vec(vcfg, num_tasks, rngs=nnx.Rngs(params=cfg.seed))
+  # One default stream: the LSTM cells draw their initial carry from a "carry" stream.
+  model = Know2Vec(vcfg, num_tasks, rngs=nnx.Rngs(cfg.seed))
   graphdef, params = nnx.split(model)
   tx = make_optimizer(cfg)
   return graphdef, {"params": params, "opt_state": tx.init(params),

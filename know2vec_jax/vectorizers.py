@@ -139,9 +139,15 @@ class AttentionGridEncoder(nnx.Module):
 
 
 def _bilstm(in_dim, hidden, rngs):
-  return nnx.Bidirectional(nnx.RNN(nnx.LSTMCell(in_dim, hidden, rngs=rngs)),
-                           nnx.RNN(nnx.LSTMCell(in_dim, hidden, rngs=rngs)),
-                           return_carry=True, rngs=rngs)
+  return nnx.Bidirectional(nnx.RNN(nnx.LSTMCell(in_dim, hidden, rngs=rngs), rngs=False),
+                           nnx.RNN(nnx.LSTMCell(in_dim, hidden, rngs=rngs), rngs=False),
+                           return_carry=True, rngs=False)
+
+
+def _zero_carry(batch: int, hidden: int):
+  """The LSTM's zero initial (c, h): given explicitly so the RNNs hold no PRNG state."""
+  z = jnp.zeros((batch, hidden), jnp.float32)
+  return (z, z)
 
 
 def _final_hidden(carry):
@@ -158,7 +164,7 @@ class LSTMGridEncoder(nnx.Module):
     self.cfg = cfg
     self.rows = _bilstm(cfg.feature_dim, cfg.hidden, rngs)
     self.over_rows = nnx.RNN(nnx.LSTMCell(2 * cfg.hidden, cfg.hidden, rngs=rngs),
-                             return_carry=True, rngs=rngs)
+                             return_carry=True, rngs=False)
     self.head = nnx.Linear(cfg.hidden, cfg.embed_dim, rngs=rngs)
 
   def __call__(self, grid, mask):
@@ -168,9 +174,11 @@ class LSTMGridEncoder(nnx.Module):
     if not self.cfg.use_boundaries:
       rows = rows * jnp.eye(k, dtype=rows.dtype)[None].repeat(rows.shape[0] // k, 0)[..., None]
     row_len = jnp.repeat(lengths.reshape(-1), k)
-    carry, _ = self.rows(rows, seq_lengths=row_len)
+    zero = _zero_carry(rows.shape[0], self.cfg.hidden)
+    carry, _ = self.rows(rows, seq_lengths=row_len, initial_carry=(zero, zero))
     row_vec = _final_hidden(carry).reshape(-1, k, 2 * self.cfg.hidden)
-    (_, h), _ = self.over_rows(row_vec, seq_lengths=lengths.reshape(-1))
+    (_, h), _ = self.over_rows(row_vec, seq_lengths=lengths.reshape(-1),
+                               initial_carry=_zero_carry(row_vec.shape[0], self.cfg.hidden))
     return l2_normalize(self.head(h)).reshape(*lead, -1)
 
 
@@ -186,7 +194,9 @@ class LSTMSetEncoder(nnx.Module):
     lead, k = grid.shape[:-3], grid.shape[-2]
     protos = jnp.diagonal(grid, axis1=-3, axis2=-2)  # [..., D, K]
     protos = jnp.moveaxis(protos, -1, -2).reshape(-1, k, grid.shape[-1])
-    carry, _ = self.lstm(protos, seq_lengths=mask.sum(-1).astype(jnp.int32).reshape(-1))
+    zero = _zero_carry(protos.shape[0], self.cfg.hidden)
+    carry, _ = self.lstm(protos, seq_lengths=mask.sum(-1).astype(jnp.int32).reshape(-1),
+                         initial_carry=(zero, zero))
     return l2_normalize(self.head(_final_hidden(carry))).reshape(*lead, -1)
 
 

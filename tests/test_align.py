@@ -82,3 +82,15 @@ def test_batch_must_divide_devices():
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
     align.Trainer(VCFG, dataclasses.replace(CFG, batch_size=12), _data(),
                   mesh=data_mesh(8))
+
+
+@pytest.mark.parametrize("variant,shared", [("lstm", False), ("lstm", True),
+                                            ("attention", False)])
+def test_every_variant_trains(variant, shared):
+  vcfg = dataclasses.replace(VCFG, variant=variant, shared=shared)
+  tr = align.Trainer(vcfg, dataclasses.replace(CFG, steps=3), _data(), mesh=data_mesh(8))
+  hist = tr.run(progress=False, log_every=1)
+  assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
+  model = tr.model()
+  v = model.embed_models(jnp.asarray(_data().model_grid[:2]), jnp.ones((2, 4)))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(v), axis=-1), 1.0, atol=1e-5)
