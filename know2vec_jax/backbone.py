@@ -13,9 +13,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-import shutil
 import time
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ from flax import nnx
 
 from know2vec_jax.data import load_source
 from know2vec_jax.zoo.architectures import CNN
-from know2vec_jax.zoo.store import replace_dir_atomic
+from know2vec_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,23 +88,10 @@ class Backbone:
 
   def save(self, path) -> pathlib.Path:
     """Writes phi atomically (orbax parameters + JSON config)."""
-    target = pathlib.Path(path).expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-      with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(staging / "params", nnx.to_pure_dict(self.params))
-        ckpt.wait_until_finished()
-      cfg = dataclasses.asdict(self.config)
-      (staging / "backbone.json").write_text(json.dumps(
-          {"format": "know2vec-backbone", "version": 1, "config": cfg,
-           "num_labels": self.num_labels}, indent=1))
-      replace_dir_atomic(staging, target)
-    except BaseException:
-      shutil.rmtree(staging, ignore_errors=True)
-      raise
-    return target
+    return storage.save_artifact(
+        path, {"params": nnx.to_pure_dict(self.params)}, "backbone.json",
+        {"format": "know2vec-backbone", "version": 1, "config": dataclasses.asdict(self.config),
+         "num_labels": self.num_labels})
 
   @classmethod
   def load(cls, path) -> "Backbone":

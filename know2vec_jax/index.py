@@ -20,8 +20,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,8 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from know2vec_jax import storage
 from know2vec_jax.mesh import data_mesh
-from know2vec_jax.zoo.store import _write_json_atomic, replace_dir_atomic
 
 FORMAT = "know2vec-index"
 VERSION = 1
@@ -390,24 +388,12 @@ class ModelIndex:
     Returns:
       The absolute path written.
     """
-    target = pathlib.Path(path).expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-      if len(self):  # orbax cannot save a zero-size array; an empty index is its manifest alone
-        with ocp.StandardCheckpointer() as ckpt:
-          ckpt.save(staging / VECTORS_DIR, {"vectors": np.array(self._vectors)})
-          ckpt.wait_until_finished()
-      manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
-                  "num_vectors": len(self), "vectors_dtype": "float32", "ids": self._ids,
-                  "metadata": self._meta}
-      _write_json_atomic(staging / MANIFEST, manifest)  # last: it marks the index complete
-      replace_dir_atomic(staging, target)
-    except BaseException:
-      shutil.rmtree(staging, ignore_errors=True)
-      raise
-    return target
+    manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
+                "num_vectors": len(self), "vectors_dtype": "float32", "ids": self._ids,
+                "metadata": self._meta}
+    # orbax cannot save a zero-size array: an empty index is its manifest alone.
+    trees = {VECTORS_DIR: {"vectors": np.array(self._vectors)}} if len(self) else {}
+    return storage.save_artifact(path, trees, MANIFEST, manifest)
 
   @classmethod
   def load(cls, path: str | os.PathLike, expected_dim: int | None = None, **kwargs

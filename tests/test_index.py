@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from know2vec_jax import index as index_lib
+from know2vec_jax import storage
 from know2vec_jax.index import IndexStoreError, ModelIndex
 
 E = 16
@@ -278,7 +278,7 @@ def test_interrupted_save_keeps_previous_index(tmp_path, monkeypatch):
 
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
-  monkeypatch.setattr(index_lib, "_write_json_atomic", interrupted)
+  monkeypatch.setattr(storage, "write_json_atomic", interrupted)
   with pytest.raises(KeyboardInterrupt):
     new.save(path)
   monkeypatch.undo()
@@ -286,7 +286,7 @@ def test_interrupted_save_keeps_previous_index(tmp_path, monkeypatch):
   back = ModelIndex.load(path)
   assert back.ids == old.ids and back.vectors.tobytes() == old.vectors.tobytes()
   # A first save that is interrupted leaves nothing that loads.
-  monkeypatch.setattr(index_lib, "_write_json_atomic", interrupted)
+  monkeypatch.setattr(storage, "write_json_atomic", interrupted)
   with pytest.raises(KeyboardInterrupt):
     new.save(tmp_path / "fresh")
   assert sorted(os.listdir(tmp_path)) == ["idx"]

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from know2vec_jax import storage
 from flax import nnx
 
 from know2vec_jax import zoo as zoo_lib
-from know2vec_jax.zoo import architectures, build, store, train
+from know2vec_jax.zoo import architectures, build, train
 from know2vec_jax.zoo.specs import demo_specs, tiny_specs
 
 
@@ -165,7 +167,7 @@ def test_interrupted_save_leaves_previous_zoo_intact(tiny_zoo, tiny_zoo_dir, tmp
 
   def boom(*a, **k):
     raise KeyboardInterrupt("simulated interruption while writing the manifest")
-  monkeypatch.setattr(store, "_write_json_atomic", boom)
+  monkeypatch.setattr(storage, "write_json_atomic", boom)
   with pytest.raises(KeyboardInterrupt):
     zoo_lib.save_zoo(tiny_zoo[0], target)
   assert (target / "zoo.json").read_text() == before

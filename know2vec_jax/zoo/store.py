@@ -15,48 +15,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import uuid
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from know2vec_jax import storage
 from know2vec_jax.zoo import train as train_lib
 from know2vec_jax.zoo.zoo import ModelRecord, Zoo, ZooError, ZooStack
 
 FORMAT = "know2vec-zoo"
 VERSION = 1
 MANIFEST = "zoo.json"
-
-
-def _write_json_atomic(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def replace_dir_atomic(staging: pathlib.Path, target: pathlib.Path) -> None:
-  """Moves a finished ``staging`` directory to ``target``, replacing what was there.
-
-  The old directory is renamed aside first and removed only after the new one is in place.
-  """
-  old = None
-  if target.exists():
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, old)
-  try:
-    os.replace(staging, target)
-  except BaseException:
-    if old is not None:
-      os.replace(old, target)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_zoo(zoo: Zoo, path: str | os.PathLike, build_info: dict | None = None) -> pathlib.Path:
@@ -70,29 +41,17 @@ def save_zoo(zoo: Zoo, path: str | os.PathLike, build_info: dict | None = None) 
   Returns:
     The absolute path written.
   """
-  target = pathlib.Path(path).expanduser().absolute()
-  target.parent.mkdir(parents=True, exist_ok=True)
-  staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-  staging.mkdir()
-  try:
-    with ocp.StandardCheckpointer() as ckpt:
-      for name, stack in zoo.stacks.items():
-        ckpt.save(staging / "params" / name, nnx.to_pure_dict(stack.params))
-      ckpt.wait_until_finished()
-    manifest = {
-        "format": FORMAT, "version": VERSION, "image_shape": list(zoo.image_shape),
-        "stacks": [{"name": s.name, "arch": s.spec.arch, "num_classes": s.spec.num_classes,
-                    "conv_impl": s.spec.conv_impl, "model_ids": s.model_ids}
-                   for s in zoo.stacks.values()],
-        "models": [r.to_json() for r in zoo.records.values()],
-        "build": build_info or {},
-    }
-    _write_json_atomic(staging / MANIFEST, manifest)
-    replace_dir_atomic(staging, target)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return target
+  manifest = {
+      "format": FORMAT, "version": VERSION, "image_shape": list(zoo.image_shape),
+      "stacks": [{"name": s.name, "arch": s.spec.arch, "num_classes": s.spec.num_classes,
+                  "conv_impl": s.spec.conv_impl, "model_ids": s.model_ids}
+                 for s in zoo.stacks.values()],
+      "models": [r.to_json() for r in zoo.records.values()],
+      "build": build_info or {},
+  }
+  return storage.save_artifact(
+      path, {f"params/{name}": nnx.to_pure_dict(stack.params) for name, stack in zoo.stacks.items()},
+      MANIFEST, manifest)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
