@@ -86,12 +86,15 @@ def _cached(path: pathlib.Path, make):
 
 
 def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
-  """For each task: the most classes it shares with another task of the same base dataset."""
+  """For each task: the most classes it shares with another task of the same base dataset and K.
+
+  4 for a 4-way task means another task has the same class set in another domain.
+  """
   out = {}
   for t in tasks:
     base = t.source.split("+")[0]
     out[t] = max((len(set(t.classes) & set(o.classes)) for o in tasks
-                  if o != t and o.source.split("+")[0] == base), default=0)
+                  if o != t and o.k == t.k and o.source.split("+")[0] == base), default=0)
   return out
 
 
@@ -299,6 +302,9 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
                                    for o, r in sorted(groups_.items())}
   out = {
       "summary": summary, "by_closest_overlap": by_overlap,
+      "ranks": {m: {split: {str(q): r for q, r in per_q.items()} for split, per_q in sp.items()}
+                for m, sp in results["queries"].items()},
+      "query_tasks": [tasks[t].task_id for t in q_task],
       "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                  for k, v in dataclasses.asdict(cfg).items()},
       "num_models": len(ids), "num_tasks": len(tasks), "num_queries": len(queries),

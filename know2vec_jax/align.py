@@ -44,6 +44,10 @@ class AlignConfig:
     margin: ranking margin.
     ce_weight: weight of the task-id cross-entropy.
     feature_noise: std of Gaussian noise added to input features (augmentation; uses the rng).
+    subset_prob: class-subset augmentation: the fraction of batch items whose model grid and
+      query grid are both restricted to the same random subset of the task's classes (a 3-of-4
+      sub-task is a new (query, model) pair for free). It teaches the encoder that a vector must
+      say *which* classes a task has, the skill a task never seen in training needs.
     seed: init and batch-sampling seed.
     checkpoint_every: steps between orbax checkpoints (when a checkpoint dir is given).
   """
@@ -55,6 +59,7 @@ class AlignConfig:
   margin: float = 0.2
   ce_weight: float = 1.0
   feature_noise: float = 0.0
+  subset_prob: float = 0.0
   seed: int = 0
   checkpoint_every: int = 500
 
@@ -130,8 +135,10 @@ def loss_fn(graphdef, params, batch, rng, cfg: AlignConfig):
     qg = qg + cfg.feature_noise * jax.random.normal(k2, qg.shape)
   m = model.embed_models(mg, batch["model_mask"])
   q = model.embed_queries(qg, batch["query_mask"])
-  rank, s = ranking_loss(q, m, batch["task"], cfg.margin)
-  ce = optax.softmax_cross_entropy_with_integer_labels(model.task_head(m), batch["task"]).mean()
+  rank, s = ranking_loss(q, m, batch["key"], cfg.margin)
+  # The task-id head classifies whole-task model vectors only (class subsets are not tasks).
+  ce_all = optax.softmax_cross_entropy_with_integer_labels(model.task_head(m), batch["task"])
+  ce = (ce_all * batch["full"]).sum() / jnp.maximum(batch["full"].sum(), 1.0)
   loss = rank + cfg.ce_weight * ce
   top1 = jnp.mean(jnp.argmax(s, axis=1) == jnp.arange(s.shape[0]))
   return loss, {"loss": loss, "rank_loss": rank, "ce_loss": ce, "batch_top1": top1}
@@ -148,18 +155,36 @@ def train_step(graphdef, cfg: AlignConfig, state, batch, rng):
 
 
 def sample_batch_indices(data: AlignData, cfg: AlignConfig, step: int):
-  """The global batch of a step: (model rows [B], episode ids [B]); same on every process."""
+  """The global batch of a step, the same on every process.
+
+  Returns:
+    (model rows [B], episode ids [B], class-subset masks float32 [B, K_max]). With probability
+    ``cfg.subset_prob`` an item keeps only a random subset (>= 2) of its task's classes, on the
+    model grid and the query grid alike (see ``AlignConfig.subset_prob``).
+  """
   rng = np.random.default_rng([cfg.seed, step])
   rows = rng.integers(0, len(data.model_task), cfg.batch_size)
   eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)
-  return rows, eps
+  subset = np.array(data.query_mask[data.model_task[rows]])
+  for b in np.flatnonzero(rng.random(cfg.batch_size) < cfg.subset_prob):
+    valid = np.flatnonzero(subset[b] > 0)
+    if len(valid) > 2:
+      keep = rng.choice(valid, size=rng.integers(2, len(valid)), replace=False)
+      subset[b] = 0.0
+      subset[b, keep] = 1.0
+  return rows, eps, subset
 
 
-def local_batch(data: AlignData, rows, eps) -> dict:
+def local_batch(data: AlignData, rows, eps, subset) -> dict:
+  """Gathers a batch. ``key`` identifies (task, class subset): the ranking loss's positives."""
   task = data.model_task[rows]
-  return {"model_grid": data.model_grid[rows], "model_mask": data.model_mask[rows],
-          "query_grid": data.query_grid[task, eps], "query_mask": data.query_mask[task],
-          "task": task.astype(np.int32)}
+  bits = (subset > 0) @ (1 << np.arange(subset.shape[1]))
+  full = np.all(subset == data.query_mask[task], axis=1)
+  return {"model_grid": data.model_grid[rows], "model_mask": data.model_mask[rows] * subset,
+          "query_grid": data.query_grid[task, eps], "query_mask": data.query_mask[task] * subset,
+          "task": task.astype(np.int32),
+          "key": (task.astype(np.int64) * (1 << subset.shape[1]) + bits).astype(np.int32),
+          "full": full.astype(np.float32)}
 
 
 class Trainer:
@@ -206,10 +231,10 @@ class Trainer:
 
   def global_batch(self, step: int) -> dict:
     """This process's slice of the step's global batch, assembled into global sharded arrays."""
-    rows, eps = sample_batch_indices(self.data, self.cfg, step)
+    rows, eps, subset = sample_batch_indices(self.data, self.cfg, step)
     per = self.cfg.batch_size // jax.process_count()
-    lo = jax.process_index() * per
-    local = local_batch(self.data, rows[lo:lo + per], eps[lo:lo + per])
+    sl = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+    local = local_batch(self.data, rows[sl], eps[sl], subset[sl])
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()}
 

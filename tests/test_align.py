@@ -94,3 +94,24 @@ def test_every_variant_trains(variant, shared):
   model = tr.model()
   v = model.embed_models(jnp.asarray(_data().model_grid[:2]), jnp.ones((2, 4)))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(v), axis=-1), 1.0, atol=1e-5)
+
+
+def test_class_subset_augmentation():
+  data = _data()
+  cfg = dataclasses.replace(CFG, subset_prob=0.5, batch_size=64)
+  rows, eps, subset = align.sample_batch_indices(data, cfg, step=0)
+  batch = align.local_batch(data, rows, eps, subset)
+  sizes = subset.sum(1)
+  assert set(sizes.tolist()) <= {2.0, 3.0, 4.0} and 10 < (sizes < 4).sum() < 54
+  np.testing.assert_array_equal(batch["model_mask"], batch["query_mask"])  # same subset both sides
+  np.testing.assert_array_equal(batch["full"], (sizes == 4).astype(np.float32))
+  # Items of one task share a ranking key only when they keep the same classes.
+  for i in range(64):
+    for j in range(64):
+      same = batch["task"][i] == batch["task"][j] and np.array_equal(subset[i], subset[j])
+      assert (batch["key"][i] == batch["key"][j]) == same
+  # Deterministic per step (every process draws the same global batch).
+  again = align.sample_batch_indices(data, cfg, step=0)
+  np.testing.assert_array_equal(again[2], subset)
+  tr = align.Trainer(VCFG, dataclasses.replace(cfg, steps=3), data, mesh=data_mesh(8))
+  assert all(np.isfinite(h["loss"]) for h in tr.run(progress=False, log_every=1))

@@ -34,9 +34,9 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   """Maps ``"auto"`` to the strategy measured faster on the backend.
 
   Measured with ``python -m benchmarks --only zoo_train`` (results in ``benchmarks/results``): on
-  XLA:CPU ``lax.map`` trained CNN stacks 1.3-1.8x faster than ``vmap`` (each model's matmuls stay
-  small enough for the cache, and XLA:CPU parallelises inside each op anyway) and MLP stacks at
-  the same speed, so CPU takes ``"map"``. On GPU/TPU one wide batched kernel per layer is the
+  XLA:CPU ``lax.map`` trained CNN stacks 1.4x (cnn_l) and 1.8x (cnn_s) faster than ``vmap``
+  (each model's matmuls stay cache-sized, and XLA:CPU parallelises inside each op anyway) and MLP
+  stacks within 6 % of it, so CPU takes ``"map"``. On GPU/TPU one wide batched kernel per layer is the
   natural fit, so accelerators take ``"vmap"``.
 
   Args:
