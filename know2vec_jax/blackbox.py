@@ -16,6 +16,7 @@ the black box and the problem instead of surfacing from deep inside JAX.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
@@ -106,9 +107,6 @@ class BlackBoxGroup:
     shared = np.ndim(images) == 4
     if validate:
       images = check_images(images, self.image_shape, batch_dims=1 if shared else 2)
-    elif not shared and np.shape(images)[0] != self.num_models:
-      raise InputError(f"got inputs for {np.shape(images)[0]} models, the group has "
-                       f"{self.num_models}")
     if not shared and np.shape(images)[0] != self.num_models:
       raise InputError(f"got inputs for {np.shape(images)[0]} models, the group has "
                        f"{self.num_models}")
@@ -215,7 +213,6 @@ def groups_from_zoo(zoo, *, strategy: str = "auto", mesh=None, budget: int | Non
     budget: per-model query budget.
     model_ids: restrict to these models (stacks are sliced; order within a stack is kept).
   """
-  import dataclasses
   wanted = None if model_ids is None else set(model_ids)
   if wanted is not None:
     unknown = wanted - set(zoo.records)

@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -111,7 +110,3 @@ def shard_stack(params, mesh):
   if mesh is None or mesh.size == 1 or m % mesh.size:
     return params
   return jax.device_put(params, NamedSharding(mesh, P("data")))
-
-
-def as_numpy(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
