@@ -5,8 +5,9 @@ Command:   python -m experiments.nnr            (full: 3 folds, 3 variants, the 
            python -m experiments.nnr --quick    (3 folds, the default variant and the baselines)
            python -m experiments.nnr --validate [--set KEY=VALUE ...]   (model selection)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
-Runtime:   full 13 min from a built demo zoo (knowledge 66 s, backbone 45 s, 12 aligner trainings
-           of 22-120 s, LEEP 77 s); --quick about 4 min with an empty cache, 2.5 min cached.
+Runtime:   full 11-13 min from a built demo zoo (knowledge 66 s per T, backbone 45 s, 12 aligner
+           trainings of 22-120 s, LEEP 77 s); --quick 5 min with an empty cache, under 3 min
+           with cached artifacts.
 Expected (experiments/results/nnr.json, 396 held-out and 1,008 seen queries):
            default know2vec-attention-shared: seen top-1 0.95, held-out top-1 0.54, top-5 0.82;
            separate encoders held-out top-1 0.19; released-code LSTM 0.49; T=0 (no boundary
