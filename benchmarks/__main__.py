@@ -21,7 +21,8 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 def _markdown(results: dict) -> str:
   m = results["machine"]
   lines = [f"# Benchmarks on {m['device_kind']} ({m['backend']}, {m['num_devices']} device(s))",
-           "", f"{m['platform']}; jax {m['jax']}, flax {m['flax']}; {m['date']}", ""]
+           "", f"{m.get('cpu_model', m['processor'])}, {m.get('cpu_count', '?')} cores; "
+           f"{m['platform']}; jax {m['jax']}, flax {m['flax']}; {m['date']}", ""]
   for name, res in results["benchmarks"].items():
     lines += [f"## {name}", ""]
     rows = res.get("rows", [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -28,6 +29,18 @@ def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> dict:
           "repeats": repeats}
 
 
+def cpu_model() -> str:
+  """The CPU's model name (Linux), else the platform's processor string."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
   """The facts printed beside every result: device, backend, library versions, date."""
   import flax
@@ -38,7 +51,8 @@ def machine() -> dict:
   return {
       "backend": jax.default_backend(), "device_kind": dev.device_kind,
       "num_devices": jax.device_count(), "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
+      "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
       "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
       "flax": flax.__version__, "optax": optax.__version__, "numpy": numpy.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
