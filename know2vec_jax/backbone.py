@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 
@@ -97,10 +96,7 @@ class Backbone:
   def load(cls, path) -> "Backbone":
     """Reads a saved phi; raises ValueError naming the path if it is missing or damaged."""
     root = pathlib.Path(path).expanduser().absolute()
-    try:
-      meta = json.loads((root / "backbone.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"no readable backbone at {root}: {e}") from e
+    meta = storage.read_manifest(root, "backbone.json", "know2vec-backbone", 1, "backbone")
     cfg = meta["config"]
     config = BackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
     bb = cls(config, meta["num_labels"])

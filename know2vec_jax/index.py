@@ -413,20 +413,8 @@ class ModelIndex:
         ``expected_dim``.
     """
     root = pathlib.Path(path).expanduser().absolute()
-    if not root.is_dir():
-      raise IndexStoreError(f"no index at {root}: directory does not exist")
     f = root / MANIFEST
-    if not f.is_file():
-      raise IndexStoreError(f"{root} is not a complete index: {MANIFEST} is missing")
-    try:
-      manifest = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise IndexStoreError(f"{f} is corrupted: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-      raise IndexStoreError(f"{f} is not a know2vec index manifest")
-    if manifest.get("version") != VERSION:
-      raise IndexStoreError(f"{f} has index format version {manifest.get('version')!r}; this "
-                            f"know2vec-jax reads version {VERSION}")
+    manifest = storage.read_manifest(root, MANIFEST, FORMAT, VERSION, "index", IndexStoreError)
     dim, ids, metas = manifest.get("dim"), manifest.get("ids"), manifest.get("metadata")
     if (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0
         or not isinstance(ids, list) or not isinstance(metas, list)

@@ -74,3 +74,40 @@ def save_artifact(path, trees: dict, manifest_name: str, manifest: dict) -> path
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return target
+
+
+def read_manifest(path, manifest_name: str, fmt: str, version: int, what: str,
+                  error: type[Exception] = ValueError, hint: str = "") -> dict:
+  """Reads and checks an artifact's manifest.
+
+  Args:
+    path: the artifact directory.
+    manifest_name: its manifest file name.
+    fmt, version: the expected ``format`` and ``version`` fields.
+    what: the artifact's name in messages ("zoo", "index", ...).
+    error: the exception class to raise.
+    hint: appended to the "does not exist" message (how to make one).
+
+  Returns:
+    The manifest dict.
+
+  Raises:
+    ``error``: a missing directory or manifest, unreadable JSON, another format or version.
+  """
+  root = pathlib.Path(path).expanduser().absolute()
+  f = root / manifest_name
+  if not root.is_dir():
+    raise error(f"no {what} at {root}: directory does not exist{hint}")
+  if not f.is_file():
+    raise error(f"{root} is not a complete {what}: {manifest_name} is missing (an interrupted "
+                "write?)")
+  try:
+    manifest = json.loads(f.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{f} is corrupted: {e}") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+    raise error(f"{f} is not a know2vec {what} manifest")
+  if manifest.get("version") != version:
+    raise error(f"{f} has {what} format version {manifest.get('version')!r}; this know2vec-jax "
+                f"reads version {version}")
+  return manifest

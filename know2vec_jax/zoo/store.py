@@ -12,7 +12,6 @@ as a complete zoo, and an existing zoo at the same path stays intact until the n
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -56,23 +55,8 @@ def save_zoo(zoo: Zoo, path: str | os.PathLike, build_info: dict | None = None) 
 
 def read_manifest(path: str | os.PathLike) -> dict:
   """The manifest of a stored zoo (no weights loaded); raises ZooError if it is not a zoo."""
-  root = pathlib.Path(path).expanduser()
-  f = root / MANIFEST
-  if not root.is_dir():
-    raise ZooError(f"no zoo at {root}: directory does not exist (build one with "
-                   "`know2vec zoo build`)")
-  if not f.is_file():
-    raise ZooError(f"{root} is not a complete zoo: {MANIFEST} is missing (an interrupted build?)")
-  try:
-    manifest = json.loads(f.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ZooError(f"{f} is corrupted: {e}") from e
-  if manifest.get("format") != FORMAT:
-    raise ZooError(f"{f} is not a know2vec zoo manifest")
-  if manifest.get("version") != VERSION:
-    raise ZooError(f"{f} has zoo format version {manifest.get('version')}; this know2vec-jax "
-                   f"reads version {VERSION}")
-  return manifest
+  return storage.read_manifest(path, MANIFEST, FORMAT, VERSION, "zoo", ZooError,
+                               hint=" (build one with `know2vec zoo build`)")
 
 
 def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
