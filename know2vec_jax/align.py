@@ -224,10 +224,13 @@ class Trainer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
         restored = self.manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         self.state = jax.device_put(restored, self.replicated)
+    self._host_step = int(self.state["step"])
 
   @property
   def step(self) -> int:
-    return int(self.state["step"])
+    """Steps done. Kept on the host: reading ``state["step"]`` would sync with the device
+    every step and stall the asynchronous dispatch of the next one."""
+    return self._host_step
 
   def global_batch(self, step: int) -> dict:
     """This process's slice of the step's global batch, assembled into global sharded arrays."""
@@ -253,6 +256,7 @@ class Trainer:
       step = self.step
       batch = self.global_batch(step)
       self.state, metrics = self._step(self.state, batch, jax.random.fold_in(key, step))
+      self._host_step += 1
       if (step + 1) % log_every == 0 or step + 1 == total:
         m = {k: float(v) for k, v in metrics.items()} | {"step": step + 1}
         history.append(m)

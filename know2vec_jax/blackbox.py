@@ -149,7 +149,7 @@ class StackGroup(BlackBoxGroup):
   def __init__(self, stack, *, strategy: str = "auto", mesh=None, budget: int | None = None):
     super().__init__(stack.model_ids, stack.spec.num_classes, stack.spec.image_shape, budget)
     self._graphdef = stack.graphdef
-    self._params = probe_lib.shard_stack(stack.params, mesh)
+    self._params = probe_lib.shard_stack(stack.params, mesh)  # padded and placed once
     self.strategy = probe_lib.resolve_probe_strategy(strategy)
     self._mesh = mesh
     self.name = stack.name
@@ -166,7 +166,8 @@ class StackGroup(BlackBoxGroup):
     for s in range(0, b, per_call):
       x = images[s:s + per_call] if shared else images[:, s:s + per_call]
       outs.append(probe_lib.stack_logits(self._graphdef, self._params, jax.numpy.asarray(x),
-                                         strategy=self.strategy, mesh=self._mesh))
+                                         strategy=self.strategy, mesh=self._mesh,
+                                         num_models=self.num_models))
     return outs[0] if len(outs) == 1 else jax.numpy.concatenate(outs, axis=1)
 
 

@@ -142,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="convolution lowering (im2col is fast on CPU)")
   zb.add_argument("--chunk-size", type=int, default=16, help="models per jitted training call")
   zb.add_argument("--force", action="store_true", help="rebuild even if the zoo exists")
-  for sp in (zb,):
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+  zb.add_argument("--quiet", action="store_true", help="no progress bar")
   for sp, hlp in ((zb, "build"), (zsub.add_parser("list", help="one line per model"), "list"),
                   (zsub.add_parser("show", help="one model's metadata"), "show"),
                   (zsub.add_parser("summary", help="accuracy table of a stored zoo"), "summary")):

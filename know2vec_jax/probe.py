@@ -66,7 +66,7 @@ def _one_logits(graphdef, p, x, *, features):
 
 
 def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
-                 features: bool = False) -> jax.Array:
+                 features: bool = False, num_models: int | None = None) -> jax.Array:
   """Logits of every model of a stack.
 
   Args:
@@ -75,29 +75,30 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
     images: float32 [M, B, H, W, C] (one batch per model) or [B, H, W, C] (shared by all).
     strategy: ``"vmap"``, ``"map"``, ``"loop"`` or ``"auto"``.
     mesh: a 1-D ``data`` mesh to shard the model axis over; ``None`` runs on one device. M need
-      not divide the device count: the stack is padded with copies of its first model.
+      not divide the device count: the stack is padded with copies of its first model (pass
+      params through :func:`shard_stack` once to avoid re-padding on every call).
     features: return penultimate features instead of logits.
+    num_models: how many leading rows of ``params`` are real models (the rest is padding from
+      :func:`shard_stack`); default: all rows, or the number of per-model input batches.
 
   Returns:
     [M, B, K] logits (or [M, B, D] features).
   """
   strategy = resolve_probe_strategy(strategy)
   shared = images.ndim == 4
-  m = jax.tree.leaves(params)[0].shape[0]
+  m = num_models or (jax.tree.leaves(params)[0].shape[0] if shared else images.shape[0])
   if strategy == "loop":
     outs = [_one_logits(graphdef, jax.tree.map(lambda a: a[i], params),
                         images if shared else images[i], features=features) for i in range(m)]
     return jnp.stack(outs)
   if mesh is None or mesh.size == 1:
     return _stack_logits(graphdef, params, images, shared=shared, strategy=strategy,
-                         features=features, mesh=None)
-  pad = (-m) % mesh.size
-  if pad:
-    params = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]), params)
-    if not shared:
-      images = jnp.concatenate([images, jnp.repeat(images[:1], pad, 0)])
+                         features=features, mesh=None)[:m]
+  params = shard_stack(params, mesh)  # a no-op for a stack shard_stack already placed
+  rows = jax.tree.leaves(params)[0].shape[0]
+  if not shared and images.shape[0] < rows:  # padded stack: pad the per-model inputs to match
+    images = jnp.concatenate([images, jnp.repeat(images[:1], rows - images.shape[0], 0)])
   sharding = NamedSharding(mesh, P("data"))
-  params = jax.device_put(params, sharding)
   images = jax.device_put(images, NamedSharding(mesh, P()) if shared else sharding)
   out = _stack_logits(graphdef, params, images, shared=shared, strategy=strategy,
                       features=features, mesh=mesh)
@@ -105,8 +106,18 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
 
 
 def shard_stack(params, mesh):
-  """Places stacked parameters sharded along the model axis (padding is done per call)."""
-  m = jax.tree.leaves(params)[0].shape[0]
-  if mesh is None or mesh.size == 1 or m % mesh.size:
+  """Stacked parameters padded to a multiple of the mesh size and sharded along the model axis.
+
+  The padding rows are copies of the first model; :func:`stack_logits` drops their outputs. Doing
+  this once (as :class:`know2vec_jax.blackbox.StackGroup` does) keeps it off every call.
+  """
+  if mesh is None or mesh.size == 1:
     return params
-  return jax.device_put(params, NamedSharding(mesh, P("data")))
+  sharding = NamedSharding(mesh, P("data"))
+  leaf = jax.tree.leaves(params)[0]
+  if leaf.shape[0] % mesh.size == 0 and getattr(leaf, "sharding", None) == sharding:
+    return params
+  pad = (-leaf.shape[0]) % mesh.size
+  if pad:
+    params = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]), params)
+  return jax.device_put(params, sharding)

@@ -170,9 +170,9 @@ class LSTMGridEncoder(nnx.Module):
   def __call__(self, grid, mask):
     lead, k = grid.shape[:-3], grid.shape[-2]
     lengths = mask.sum(-1).astype(jnp.int32)
+    if not self.cfg.use_boundaries:  # keep the diagonal (anchors) only
+      grid = grid * jnp.eye(k, dtype=grid.dtype)[:, :, None]
     rows = grid.reshape(-1, k, grid.shape[-1])  # [N*K, K, D]
-    if not self.cfg.use_boundaries:
-      rows = rows * jnp.eye(k, dtype=rows.dtype)[None].repeat(rows.shape[0] // k, 0)[..., None]
     row_len = jnp.repeat(lengths.reshape(-1), k)
     zero = _zero_carry(rows.shape[0], self.cfg.hidden)
     carry, _ = self.rows(rows, seq_lengths=row_len, initial_carry=(zero, zero))

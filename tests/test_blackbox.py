@@ -91,3 +91,19 @@ def test_group_selection_and_unknown_ids(tiny_zoo):
   assert sorted(m for g in groups for m in g.model_ids) == sorted(some)
   with pytest.raises(InputError, match="unknown model ids"):
     groups_from_zoo(zoo, model_ids=["nope"])
+
+
+def test_sharded_stack_group_pads_once_and_matches(tiny_zoo):
+  zoo, _ = tiny_zoo
+  mesh = probe.data_mesh(8)
+  plain = {g.name: g for g in groups_from_zoo(zoo)}
+  for g in groups_from_zoo(zoo, mesh=mesh):
+    # Placed once at construction, padded to a multiple of the 8 devices.
+    leaf = jax.tree.leaves(g._params)[0]
+    assert leaf.shape[0] % 8 == 0 and leaf.shape[0] >= g.num_models
+    assert probe.shard_stack(g._params, mesh) is g._params
+    x = _images(3)
+    np.testing.assert_allclose(g(x), plain[g.name](x), rtol=1e-5, atol=1e-6)
+    per = np.stack([_images(3, s) for s in range(g.num_models)])
+    np.testing.assert_allclose(g(per), plain[g.name](per), rtol=1e-5, atol=1e-6)
+    assert np.all(g.queries == 6)

@@ -113,8 +113,9 @@ def train_models(specs: list[ModelSpec], pool: ImagePool, stack_spec: train_lib.
   params = train_lib.init_stack(stack_spec, [s.seed for s in specs])
   opt_state = train_lib.init_opt_state(params)
   data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  graphdef = stack_spec.graphdef()
   params, opt_state, loss = train_lib.train_stack(
-      stack_spec.graphdef(), params, opt_state, data_keys,
+      graphdef, params, opt_state, data_keys,
       jnp.asarray([s.steps for s in specs], jnp.int32),
       jnp.asarray([s.learning_rate for s in specs], jnp.float32), pool.images, jnp.asarray(tr_idx),
       jnp.asarray([len(r) for r in train_rows], jnp.int32), jnp.asarray(tr_lab),
@@ -124,7 +125,7 @@ def train_models(specs: list[ModelSpec], pool: ImagePool, stack_spec: train_lib.
     idx, mask = train_lib.pad_rows(rows, config.eval_chunk)
     lab, _ = train_lib.pad_rows(labels, config.eval_chunk)
     accs.append(np.asarray(train_lib.stack_accuracy(
-        stack_spec.graphdef(), params, pool.images, jnp.asarray(idx), jnp.asarray(lab),
+        graphdef, params, pool.images, jnp.asarray(idx), jnp.asarray(lab),
         jnp.asarray(mask), strategy=strategy, chunk=config.eval_chunk)))
   return params, accs[0], accs[1], np.asarray(loss)
 
