@@ -21,3 +21,26 @@ def tiny_zoo_dir(tiny_zoo, tmp_path_factory):
   path = tmp_path_factory.mktemp("zoo") / "tiny"
   save_zoo(tiny_zoo[0], path, tiny_zoo[1])
   return path
+
+
+@pytest.fixture(scope="session")
+def tiny_proxy(tiny_zoo):
+  """A Know2Vec proxy trained on the tiny zoo with the ``tiny`` preset, once per session
+  (about 15 s on 2 CPU cores)."""
+  from know2vec_jax.proxy import Proxy, proxy_preset
+  return Proxy.train(tiny_zoo[0], proxy_preset("tiny"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_proxy_dir(tiny_proxy, tmp_path_factory):
+  path = tmp_path_factory.mktemp("proxy") / "tiny"
+  tiny_proxy.save(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_proxy, tiny_zoo):
+  """The tiny zoo's index built with ``tiny_proxy`` (zoo metadata on every row)."""
+  from know2vec_jax.blackbox import groups_from_zoo
+  from know2vec_jax.proxy import zoo_metadata
+  return tiny_proxy.build_index(groups_from_zoo(tiny_zoo[0]), zoo_metadata(tiny_zoo[0]))
