@@ -56,14 +56,14 @@ def check_scores_inputs(x, labels, num_target_classes, *, what: str = "x"):
   if len(shape) != 3 or min(shape) == 0:
     raise BaselineInputError(f"{what} must have shape [M models, N images, D] with M, N, D >= 1, "
                              f"got {shape}")
-  dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+  dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
   if not np.issubdtype(dtype, np.floating):
     raise BaselineInputError(f"{what} must be floating point, got dtype {dtype}")
   lshape = tuple(np.shape(labels))
   if len(lshape) != 1 or lshape[0] != shape[1]:
     raise BaselineInputError(f"labels must be a vector with one label per image: got shape "
                              f"{lshape} for {what} of shape {shape} (N = {shape[1]} images)")
-  ldtype = np.dtype(getattr(labels, "dtype", np.asarray(labels).dtype))
+  ldtype = np.dtype(labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype)
   if not np.issubdtype(ldtype, np.integer):
     raise BaselineInputError(f"labels must be integers 0..K-1, got dtype {ldtype}")
   if not _is_traced(labels):

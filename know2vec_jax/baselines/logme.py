@@ -13,7 +13,9 @@ import numpy as np
 from know2vec_jax.baselines.checks import BaselineInputError, check_scores_inputs
 
 # Floors of the alpha / beta updates, as in the reference implementation: they keep the update
-# finite when a target column is fit exactly (residual 0) or the weights vanish (m^T m = 0).
+# finite when a target column is fit exactly (residual 0) or the weights vanish (m^T m = 0). When
+# the features carry nothing about a class, the evidence peaks only as alpha -> inf and the floor
+# stops alpha (and the score) a little short of that supremum, as published.
 _EPS = 1e-5
 
 
