@@ -50,6 +50,8 @@ class AlignConfig:
       say *which* classes a task has, the skill a task never seen in training needs.
     seed: init and batch-sampling seed.
     checkpoint_every: steps between orbax checkpoints (when a checkpoint dir is given).
+    temperature, target_temperature, accuracy_weight: the transferability objective (used when
+      the data is :class:`TransferData`; see :func:`listwise_loss`).
   """
   steps: int = 1500
   batch_size: int = 64
@@ -62,6 +64,9 @@ class AlignConfig:
   subset_prob: float = 0.0
   seed: int = 0
   checkpoint_every: int = 500
+  temperature: float = 0.05
+  target_temperature: float = 0.5
+  accuracy_weight: float = 1.0
 
 
 @dataclasses.dataclass
@@ -85,6 +90,60 @@ class AlignData:
   @property
   def num_tasks(self) -> int:
     return self.query_grid.shape[0]
+
+
+@dataclasses.dataclass
+class TransferData:
+  """What the transferability (SF-MTE) objective trains on (host arrays).
+
+  Attributes:
+    model_grid: float32 [M, K_max, K_max, D] knowledge-grid features of the zoo models.
+    model_mask: float32 [M, K_max].
+    query_grid: float32 [T, S, K_max, K_max, D]: S query episodes of each training target.
+    query_mask: float32 [T, K_max].
+    accuracy: float32 [T, M] measured (ground-truth) transfer accuracy of each model on each
+      training target.
+  """
+  model_grid: np.ndarray
+  model_mask: np.ndarray
+  query_grid: np.ndarray
+  query_mask: np.ndarray
+  accuracy: np.ndarray
+
+  def __post_init__(self):
+    t, m = self.accuracy.shape
+    if self.query_grid.shape[0] != t or self.query_mask.shape[0] != t:
+      raise ValueError(f"accuracy has {t} targets but query_grid/query_mask have "
+                       f"{self.query_grid.shape[0]}/{self.query_mask.shape[0]}")
+    if self.model_grid.shape[0] != m or self.model_mask.shape[0] != m:
+      raise ValueError(f"accuracy has {m} models but model_grid/model_mask have "
+                       f"{self.model_grid.shape[0]}/{self.model_mask.shape[0]}")
+    if not np.all(np.isfinite(self.accuracy)):
+      raise ValueError("accuracy contains NaN or inf")
+
+  @property
+  def num_tasks(self) -> int:
+    return 0  # no task-id head: targets are not classified
+
+
+def listwise_loss(scores, accuracy, temperature: float, target_temperature: float):
+  """ListNet-style cross-entropy between the model ranking and the measured accuracies.
+
+  Each row's accuracies are standardised (so a target's difficulty and spread do not matter, only
+  the order and relative gaps) and turned into a target distribution ``softmax(z /
+  target_temperature)`` over the zoo; the scores give ``softmax(scores / temperature)``.
+
+  Args:
+    scores: [B, M] cosine scores q . m.
+    accuracy: [B, M] measured accuracies.
+    temperature, target_temperature: the two softmax temperatures.
+
+  Returns:
+    The mean cross-entropy (scalar).
+  """
+  z = (accuracy - accuracy.mean(1, keepdims=True)) / (accuracy.std(1, keepdims=True) + 1e-6)
+  target = jax.nn.softmax(z / target_temperature, axis=1)
+  return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(scores / temperature, axis=1), axis=1))
 
 
 def ranking_loss(q, m, task, margin: float):
@@ -116,10 +175,11 @@ def make_optimizer(cfg: AlignConfig) -> optax.GradientTransformation:
   return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
 
-def init_state(vcfg: VectorizerConfig, num_tasks: int, cfg: AlignConfig):
+def init_state(vcfg: VectorizerConfig, num_tasks: int, cfg: AlignConfig,
+               accuracy_head: bool = False):
   """(graphdef, state) where state = {"params", "opt_state", "step"} is a pure pytree."""
   # One default stream: the LSTM cells draw their initial carry from a "carry" stream.
-  model = Know2Vec(vcfg, num_tasks, rngs=nnx.Rngs(cfg.seed))
+  model = Know2Vec(vcfg, num_tasks, accuracy_head=accuracy_head, rngs=nnx.Rngs(cfg.seed))
   graphdef, params = nnx.split(model)
   tx = make_optimizer(cfg)
   return graphdef, {"params": params, "opt_state": tx.init(params),
@@ -152,6 +212,45 @@ def train_step(graphdef, cfg: AlignConfig, state, batch, rng):
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def transfer_loss_fn(graphdef, params, batch, models, rng, cfg: AlignConfig):
+  """Listwise ranking of the whole zoo per target query, plus the accuracy head's squared error.
+
+  ``models`` = (grid [M, ...], mask [M, K_max]) of every zoo model (replicated); the batch holds
+  target queries and their measured accuracies [B, M].
+  """
+  del rng
+  model = nnx.merge(graphdef, params)
+  m = model.embed_models(*models)
+  q = model.embed_queries(batch["query_grid"], batch["query_mask"])
+  acc = batch["accuracy"]
+  lw = listwise_loss(q @ m.T, acc, cfg.temperature, cfg.target_temperature)
+  pred = model.predict_accuracy(q[:, None, :], m[None, :, :])
+  mse = jnp.mean((pred - acc) ** 2)
+  loss = lw + cfg.accuracy_weight * mse
+  return loss, {"loss": loss, "listwise_loss": lw, "accuracy_mae": jnp.mean(jnp.abs(pred - acc))}
+
+
+def transfer_train_step(graphdef, cfg: AlignConfig, state, batch, models, rng):
+  """One AdamW step of the transferability objective. Pure, like :func:`train_step`."""
+  tx = make_optimizer(cfg)
+  grads, metrics = jax.grad(functools.partial(transfer_loss_fn, graphdef, cfg=cfg),
+                            has_aux=True)(state["params"], batch, models, rng)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def transfer_batch(data: TransferData, cfg: AlignConfig, step: int, rows=None) -> dict:
+  """The step's global batch of target queries (the same on every process); ``rows`` slices it."""
+  rng = np.random.default_rng([cfg.seed, step])
+  tgt = rng.integers(0, data.accuracy.shape[0], cfg.batch_size)
+  eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)
+  if rows is not None:
+    tgt, eps = tgt[rows], eps[rows]
+  return {"query_grid": data.query_grid[tgt, eps], "query_mask": data.query_mask[tgt],
+          "accuracy": data.accuracy[tgt].astype(np.float32)}
 
 
 def sample_batch_indices(data: AlignData, cfg: AlignConfig, step: int):
@@ -193,7 +292,9 @@ class Trainer:
   Args:
     vcfg: vectorizer config.
     cfg: aligner config.
-    data: the training data (on every process).
+    data: the training data (on every process): :class:`AlignData` trains retrieval (the ranking
+      loss + task-id cross-entropy); :class:`TransferData` trains transferability (listwise loss
+      over the zoo + the accuracy head).
     mesh: the ``data`` mesh (default: all devices of all processes).
     checkpoint_dir: where a ``CheckpointManager`` keeps the latest checkpoints; training resumes
       from the latest step found there.
@@ -206,14 +307,24 @@ class Trainer:
     n = self.mesh.size
     if cfg.batch_size % n:
       raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {n} devices")
-    self.graphdef, state = init_state(vcfg, data.num_tasks, cfg)
+    self.transfer = isinstance(data, TransferData)
+    self.graphdef, state = init_state(vcfg, data.num_tasks, cfg, accuracy_head=self.transfer)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.state = jax.device_put(state, self.replicated)
-    self._step = jax.jit(functools.partial(train_step, self.graphdef, cfg),
-                         in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-                         out_shardings=(self.replicated, self.replicated),
-                         donate_argnums=(0,))
+    if self.transfer:
+      # Every step scores the whole zoo: the model grids are a replicated step input.
+      models = jax.device_put((data.model_grid, data.model_mask), self.replicated)
+      step = jax.jit(functools.partial(transfer_train_step, self.graphdef, cfg),
+                     in_shardings=(self.replicated, self.batch_sharding, self.replicated,
+                                   self.replicated),
+                     out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+      self._step = lambda state, batch, rng: step(state, batch, models, rng)
+    else:
+      self._step = jax.jit(functools.partial(train_step, self.graphdef, cfg),
+                           in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                           out_shardings=(self.replicated, self.replicated),
+                           donate_argnums=(0,))
     self.manager = None
     if checkpoint_dir is not None:
       self.manager = ocp.CheckpointManager(
@@ -234,10 +345,13 @@ class Trainer:
 
   def global_batch(self, step: int) -> dict:
     """This process's slice of the step's global batch, assembled into global sharded arrays."""
-    rows, eps, subset = sample_batch_indices(self.data, self.cfg, step)
     per = self.cfg.batch_size // jax.process_count()
     sl = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-    local = local_batch(self.data, rows[sl], eps[sl], subset[sl])
+    if self.transfer:
+      local = transfer_batch(self.data, self.cfg, step, sl)
+    else:
+      rows, eps, subset = sample_batch_indices(self.data, self.cfg, step)
+      local = local_batch(self.data, rows[sl], eps[sl], subset[sl])
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()}
 
@@ -261,7 +375,9 @@ class Trainer:
         m = {k: float(v) for k, v in metrics.items()} | {"step": step + 1}
         history.append(m)
         if bar is not None:
-          bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['batch_top1']:.2f}")
+          bar.set_postfix(loss=f"{m['loss']:.3f}", **(
+              {"mae": f"{m['accuracy_mae']:.3f}"} if self.transfer else
+              {"top1": f"{m['batch_top1']:.2f}"}))
       if bar is not None:
         bar.update(1)
       if self.manager is not None and ((step + 1) % self.cfg.checkpoint_every == 0

@@ -222,20 +222,49 @@ class QueryVectorizer(nnx.Module):
     return self.encoder(grid, mask)
 
 
+class AccuracyHead(nnx.Module):
+  """Predicts a model's fine-tune accuracy on a query's task from the two unit vectors.
+
+  An MLP on [q, m, q * m] with a sigmoid output: a calibrated estimate in [0, 1], which ranking
+  scores (q . m) and training-free transferability metrics do not give.
+  """
+
+  def __init__(self, embed_dim: int, hidden: int, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(3 * embed_dim, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, 1, rngs=rngs)
+
+  def __call__(self, q, m):
+    """q [..., E] and m [..., E] (broadcastable) -> predicted accuracy [...]."""
+    q, m = jnp.broadcast_arrays(q, m)
+    h = jax.nn.gelu(self.fc1(jnp.concatenate([q, m, q * m], axis=-1)))
+    return jax.nn.sigmoid(self.fc2(h)[..., 0])
+
+
 class Know2Vec(nnx.Module):
   """Both vectorizers plus the task-id head used by the aligner's cross-entropy term.
 
   Args:
     cfg: the vectorizer config.
     num_tasks: classes of the task-id head (the aligner's training tasks); 0 for none.
+    accuracy_head: add an :class:`AccuracyHead` (trained by the transferability objective).
     rngs: initialisation PRNGs.
   """
 
-  def __init__(self, cfg: VectorizerConfig, num_tasks: int = 0, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: VectorizerConfig, num_tasks: int = 0, *, accuracy_head: bool = False,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.model_vectorizer = ModelVectorizer(cfg, rngs=rngs)
     self.query_vectorizer = None if cfg.shared else QueryVectorizer(cfg, rngs=rngs)
     self.task_head = nnx.Linear(cfg.embed_dim, max(num_tasks, 1), rngs=rngs)
+    self.accuracy_head = (AccuracyHead(cfg.embed_dim, cfg.hidden, rngs=rngs)
+                          if accuracy_head else None)
+
+  def predict_accuracy(self, q, m):
+    """Predicted fine-tune accuracy [...] of models ``m`` on query tasks ``q`` (unit vectors)."""
+    if self.accuracy_head is None:
+      raise ValueError("this Know2Vec was built without an accuracy head "
+                       "(Know2Vec(..., accuracy_head=True))")
+    return self.accuracy_head(q, m)
 
   def embed_models(self, grid, mask):
     """Model vectors [..., E] from knowledge-grid features."""

@@ -115,3 +115,54 @@ def test_class_subset_augmentation():
   np.testing.assert_array_equal(again[2], subset)
   tr = align.Trainer(VCFG, dataclasses.replace(cfg, steps=3), data, mesh=data_mesh(8))
   assert all(np.isfinite(h["loss"]) for h in tr.run(progress=False, log_every=1))
+
+
+def _transfer_data(seed=0, models=12, targets=6):
+  """Targets whose measured accuracy depends on the match between target and model features."""
+  rng = np.random.default_rng(seed)
+  mg = rng.normal(size=(models, 4, 4, 8)).astype(np.float32)
+  qg = rng.normal(size=(targets, 3, 4, 4, 8)).astype(np.float32)
+  acc = 0.5 + 0.1 * np.tanh(np.einsum("tskd,mkd->tm", qg[:, :, range(4), range(4)],
+                                      mg[:, range(4), range(4)]) / 6)
+  return align.TransferData(mg, np.ones((models, 4), np.float32), qg,
+                            np.ones((targets, 4), np.float32), acc.astype(np.float32))
+
+
+def test_listwise_loss_by_hand():
+  scores = jnp.asarray([[0.0, 0.1]])
+  acc = jnp.asarray([[0.5, 0.7]])
+  # z = [-1, 1]; target = softmax([-2, 2]) (tau 0.5); prediction = softmax([0, 1]) (T 0.1).
+  target = np.exp([-2.0, 2.0]) / np.exp([-2.0, 2.0]).sum()
+  logp = np.asarray([0.0, 1.0]) - np.log(np.exp([0.0, 1.0]).sum())
+  want = -(target * logp).sum()
+  got = align.listwise_loss(scores, acc, temperature=0.1, target_temperature=0.5)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  # Reversing the scores (wrong order) costs more.
+  assert float(align.listwise_loss(scores[:, ::-1], acc, 0.1, 0.5)) > float(got)
+
+
+def test_transfer_objective_one_and_eight_devices_agree_and_learn():
+  cfg = dataclasses.replace(CFG, steps=40, batch_size=8, feature_noise=0.0)
+  h = {}
+  for n in (1, 8):
+    tr = align.Trainer(VCFG, cfg, _transfer_data(), mesh=data_mesh(n))
+    h[n] = tr.run(progress=False, log_every=1)
+    if n == 8:
+      model = tr.model()
+  np.testing.assert_allclose([x["loss"] for x in h[1]], [x["loss"] for x in h[8]], rtol=1e-4)
+  assert np.mean([x["loss"] for x in h[8][-5:]]) < np.mean([x["loss"] for x in h[8][:3]])
+  d = _transfer_data()
+  q = model.embed_queries(d.query_grid[:, 0], d.query_mask)
+  m = model.embed_models(d.model_grid, d.model_mask)
+  pred = np.asarray(model.predict_accuracy(q[:, None], m[None]))
+  assert pred.shape == d.accuracy.shape and np.all((pred > 0) & (pred < 1))
+
+
+def test_transfer_data_checks_shapes_and_values():
+  d = _transfer_data()
+  with pytest.raises(ValueError, match="targets"):
+    align.TransferData(d.model_grid, d.model_mask, d.query_grid[:3], d.query_mask, d.accuracy)
+  bad = d.accuracy.copy()
+  bad[0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    align.TransferData(d.model_grid, d.model_mask, d.query_grid, d.query_mask, bad)

@@ -1,0 +1,88 @@
+"""SF-MTE ground truth: determinism, caching, protocol checks and errors."""
+
+import numpy as np
+import pytest
+
+from know2vec_jax.data import Task
+from know2vec_jax.transfer import (FinetuneConfig, TransferError, TransferTarget,
+                                   finetune_accuracy, ground_truth, noise_ceiling, target_data)
+
+TARGET = TransferTarget("digits-flip", Task("digits+flip", (1, 2, 7)), split="train")
+CFG = FinetuneConfig(steps=8, shots=20, test_per_class=40, runs=2, chunk_size=4)
+
+
+def test_target_split_is_fixed_disjoint_and_resamples_shots():
+  td = target_data(TARGET, shots=20, test_per_class=40)
+  pool = np.concatenate(td.pool)
+  assert len(np.intersect1d(pool, td.test)) == 0
+  assert [int(np.sum(td.labels[td.test] == c)) for c in range(3)] == [40, 40, 40]
+  a, b = td.train_sample(20, seed=1), td.train_sample(20, seed=2)
+  assert len(a) == 60 and not np.array_equal(a, b)
+  assert np.isin(a, pool).all()
+  np.testing.assert_array_equal(td.test, target_data(TARGET, 20, 40).test)
+
+
+def test_finetune_is_deterministic_and_uses_the_zoo_weights(tiny_zoo):
+  zoo, _ = tiny_zoo
+  ids = sorted(zoo.records)[:4]
+  a = finetune_accuracy(zoo, ids, TARGET, CFG)
+  b = finetune_accuracy(zoo, ids, TARGET, CFG)
+  assert a.shape == (2, 4) and np.all((a >= 0) & (a <= 1))
+  np.testing.assert_array_equal(a, b)
+  # Column order follows the request, whatever the stacks.
+  np.testing.assert_array_equal(finetune_accuracy(zoo, ids[::-1], TARGET, CFG), a[:, ::-1])
+  # The linear probe (frozen body) is a different measurement of the same models.
+  lin = finetune_accuracy(zoo, ids, TARGET, FinetuneConfig(mode="linear", steps=20, shots=20,
+                                                           test_per_class=40, runs=2))
+  assert lin.shape == a.shape and not np.array_equal(lin, a)
+
+
+def test_ground_truth_cache_roundtrip_and_key(tiny_zoo, tiny_zoo_dir, tmp_path, monkeypatch):
+  zoo, _ = tiny_zoo
+  ids = sorted(zoo.records)[:3]
+  first = ground_truth(zoo, tiny_zoo_dir, ids, [TARGET], CFG, cache_dir=tmp_path)
+  files = list(tmp_path.glob("*.npz"))
+  assert len(files) == 1
+  import know2vec_jax.transfer as transfer
+
+  def boom(*a, **k):
+    raise AssertionError("recomputed despite the cache")
+  monkeypatch.setattr(transfer, "finetune_accuracy", boom)
+  again = ground_truth(zoo, tiny_zoo_dir, ids, [TARGET], CFG, cache_dir=tmp_path)
+  np.testing.assert_array_equal(first[TARGET.name], again[TARGET.name])
+  # A different protocol is a different cache entry, never a stale hit.
+  with pytest.raises(AssertionError, match="recomputed"):
+    ground_truth(zoo, tiny_zoo_dir, ids, [TARGET], FinetuneConfig(steps=9, shots=20,
+                                                                  test_per_class=40, runs=2),
+                 cache_dir=tmp_path)
+  files[0].write_bytes(files[0].read_bytes()[:40])
+  with pytest.raises(TransferError, match="unreadable ground-truth cache file"):
+    ground_truth(zoo, tiny_zoo_dir, ids, [TARGET], CFG, cache_dir=tmp_path)
+
+
+def test_bad_requests_get_clear_errors(tiny_zoo):
+  zoo, _ = tiny_zoo
+  with pytest.raises(TransferError, match="at least 2"):
+    target_data(TransferTarget("one", Task("digits", (3,))), 5, 10)
+  with pytest.raises(TransferError, match="unknown model id 'nope'"):
+    finetune_accuracy(zoo, ["nope"], TARGET, CFG)
+  with pytest.raises(TransferError, match="plus at least 10 to test on"):
+    target_data(TransferTarget("small", Task("digits", (1, 2)), split="test"), 50, 300)
+  with pytest.raises(TransferError, match="runs must be >= 2"):
+    FinetuneConfig(runs=1)
+  with pytest.raises(TransferError, match="mode"):
+    FinetuneConfig(mode="partial")
+
+
+def test_noise_ceiling_is_split_half_agreement():
+  rng = np.random.default_rng(0)
+  truth = rng.random(30)
+  clean = truth + 0.001 * rng.normal(size=(6, 30))
+  noisy = truth + 1.0 * rng.normal(size=(6, 30))
+
+  def corr(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+  assert noise_ceiling(clean, corr) > 0.99
+  assert noise_ceiling(noisy, corr) < noise_ceiling(clean, corr) - 0.3
+  with pytest.raises(TransferError, match="R >= 2"):
+    noise_ceiling(truth[None], corr)
