@@ -277,6 +277,25 @@ def test_batched_equals_per_model(method):
   np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-6)
 
 
+def test_dead_models_get_finite_uninformative_scores():
+  # A dead feature layer (all 0) and a constant one must not turn the zoo's ranking into NaN: they
+  # get the score of a model that knows nothing about the labels.
+  y = np.arange(40) % 4
+  x = np.random.default_rng(9).normal(size=(3, 40, 8)).astype(np.float32)
+  x[0], x[1] = 0.0, 3.0
+  uninformative = np.log(0.25)  # -H(Y) of 4 balanced classes
+  for method in ("leep", "nce", "nleep-logits"):
+    s = np.asarray(BASELINES[method].fn(x, y, 4))
+    np.testing.assert_allclose(s[:2], uninformative, atol=1e-5, err_msg=method)
+  for method in ("hscore-logits", "hscore-shrinkage-logits"):
+    np.testing.assert_allclose(np.asarray(BASELINES[method].fn(x, y, 4))[:2], 0.0, atol=1e-6)
+  # LogME of zero features: max over beta of log N(y; 0, I / beta) per sample, beta = N / ||y||^2.
+  beta = 40 / 10
+  s = np.asarray(logme_scores(x, y, 4))
+  assert s[0] == pytest.approx(0.5 * (np.log(beta) - 1 - np.log(2 * np.pi)), abs=1e-4)
+  assert np.all(np.isfinite(s))
+
+
 def test_callable_inside_jit():
   # Under an outer jit the value checks are skipped (tracers) but the shape checks still run.
   got = jax.jit(lambda x, y: leep_scores(x, y, 2) + logme_scores(x, y, 2))(LOGITS6, Y6)

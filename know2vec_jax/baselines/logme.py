@@ -26,7 +26,10 @@ def _terms(sigma, x2, res_x2, t):
     sigma: s^2, [k]. x2: (U^T y)^2, [k]. res_x2: ||y||^2 - ||U^T y||^2 (y outside span(U)).
     t: alpha / beta.
   """
-  m2 = jnp.sum(sigma * x2 / (t + sigma) ** 2)
+  # t ~ 0 when the features are all 0 (see _max_evidence): floor it, and let zero singular values
+  # contribute nothing to m rather than 0 / 0.
+  t = jnp.maximum(t, jnp.finfo(sigma.dtype).tiny)
+  m2 = jnp.sum(jnp.where(sigma > 0, sigma * x2 / jnp.where(sigma > 0, t + sigma, 1.0) ** 2, 0.0))
   res2 = jnp.sum(x2 * (t / (t + sigma)) ** 2) + res_x2
   return m2, res2
 
@@ -49,13 +52,16 @@ def _max_evidence(sigma, x, y_sq, n, d, max_iter, tol):
   x2 = x * x
   # ||y||^2 - ||U^T y||^2 cancels in float32 when y lies (almost) in span(U); it cannot be < 0.
   res_x2 = jnp.maximum(y_sq - x2.sum(), 0.0)
+  tiny = jnp.finfo(sigma.dtype).tiny
 
   def body(state):
     alpha, beta, _, i = state
-    t = alpha / beta
+    # All-zero features (a dead layer) drive gamma and alpha to 0; the evidence no longer depends
+    # on alpha there, and the floors keep 0 / 0 and log 0 out of it.
+    t = jnp.maximum(alpha / beta, tiny)  # as in _terms
     gamma = jnp.sum(sigma / (sigma + t))
     m2, res2 = _terms(sigma, x2, res_x2, t)
-    alpha = gamma / (m2 + _EPS)
+    alpha = jnp.maximum(gamma / (m2 + _EPS), tiny)
     beta = (n - gamma) / (res2 + _EPS)
     return alpha, beta, jnp.abs(alpha / beta - t) / t, i + 1
 
@@ -84,7 +90,7 @@ def _logme_one(f, labels, num_target_classes, max_iter, tol):
   return jnp.sum(jnp.where(present, per_class, 0.0)) / jnp.sum(present)
 
 
-@functools.partial(jax.jit, static_argnames=("num_target_classes", "max_iter"))
+@functools.partial(jax.jit, static_argnames=("num_target_classes",))
 def _logme(x, labels, num_target_classes, max_iter, tol):
   return jax.vmap(_logme_one, in_axes=(0, None, None, None, None))(
       x, labels, num_target_classes, max_iter, tol)

@@ -123,7 +123,9 @@ def gmm_posteriors(z, mask, num_components: int, key, *, covariance: str = "diag
   """
   n, _ = z.shape
   col_var = jnp.sum(jnp.var(z, 0) * mask) / jnp.maximum(mask.sum(), 1.0)
-  reg = reg_covar * jnp.maximum(col_var, jnp.finfo(z.dtype).tiny)
+  # Constant outputs (a dead feature layer) have no scale to be relative to; any positive variance
+  # then gives every point the same posteriors, i.e. an uninformative model.
+  reg = jnp.where(col_var > 0, reg_covar * col_var, 1.0)
   centres = _kmeans_plus_plus(z, num_components, key)
 
   def lloyd(_, c):
