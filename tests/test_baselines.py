@@ -238,7 +238,7 @@ def test_nleep_matches_sklearn_pipeline(covariance):
   cond = joint / joint.sum(0)
   want = np.mean(np.log((post @ cond.T)[np.arange(80), y]))
   got = float(nleep_scores(f[None].astype(np.float32), y, 2, components_per_class=1,
-                           covariance=covariance, em_steps=300)[0])
+                           covariance=covariance, em_steps=1000, em_tol=1e-9)[0])
   assert got == pytest.approx(want, abs=2e-3)
 
 

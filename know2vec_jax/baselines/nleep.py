@@ -4,7 +4,7 @@ PCA of a model's outputs on the target images, keeping a fraction of the varianc
 mixture fit by EM with ``components_per_class * K`` components; then LEEP with the mixture's
 posteriors in place of the source classifier's softmax. Everything has static shapes so the whole
 pipeline jits and vmaps over the zoo: PCA keeps a fixed number of dimensions and masks the ones
-beyond the variance cut; k-means and EM run a fixed number of steps.
+beyond the variance cut; k-means and EM are bounded ``while_loop``s.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _m_step(z, mask, resp, reg, covariance):
 
 
 def _log_resp(z, mask, params, covariance):
-  """Log posteriors log p(c | z_n) [N, C] of the mixture (constants shared by all components,
-  such as the masked columns, cancel in the normalisation)."""
+  """Log posteriors log p(c | z_n) [N, C] and the mean log-likelihood of the mixture (the masked
+  columns add nothing: they are 0 with mean 0 and variance 1 in every component)."""
   weights, means, cov = params
   if covariance == "diag":
     prec = 1.0 / cov  # [C, d]
@@ -76,7 +76,8 @@ def _log_resp(z, mask, params, covariance):
     maha = jnp.sum(sol * sol, 1).T  # [N, C]
     logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=1, axis2=2)), 1)
   log_p = jnp.log(weights) - 0.5 * (logdet + maha + mask.sum() * math.log(2 * math.pi))
-  return jax.nn.log_softmax(log_p, axis=1)
+  log_norm = jax.nn.logsumexp(log_p, axis=1, keepdims=True)
+  return log_p - log_norm, jnp.mean(log_norm)
 
 
 def _kmeans_plus_plus(z, num_components, key):
@@ -102,74 +103,89 @@ def _kmeans_plus_plus(z, num_components, key):
 
 
 def gmm_posteriors(z, mask, num_components: int, key, *, covariance: str = "diag",
-                   kmeans_steps: int = 20, em_steps: int = 100, reg_covar: float = 1e-6):
+                   kmeans_steps: int = 100, em_steps: int = 100, em_tol: float = 1e-3,
+                   reg_covar: float = 1e-6):
   """Posteriors of a Gaussian mixture fit to z by EM (traceable; no input checks).
 
-  Initialisation as scikit-learn's default: k-means (k-means++ seeds drawn with ``key``, then
-  ``kmeans_steps`` Lloyd steps) gives hard responsibilities, one M-step turns them into
-  parameters; then ``em_steps`` E/M steps and a final E-step.
+  As scikit-learn's ``GaussianMixture`` with its defaults: k-means (k-means++ seeds drawn with
+  ``key``, Lloyd steps until no point changes cluster) gives hard responsibilities and one M-step
+  turns them into parameters; E/M steps then run until the mean log-likelihood changes by less
+  than ``em_tol``; a final E-step gives the posteriors.
 
   Args:
     z: float [N, d]; mask: float [d], 1 for the columns to model (the others must be 0 in z).
     num_components: C <= N (static).
     key: PRNG key for the k-means seeds.
     covariance: "diag" or "full".
-    kmeans_steps, em_steps: fixed step counts (static).
+    kmeans_steps, em_steps: most Lloyd and EM steps. Under ``vmap`` every model runs until the
+      slowest has converged; a converged model's state no longer changes.
+    em_tol: convergence threshold on the mean log-likelihood per sample.
     reg_covar: added to every variance, relative to the mean variance of the kept columns (so the
       result does not depend on the scale of z).
 
   Returns:
     float [N, C] posteriors p(c | z_n).
   """
-  n, _ = z.shape
   col_var = jnp.sum(jnp.var(z, 0) * mask) / jnp.maximum(mask.sum(), 1.0)
   # Constant outputs (a dead feature layer) have no scale to be relative to; any positive variance
   # then gives every point the same posteriors, i.e. an uninformative model.
   reg = jnp.where(col_var > 0, reg_covar * col_var, 1.0)
-  centres = _kmeans_plus_plus(z, num_components, key)
 
-  def lloyd(_, c):
-    d2 = jnp.sum(c * c, 1) - 2 * z @ c.T  # [N, C], up to the per-row |z|^2
-    hard = jax.nn.one_hot(jnp.argmin(d2, 1), num_components, dtype=z.dtype)
+  def assign(c):
+    return jnp.argmin(jnp.sum(c * c, 1) - 2 * z @ c.T, 1)  # nearest centre ([N, C] minus |z|^2)
+
+  def lloyd(state):
+    c, labels, _, i = state
+    hard = jax.nn.one_hot(labels, num_components, dtype=z.dtype)
     count = hard.sum(0)
     # An empty cluster keeps its centre (it cannot move without points).
-    return jnp.where(count[:, None] > 0, hard.T @ z / jnp.maximum(count, 1.0)[:, None], c)
+    c = jnp.where(count[:, None] > 0, hard.T @ z / jnp.maximum(count, 1.0)[:, None], c)
+    new = assign(c)
+    return c, new, jnp.any(new != labels), i + 1
 
-  centres = jax.lax.fori_loop(0, kmeans_steps, lloyd, centres)
-  d2 = jnp.sum(centres * centres, 1) - 2 * z @ centres.T
-  resp = jax.nn.one_hot(jnp.argmin(d2, 1), num_components, dtype=z.dtype)
-  params = _m_step(z, mask, resp, reg, covariance)
+  centres = _kmeans_plus_plus(z, num_components, key)
+  _, labels, _, _ = jax.lax.while_loop(lambda s: s[2] & (s[3] < kmeans_steps), lloyd,
+                                       (centres, assign(centres), jnp.bool_(True), 0))
+  params = _m_step(z, mask, jax.nn.one_hot(labels, num_components, dtype=z.dtype), reg,
+                   covariance)
 
-  def em(_, p):
-    return _m_step(z, mask, jnp.exp(_log_resp(z, mask, p, covariance)), reg, covariance)
+  def em(state):
+    p, ll, _, i = state
+    log_resp, new_ll = _log_resp(z, mask, p, covariance)
+    return (_m_step(z, mask, jnp.exp(log_resp), reg, covariance), new_ll,
+            jnp.abs(new_ll - ll), i + 1)
 
-  params = jax.lax.fori_loop(0, em_steps, em, params)
-  return jnp.exp(_log_resp(z, mask, params, covariance))
+  params, _, _, _ = jax.lax.while_loop(
+      lambda s: (s[2] >= em_tol) & (s[3] < em_steps), em,
+      (params, jnp.asarray(-jnp.inf, z.dtype), jnp.asarray(jnp.inf, z.dtype), 0))
+  return jnp.exp(_log_resp(z, mask, params, covariance)[0])
 
 
 def _nleep_one(f, labels, key, num_target_classes, variance, max_dim, num_components, covariance,
-               kmeans_steps, em_steps, reg_covar):
+               kmeans_steps, em_steps, em_tol, reg_covar):
   z, mask, _ = pca_reduce(f, variance, max_dim)
   post = gmm_posteriors(z, mask, num_components, key, covariance=covariance,
-                        kmeans_steps=kmeans_steps, em_steps=em_steps, reg_covar=reg_covar)
+                        kmeans_steps=kmeans_steps, em_steps=em_steps, em_tol=em_tol,
+                        reg_covar=reg_covar)
   return leep_from_probs(post, labels, num_target_classes)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "num_target_classes", "max_dim", "num_components", "covariance", "kmeans_steps", "em_steps"))
+    "num_target_classes", "max_dim", "num_components", "covariance"))
 def _nleep(x, labels, key, num_target_classes, variance, max_dim, num_components, covariance,
-           kmeans_steps, em_steps, reg_covar):
+           kmeans_steps, em_steps, em_tol, reg_covar):
   one = functools.partial(_nleep_one, num_target_classes=num_target_classes, variance=variance,
                           max_dim=max_dim, num_components=num_components, covariance=covariance,
-                          kmeans_steps=kmeans_steps, em_steps=em_steps, reg_covar=reg_covar)
+                          kmeans_steps=kmeans_steps, em_steps=em_steps, em_tol=em_tol,
+                          reg_covar=reg_covar)
   # The same seeds for every model: differences between models come from their outputs alone.
   return jax.vmap(one, in_axes=(0, None, None))(x, labels, key)
 
 
 def nleep_scores(x, labels, num_target_classes: int, *, key=None, variance: float = 0.8,
                  components_per_class: int = 5, max_dim: int | None = None,
-                 covariance: str = "diag", kmeans_steps: int = 20, em_steps: int = 100,
-                 reg_covar: float = 1e-6):
+                 covariance: str = "diag", kmeans_steps: int = 100, em_steps: int = 100,
+                 em_tol: float = 1e-3, reg_covar: float = 1e-6):
   """N-LEEP of every model for one labelled target set.
 
   Args:
@@ -183,7 +199,8 @@ def nleep_scores(x, labels, num_target_classes: int, *, key=None, variance: floa
     max_dim: most PCA dimensions kept (static; default min(N, D), i.e. never binding). Lower it
       to bound the cost when the variance cut is known to need fewer.
     covariance: "diag" (default; cost linear in the kept dimensions) or "full".
-    kmeans_steps, em_steps, reg_covar: see :func:`gmm_posteriors`.
+    kmeans_steps, em_steps, em_tol, reg_covar: see :func:`gmm_posteriors` (the defaults are
+      scikit-learn's for EM).
 
   Returns:
     float32 [M] scores in (-inf, 0] (higher = expected to transfer better).
@@ -200,13 +217,13 @@ def nleep_scores(x, labels, num_target_classes: int, *, key=None, variance: floa
     raise BaselineInputError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
   if max_dim is not None and int(max_dim) < 1:
     raise BaselineInputError(f"max_dim must be >= 1, got {max_dim}")
-  if int(kmeans_steps) < 0 or int(em_steps) < 0 or not reg_covar >= 0:
-    raise BaselineInputError(f"need kmeans_steps, em_steps >= 0 and reg_covar >= 0, got "
-                             f"{kmeans_steps}, {em_steps}, {reg_covar}")
+  if int(kmeans_steps) < 0 or int(em_steps) < 0 or not (reg_covar >= 0 and em_tol >= 0):
+    raise BaselineInputError(f"need kmeans_steps, em_steps >= 0 and em_tol, reg_covar >= 0, got "
+                             f"{kmeans_steps}, {em_steps}, {em_tol}, {reg_covar}")
   x, labels, k = check_scores_inputs(x, labels, num_target_classes)
   _, n, d = x.shape
   dims = min(n, d) if max_dim is None else min(int(max_dim), n, d)
   components = min(int(components_per_class) * k, n)
   key = jax.random.key(0) if key is None else key
   return _nleep(x, labels, key, k, float(variance), dims, components, covariance,
-                int(kmeans_steps), int(em_steps), float(reg_covar))
+                int(kmeans_steps), int(em_steps), float(em_tol), float(reg_covar))
