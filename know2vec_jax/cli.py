@@ -2,28 +2,61 @@
 
     know2vec data list                     the sources and transforms
     know2vec data show SOURCE [--task ..]  sizes and classes of a source
+    know2vec data grid SOURCE --out F.png  a PNG grid of a task's images
     know2vec zoo build [--preset demo]     train a zoo and store it (progress bar, summary table)
     know2vec zoo list  [--zoo DIR]         one line per model
     know2vec zoo show  MODEL_ID            one model's metadata
     know2vec zoo summary [--zoo DIR]       the per-source/architecture accuracy table
+    know2vec train --zoo Z --out PROXY     train a Know2Vec proxy on a zoo (black-box access only)
+    know2vec index build|add|remove|info   the retrieval index of a zoo
+    know2vec query --proxy P --index I ..  rank the index's models for a few-shot task
+    know2vec eval nnr|sfmte [args]         run an experiment of experiments/
+    know2vec bench [args]                  run the benchmarks of benchmarks/
 
-User mistakes (a missing dataset, an unknown id, a bad argument) print one line and exit 2; no
-traceback.
+Every command takes ``--help``; commands whose output is data take ``--json``; long steps show
+progress bars unless ``--quiet``. User mistakes (a missing dataset or artifact, an unknown id, a bad
+argument or override) print one line ``know2vec: error: ...`` and exit 2; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import pathlib
 import sys
 
 DEFAULT_ZOO = os.environ.get("KNOW2VEC_ZOO", "artifacts/zoo-demo")
+# Metadata keys shown as extra columns of the query table by default, after rank, model id,
+# architecture, task and score (``--columns`` adds more). A metadata field that index builders
+# start writing (e.g. a predicted fine-tune accuracy) becomes a column by being named here.
+DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ()
+EXPERIMENTS = ("nnr", "sfmte")
+
+
+class CommandError(ValueError):
+  """A command that cannot run as asked (an artifact in the way, an unwritable path, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with the command's one-line error format (usage mistakes exit 2 too)."""
+
+  def error(self, message):
+    self.exit(2, f"know2vec: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _fmt_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
   """A plain-text table; ``cols`` are (key, format) pairs."""
-  cells = [[format(r[k], f) if f else str(r[k]) for k, f in cols] for r in rows]
+  def cell(r, k, f):
+    v = r.get(k)
+    if v is None:
+      return "-"
+    try:
+      return format(v, f) if f else str(v)
+    except (TypeError, ValueError):
+      return str(v)
+  cells = [[cell(r, k, f) for k, f in cols] for r in rows]
   widths = [max(len(k), *(len(c[i]) for c in cells)) if cells else len(k)
             for i, (k, _) in enumerate(cols)]
   line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w)  # noqa: E731
@@ -39,6 +72,35 @@ def summary_table(zoo) -> str:
                                     ("min_acc", ".3f"), ("mean_acc_normal", ".3f")])
 
 
+def _split_list(text: str | None) -> list[str] | None:
+  """``"a,b, c"`` -> ``["a", "b", "c"]``; None stays None."""
+  if text is None:
+    return None
+  return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _check_new_artifact(path: str, force: bool, manifest: str, what: str) -> pathlib.Path:
+  """Refuses to replace an existing artifact without --force and checks the path is writable
+  *before* minutes of work are spent making it."""
+  out = pathlib.Path(path).expanduser().absolute()
+  if (out / manifest).exists() and not force:
+    raise CommandError(f"a {what} already exists at {out} (use --force to replace it)")
+  if out.exists() and not out.is_dir():
+    raise CommandError(f"{out} exists and is not a directory")
+  parent = out.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not os.access(parent, os.W_OK):
+    raise CommandError(f"cannot write {what} to {out}: {parent} is not writable")
+  return out
+
+
+def _print(obj, as_json: bool, text: str) -> None:
+  print(json.dumps(obj, indent=1, default=float) if as_json else text)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
 def _cmd_data(args) -> int:
   from know2vec_jax import data
   if args.action == "list":
@@ -46,6 +108,12 @@ def _cmd_data(args) -> int:
       print(name)
     return 0
   src = data.load_source(args.source, data_dir=args.data_dir)
+  if args.action == "grid":
+    info = write_grid(src, _split_list(args.classes), args.out, per_class=args.per_class,
+                      split=args.split, seed=args.seed, scale=args.scale)
+    _print(info, args.json, f"wrote {info['path']} ({len(info['classes'])} classes x "
+                            f"{info['per_class']} images, {info['size'][0]}x{info['size'][1]} px)")
+    return 0
   info = dict(source=src.name, classes=list(src.class_names), image_shape=list(src.image_shape),
               train=len(src.train_labels), test=len(src.test_labels),
               train_per_class=[int((src.train_labels == c).sum()) for c in range(src.num_classes)])
@@ -53,6 +121,57 @@ def _cmd_data(args) -> int:
         "\n".join(f"{k}: {v}" for k, v in info.items()))
   return 0
 
+
+def write_grid(src, classes, out, per_class: int = 8, split: str = "train", seed: int = 0,
+               scale: int = 3) -> dict:
+  """Writes a PNG with one row per class (its name, then ``per_class`` of its images).
+
+  Args:
+    src: a :class:`know2vec_jax.data.SourceData`.
+    classes: class names or ids (None: every class).
+    out: the PNG path.
+    per_class, split, seed: which images (drawn without replacement, deterministic from seed).
+    scale: pixel magnification.
+
+  Returns:
+    {path, source, classes, per_class, size [width, height]}.
+  """
+  import numpy as np
+  from PIL import Image, ImageDraw
+
+  from know2vec_jax.data import DataError
+  if per_class < 1 or scale < 1:
+    raise DataError(f"--per-class and --scale must be >= 1, got {per_class} and {scale}")
+  ids = [src.class_index(c) for c in classes] if classes else list(range(src.num_classes))
+  images, labels = src.split(split)
+  rng = np.random.default_rng(seed)
+  h, w, ch = src.image_shape
+  cell_h, cell_w, pad = h * scale, w * scale, 2
+  names = [src.class_names[c] for c in ids]
+  label_w = 8 + 7 * max(len(n) for n in names)
+  canvas = Image.new("RGB", (label_w + per_class * (cell_w + pad), len(ids) * (cell_h + pad)),
+                     "white")
+  draw = ImageDraw.Draw(canvas)
+  for row, (c, name) in enumerate(zip(ids, names)):
+    idx = np.flatnonzero(labels == c)
+    if not len(idx):
+      raise DataError(f"class {name!r} of {src.name!r} has no images in the {split} split")
+    pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False)
+    y0 = row * (cell_h + pad)
+    draw.text((4, y0 + cell_h // 2 - 5), name, fill="black")
+    for col, i in enumerate(pick):
+      pix = (np.clip(images[i], 0, 1) * 255).round().astype(np.uint8)
+      tile = Image.fromarray(pix[..., 0] if ch == 1 else pix).convert("RGB")
+      tile = tile.resize((cell_w, cell_h), Image.NEAREST)
+      canvas.paste(tile, (label_w + col * (cell_w + pad), y0))
+  path = pathlib.Path(out).expanduser().absolute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path, format="PNG")
+  return {"path": str(path), "source": src.name, "classes": names, "per_class": per_class,
+          "size": list(canvas.size)}
+
+
+# ---- zoo -----------------------------------------------------------------------------------------
 
 def _cmd_zoo(args) -> int:
   from know2vec_jax import zoo as zoo_lib
@@ -117,22 +236,234 @@ def _print_summary(zoo, info: dict, as_json: bool) -> None:
           f"{info.get('strategy')}, conv {info.get('conv_impl')}, backend {info.get('backend')})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="know2vec", description=(
-      "Know2Vec model retrieval in JAX: vectorize a model zoo from black-box calls and retrieve "
-      "the models that fit a few-shot task."))
-  sub = p.add_subparsers(dest="command", required=True)
+# ---- train ---------------------------------------------------------------------------------------
 
-  d = sub.add_parser("data", help="image sources: list them or describe one")
-  dsub = d.add_subparsers(dest="action", required=True)
+def _cmd_train(args) -> int:
+  from know2vec_jax import proxy as proxy_lib
+  from know2vec_jax.zoo import load_zoo
+  cfg = proxy_lib.apply_overrides(proxy_lib.proxy_preset(args.preset), args.set)
+  out = _check_new_artifact(args.out, args.force, proxy_lib.MANIFEST, "proxy")
+  zoo = load_zoo(args.zoo)
+  if not args.quiet:
+    print(f"training a {args.preset!r} proxy on {len(zoo)} models of {args.zoo} -> {out}",
+          file=sys.stderr)
+  proxy = proxy_lib.Proxy.train(zoo, cfg, progress=not args.quiet)
+  path = proxy.save(out)
+  info = proxy.info
+  s = info["seconds"]
+  result = {"path": str(path), "fingerprint": proxy.fingerprint, "preset": args.preset,
+            "overrides": list(args.set), "embed_dim": proxy.embed_dim,
+            "max_classes": proxy.max_classes} | info
+  text = (f"proxy {proxy.fingerprint} written to {path}\n"
+          f"{info['num_models']} models, {info['num_tasks']} tasks, probe pool "
+          f"{info['pool_size']} images, vectors of size {proxy.embed_dim}\n"
+          f"backbone held-out accuracy {info['backbone']['heldout_accuracy']:.3f}; aligner final "
+          f"loss {info['align_final'].get('loss', float('nan')):.3f}\n"
+          f"{s['total']:.0f} s (knowledge {s['knowledge']:.0f} s, backbone {s['backbone']:.0f} s, "
+          f"grids {s['grids']:.0f} s, aligner {s['align']:.0f} s)")
+  _print(result, args.json, text)
+  return 0
+
+
+# ---- index ---------------------------------------------------------------------------------------
+
+def _zoo_groups(zoo, zoo_path: str, model_ids):
+  """The zoo's black-box groups (optionally only some models), unknown ids named."""
+  from know2vec_jax.blackbox import groups_from_zoo
+  from know2vec_jax.zoo import ZooError
+  if model_ids is not None:
+    unknown = [m for m in model_ids if m not in zoo.records]
+    if unknown:
+      raise ZooError(f"unknown model id {unknown[0]!r} in {zoo_path}"
+                     + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                     + "; `know2vec zoo list --zoo ...` shows the ids")
+    if not model_ids:
+      raise ZooError("--models names no model")
+  return groups_from_zoo(zoo, model_ids=model_ids)
+
+
+def _index_summary(index, path) -> dict:
+  from collections import Counter
+  metas = [index.metadata(m) for m in index.ids]
+  root = pathlib.Path(path).expanduser().absolute()
+  return {"path": str(root), "models": len(index), "dim": index.dim,
+          "bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
+          "archs": dict(Counter(m.get("arch", "?") for m in metas)),
+          "tasks": len({m["task"] for m in metas if "task" in m}),
+          "proxies": sorted({m["proxy"] for m in metas if "proxy" in m})}
+
+
+def _cmd_index(args) -> int:
+  from know2vec_jax.index import IndexStoreError, ModelIndex
+  from know2vec_jax.proxy import Proxy, zoo_metadata
+  from know2vec_jax.zoo import load_zoo
+  if args.action in ("remove", "info"):
+    index = ModelIndex.load(args.index)
+    if args.action == "remove":
+      missing = [m for m in args.ids if m not in index]
+      if missing:
+        raise IndexStoreError(f"unknown model id {missing[0]!r}: not in the index {args.index} "
+                              f"({len(index)} models; `know2vec index info` summarises it)")
+      index.remove(args.ids)
+      index.save(args.index)
+      info = _index_summary(index, args.index) | {"removed": list(args.ids)}
+      _print(info, args.json, f"removed {len(args.ids)} model(s); {args.index} now holds "
+                              f"{len(index)}")
+      return 0
+    info = _index_summary(index, args.index)
+    if args.ids_only:
+      info["ids"] = index.ids
+    text = "\n".join(f"{k}: {v}" for k, v in info.items() if k != "ids")
+    if args.ids_only:
+      text += "\n" + "\n".join(index.ids)
+    _print(info, args.json, text)
+    return 0
+  if args.action == "build":
+    out = _check_new_artifact(args.out, args.force, "index.json", "index")
+  proxy = Proxy.load(args.proxy)
+  index = None if args.action == "build" else proxy.load_index(args.index)
+  zoo = load_zoo(args.zoo)
+  ids = _split_list(args.models)
+  if args.action == "add" and args.skip_existing:
+    ids = [m for m in (ids if ids is not None else zoo.records) if m not in index]
+    if not ids:
+      _print(_index_summary(index, args.index) | {"added": []}, args.json,
+             f"nothing to add: every model is already in {args.index}")
+      return 0
+  groups = _zoo_groups(zoo, args.zoo, ids)
+  index = proxy.build_index(groups, zoo_metadata(zoo, [m for g in groups for m in g.model_ids]),
+                            index=index, progress=not args.quiet)
+  path = index.save(out if args.action == "build" else args.index)
+  added = [m for g in groups for m in g.model_ids]
+  info = _index_summary(index, path) | {"added": added}
+  _print({k: v for k, v in info.items()}, args.json,
+         f"{'built' if args.action == 'build' else 'updated'} {path}: added {len(added)} "
+         f"model(s), {len(index)} in all")
+  return 0
+
+
+# ---- query ---------------------------------------------------------------------------------------
+
+def _query_images(args, proxy):
+  """(images, labels, description dict) of the query given by --images or --task."""
+  import numpy as np
+
+  from know2vec_jax import data
+  h, _, c = proxy.image_shape
+  if args.images is not None:
+    src = data.load_source(f"folder:{args.images}", image_size=h, channels=c)
+    # Every image of the folder is the query (the source's fixed split is irrelevant here).
+    images = np.concatenate([src.train_images, src.test_images])
+    labels = np.concatenate([src.train_labels, src.test_labels])
+    return images, labels, {"images": str(args.images), "classes": list(src.class_names),
+                            "num_images": int(len(labels))}
+  spec = args.task
+  if ":" not in spec:
+    raise data.DataError(f"--task must be SOURCE:class,class,... (e.g. digits:0,1,2,3), got "
+                         f"{spec!r}")
+  name, classes = spec.rsplit(":", 1)
+  src = data.load_source(name, image_size=h, channels=c, data_dir=args.data_dir)
+  task = data.make_task(src, _split_list(classes))
+  images, labels = data.few_shot(src, task, args.shots, seed=args.seed, split=args.split)
+  return images, labels, {"task": task.task_id, "classes": [src.class_names[i]
+                                                           for i in task.classes],
+                          "shots": args.shots, "split": args.split, "seed": args.seed,
+                          "num_images": int(len(labels))}
+
+
+def query_table(rows: list[dict], extra_columns=()) -> str:
+  """The query result as a text table: rank, id, architecture, task, score, then extra columns
+  read from each model's index metadata (``-`` where a model has none)."""
+  cols = [("rank", ""), ("model_id", ""), ("arch", ""), ("task", ""), ("score", ".3f")]
+  cols += [(k, ".3f" if any(isinstance(r.get(k), float) for r in rows) else "")
+           for k in extra_columns if k not in dict(cols)]
+  return _fmt_table(rows, cols)
+
+
+def _cmd_query(args) -> int:
+  from know2vec_jax.proxy import Proxy, query
+  if args.k < 1:
+    from know2vec_jax.index import IndexStoreError
+    raise IndexStoreError(f"-k must be >= 1, got {args.k}")
+  proxy = Proxy.load(args.proxy)
+  index = proxy.load_index(args.index)
+  images, labels, desc = _query_images(args, proxy)
+  rows = query(proxy, index, images, labels, k=args.k)
+  extra = list(DEFAULT_QUERY_COLUMNS) + (_split_list(args.columns) or [])
+  head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
+          f"{desc['num_images']} images; top {len(rows)} of {len(index)} models")
+  _print({"query": desc, "results": rows}, args.json, head + "\n" + query_table(rows, extra))
+  return 0
+
+
+# ---- eval / bench --------------------------------------------------------------------------------
+
+def _import_from_checkout(module: str):
+  """Imports ``experiments.*`` / ``benchmarks.*``, which live in the source checkout beside the
+  package (not in the installed wheel)."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  for where in (root, pathlib.Path.cwd()):
+    if (where / module.split(".")[0] / "__init__.py").is_file() and str(where) not in sys.path:
+      sys.path.insert(0, str(where))
+  try:
+    return importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and module.startswith(e.name):
+      return None
+    raise
+
+
+def _forward(module: str, argv: list[str]) -> int:
+  """Runs ``module.main(argv)``; its exit status (argparse's SystemExit included) is returned."""
+  mod = _import_from_checkout(module)
+  if mod is None:
+    name = module.split(".")[0]
+    hint = (" (the SF-MTE experiment is not part of this checkout yet)"
+            if module == "experiments.sfmte" else "")
+    command = "eval" if name == "experiments" else "bench"
+    raise CommandError(f"{module} is not available{hint}: `know2vec {command}` runs the {name}/ "
+                       "folder of the know2vec-jax source checkout; run it from the repository")
+  try:
+    code = mod.main(argv)
+  except SystemExit as e:
+    code = e.code
+  return int(code or 0) if not isinstance(code, str) else 2
+
+
+def _cmd_eval(args) -> int:
+  return _forward(f"experiments.{args.experiment}", list(args.args))
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="know2vec", description=(
+      "Know2Vec model retrieval in JAX: vectorize a model zoo from black-box calls and retrieve "
+      "the models that fit a few-shot task."), epilog=(
+      "Typical use: know2vec zoo build; know2vec train --zoo Z --out P; know2vec index build "
+      "--proxy P --zoo Z --out I; know2vec query --proxy P --index I --task digits:0,1,2,3"))
+  sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  d = sub.add_parser("data", help="image sources: list them, describe one, draw a grid")
+  dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
   dsub.add_parser("list", help="the source names and transforms")
   ds = dsub.add_parser("show", help="sizes and classes of one source")
-  ds.add_argument("source", help="e.g. fashion_mnist, mnist5k+invert, folder:/path, tfds:name")
-  ds.add_argument("--data-dir", default=None, help="where the source's files are")
-  ds.add_argument("--json", action="store_true", help="JSON output")
+  dg = dsub.add_parser("grid", help="a PNG grid of a task's images (one row per class)",
+                       description="Writes a PNG: one row per class, its name then images of it.")
+  for sp in (ds, dg):
+    sp.add_argument("source", help="e.g. fashion_mnist, mnist5k+invert, folder:/path, tfds:name")
+    sp.add_argument("--data-dir", default=None, help="where the source's files are")
+    sp.add_argument("--json", action="store_true", help="JSON output")
+  dg.add_argument("--classes", default=None,
+                  help="comma-separated class names or ids (default: every class)")
+  dg.add_argument("--out", required=True, help="the PNG file to write")
+  dg.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
+  dg.add_argument("--split", default="train", choices=["train", "test"], help="which split")
+  dg.add_argument("--seed", type=int, default=0, help="which images (default 0)")
+  dg.add_argument("--scale", type=int, default=3, help="pixel magnification (default 3)")
 
   z = sub.add_parser("zoo", help="build and inspect model zoos")
-  zsub = z.add_subparsers(dest="action", required=True)
+  zsub = z.add_subparsers(dest="action", required=True, metavar="ACTION")
   zb = zsub.add_parser("build", help="train a zoo preset and store it")
   zb.add_argument("--preset", default="demo", choices=["tiny", "demo"], help="which zoo")
   zb.add_argument("--seed", type=int, default=0, help="seed of the preset's tasks and models")
@@ -153,18 +484,125 @@ def build_parser() -> argparse.ArgumentParser:
     if hlp == "list":
       sp.add_argument("--arch", default=None, help="only this architecture")
       sp.add_argument("--source", default=None, help="only this source (with transforms)")
+
+  t = sub.add_parser(
+      "train", help="train a Know2Vec proxy on a zoo",
+      description="Trains a proxy (backbone phi, aligned vectorizers, probe pool) on a stored "
+      "zoo, seen through black-box calls only, and saves it atomically. Presets: tiny (tests), "
+      "demo (experiments/nnr.py's settings), full (larger probe pool and episodes).",
+      epilog="Override any config field with --set, e.g. --set align.steps=500 --set "
+      "knowledge.search_steps=4 --set vectorizer.variant=lstm --set pool_per_source=400; an "
+      "unknown key lists the valid ones.")
+  t.add_argument("--zoo", default=DEFAULT_ZOO, help=f"zoo directory (default {DEFAULT_ZOO})")
+  t.add_argument("--out", required=True, help="the proxy directory to write")
+  t.add_argument("--preset", default="demo", choices=["tiny", "demo", "full"],
+                 help="config preset (default demo)")
+  t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field (repeatable)")
+  t.add_argument("--force", action="store_true", help="replace an existing proxy")
+  t.add_argument("--quiet", action="store_true", help="no progress bars")
+  t.add_argument("--json", action="store_true", help="JSON output (the training facts)")
+
+  i = sub.add_parser("index", help="build and edit the retrieval index of a zoo")
+  isub = i.add_subparsers(dest="action", required=True, metavar="ACTION")
+  ib = isub.add_parser("build", help="vectorize a zoo's models into a new index",
+                       description="Vectorizes every (or the listed) model of a zoo with a "
+                       "trained proxy, through black-box calls, and writes a new index.")
+  ia = isub.add_parser("add", help="add models to an index (no retraining)",
+                       description="Vectorizes new black boxes with the proxy's trained model "
+                       "vectorizer and adds them to an existing index; no retraining.")
+  for sp in (ib, ia):
+    sp.add_argument("--proxy", required=True, help="the trained proxy directory")
+    sp.add_argument("--zoo", required=True, help="the zoo whose models to vectorize")
+    sp.add_argument("--models", default=None, help="comma-separated model ids (default: all)")
+  ib.add_argument("--out", required=True, help="the index directory to write")
+  ib.add_argument("--force", action="store_true", help="replace an existing index")
+  ia.add_argument("--index", required=True, help="the index to update (rewritten atomically)")
+  ia.add_argument("--skip-existing", action="store_true",
+                  help="skip models already in the index instead of failing")
+  ir = isub.add_parser("remove", help="remove models from an index")
+  ir.add_argument("--index", required=True, help="the index to update (rewritten atomically)")
+  ir.add_argument("ids", nargs="+", metavar="ID", help="model ids to remove")
+  ii = isub.add_parser("info", help="summary of an index")
+  ii.add_argument("--index", required=True, help="the index directory")
+  ii.add_argument("--ids", dest="ids_only", action="store_true", help="also list the model ids")
+  for sp in (ib, ia, ir, ii):
+    sp.add_argument("--json", action="store_true", help="JSON output")
+    if sp in (ib, ia):
+      sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+  q = sub.add_parser(
+      "query", help="rank the index's models for a few-shot task",
+      description="Embeds a few-shot labelled image set with the proxy's query vectorizer and "
+      "prints the top-k models of the index: rank, id, architecture, task, score (cosine), and "
+      "any --columns from the models' index metadata.")
+  q.add_argument("--proxy", required=True, help="the trained proxy directory")
+  q.add_argument("--index", required=True, help="an index built with that proxy")
+  src = q.add_mutually_exclusive_group(required=True)
+  src.add_argument("--images", default=None,
+                   help="a folder with one sub-folder of images per class (every image is used)")
+  src.add_argument("--task", default=None, metavar="SOURCE:C1,C2,...",
+                   help="a task of a source: SHOTS images per class drawn from its SPLIT split "
+                   "(e.g. digits+invert:0,1,2,3 or fashion_mnist:trouser,bag)")
+  q.add_argument("--shots", type=int, default=5, help="images per class for --task (default 5)")
+  q.add_argument("--seed", type=int, default=0, help="which images for --task (default 0)")
+  q.add_argument("--split", default="test", choices=["train", "test"],
+                 help="split for --task (default test: images no zoo model trained on)")
+  q.add_argument("--data-dir", default=None, help="where --task's source files are")
+  q.add_argument("-k", type=int, default=10, help="how many models (default 10)")
+  q.add_argument("--columns", default=None,
+                 help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
+  q.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
+
+  e = sub.add_parser("eval", help="run an experiment: nnr or sfmte (arguments passed on)",
+                     description="Runs experiments.<EXPERIMENT>.main with the remaining "
+                     "arguments, e.g. `know2vec eval nnr --quick` (`know2vec eval nnr --help` "
+                     "lists its options). Needs the source checkout.")
+  e.add_argument("experiment", choices=EXPERIMENTS, help="nnr or sfmte")
+  e.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the experiment")
+  sub.add_parser("bench", help="run the benchmarks (arguments passed on)", add_help=False,
+                 description="Runs benchmarks.__main__.main with every following argument, e.g. "
+                 "`know2vec bench --quick --only zoo_train`; `know2vec bench --help` shows its "
+                 "options. Needs the source checkout.")
+  _describe(p)
   return p
 
 
+def _describe(parser: argparse.ArgumentParser) -> None:
+  """Gives every sub-command without a description its one-line help as the description, so
+  ``know2vec X --help`` says what X does."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      helps = {a.dest: a.help for a in action._choices_actions}
+      for name, sub in action.choices.items():
+        if not sub.description and helps.get(name):
+          sub.description = helps[name][0].upper() + helps[name][1:] + "."
+        _describe(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-  """Entry point of the ``know2vec`` console script."""
-  args = build_parser().parse_args(argv)
+  """Entry point of the ``know2vec`` console script; returns the exit status."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  from know2vec_jax.blackbox import BlackBoxError, InputError
   from know2vec_jax.data import DataError
+  from know2vec_jax.index import IndexStoreError
+  from know2vec_jax.proxy import ProxyError
   from know2vec_jax.zoo import ZooError
   try:
-    return {"data": _cmd_data, "zoo": _cmd_zoo}[args.command](args)
-  except (DataError, ZooError) as e:
-    print(f"know2vec: error: {e}", file=sys.stderr)
+    if argv[:1] == ["bench"]:
+      # Everything after `bench` belongs to the benchmark runner (argparse would claim options).
+      return _forward("benchmarks.__main__", argv[1:])
+    try:
+      args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage mistake (2, its one line already printed)
+      return int(e.code or 0)
+    return {"data": _cmd_data, "zoo": _cmd_zoo, "train": _cmd_train, "index": _cmd_index,
+            "query": _cmd_query, "eval": _cmd_eval}[args.command](args)
+  except (CommandError, DataError, ZooError, ProxyError, IndexStoreError, InputError, BlackBoxError,
+          OSError) as e:
+    # One line: orbax and OS messages can span several.
+    msg = " ".join(str(e).split())
+    print(f"know2vec: error: {msg[:600]}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("know2vec: interrupted; nothing half-written was left as complete", file=sys.stderr)
