@@ -423,10 +423,16 @@ def _forward(module: str, argv: list[str]) -> int:
     command = "eval" if name == "experiments" else "bench"
     raise CommandError(f"{module} is not available{hint}: `know2vec {command}` runs the {name}/ "
                        "folder of the know2vec-jax source checkout; run it from the repository")
+  # The forwarded parser names itself after argv[0]: make its usage read `know2vec eval nnr`.
+  prog = sys.argv[0]
+  if module.startswith("experiments."):
+    sys.argv[0] = f"know2vec eval {module.split('.', 1)[1]}"
   try:
     code = mod.main(argv)
   except SystemExit as e:
     code = e.code
+  finally:
+    sys.argv[0] = prog
   return int(code or 0) if not isinstance(code, str) else 2
 
 

@@ -42,7 +42,7 @@ from know2vec_jax.align import AlignConfig, AlignData, Trainer
 from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
 from know2vec_jax.blackbox import BlackBoxGroup, groups_from_zoo
 from know2vec_jax.data import load_source
-from know2vec_jax.index import ModelIndex
+from know2vec_jax.index import IndexStoreError, ModelIndex
 from know2vec_jax.knowledge import KnowledgeConfig, extract_knowledge
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
@@ -262,7 +262,8 @@ def apply_overrides(cfg: ProxyConfig, overrides: Iterable[str]) -> ProxyConfig:
 # ---- the proxy ---------------------------------------------------------------------------------
 
 def _pure(tree) -> dict:
-  """A pytree of arrays as a pure dict of host numpy arrays."""
+  """A pytree of arrays (or an NNX state) as a pure dict of host numpy arrays: the form orbax
+  writes and the checksums are computed on."""
   if isinstance(tree, nnx.State):
     tree = nnx.to_pure_dict(tree)
   return jax.tree.map(np.asarray, tree)
@@ -600,7 +601,6 @@ class Proxy:
     if index is None:
       index = ModelIndex(self.embed_dim)
     self.check_index(index)
-    from know2vec_jax.index import IndexStoreError
     present = [m for g in groups for m in g.model_ids if m in index]
     if present:
       raise IndexStoreError(f"{len(present)} model id(s) already in the index, e.g. "
@@ -639,6 +639,7 @@ class Proxy:
       The absolute path written.
     """
     trees = self._pure_trees()
+    has_accuracy_head = getattr(self.vectorizer, "accuracy_head", None) is not None
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
         "config": config_to_dict(self.config),
@@ -646,7 +647,7 @@ class Proxy:
                      "num_labels": self.backbone.num_labels},
         "vectorizer": {"config": config_to_dict(self.vectorizer_config),
                        "num_tasks": int(self.vectorizer.task_head.out_features),
-                       "accuracy_head": getattr(self.vectorizer, "accuracy_head", None) is not None},
+                       "accuracy_head": has_accuracy_head},
         "pool_shape": list(self.pool.shape), "tasks": self.tasks,
         "checksums": {t: _checksum(trees[t]) for t in TREES},
         "info": json.loads(json.dumps(self.info, default=float)),
