@@ -104,8 +104,8 @@ def _print(obj, as_json: bool, text: str) -> None:
 def _cmd_data(args) -> int:
   from know2vec_jax import data
   if args.action == "list":
-    for name in data.list_sources():
-      print(name)
+    names = data.list_sources()
+    _print(names, args.json, "\n".join(names))
     return 0
   src = data.load_source(args.source, data_dir=args.data_dir)
   if args.action == "grid":
@@ -336,7 +336,7 @@ def _cmd_index(args) -> int:
   path = index.save(out if args.action == "build" else args.index)
   added = [m for g in groups for m in g.model_ids]
   info = _index_summary(index, path) | {"added": added}
-  _print({k: v for k, v in info.items()}, args.json,
+  _print(info, args.json,
          f"{'built' if args.action == 'build' else 'updated'} {path}: added {len(added)} "
          f"model(s), {len(index)} in all")
   return 0
@@ -383,8 +383,7 @@ def query_table(rows: list[dict], extra_columns=()) -> str:
 def _cmd_query(args) -> int:
   from know2vec_jax.proxy import Proxy, query
   if args.k < 1:
-    from know2vec_jax.index import IndexStoreError
-    raise IndexStoreError(f"-k must be >= 1, got {args.k}")
+    raise CommandError(f"-k must be >= 1, got {args.k}")
   proxy = Proxy.load(args.proxy)
   index = proxy.load_index(args.index)
   images, labels, desc = _query_images(args, proxy)
@@ -452,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("data", help="image sources: list them, describe one, draw a grid")
   dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
-  dsub.add_parser("list", help="the source names and transforms")
+  dl = dsub.add_parser("list", help="the source names and transforms")
+  dl.add_argument("--json", action="store_true", help="JSON output")
   ds = dsub.add_parser("show", help="sizes and classes of one source")
   dg = dsub.add_parser("grid", help="a PNG grid of a task's images (one row per class)",
                        description="Writes a PNG: one row per class, its name then images of it.")

@@ -9,6 +9,8 @@ def test_data_list(capsys):
   assert main(["data", "list"]) == 0
   out = capsys.readouterr().out
   assert "fashion_mnist" in out and "folder:<path>" in out and "<source>+invert" in out
+  assert main(["data", "list", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out) == out.split()
 
 
 def test_data_show(capsys):
