@@ -13,8 +13,8 @@ from sklearn.mixture import GaussianMixture
 
 from know2vec_jax.baselines import (BASELINES, BaselineInputError, forward_passes, hscore_scores,
                                     hscore_shrinkage_scores, leep_scores, logme_scores,
-                                    nce_scores, nleep_scores, prior_scores, random_scores,
-                                    run_baseline)
+                                    measure_costs, nce_scores, nleep_scores, prior_scores,
+                                    random_scores, run_baseline)
 from know2vec_jax.baselines.logme import log_evidence
 from know2vec_jax.baselines.nleep import pca_reduce
 
@@ -269,12 +269,22 @@ _X_METHODS = [m for m, b in BASELINES.items() if b.input == "logits"]
 
 @pytest.mark.parametrize("method", _X_METHODS)
 def test_batched_equals_per_model(method):
+  # Models must not see each other: permuting the stack permutes the scores, and replacing one
+  # model changes its score only (same shapes, so one compilation serves all three calls).
+  # (24 images: with 6, N-LEEP's 10 components would give every image its own.)
   fn = BASELINES[method].fn
-  x = np.concatenate([LOGITS6, FEATS6[:, :, :3]])
-  together = np.asarray(fn(x, Y6, 2))
-  alone = np.concatenate([np.asarray(fn(x[m:m + 1], Y6, 2)) for m in range(len(x))])
+  y = np.arange(24) % 2
+  x = np.random.default_rng(10).normal(size=(4, 24, 3)).astype(np.float32)
+  together = np.asarray(fn(x, y, 2))
   assert together.shape == (4,) and np.all(np.isfinite(together))
-  np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-6)
+  perm = np.asarray([2, 0, 3, 1])
+  np.testing.assert_allclose(np.asarray(fn(x[perm], y, 2)), together[perm], rtol=1e-4,
+                             atol=1e-6)
+  other = x.copy()
+  other[0, :, :2] += 3 * np.eye(2, dtype=np.float32)[y]
+  changed = np.asarray(fn(other, y, 2))
+  np.testing.assert_allclose(changed[1:], together[1:], rtol=1e-4, atol=1e-6)
+  assert changed[0] != pytest.approx(together[0], rel=1e-3)
 
 
 def test_dead_models_get_finite_uninformative_scores():
@@ -322,6 +332,16 @@ def test_registry():
     run_baseline("logme-features (white-box)", logits=LOGITS6, labels=Y6, num_target_classes=2)
   with pytest.raises(BaselineInputError, match="unknown baseline 'logme'"):
     forward_passes("logme", 1, 1)
+
+
+def test_measure_costs():
+  rows = measure_costs(3, 12, 2, num_logits=3, num_features=5, repeats=1,
+                       methods=["nce", "hscore-features (white-box)", "prior"])
+  assert [r["method"] for r in rows] == ["nce", "hscore-features (white-box)", "prior"]
+  assert [r["forward_passes"] for r in rows] == [36, 36, 0]
+  assert all(r["first_s"] > 0 and r["steady_s"] > 0 for r in rows)
+  with pytest.raises(ValueError, match="unknown baseline"):
+    measure_costs(3, 12, 2, methods=["leep", "logme"])
 
 
 def _with_nan(x):
