@@ -51,9 +51,10 @@ def test_leep_formula():
 
 
 def test_nce_hand_counts():
-  # Model 0 predicts z = [0, 0, 1, 1, 2, 1]: with y = [0, 0, 0, 1, 1, 1] the joint counts are
-  # z=0: (2, 0), z=1: (1, 2), z=2: (0, 1), so -H(Y|Z) = 2/6 log 1 + 1/6 log 1/3 + 2/6 log 2/3 + 1/6
-  # log 1. Model 1 predicts [1, 0, 2, 0, 1, 2]: counts z=0 (1, 1), z=1 (1, 1), z=2 (1, 1) -> log 1/2.
+  # Model 0 predicts z = [0, 0, 1, 1, 2, 1]: with y = [0, 0, 0, 1, 1, 1] the (y=0, y=1) counts
+  # are z=0: (2, 0), z=1: (1, 2), z=2: (0, 1), so
+  # -H(Y|Z) = 2/6 log 1 + 1/6 log 1/3 + 2/6 log 2/3 + 1/6 log 1.
+  # Model 1 predicts [1, 0, 2, 0, 1, 2]: counts z=0 (1, 1), z=1 (1, 1), z=2 (1, 1) -> log 1/2.
   want0 = (1 / 6) * np.log(1 / 3) + (2 / 6) * np.log(2 / 3)
   s = np.asarray(nce_scores(LOGITS6, Y6, 2))
   np.testing.assert_allclose(s, [want0, np.log(0.5)], atol=1e-6)

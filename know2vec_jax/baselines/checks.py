@@ -76,5 +76,5 @@ def check_scores_inputs(x, labels, num_target_classes, *, what: str = "x"):
       raise BaselineInputError(f"the target task has a single class ({int(y[0])}): every "
                                f"baseline needs at least 2 distinct labels")
   if not _is_traced(x) and not all_finite(x):
-    raise BaselineInputError(f"{what} contain NaN/inf values")
+    raise BaselineInputError(f"{what} has NaN/inf values")
   return jnp.asarray(x, jnp.float32), jnp.asarray(labels, jnp.int32), k

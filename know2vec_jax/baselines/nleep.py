@@ -50,13 +50,17 @@ def _m_step(z, mask, resp, reg, covariance):
   weights = nk / n
   means = resp.T @ z / nk[:, None]  # [C, d]
   if covariance == "diag":
+    # E[z^2] - mean^2 as scikit-learn's diagonal M-step (the clamp covers float32 cancellation).
     var = resp.T @ (z * z) / nk[:, None] - means * means
     # Masked columns are 0 in z and means; giving them variance 1 makes their density a constant
     # shared by every component, so they drop out of the posteriors.
     var = jnp.maximum(var, 0.0) + reg
     return weights, means, jnp.where(mask > 0, var, 1.0)
-  cov = jnp.einsum("nc,nd,ne->cde", resp, z, z) / nk[:, None, None]
-  cov = cov - means[:, :, None] * means[:, None, :] + reg * jnp.eye(d, dtype=z.dtype)
+  # Centred products, as scikit-learn's full M-step: E[z z^T] - mean mean^T can lose positive
+  # definiteness in float32 and break the Cholesky factorisation.
+  diff = z[None, :, :] - means[:, None, :]  # [C, N, d]
+  cov = jnp.einsum("nc,cnd,cne->cde", resp, diff, diff) / nk[:, None, None]
+  cov = cov + reg * jnp.eye(d, dtype=z.dtype)
   keep = mask[:, None] * mask[None, :]
   return weights, means, jnp.where(keep > 0, cov, jnp.eye(d, dtype=z.dtype))
 
