@@ -72,8 +72,9 @@ def _hscore(x, labels, num_target_classes, shrinkage):
 def hscore_scores(x, labels, num_target_classes: int):
   """H-score of every model: tr(cov(f)^+ cov(E[f | y])).
 
-  Each term is the between-class share of the variance along one principal direction of f, so the
-  score lies in [0, rank cov(f)]. Both covariances use ddof 1 (the reference implementation).
+  It sums the between-class share of the variance over the whitened directions of f, so it lies
+  in [0, K - 1] (K - 1 when f is a function of the label). Both covariances use ddof 1 (the
+  reference implementation).
 
   Args:
     x: float [M, N, D]: logits (black-box) or penultimate features (white-box) of M models on the
