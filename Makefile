@@ -40,6 +40,7 @@ reproduce: setup
 	$(BIN)/python -m experiments.nnr --zoo $(ZOO)
 
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks
 
 test: setup

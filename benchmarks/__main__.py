@@ -1,7 +1,13 @@
-"""``python -m benchmarks [--quick] [--only NAME]``: run the suite, write results and a table.
+"""``python -m benchmarks [--quick] [--only NAME] [--devices N] [--out DIR]``: run the suite.
 
-Results go to ``benchmarks/results/<backend>-<device-kind>.json`` (merged with earlier results of
-other benchmarks on the same machine kind) and a markdown table beside it.
+Results go to ``<out>/<backend>-<device-kind>.json`` (``-quick`` added for ``--quick``; merged with
+earlier results of other benchmarks on the same machine kind) and a markdown table beside it, the
+headline table first. The machine's peaks (``peak``) are measured in every run, first, because every
+other benchmark reports its throughput as a fraction of them; each benchmark stores the peak figures
+it was compared with, so merged results never mix runs.
+
+Headline figures (``headline`` in the JSON): ratios are ours / theirs in throughput terms (> 1 means
+we are faster); ``headline_detail`` names the configuration, the baseline and the target of each.
 """
 
 from __future__ import annotations
@@ -9,59 +15,155 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pathlib
 import re
+import sys
+import time
 
-from benchmarks.common import machine
-
-BENCHMARKS = ("zoo_train",)
+BENCHMARKS = ("peak", "probe", "boundary", "retrieval", "query", "align_train", "zoo_train")
+HEADLINE_KEYS = ("probe_vs_torch_loop", "probe_fraction_of_peak", "retrieval_1e6_vs_faiss",
+                 "retrieval_1e6_fraction_of_bandwidth", "query_p50_ms_1e4")
 RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if v is None:
+    return "-"
+  return str(v)
+
+
+def _table(rows: list[dict], skip=("min_s", "max_s", "repeats")) -> list[str]:
+  keys = []
+  for r in rows:  # union of keys, first-seen order (rows of one table may differ slightly)
+    keys += [k for k in r if k not in keys and k not in skip]
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+  return lines + [""]
+
+
+def _met(value, target: str | None):
+  """Whether ``value`` meets a target written as ``">= 3"`` or ``"<= 20"``; None if unknown."""
+  if value is None or not target:
+    return None
+  m = re.fullmatch(r"\s*(>=|<=)\s*([0-9.eE+-]+)\s*", target)
+  if not m:
+    return None
+  bound = float(m.group(2))
+  return bool(value >= bound) if m.group(1) == ">=" else bool(value <= bound)
+
+
+def headline(results: dict) -> tuple[dict, dict]:
+  """The headline figures and their details, gathered from the benchmarks' own entries."""
+  values = {k: None for k in HEADLINE_KEYS}
+  detail = {}
+  for name, res in results.get("benchmarks", {}).items():
+    for key, d in res.get("headline", {}).items():
+      values[key] = d.get("value")
+      detail[key] = dict(d, benchmark=name, quick=res.get("quick", False),
+                         met=_met(d.get("value"), d.get("target")))
+  return values, detail
 
 
 def _markdown(results: dict) -> str:
   m = results["machine"]
   lines = [f"# Benchmarks on {m['device_kind']} ({m['backend']}, {m['num_devices']} device(s))",
            "", f"{m.get('cpu_model', m['processor'])}, {m.get('cpu_count', '?')} cores; "
-           f"{m['platform']}; jax {m['jax']}, flax {m['flax']}; {m['date']}", ""]
+           f"{m['platform']}; jax {m['jax']}, flax {m['flax']}, torch {m.get('torch')}, "
+           f"faiss {m.get('faiss')}; {m['date']}", "",
+           "Ratios are ours / baseline in throughput terms (> 1: ours is faster), both measured "
+           "in the same process.", "", "## Headline", "",
+           "| figure | value | target | met | configuration | baseline |", "|---|---|---|---|---|---|"]
+  for key, value in results.get("headline", {}).items():
+    d = results.get("headline_detail", {}).get(key, {})
+    met = {True: "yes", False: "no", None: "-"}[d.get("met")]
+    lines.append(f"| {key} | {_fmt(value)} | {d.get('target', '-')} | {met} | "
+                 f"{d.get('config', 'not measured')} | {d.get('baseline', '-')} |")
+  lines.append("")
   for name, res in results["benchmarks"].items():
-    lines += [f"## {name}", ""]
-    rows = res.get("rows", [])
-    if rows:
-      keys = [k for k in rows[0] if k not in ("min_s", "max_s", "repeats")]
-      lines.append("| " + " | ".join(keys) + " |")
-      lines.append("|" + "---|" * len(keys))
-      for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k])
-                                       for k in keys) + " |")
-      lines.append("")
+    lines += [f"## {name}" + (" (--quick)" if res.get("quick") else ""), ""]
+    if res.get("note"):
+      lines += [res["note"], ""]
+    for table in ("summary", "rows"):
+      if res.get(table):
+        if table == "summary":
+          lines += ["Summary:", ""]
+        lines += _table(res[table])
     for k, v in res.get("ratios", {}).items():
-      lines.append(f"- {k}: {v:.2f}")
-    lines.append("")
+      lines.append(f"- {k}: {_fmt(v)}")
+    for k in ("peaks", "checks"):
+      for kk, v in res.get(k, {}).items():
+        lines.append(f"- {kk}: {_fmt(v)}")
+    lines += [f"- seconds: {res.get('seconds', 0):.1f}", ""]
   return "\n".join(lines)
 
 
+def _set_devices(n: int | None) -> None:
+  """Forces ``n`` host (CPU) devices; only possible before JAX has created its backends."""
+  import jax
+  from jax._src import xla_bridge
+  if n is None:
+    return
+  if xla_bridge.backends_are_initialized():
+    if jax.device_count() != n:
+      raise SystemExit(f"--devices {n}: JAX is already initialised with {jax.device_count()} "
+                       "devices in this process; run the suite in a fresh process")
+    return
+  jax.config.update("jax_num_cpu_devices", n)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-  p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-  p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these")
+  p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, <= 3 minutes)")
+  p.add_argument("--only", action="append", choices=BENCHMARKS,
+                 help="run only these (repeatable); the peak benchmark always runs")
+  p.add_argument("--devices", type=int, default=None,
+                 help="force this many host (CPU) devices (default: the platform's own)")
   p.add_argument("--out", default=str(RESULTS), help="results directory")
   args = p.parse_args(argv)
+  if args.devices is not None and args.devices < 1:
+    p.error(f"--devices must be >= 1, got {args.devices}")
+  _set_devices(args.devices)
+  from benchmarks.common import machine
   info = machine()
   kind = re.sub(r"[^a-z0-9]+", "-", info["device_kind"].lower()).strip("-")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{info['backend']}-{kind}{'-quick' if args.quick else ''}.json"
-  results = json.loads(path.read_text()) if path.exists() else {"benchmarks": {}}
+  results = {"benchmarks": {}}
+  if path.exists():
+    try:
+      results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      print(f"warning: ignoring unreadable earlier results {path}: {e}", file=sys.stderr)
   results["machine"] = info
-  for name in args.only or BENCHMARKS:
+  names = ["peak"] + [n for n in (args.only or BENCHMARKS) if n != "peak"]
+  ctx: dict = {"devices_flag": args.devices}
+  t_all = time.perf_counter()
+  for name in names:
     print(f"[{name}]", flush=True)
+    t0 = time.perf_counter()
     mod = importlib.import_module(f"benchmarks.{name}")
-    results["benchmarks"][name] = mod.run(quick=args.quick) | {"quick": args.quick}
+    res = mod.run(quick=args.quick, ctx=ctx)
+    if name != "peak":
+      res["peak_used"] = ctx["peak"]
+    results["benchmarks"][name] = res | {"quick": args.quick,
+                                         "seconds": time.perf_counter() - t0}
+  # Keep the suite's order in the file whatever order earlier runs wrote it in.
+  results["benchmarks"] = {n: results["benchmarks"][n] for n in BENCHMARKS
+                           if n in results["benchmarks"]}
+  results["headline"], results["headline_detail"] = headline(results)
+  results["seconds_this_run"] = time.perf_counter() - t_all
   path.write_text(json.dumps(results, indent=1))
   path.with_suffix(".md").write_text(_markdown(results))
-  print(f"wrote {path} and {path.with_suffix('.md')}")
+  print("headline:", json.dumps(results["headline"]))
+  print(f"wrote {path} and {path.with_suffix('.md')} ({results['seconds_this_run']:.0f} s)")
   return 0
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   raise SystemExit(main())

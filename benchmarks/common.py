@@ -1,18 +1,37 @@
-"""Shared timing helpers and machine facts for the benchmark suite."""
+"""Shared timing helpers and machine facts for the benchmark suite.
+
+Timing rules used throughout:
+
+- Every timed call ends with ``block_until_ready`` on its outputs (JAX dispatch is asynchronous).
+- Warm-up calls (compilation, caches) are never timed; a *first call* is reported on its own
+  where it matters to a user (the end-to-end query).
+- The machine is shared and noisy, so a figure and its baseline are timed *interleaved*
+  (:func:`compare`: one call of each in turn, repeated) and summarised by their medians: a burst of
+  load from elsewhere slows both rather than only one.
+"""
 
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import platform
 import statistics
 import time
+from typing import Callable
 
 import jax
+import numpy as np
 
 
 def block(x):
   return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def _stats(times: list[float]) -> dict:
+  times = sorted(times)
+  return {"median_s": statistics.median(times), "p99_s": float(np.percentile(times, 99)),
+          "min_s": times[0], "max_s": times[-1], "repeats": len(times)}
 
 
 def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> dict:
@@ -24,9 +43,81 @@ def time_call(fn, *, repeats: int = 3, warmup: int = 1) -> dict:
     t = time.perf_counter()
     block(fn())
     times.append(time.perf_counter() - t)
-  times.sort()
-  return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1],
-          "repeats": repeats}
+  return _stats(times)
+
+
+def compare(fns: dict[str, Callable], *, repeats: int = 3, warmup: int = 1,
+            budget_s: float | None = None, min_repeats: int = 2) -> dict[str, dict]:
+  """Times several functions interleaved (round-robin), so machine noise hits all of them alike.
+
+  Args:
+    fns: name -> zero-argument callable.
+    repeats: timed rounds (each round calls every function once).
+    warmup: untimed rounds first.
+    budget_s: stop after the round in which the total timed seconds exceed this (but never before
+      ``min_repeats`` rounds), so slow configurations keep the suite short.
+    min_repeats: the least number of timed rounds.
+
+  Returns:
+    name -> {median_s, p99_s, min_s, max_s, repeats}.
+  """
+  for _ in range(warmup):
+    for fn in fns.values():
+      block(fn())
+  times = {name: [] for name in fns}
+  spent = 0.0
+  for r in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      block(fn())
+      dt = time.perf_counter() - t
+      times[name].append(dt)
+      spent += dt
+    if budget_s is not None and r + 1 >= min_repeats and spent > budget_s:
+      break
+  return {name: _stats(ts) for name, ts in times.items()}
+
+
+def latency(fn, *, samples: int, warmup: int = 2, budget_s: float = 5.0,
+            min_samples: int = 5) -> dict:
+  """Latency distribution of ``fn()`` in milliseconds (p50, p99, mean), after ``warmup`` calls.
+
+  Stops after ``samples`` calls or once ``budget_s`` seconds were spent (at least
+  ``min_samples``). A p99 from fewer than 100 samples is close to the maximum; ``samples`` says how
+  many there were.
+  """
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  start = time.perf_counter()
+  while len(times) < samples and (len(times) < min_samples
+                                  or time.perf_counter() - start < budget_s):
+    t = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - t)
+  ms = np.asarray(times) * 1e3
+  return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+          "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "samples": len(ms)}
+
+
+def optional(name: str):
+  """An optional benchmark dependency (torch, faiss), or None when it is not installed."""
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return None
+
+
+def accelerator() -> bool:
+  """True on GPU/TPU backends: the suite uses larger sizes there."""
+  return jax.default_backend() != "cpu"
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+  """ours / theirs (throughputs), or None when either is missing."""
+  if ours is None or theirs is None or theirs == 0:
+    return None
+  return float(ours) / float(theirs)
 
 
 def cpu_model() -> str:
@@ -41,19 +132,25 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def _version(name: str) -> str | None:
+  mod = optional(name)
+  return getattr(mod, "__version__", "?") if mod is not None else None
+
+
 def machine() -> dict:
   """The facts printed beside every result: device, backend, library versions, date."""
   import flax
   import jaxlib
-  import numpy
   import optax
   dev = jax.devices()[0]
   return {
       "backend": jax.default_backend(), "device_kind": dev.device_kind,
       "num_devices": jax.device_count(), "platform": platform.platform(),
       "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-      "cpu_count": os.cpu_count(),
+      "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "optax": optax.__version__, "numpy": numpy.__version__,
+      "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+      "torch": _version("torch"), "faiss": _version("faiss"),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }

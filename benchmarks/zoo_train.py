@@ -1,7 +1,9 @@
 """Zoo training throughput: model-steps/s of a stack, ``vmap`` vs ``lax.map`` over the model axis,
 and the two convolution lowerings (``im2col`` matmuls vs ``lax.conv``), per architecture family.
 
-This is the measurement behind ``resolve_strategy("auto")`` and the default ``conv_impl``.
+This is the measurement behind ``resolve_strategy("auto")`` and the default ``conv_impl``. Training
+FLOP/s (3x the forward FLOPs: forward plus two backward products) is also given as a fraction of the
+matmul peak measured in the same run (``benchmarks/peak.py``).
 """
 
 from __future__ import annotations
@@ -10,24 +12,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import time_call
+from benchmarks.common import ratio, time_call
 from know2vec_jax.data import load_source
 from know2vec_jax.zoo import architectures, train
 
 NAME = "zoo_train"
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, ctx: dict | None = None) -> dict:
+  matmul_peak = (ctx or {}).get("peak", {}).get("matmul_gflops_per_s")
   src = load_source("mnist5k")
   pool = jax.device_put(src.train_images)
   n = 3000
   batch = 64
   rows = []
-  for arch in architectures.ARCHITECTURES:
+  # --quick leaves out the big family: its compilations alone would take most of the budget.
+  archs = [a for a in architectures.ARCHITECTURES if not (quick and a == "cnn_l")]
+  for arch in archs:
     impls = ("im2col",) if arch == "mlp" else ("im2col", "xla")
     for impl in impls:
-      if quick and impl == "xla" and arch == "cnn_l":
-        continue  # the slow lowering of the big family alone would take most of --quick
       for strategy in ("vmap", "map"):
         # lax.conv's slow backward pass makes the xla lowering 10-15x slower: fewer model-steps
         # keep the suite short while the rate stays a per-model-step figure.
@@ -55,11 +58,12 @@ def run(quick: bool = False) -> dict:
         flops = 3 * architectures.flops_per_image(arch, 4) * batch * rate
         rows.append(dict(arch=arch, conv_impl=impl, strategy=strategy, models=models,
                          steps=steps, batch=batch, model_steps_per_s=rate,
-                         train_gflops_per_s=flops / 1e9, **t))
+                         train_gflops_per_s=flops / 1e9,
+                         frac_matmul_peak=ratio(flops / 1e9, matmul_peak), **t))
         print(f"  {arch:6s} {impl:7s} {strategy:5s} {rate:9.1f} model-steps/s "
               f"({flops / 1e9:6.1f} GFLOP/s)", flush=True)
   ratios = {}
-  for arch in architectures.ARCHITECTURES:
+  for arch in archs:
     get = {(r["conv_impl"], r["strategy"]): r["model_steps_per_s"] for r in rows
            if r["arch"] == arch}
     ratios[f"{arch}_map_vs_vmap"] = get[("im2col", "map")] / get[("im2col", "vmap")]

@@ -1,19 +1,139 @@
-"""The benchmark harness keeps working (tiny sizes; no timing assertions)."""
+"""The benchmark harness keeps working (``--quick`` sizes; no timing assertions).
+
+The suite runs once per session (about a minute on 2 CPU cores, here with the 8 forced devices of
+the test session, so the sharded probe, index and training paths are exercised too); the tests
+check its structure and the correctness checks it records.
+"""
 
 import json
 
-from benchmarks.__main__ import main
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import torch_models
+
+SECTIONS = ("peak", "probe", "boundary", "retrieval", "query", "align_train", "zoo_train")
 
 
-def test_quick_zoo_train_benchmark_writes_results(tmp_path):
-  assert main(["--quick", "--only", "zoo_train", "--out", str(tmp_path)]) == 0
-  (path,) = tmp_path.glob("*.json")
-  res = json.loads(path.read_text())
-  bench = res["benchmarks"]["zoo_train"]
-  assert res["machine"]["backend"] == "cpu" and bench["quick"]
-  assert {(r["arch"], r["strategy"]) for r in bench["rows"]} >= {("mlp", "vmap"), ("mlp", "map"),
-                                                                  ("cnn_s", "vmap"),
-                                                                  ("cnn_s", "map")}
-  assert all(r["model_steps_per_s"] > 0 for r in bench["rows"])
-  assert "cnn_s_im2col_vs_xla_conv_map" in bench["ratios"]
-  assert path.with_suffix(".md").read_text().startswith("# Benchmarks on")
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  assert bench.main(["--quick", "--out", str(out)]) == 0
+  (path,) = out.glob("*.json")
+  return json.loads(path.read_text()), path
+
+
+def test_results_files_and_headline(quick_run):
+  res, path = quick_run
+  assert path.name == f"{res['machine']['backend']}-cpu-quick.json"
+  assert list(res["benchmarks"]) == list(SECTIONS)
+  assert all(res["benchmarks"][s]["quick"] for s in SECTIONS)
+  m = res["machine"]
+  assert m["backend"] == "cpu" and m["num_devices"] == jax.device_count()
+  assert {"jax", "flax", "numpy", "date", "cpu_model"} <= set(m)
+  assert set(bench.HEADLINE_KEYS) <= set(res["headline"])
+  # --quick stops at 10^4 vectors: the 10^6 retrieval figures are absent, never made up.
+  assert res["headline"]["retrieval_1e6_vs_faiss"] is None
+  assert res["headline"]["retrieval_1e6_fraction_of_bandwidth"] is None
+  for key in ("probe_vs_torch_loop", "probe_fraction_of_peak", "query_p50_ms_1e4"):
+    if key == "probe_vs_torch_loop" and m["torch"] is None:
+      continue
+    assert res["headline"][key] > 0
+    detail = res["headline_detail"][key]
+    assert detail["target"] and detail["baseline"] and detail["met"] in (True, False)
+  md = path.with_suffix(".md").read_text()
+  assert md.startswith("# Benchmarks on")
+  assert md.index("## Headline") < md.index("## peak") < md.index("## zoo_train")
+
+
+def test_peaks_are_used_by_every_benchmark(quick_run):
+  res, _ = quick_run
+  peaks = res["benchmarks"]["peak"]["peaks"]
+  assert all(v > 0 for v in peaks.values())
+  for s in SECTIONS[1:]:
+    assert res["benchmarks"][s]["peak_used"] == peaks
+
+
+def test_probe_rows_and_torch_equivalence(quick_run):
+  res, _ = quick_run
+  probe = res["benchmarks"]["probe"]
+  methods = {r["method"] for r in probe["rows"]}
+  assert {"vmap", "map", "loop"} <= methods
+  assert {r["arch"] for r in probe["rows"]} == {"mlp", "cnn_s", "cnn_l"}
+  assert {r["inputs"] for r in probe["rows"]} == {"shared", "per-model"}
+  assert all(r["pairs_per_s"] > 0 and r["frac_conv_peak"] > 0 for r in probe["rows"])
+  if res["machine"]["torch"] is not None:
+    assert any(mt.startswith("torch") for mt in methods)
+    # The PyTorch baseline computes the same logits as the JAX stack.
+    assert max(probe["torch_max_abs_logit_diff"].values()) < 1e-4
+
+
+def test_boundary_checks(quick_run):
+  res, _ = quick_run
+  b = res["benchmarks"]["boundary"]
+  assert b["checks"]["queries_per_model_as_expected"]
+  # The loop strategy probes the same models: it finds the same boundaries (up to a float
+  # rounding that flips a near-tie midpoint, which would move one boundary by one step).
+  assert b["checks"]["stack-loop_same_boundaries_fraction"] >= 0.95
+  assert {r["method"] for r in b["rows"]} >= {"stack-auto", "stack-loop"}
+
+
+def test_retrieval_methods_agree(quick_run):
+  res, _ = quick_run
+  r = res["benchmarks"]["retrieval"]
+  assert {(row["models"], row["queries"]) for row in r["rows"]} == {
+      (m, q) for m in (10**3, 10**4) for q in (1, 16, 256)}
+  for key, diff in r["checks"].items():
+    assert diff < (2e-2 if "bf16" in key else 1e-4), key
+  assert all(row["p99_ms"] >= row["p50_ms"] > 0 for row in r["rows"])
+
+
+def test_query_and_training_sections(quick_run):
+  res, _ = quick_run
+  q = res["benchmarks"]["query"]
+  assert q["first_call_ms"] > 0 and q["rows"][0]["path"].startswith("end to end")
+  a = res["benchmarks"]["align_train"]
+  assert [row["devices"] for row in a["rows"]] == [1, 8]
+  # 1 and 8 devices train the same model (correctness; speed is not compared here).
+  assert a["checks"]["max_loss_diff"] < 1e-3 and a["checks"]["max_param_diff"] < 1e-3
+  z = res["benchmarks"]["zoo_train"]
+  assert {(row["arch"], row["strategy"]) for row in z["rows"]} >= {
+      ("mlp", "vmap"), ("mlp", "map"), ("cnn_s", "vmap"), ("cnn_s", "map")}
+  assert "cnn_s_im2col_vs_xla_conv_map" in z["ratios"]
+
+
+def test_headline_targets_and_merge():
+  results = {"benchmarks": {"probe": {"quick": False, "headline": {
+      "probe_vs_torch_loop": {"value": 2.5, "target": ">= 3"},
+      "probe_fraction_of_peak": {"value": 0.6, "target": ">= 0.5"}}},
+      "query": {"headline": {"query_p50_ms_1e4": {"value": 12.0, "target": "<= 20"}}}}}
+  values, detail = bench.headline(results)
+  assert values["probe_vs_torch_loop"] == 2.5 and values["retrieval_1e6_vs_faiss"] is None
+  assert detail["probe_vs_torch_loop"]["met"] is False
+  assert detail["probe_fraction_of_peak"]["met"] is True
+  assert detail["query_p50_ms_1e4"]["met"] is True and detail["query_p50_ms_1e4"]["benchmark"] \
+      == "query"
+
+
+def test_devices_flag_cannot_change_an_initialised_backend():
+  bench._set_devices(jax.device_count())  # the same count is fine
+  with pytest.raises(SystemExit, match="already initialised"):
+    bench._set_devices(jax.device_count() + 1)
+  with pytest.raises(SystemExit):
+    bench.main(["--devices", "0"])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn_s", "cnn_l"])
+def test_torch_models_match_the_jax_stack(arch):
+  torch = pytest.importorskip("torch")
+  from know2vec_jax import probe
+  from know2vec_jax.zoo import train
+  spec = train.StackSpec(arch, 3)
+  params = train.init_stack(spec, [0, 1])
+  x = np.random.default_rng(0).random((5, 28, 28, 1), np.float32)
+  logits = probe.stack_logits(spec.graphdef(), params, x, strategy="loop")
+  models = torch_models.torch_models(torch, arch, params)
+  assert len(models) == 2
+  assert torch_models.max_abs_diff(torch, models, x, logits) < 1e-4

@@ -1,0 +1,89 @@
+"""The machine's own peaks, measured in the same run as everything else.
+
+- **matmul**: one large float32 matmul (FLOP/s), the reference for dense work (aligner, zoo
+  training, batched retrieval).
+- **convolution**: one large convolution of the kind the zoo's CNNs run: the heaviest ``cnn_l``
+  layer (3x3, 64 -> 64 channels, stride 1, 7x7 maps) through the zoo's own :class:`Conv` module,
+  both lowerings (``im2col`` matmuls, as the zoo uses, and ``lax.conv``). The batch is swept and
+  the best rate is the peak: an im2col convolution falls out of cache at large batches, so the
+  best batch, not the largest, is what this machine reaches on such a convolution. Probing is
+  reported as a fraction of the im2col peak (and of the lax.conv one in the probe rows).
+- **memory scan**: the sum of a large float32 array (bytes/s), the bound for a brute-force index
+  scan. The faster of JAX and numpy is the peak.
+
+A peak is what the machine *reaches*, so each one is computed from the fastest of its timed calls
+(``gflops_per_s`` / ``gbytes_per_s``; the median-based rate is beside it). Figures compared with a
+peak use their median, so the fractions elsewhere in the suite lean low, never high.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import accelerator, compare, time_call
+from know2vec_jax.zoo.architectures import Conv
+
+NAME = "peak"
+
+
+def _matmul(n: int) -> dict:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  t = time_call(lambda: f(a, b), repeats=5, warmup=2)
+  return dict(what="matmul f32", shape=f"{n}x{n} @ {n}x{n}",
+              gflops_per_s=2 * n ** 3 / t["min_s"] / 1e9,
+              median_gflops_per_s=2 * n ** 3 / t["median_s"] / 1e9, **t)
+
+
+def _conv(batch: int, impl: str) -> dict:
+  conv = Conv(64, 64, 3, 1, impl=impl, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(conv)
+  f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  x = jax.random.uniform(jax.random.key(0), (batch, 7, 7, 64), jnp.float32)
+  t = time_call(lambda: f(state, x), repeats=5, warmup=2)
+  flops = 2 * batch * 7 * 7 * 9 * 64 * 64
+  return dict(what=f"conv {impl}", shape=f"[{batch},7,7,64] 3x3 -> 64",
+              gflops_per_s=flops / t["min_s"] / 1e9,
+              median_gflops_per_s=flops / t["median_s"] / 1e9, **t)
+
+
+def _scan(nbytes: int) -> list[dict]:
+  n = nbytes // 4
+  x = jax.random.uniform(jax.random.key(0), (n,), jnp.float32)
+  xh = np.asarray(x)
+  f = jax.jit(jnp.sum)
+  t = compare({"jax": lambda: f(x), "numpy": lambda: xh.sum()}, repeats=5, warmup=2)
+  return [dict(what=f"memory scan ({name} sum)", shape=f"{nbytes / 2**20:.0f} MiB f32",
+               gbytes_per_s=nbytes / s["min_s"] / 1e9,
+               median_gbytes_per_s=nbytes / s["median_s"] / 1e9, **s) for name, s in t.items()]
+
+
+def run(quick: bool = False, ctx: dict | None = None) -> dict:
+  accel = accelerator()
+  n = 8192 if accel else (2048 if quick else 4096)
+  batches = (4096, 16384, 65536) if accel else ((64, 256) if quick else (64, 256, 1024))
+  nbytes = (256 if quick else 1024) * 2**20
+  rows = [_matmul(n)]
+  for impl in ("im2col", "xla"):
+    rows += [_conv(b, impl) for b in batches]
+  rows += _scan(nbytes)
+  for r in rows:
+    rate = (f"{r['gflops_per_s']:8.1f} GFLOP/s" if "gflops_per_s" in r
+            else f"{r['gbytes_per_s']:8.1f} GB/s")
+    print(f"  {r['what']:24s} {r['shape']:26s} {rate}", flush=True)
+
+  def best(what, key):
+    return max(r[key] for r in rows if r["what"].startswith(what))
+  peaks = {"matmul_gflops_per_s": best("matmul", "gflops_per_s"),
+           "conv_im2col_gflops_per_s": best("conv im2col", "gflops_per_s"),
+           "conv_xla_gflops_per_s": best("conv xla", "gflops_per_s"),
+           "memory_gbytes_per_s": best("memory scan", "gbytes_per_s")}
+  if ctx is not None:
+    ctx["peak"] = peaks
+  return {"rows": rows, "peaks": peaks,
+          "note": "peaks from the fastest timed call; conv peaks: the best over the batch sweep; "
+                  "memory: the faster of JAX and numpy summing one large float32 array"}

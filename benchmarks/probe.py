@@ -1,0 +1,132 @@
+"""Zoo probing: (image, model) pairs per second for a stack, per strategy, vs a PyTorch eager loop.
+
+For each architecture family, zoo size M and batch B, the same stack is probed by
+:func:`know2vec_jax.probe.stack_logits` with ``vmap``, ``map`` and ``loop`` (one jitted call per
+model) and, when PyTorch is installed, by an eager loop over equivalent ``torch.nn`` modules holding
+the same weights (``benchmarks/torch_models.py``; the logits are checked to agree). PyTorch runs at
+its default thread count and at one thread: on a small, shared CPU its OpenMP pool can lose more to
+oversubscription than it gains, and the faster of the two is the baseline.
+
+Inputs are either one batch shared by all models (the anchor pass of knowledge extraction: the
+probe pool, in ``KnowledgeConfig.pool_batch`` chunks) or one batch per model (a boundary-search
+step: K(K-1) = 12 midpoints per 4-way model). Throughput does not depend on the weights' values,
+so stacks are freshly initialised. FLOP/s uses the forward FLOPs of
+:func:`know2vec_jax.zoo.flops_per_image` and is also given as a fraction of the im2col convolution
+peak measured in the same run (``benchmarks/peak.py``).
+
+This is the measurement behind ``resolve_probe_strategy("auto")``.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from benchmarks import torch_models
+from benchmarks.common import accelerator, compare, optional, ratio
+from know2vec_jax import probe
+from know2vec_jax.mesh import data_mesh
+from know2vec_jax.zoo import architectures, train
+
+NAME = "probe"
+K = 4
+ARCHS = ("mlp", "cnn_s", "cnn_l")
+# (models M, batch B, shared inputs?)
+CONFIGS = {
+    "quick": [(4, 16, False), (4, 64, True)],
+    "cpu": [(8, 16, False), (32, 16, False), (8, 256, True), (32, 256, True), (16, 1024, True)],
+    "accel": [(32, 16, False), (128, 16, False), (32, 1024, True), (128, 1024, True),
+              (128, 4096, True)],
+}
+# The headline configuration: the anchor pass (shared pool batches) over a stack of the heaviest
+# family; it is where knowledge extraction spends almost all of its FLOPs.
+HEADLINE = {"quick": ("cnn_l", 4, 64, True), "cpu": ("cnn_l", 16, 1024, True),
+            "accel": ("cnn_l", 128, 4096, True)}
+
+
+def _torch_fns(torch, models, x):
+  def make(threads):
+    def fn():
+      with torch_models.num_threads(torch, threads), torch.inference_mode():
+        out = ([m(x) for m in models] if x.ndim == 4
+               else [m(x[i]) for i, m in enumerate(models)])
+        torch_models.sync(torch)
+        return out
+    return fn
+  return {f"torch-{n}t": make(n) for n in torch_models.thread_counts(torch)}
+
+
+def run(quick: bool = False, ctx: dict | None = None) -> dict:
+  size = "quick" if quick else ("accel" if accelerator() else "cpu")
+  peak = (ctx or {}).get("peak", {})
+  conv_peak = peak.get("conv_im2col_gflops_per_s")
+  lax_conv_peak = peak.get("conv_xla_gflops_per_s")
+  torch = optional("torch")
+  mesh = data_mesh() if jax.device_count() > 1 else None
+  auto = probe.resolve_probe_strategy("auto")
+  rng = np.random.default_rng(0)
+  rows, summary, torch_check = [], [], {}
+  for arch in ARCHS:
+    spec = train.StackSpec(arch, K)
+    graphdef = spec.graphdef()
+    flops = architectures.flops_per_image(arch, K)
+    for m, b, shared in CONFIGS[size]:
+      base = train.init_stack(spec, list(range(m)))
+      params = probe.shard_stack(base, mesh)  # padded to the device count and placed once
+      shape = (b, 28, 28, 1) if shared else (m, b, 28, 28, 1)
+      host = rng.random(shape, np.float32)
+      x = jax.device_put(host)
+      fns = {s: (lambda s=s: probe.stack_logits(graphdef, params, x, strategy=s, mesh=mesh,
+                                                  num_models=m))
+             for s in ("vmap", "map", "loop")}
+      if torch is not None:
+        models = torch_models.torch_models(torch, arch, base)
+        torch_check[f"{arch}/M{m}/B{b}"] = torch_models.max_abs_diff(
+            torch, models, host, fns["map"]())
+        fns |= _torch_fns(torch, models, torch_models.nchw(torch, host))
+      # Large configurations get fewer rounds; medians of >= 2 interleaved rounds still compare
+      # like with like.
+      times = compare(fns, repeats=2 if quick else 3, warmup=1, budget_s=30.0)
+      rates = {}
+      for method, t in times.items():
+        rate = m * b / t["median_s"]
+        rates[method] = rate
+        gflops = rate * flops / 1e9
+        rows.append(dict(arch=arch, models=m, batch=b, inputs="shared" if shared else "per-model",
+                         method=method, pairs_per_s=rate, gflops_per_s=gflops,
+                         frac_conv_peak=ratio(gflops, conv_peak),
+                         frac_lax_conv_peak=ratio(gflops, lax_conv_peak), **t))
+      strategies = {s: rates[s] for s in ("vmap", "map", "loop")}
+      best = max(strategies, key=strategies.get)
+      torch_best = max((v for k_, v in rates.items() if k_.startswith("torch")), default=None)
+      summary.append(dict(arch=arch, models=m, batch=b, inputs="shared" if shared else "per-model",
+                          auto=auto, fastest=best, auto_vs_fastest=rates[auto] / rates[best],
+                          auto_vs_torch=ratio(rates[auto], torch_best),
+                          auto_gflops_per_s=rates[auto] * flops / 1e9,
+                          auto_frac_conv_peak=ratio(rates[auto] * flops / 1e9, conv_peak)))
+      line = "  ".join(f"{k_} {v:9.0f}" for k_, v in rates.items())
+      print(f"  {arch:5s} M={m:3d} B={b:4d} {'shared' if shared else 'per-model':9s} "
+            f"pairs/s: {line}", flush=True)
+
+  h_arch, h_m, h_b, h_shared = HEADLINE[size]
+  h = next(s for s in summary if (s["arch"], s["models"], s["batch"],
+                                  s["inputs"] == "shared") == (h_arch, h_m, h_b, h_shared))
+  config = (f"{h_arch} stack, M={h_m} models, B={h_b} shared images, strategy auto={auto}")
+  headline = {
+      "probe_vs_torch_loop": dict(
+          value=h["auto_vs_torch"], config=config,
+          baseline="PyTorch eager loop over equivalent torch.nn modules (faster of default "
+                   "threads and 1 thread)", target=">= 3"),
+      "probe_fraction_of_peak": dict(
+          value=h["auto_frac_conv_peak"], config=config,
+          ours_gflops_per_s=h["auto_gflops_per_s"], peak_gflops_per_s=conv_peak,
+          baseline="one large im2col convolution (peak benchmark)", target=">= 0.5"),
+  }
+  fastest_counts = {}
+  for s in summary:
+    fastest_counts[s["fastest"]] = fastest_counts.get(s["fastest"], 0) + 1
+  return {"rows": rows, "summary": summary, "headline": headline,
+          "torch_max_abs_logit_diff": torch_check, "num_devices": jax.device_count(),
+          "fastest_strategy_counts": fastest_counts,
+          "note": "pairs_per_s = images x models per second; weights are freshly initialised "
+                  "(throughput does not depend on their values); inputs already on the device"}
