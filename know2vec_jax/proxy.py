@@ -243,7 +243,14 @@ def apply_overrides(cfg: ProxyConfig, overrides: Iterable[str]) -> ProxyConfig:
     key, text = (s.strip() for s in item.split("=", 1))
     parts = key.split(".")
     if key not in override_keys(cfg):
-      raise ProxyError(f"unknown config key {key!r}; valid keys: {', '.join(override_keys(cfg))}")
+      # Name the keys of the section the user meant, else the top level and the sections.
+      section = getattr(cfg, parts[0], None) if len(parts) == 2 else None
+      if dataclasses.is_dataclass(section):
+        valid = [f"{parts[0]}.{f.name}" for f in dataclasses.fields(section)]
+      else:
+        valid = [k if "." not in k else k.split(".")[0] + ".*" for k in override_keys(cfg)]
+        valid = list(dict.fromkeys(valid))
+      raise ProxyError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
     try:
       if len(parts) == 1:
         cfg = dataclasses.replace(cfg, **{key: _parse_value(key, text, getattr(cfg, key))})
