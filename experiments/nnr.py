@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import pathlib
 import time
@@ -45,16 +44,14 @@ import time
 import jax
 import numpy as np
 
+from experiments.common import cached_npz, zoo_artifacts
 from know2vec_jax import align, features
-from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
 from know2vec_jax.baselines import leep_scores
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.data import Task, few_shot, load_source
 from know2vec_jax.index import ModelIndex
-from know2vec_jax.knowledge import KnowledgeConfig, extract_knowledge
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
 from know2vec_jax.vectorizers import VectorizerConfig, pad_grid
-from know2vec_jax.zoo import load_zoo
 
 VARIANTS = {
     "know2vec-attention-shared": VectorizerConfig(variant="attention", shared=True),
@@ -86,18 +83,6 @@ class NNRConfig:
   seed: int = 0
 
 
-def _cached(path: pathlib.Path, make):
-  """np.savez cache of a dict of arrays (written atomically)."""
-  if path.exists():
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
-  out = make()
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **out)
-  tmp.replace(path)
-  return out
-
-
 def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
   """For each task: the most classes it shares with another task of the same base dataset and K.
 
@@ -113,64 +98,16 @@ def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
 
 def run(cfg: NNRConfig, progress: bool = True) -> dict:
   t_start = time.perf_counter()
-  # Cached artifacts belong to one zoo: key them by its manifest so a rebuilt zoo never reuses them.
-  zoo_key = hashlib.sha1((pathlib.Path(cfg.zoo_dir) / "zoo.json").read_bytes()).hexdigest()[:10]
-  cache = pathlib.Path(cfg.cache_dir) / zoo_key
-  cache.mkdir(parents=True, exist_ok=True)
-  zoo = load_zoo(cfg.zoo_dir)
-  records = list(zoo.records.values())
-  ids = [r.model_id for r in records]
-  sources = sorted({r.source for r in records})
-  timings = {}
-
-  # 1. Probe pool: unlabelled train-split images of every domain (queries come from test splits).
-  rng = np.random.default_rng(cfg.seed)
-  pool = np.concatenate([
-      load_source(s).train_images[rng.permutation(len(load_source(s).train_images))
-                                  [:cfg.pool_per_source]] for s in sources])
-
-  # 2. Decision knowledge, black-box (for T and, for the ablation, T = 0).
-  def knowledge(steps):
-    def make():
-      t = time.perf_counter()
-      out = {}
-      for g in groups_from_zoo(zoo):
-        kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=steps,
-                                                         anchors_per_class=cfg.anchors_per_class))
-        for i, mid in enumerate(kn.model_ids):
-          out[f"inputs/{mid}"] = kn.inputs[i]
-          out[f"anchors/{mid}"] = kn.anchor_index[i]
-          out[f"queries/{mid}"] = kn.queries[i]
-      out["seconds"] = np.asarray(time.perf_counter() - t)
-      return out
-    return _cached(cache / f"knowledge-T{steps}-A{cfg.anchors_per_class}-"
-                   f"pool{cfg.pool_per_source}.npz", make)
-  kn_main = knowledge(cfg.search_steps)
-  timings["knowledge_s"] = float(kn_main["seconds"])
-
-  # 3. Backbone phi, trained on the train splits of the probe sources.
-  bb_dir = cache / "backbone"
-  if (bb_dir / "backbone.json").exists():
-    backbone = Backbone.load(bb_dir)
-  else:
-    backbone, info = train_backbone(BackboneConfig(sources=tuple(sources)), progress=progress)
-    backbone.save(bb_dir)
-    (cache / "backbone-info.json").write_text(json.dumps(info))
-  k_max = cfg.max_classes
-
-  pool_feat = np.asarray(backbone.embed(pool))
-
-  def model_grids(kn):
-    grids = np.zeros((len(ids), k_max, k_max, backbone.dim), np.float32)
-    masks = np.zeros((len(ids), k_max), np.float32)
-    for i, mid in enumerate(ids):
-      g = features.knowledge_features(
-          backbone, kn[f"inputs/{mid}"][None],
-          features.anchor_features(pool_feat, kn[f"anchors/{mid}"][None]))[0]
-      gp, m = pad_grid(g, k_max)
-      grids[i], masks[i] = gp, m
-    return grids, masks
-  grids_main = model_grids(kn_main)
+  art = zoo_artifacts(cfg.zoo_dir, cfg.cache_dir, pool_per_source=cfg.pool_per_source,
+                      search_steps=(cfg.search_steps,) + ((0,) if cfg.ablate_search_steps
+                                                          and not cfg.validate else ()),
+                      anchors_per_class=cfg.anchors_per_class, max_classes=cfg.max_classes,
+                      seed=cfg.seed, progress=progress)
+  zoo, ids, cache, backbone, k_max = art.zoo, art.ids, art.cache, art.backbone, cfg.max_classes
+  records = [zoo.records[m] for m in ids]
+  kn_main = art.knowledge[cfg.search_steps]
+  timings = {"knowledge_s": float(kn_main["seconds"])}
+  grids_main = art.grids(cfg.search_steps)
 
   # 4. Tasks, training episodes (train split) and evaluation queries (held-out split).
   tasks = sorted({r.task for r in records}, key=lambda t: t.task_id)
@@ -185,7 +122,7 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
                                  seed=cfg.seed * 7919 + i, split="train")
       ep[i] = pad_grid(g, k_max)[0]
     return {"grid": ep}
-  ep_grid = _cached(cache / f"episodes-{cfg.episodes}x{cfg.shots}.npz", episodes)["grid"]
+  ep_grid = cached_npz(cache / f"episodes-{cfg.episodes}x{cfg.shots}.npz", episodes)["grid"]
   task_mask = np.stack([np.asarray(pad_grid(np.zeros((t.k, t.k, 1)), k_max)[1]) for t in tasks])
 
   queries = []  # (task index, query grid [k_max, k_max, D], images, labels)
@@ -264,7 +201,7 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
   for name in cfg.variants:
     train_and_score(name, VARIANTS[name], grids_main)
   if cfg.ablate_search_steps:
-    grids_t0 = model_grids(knowledge(0))
+    grids_t0 = art.grids(0)
     train_and_score(f"{DEFAULT_VARIANT} (T=0)", VARIANTS[DEFAULT_VARIANT], grids_t0)
 
   # Baselines (query-time scores do not depend on the fold; ranks are split per fold).

@@ -10,9 +10,14 @@ The public API, re-exported here (see the README for a walk-through):
 - vectorizers (Flax NNX): :class:`ModelVectorizer`, :class:`QueryVectorizer`, :class:`Know2Vec`
 - aligner: :class:`Trainer`, :class:`AlignConfig`, :func:`train_step`, :func:`ranking_loss`
 - index: :class:`ModelIndex`
+- proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`
+- transferability: :func:`finetune_accuracy`, :func:`ground_truth`, :class:`TransferTarget`,
+  :class:`TransferData` (the aligner's SF-MTE objective), metrics :func:`weighted_tau`,
+  :func:`ranking_report`, baselines in :mod:`know2vec_jax.baselines`
 """
 
-from know2vec_jax.align import AlignConfig, AlignData, Trainer, ranking_loss, train_step
+from know2vec_jax.align import (AlignConfig, AlignData, Trainer, TransferData, listwise_loss,
+                                ranking_loss, train_step, transfer_train_step)
 from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
 from know2vec_jax.blackbox import (BlackBoxError, BlackBoxGroup, BudgetExceededError,
                                    CallableBlackBox, InputError, StackGroup, check_images,
@@ -24,10 +29,15 @@ from know2vec_jax.features import (anchor_features, check_query, knowledge_featu
 from know2vec_jax.index import IndexStoreError, ModelIndex
 from know2vec_jax.knowledge import Knowledge, KnowledgeConfig, expected_queries, extract_knowledge
 from know2vec_jax.mesh import data_mesh
-from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
+from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
+                                  spearman, top1_regret, weighted_tau)
 from know2vec_jax.probe import stack_logits
-from know2vec_jax.vectorizers import (Know2Vec, ModelVectorizer, QueryVectorizer, VectorizerConfig,
-                                      pad_grid)
+from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, apply_overrides, proxy_preset,
+                                query, zoo_metadata)
+from know2vec_jax.transfer import (FinetuneConfig, TransferError, TransferTarget,
+                                   finetune_accuracy, ground_truth, noise_ceiling, run_sample)
+from know2vec_jax.vectorizers import (AccuracyHead, Know2Vec, ModelVectorizer, QueryVectorizer,
+                                      VectorizerConfig, pad_grid)
 from know2vec_jax.zoo import (BuildConfig, ModelSpec, Zoo, ZooError, build_zoo, load_zoo,
                               make_model, preset_specs, save_zoo)
 

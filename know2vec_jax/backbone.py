@@ -135,6 +135,8 @@ def train_backbone(config: BackboneConfig, progress: bool = True) -> tuple[Backb
   """
   if not config.sources:
     raise ValueError("BackboneConfig.sources is empty")
+  if config.steps < 1:
+    raise ValueError(f"BackboneConfig.steps must be >= 1, got {config.steps}")
   t0 = time.perf_counter()
   rng = np.random.default_rng(config.seed)
   xs, ys, xt, yt, offset = [], [], [], [], 0
@@ -150,7 +152,10 @@ def train_backbone(config: BackboneConfig, progress: bool = True) -> tuple[Backb
   x = jax.device_put(np.concatenate(xs))
   y = jax.device_put(np.concatenate(ys).astype(np.int32))
   bb = Backbone(config, offset)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, 50, config.steps,
+  # 50 warm-up steps, or half the budget when it is shorter (optax needs decay > warm-up).
+  warmup = min(50, max(config.steps // 2, 1))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                                max(config.steps, warmup + 1),
                                                 0.02 * config.learning_rate)
   tx = optax.adam(schedule)
   params, opt_state = bb.params, tx.init(bb.params)

@@ -92,10 +92,8 @@ class ProxyConfig:
       raise ProxyError("knowledge.search_steps must be >= 0 and knowledge.anchors_per_class >= 1")
     if self.align.steps < 1 or self.align.batch_size < 1:
       raise ProxyError("align.steps and align.batch_size must be >= 1")
-    # train_backbone's schedule warms up for 50 steps and cannot decay over fewer than 1.
-    if self.backbone.steps <= 50:
-      raise ProxyError(f"backbone.steps must be > 50 (phi's learning-rate warm-up), got "
-                       f"{self.backbone.steps}")
+    if self.backbone.steps < 1:
+      raise ProxyError(f"backbone.steps must be >= 1, got {self.backbone.steps}")
 
   def vectorizer_config(self, feature_dim: int) -> VectorizerConfig:
     """The effective vectorizer config: K_max from this config, D from phi."""

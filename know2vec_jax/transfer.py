@@ -188,6 +188,25 @@ def target_data(target: TransferTarget, shots: int, test_per_class: int,
                     tuple(remap[p] for p in pool), remap[test])
 
 
+def _run_seed(cfg: "FinetuneConfig", run: int, target: TransferTarget) -> int:
+  return _stable_int("run", cfg.seed, run, target.task.task_id)
+
+
+def run_sample(target: TransferTarget, cfg: "FinetuneConfig", run: int = 0,
+               image_size: int = 28, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """The labelled training images of one ground-truth run: ``cfg.shots`` per class.
+
+  Run 0's sample is what a user would hand the proxy as the query: the estimators see exactly the
+  images the measured fine-tune started from.
+
+  Returns:
+    (images float32 [K * shots, H, W, C], labels int32 [K * shots]).
+  """
+  td = target_data(target, cfg.shots, cfg.test_per_class, image_size, channels)
+  idx = td.train_sample(cfg.shots, _run_seed(cfg, run, target))
+  return td.images[idx], td.labels[idx]
+
+
 def _head_key(path) -> bool:
   return any(getattr(p, "key", None) == "head" for p in path)
 
@@ -292,8 +311,7 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
   td = target_data(target, cfg.shots, cfg.test_per_class, zoo.image_shape[0], zoo.image_shape[2])
   k = target.k
   images = jnp.asarray(td.images)
-  samples = np.stack([td.train_sample(cfg.shots, _stable_int("run", cfg.seed, r,
-                                                             target.task.task_id))
+  samples = np.stack([td.train_sample(cfg.shots, _run_seed(cfg, r, target))
                       for r in range(cfg.runs)])  # [runs, K * shots]
   train_labels = td.labels[samples]
   test_idx = jnp.asarray(td.test)
