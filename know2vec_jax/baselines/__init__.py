@@ -3,7 +3,6 @@ task, batched over the model axis (``name_scores(x [M, N, D], labels [N], K) -> 
 
 from know2vec_jax.baselines.blind import prior_scores, random_scores
 from know2vec_jax.baselines.checks import BaselineInputError
-from know2vec_jax.baselines.cost import measure_costs
 from know2vec_jax.baselines.hscore import hscore_scores, hscore_shrinkage_scores
 from know2vec_jax.baselines.leep import leep_scores
 from know2vec_jax.baselines.logme import logme_scores
@@ -14,6 +13,6 @@ from know2vec_jax.baselines.registry import (BASELINES, Baseline, BaselineRun, f
 
 __all__ = [
     "BASELINES", "Baseline", "BaselineInputError", "BaselineRun", "forward_passes",
-    "hscore_scores", "hscore_shrinkage_scores", "leep_scores", "logme_scores", "measure_costs",
-    "nce_scores", "nleep_scores", "prior_scores", "random_scores", "run_baseline",
+    "hscore_scores", "hscore_shrinkage_scores", "leep_scores", "logme_scores", "nce_scores",
+    "nleep_scores", "prior_scores", "random_scores", "run_baseline",
 ]

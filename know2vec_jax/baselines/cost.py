@@ -4,8 +4,8 @@
 
 times each baseline on synthetic zoo outputs of the given shapes (logits with a label signal,
 ReLU features) and prints one row per method: forward passes, the first call (compilation
-included) and the best of ``--repeats`` further calls. The zoo's own forward passes are not timed:
-they are the same for every method that needs them and are counted instead.
+included) and the best wall and CPU time of ``--repeats`` further calls. The zoo's own forward
+passes are not timed: they are the same for every method that needs them and are counted instead.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def measure_costs(num_models: int, num_images: int, num_classes: int, num_logits
     methods: names of :data:`BASELINES` to time (default all).
 
   Returns:
-    One dict per method: method, input, white_box, forward_passes, first_s, steady_s.
+    One dict per method: method, input, white_box, forward_passes, first_s (wall, compilation
+    included), steady_s (best wall time of the repeats), steady_cpu_s (best CPU time, all threads).
   """
   rng = np.random.default_rng(seed)
   labels = np.arange(num_images) % num_classes
@@ -54,10 +55,11 @@ def measure_costs(num_models: int, num_images: int, num_classes: int, num_logits
     if methods and name not in methods:
       continue
     first = run_baseline(name, **kw)
-    steady = min(run_baseline(name, **kw).seconds for _ in range(max(repeats, 1)))
+    runs = [run_baseline(name, **kw) for _ in range(max(repeats, 1))]
     rows.append(dict(method=name, input=b.input, white_box=b.white_box,
                      forward_passes=first.forward_passes, first_s=first.seconds,
-                     steady_s=steady))
+                     steady_s=min(r.seconds for r in runs),
+                     steady_cpu_s=min(r.cpu_seconds for r in runs)))
   return rows
 
 
@@ -79,10 +81,11 @@ def main(argv=None):
     return
   print(f"M={a.models} N={a.images} K={a.classes} Z={a.logits} F={a.features}; "
         f"{jax.devices()[0].platform}, {platform.machine()}")
-  print(f"{'method':40s} {'forwards':>9s} {'first (s)':>10s} {'steady (ms)':>12s}")
+  print(f"{'method':40s} {'forwards':>9s} {'first (s)':>10s} {'steady (ms)':>12s} "
+        f"{'steady CPU (ms)':>16s}")
   for r in rows:
     print(f"{r['method']:40s} {r['forward_passes']:9d} {r['first_s']:10.2f} "
-          f"{r['steady_s'] * 1e3:12.1f}")
+          f"{r['steady_s'] * 1e3:12.1f} {r['steady_cpu_s'] * 1e3:16.1f}")
 
 
 if __name__ == "__main__":

@@ -90,10 +90,13 @@ class BaselineRun:
     seconds: wall time of the scoring alone (the zoo's forward passes are not included; on the
       first call for a new input shape it includes compilation).
     forward_passes: zoo forward passes the method needed.
+    cpu_seconds: CPU time of this process over the same span, all threads together (less
+      sensitive than wall time to other processes sharing the cores).
   """
   scores: np.ndarray
   seconds: float
   forward_passes: int
+  cpu_seconds: float = float("nan")
 
 
 def run_baseline(method: str, *, logits=None, features=None, labels=None,
@@ -116,7 +119,7 @@ def run_baseline(method: str, *, logits=None, features=None, labels=None,
     BaselineInputError: unknown method, a missing input, or any error of the method itself.
   """
   b = _lookup(method)
-  t = time.perf_counter()
+  t, cpu = time.perf_counter(), time.process_time()
   if b.input in ("logits", "features"):
     x = logits if b.input == "logits" else features
     if x is None or labels is None or num_target_classes is None:
@@ -133,4 +136,4 @@ def run_baseline(method: str, *, logits=None, features=None, labels=None,
       raise BaselineInputError(f"{method!r} needs num_models")
     scores = np.asarray(b.fn(jax.random.key(0) if key is None else key, num_models))
     passes = 0
-  return BaselineRun(scores, time.perf_counter() - t, passes)
+  return BaselineRun(scores, time.perf_counter() - t, passes, time.process_time() - cpu)
