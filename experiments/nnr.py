@@ -96,6 +96,28 @@ def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
   return out
 
 
+def error_kinds(top1: dict, query_task: list[Task], zoo) -> dict:
+  """What the first model retrieved for each held-out query was trained on, as fractions of the
+  held-out queries: a diagnosis of what a method confuses."""
+  kinds: dict[str, int] = {}
+  for qi, mid in top1.items():
+    t, o = query_task[qi], zoo.records[mid].task
+    if o == t:
+      kind = "correct"
+    elif o.source.split("+")[0] != t.source.split("+")[0]:
+      kind = "other dataset"
+    elif o.k != t.k:
+      kind = f"{o.k}-way model, {'same' if o.source == t.source else 'other'} domain"
+    elif set(o.classes) == set(t.classes):
+      kind = "same classes, other domain"
+    else:
+      shared = len(set(o.classes) & set(t.classes))
+      kind = f"{shared} classes shared, {'same' if o.source == t.source else 'other'} domain"
+    kinds[kind] = kinds.get(kind, 0) + 1
+  n = max(1, len(top1))
+  return {k: round(v / n, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+
 def run(cfg: NNRConfig, progress: bool = True) -> dict:
   t_start = time.perf_counter()
   art = zoo_artifacts(cfg.zoo_dir, cfg.cache_dir, pool_per_source=cfg.pool_per_source,
@@ -142,7 +164,7 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
   for j, i in enumerate(np.random.default_rng(cfg.seed + 1).permutation(four)):
     fold_of[int(i)] = j % cfg.folds
 
-  results = {"queries": {}, "costs": {}}
+  results = {"queries": {}, "costs": {}, "top1": {}}
 
   def record(method, fold, scores):
     """scores [Q, M] over all models -> per-query ranks of the first correct model."""
@@ -152,9 +174,12 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
     held = np.asarray([fold_of.get(int(t), -1) == fold for t in q_task])
     seen = np.asarray([fold_of.get(int(t), -1) != fold for t in q_task])
     store = results["queries"].setdefault(method, {"heldout": {}, "seen": {}})
+    top = results["top1"].setdefault(method, {})
     for split, sel in (("heldout", held), ("seen", seen)):
       for qi in np.flatnonzero(sel):
         store[split].setdefault(int(qi), []).append(int(first[qi]))
+        if split == "heldout":
+          top[int(qi)] = ids[int(order[qi, 0])]
 
   def train_and_score(name, vcfg, grids):
     for fold in range(cfg.folds):
@@ -252,6 +277,8 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
                                    for o, r in sorted(groups_.items())}
   out = {
       "summary": summary, "by_closest_overlap": by_overlap,
+      "heldout_top1_errors": {m: error_kinds(top, [tasks[t] for t in q_task], zoo)
+                              for m, top in results["top1"].items()},
       "ranks": {m: {split: {str(q): r for q, r in per_q.items()} for split, per_q in sp.items()}
                 for m, sp in results["queries"].items()},
       "query_tasks": [tasks[t].task_id for t in q_task],
@@ -269,6 +296,7 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
   path = pathlib.Path(cfg.out)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=1))
+  plot(out, str(path.with_suffix(".png")))
   return out
 
 
@@ -306,6 +334,36 @@ def validate(cfg, tasks, fold_of, model_task, grids, ep_grid, task_mask, ids, pr
     print(name, out[name], flush=True)
   return {"validation": out, "align": dataclasses.asdict(cfg.align),
           "vectorizer_overrides": dict(cfg.vectorizer_overrides)}
+
+
+def plot(out: dict, path: str) -> None:
+  """Bar chart: top-1 and top-5 per method on seen and held-out tasks."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing: no figure (pip install '.[plot]')")
+    return
+  methods = list(out["summary"])
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  bars = [("seen", "top1"), ("heldout", "top1"), ("heldout", "top5")]
+  width = 0.8 / len(bars)
+  for j, (split, metric) in enumerate(bars):
+    vals = [out["summary"][m].get(split, {}).get(metric, 0.0) for m in methods]
+    pos = np.arange(len(methods)) + j * width - 0.4 + width / 2
+    ax.bar(pos, vals, width, label=f"{split} {metric}")
+    for x, v in zip(pos, vals):
+      ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=6)
+  ax.axhline(0.75, color="red", lw=0.8, ls="--", label="held-out top-1 target")
+  ax.set_xticks(np.arange(len(methods)), methods, rotation=25, ha="right", fontsize=8)
+  ax.set_ylim(0, 1.08)
+  ax.set_ylabel("fraction of queries")
+  ax.set_title(f"NNR on the demo zoo ({out['num_models']} models, {out['num_queries']} queries)")
+  ax.legend(fontsize=7, loc="upper right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def format_table(out: dict) -> str:
