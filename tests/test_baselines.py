@@ -308,6 +308,19 @@ def test_dead_models_get_finite_uninformative_scores():
   assert np.all(np.isfinite(s))
 
 
+def test_nleep_inside_jit_keeps_every_column():
+  # Under an outer jit N-LEEP cannot trim the PCA columns to the widest variance cut, so it fits
+  # the mixture on all 32 of them with the extra ones masked: the scores must not change.
+  rng = np.random.default_rng(11)
+  y = np.arange(40) % 2
+  x = (rng.normal(size=(2, 40, 32)) * np.geomspace(4, 0.01, 32)).astype(np.float32)
+  x[1, :, 0] += 6 * y
+  eager = np.asarray(nleep_scores(x, y, 2))
+  traced = np.asarray(jax.jit(lambda x, y: nleep_scores(x, y, 2))(x, y))
+  np.testing.assert_allclose(traced, eager, rtol=1e-4, atol=1e-5)
+  assert eager[1] > eager[0]
+
+
 def test_callable_inside_jit():
   # Under an outer jit the value checks are skipped (tracers) but the shape checks still run.
   got = jax.jit(lambda x, y: leep_scores(x, y, 2) + logme_scores(x, y, 2))(LOGITS6, Y6)

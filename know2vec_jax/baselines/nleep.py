@@ -3,8 +3,8 @@
 PCA of a model's outputs on the target images, keeping a fraction of the variance; a Gaussian
 mixture fit by EM with ``components_per_class * K`` components; then LEEP with the mixture's
 posteriors in place of the source classifier's softmax. Everything has static shapes so the whole
-pipeline jits and vmaps over the zoo: PCA keeps a fixed number of dimensions and masks the ones
-beyond the variance cut; k-means and EM are bounded ``while_loop``s.
+pipeline jits and vmaps over the zoo: PCA returns a fixed number of columns and masks the ones
+beyond each model's variance cut; k-means and EM are bounded ``while_loop``s.
 """
 
 from __future__ import annotations
@@ -165,25 +165,27 @@ def gmm_posteriors(z, mask, num_components: int, key, *, covariance: str = "diag
   return jnp.exp(_log_resp(z, mask, params, covariance)[0])
 
 
-def _nleep_one(f, labels, key, num_target_classes, variance, max_dim, num_components, covariance,
-               kmeans_steps, em_steps, em_tol, reg_covar):
-  z, mask, _ = pca_reduce(f, variance, max_dim)
-  post = gmm_posteriors(z, mask, num_components, key, covariance=covariance,
-                        kmeans_steps=kmeans_steps, em_steps=em_steps, em_tol=em_tol,
-                        reg_covar=reg_covar)
-  return leep_from_probs(post, labels, num_target_classes)
+@functools.partial(jax.jit, static_argnames=("max_dim",))
+def _pca_batch(x, variance, max_dim):
+  return jax.vmap(pca_reduce, in_axes=(0, None, None))(x, variance, max_dim)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "num_target_classes", "max_dim", "num_components", "covariance"))
-def _nleep(x, labels, key, num_target_classes, variance, max_dim, num_components, covariance,
-           kmeans_steps, em_steps, em_tol, reg_covar):
-  one = functools.partial(_nleep_one, num_target_classes=num_target_classes, variance=variance,
-                          max_dim=max_dim, num_components=num_components, covariance=covariance,
+@functools.partial(jax.jit, static_argnames=("num_target_classes", "num_components", "covariance"))
+def _nleep(z, mask, labels, key, num_target_classes, num_components, covariance, kmeans_steps,
+           em_steps, em_tol, reg_covar):
+  def one(z, mask):
+    post = gmm_posteriors(z, mask, num_components, key, covariance=covariance,
                           kmeans_steps=kmeans_steps, em_steps=em_steps, em_tol=em_tol,
                           reg_covar=reg_covar)
+    return leep_from_probs(post, labels, num_target_classes)
+
   # The same seeds for every model: differences between models come from their outputs alone.
-  return jax.vmap(one, in_axes=(0, None, None))(x, labels, key)
+  return jax.vmap(one)(z, mask)
+
+
+def _bucket(dims: int, cap: int) -> int:
+  """dims rounded up to a multiple of 8 (at most ``cap``): few distinct shapes to compile."""
+  return min(cap, -(-dims // 8) * 8)
 
 
 def nleep_scores(x, labels, num_target_classes: int, *, key=None, variance: float = 0.8,
@@ -200,8 +202,8 @@ def nleep_scores(x, labels, num_target_classes: int, *, key=None, variance: floa
     key: PRNG key of the k-means seeds (default ``jax.random.key(0)``: deterministic scores).
     variance: fraction of the variance the PCA keeps (the paper's 0.8).
     components_per_class: v; the mixture has min(v * K, N) components.
-    max_dim: most PCA dimensions kept (static; default min(N, D), i.e. never binding). Lower it
-      to bound the cost when the variance cut is known to need fewer.
+    max_dim: most PCA dimensions kept (default min(N, D), i.e. never binding). The mixture is
+      fit on as many columns as the model that needs the most (rounded up to a multiple of 8).
     covariance: "diag" (default; cost linear in the kept dimensions) or "full".
     kmeans_steps, em_steps, em_tol, reg_covar: see :func:`gmm_posteriors` (the defaults are
       scikit-learn's for EM).
@@ -226,8 +228,15 @@ def nleep_scores(x, labels, num_target_classes: int, *, key=None, variance: floa
                              f"{kmeans_steps}, {em_steps}, {em_tol}, {reg_covar}")
   x, labels, k = check_scores_inputs(x, labels, num_target_classes)
   _, n, d = x.shape
-  dims = min(n, d) if max_dim is None else min(int(max_dim), n, d)
+  cap = min(n, d) if max_dim is None else min(int(max_dim), n, d)
+  z, mask, kept = _pca_batch(x, float(variance), cap)
+  if not isinstance(kept, jax.core.Tracer):
+    # The mixture's cost grows with the columns it carries, masked or not: keep only as many as
+    # the model that needs the most (features of trained nets often reach the variance cut in a
+    # fraction of their width). One small host sync; outside an enclosing jit only.
+    dims = _bucket(int(kept.max()), cap)
+    z, mask = z[:, :, :dims], mask[:, :dims]
   components = min(int(components_per_class) * k, n)
   key = jax.random.key(0) if key is None else key
-  return _nleep(x, labels, key, k, float(variance), dims, components, covariance,
-                int(kmeans_steps), int(em_steps), float(em_tol), float(reg_covar))
+  return _nleep(z, mask, labels, key, k, components, covariance, int(kmeans_steps),
+                int(em_steps), float(em_tol), float(reg_covar))
