@@ -105,8 +105,9 @@ def logme_scores(x, labels, num_target_classes: int, *, max_iter: int = 11, tol:
                                 - beta/2 ||F m - y||^2 - alpha/2 m^T m - 1/2 log|A|,
   A = alpha I + beta F^T F, m = beta A^-1 F^T y; (alpha, beta) are set by the fixed point
   alpha = gamma / m^T m, beta = (N - gamma) / ||F m - y||^2, gamma = sum_i beta s_i / (alpha +
-  beta s_i), run in the SVD basis of F until lambda = alpha / beta changes by less than ``tol``
-  (relative) or ``max_iter`` updates. x is used as given (no centring, no bias), as in the paper.
+  beta s_i) over the eigenvalues s_i of F^T F, run in the SVD basis of F until lambda = alpha /
+  beta changes by less than ``tol`` (relative) or ``max_iter`` updates. x is used as given (no
+  centring, no bias), as in the paper.
 
   Args:
     x: float [M, N, D]: logits (black-box) or penultimate features (white-box) of M models on the
