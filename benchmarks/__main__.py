@@ -86,11 +86,9 @@ def _markdown(results: dict) -> str:
     lines += [f"## {name}" + (" (--quick)" if res.get("quick") else ""), ""]
     if res.get("note"):
       lines += [res["note"], ""]
-    for table in ("summary", "rows"):
-      if res.get(table):
-        if table == "summary":
-          lines += ["Summary:", ""]
-        lines += _table(res[table])
+    tables = [k for k, v in res.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    for table in sorted(tables, key=lambda k: (k != "summary", k == "rows", k)):
+      lines += [f"{table.capitalize()}:", ""] + _table(res[table])
     for k, v in res.get("ratios", {}).items():
       lines.append(f"- {k}: {_fmt(v)}")
     for k in ("peaks", "checks"):

@@ -9,8 +9,8 @@ same process:
 - ``stack-loop``: the same group probing one model per jitted call;
 - ``torch-callables-<n>t`` (when PyTorch is installed): every model as its own
   :class:`CallableBlackBox` wrapping an equivalent ``torch.nn`` module, extracted one after the
-  other, what a per-model black-box implementation does; at PyTorch's default thread count and at
-  one thread (the faster is the baseline).
+  other, what a per-model black-box implementation does; at the PyTorch thread count the probe
+  benchmark found faster in this run (both, default and one, when it did not run).
 
 The stack is trained for a few dozen Adam steps first so that its models predict several classes
 on the pool (a fresh network often predicts one class everywhere); the amount of work per call is
@@ -82,7 +82,10 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
         with torch_models.num_threads(torch, threads), torch.inference_mode():
           return model(torch_models.nchw(torch, images)).cpu().numpy()
       return fn
-    for threads in torch_models.thread_counts(torch):
+    # The thread count the probe benchmark found faster in this run, else both.
+    counts = ([ctx["torch_threads"]] if ctx and "torch_threads" in ctx
+              else torch_models.thread_counts(torch))
+    for threads in counts:
       boxes = [CallableBlackBox(callable_for(mod, threads), K, (28, 28, 1), model_id=i,
                                 batch_size=2048) for mod, i in zip(models, stack.model_ids)]
       fns[f"torch-callables-{threads}t"] = (

@@ -78,6 +78,18 @@ def compare(fns: dict[str, Callable], *, repeats: int = 3, warmup: int = 1,
   return {name: _stats(ts) for name, ts in times.items()}
 
 
+def compare_latency(fns: dict[str, Callable], *, samples: int, budget_s: float, warmup: int = 1,
+                    min_samples: int = 2) -> dict[str, dict]:
+  """Latency (ms: p50, p99, min, samples) of several functions timed interleaved, as
+  :func:`compare`: rounds of one call each, until ``samples`` rounds or ``budget_s`` seconds."""
+  out = {}
+  for name, t in compare(fns, repeats=samples, warmup=warmup, budget_s=budget_s,
+                         min_repeats=min_samples).items():
+    out[name] = {"p50_ms": t["median_s"] * 1e3, "p99_ms": t["p99_s"] * 1e3,
+                 "min_ms": t["min_s"] * 1e3, "samples": t["repeats"]}
+  return out
+
+
 def latency(fn, *, samples: int, warmup: int = 2, budget_s: float = 5.0,
             min_samples: int = 5) -> dict:
   """Latency distribution of ``fn()`` in milliseconds (p50, p99, mean), after ``warmup`` calls.

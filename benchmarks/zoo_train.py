@@ -35,6 +35,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
         # lax.conv's slow backward pass makes the xla lowering 10-15x slower: fewer model-steps
         # keep the suite short while the rate stays a per-model-step figure.
         models, steps = (4, 10) if (quick or impl == "xla") else (16, 40)
+        if not quick and arch == "cnn_l":  # the big family: fewer model-steps, same rate
+          models, steps = (2, 5) if impl == "xla" else (8, 20)
         spec = train.StackSpec(arch, 4, conv_impl=impl)
         gd = spec.graphdef()
         seeds = list(range(models))

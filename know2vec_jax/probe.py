@@ -10,6 +10,12 @@ Strategies over the model axis:
   model's matmuls efficiently one model at a time, and ``vmap`` over conv weights lowers to slow
   grouped convolutions), ``vmap`` on GPU/TPU.
 
+On CPU, ``map`` also splits each model's batch into cache-sized chunks (a nested ``lax.map``): an
+im2col convolution's patches grow with the batch, and once they fall out of cache the same layer
+runs several times slower (``benchmarks/peak.py``: 64 images at ~160 GFLOP/s, 1,024 at ~25). The
+chunk is sized from the model's own per-image intermediates (:func:`_chunk_size`), so a small MLP
+keeps its whole batch.
+
 With several devices the model axis is sharded over a 1-D mesh (``jax.make_mesh``, axis ``data``)
 with ``jax.shard_map``: every device runs the chosen strategy on its own slice of models.
 """
@@ -17,6 +23,7 @@ with ``jax.shard_map``: every device runs the chosen strategy on its own slice o
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +49,53 @@ def _apply(graphdef, p, x, features):
   return model.features(x) if features else model(x)
 
 
+# Budget for one chunk's intermediates, counted unfused (every op output of the per-image
+# jaxpr). XLA fuses many of them, so the working set is smaller; 64 MiB was measured best on a
+# 32 MiB-L3 CPU (cnn_l -> 64 images, cnn_s -> 256, the MLP unchunked).
+CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_size(graphdef, params, image_shape, features) -> int:
+  """Images per chunk so that one model's intermediates on a chunk stay within ``CHUNK_BYTES``.
+
+  Traced once per compilation: the bytes of every intermediate of one model's forward pass at
+  batch 2 minus batch 1 (weight-only ops cancel), rounded down to a power of two.
+  """
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+
+  def total(b):
+    x = jax.ShapeDtypeStruct((b,) + tuple(image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, x: _apply(graphdef, p, x, features))(one, x)
+    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+               for eqn in jaxpr.eqns for v in eqn.outvars)
+  per_image = max(total(2) - total(1), 1)
+  return 1 << max(int(math.log2(max(CHUNK_BYTES // per_image, 1))), 0)
+
+
+def _chunked(fn, x, chunk):
+  """``fn`` over ``x`` [B, ...] in chunks of ``chunk`` rows (zero-padded), as one lax.map."""
+  b = x.shape[0]
+  if b <= chunk:
+    return fn(x)
+  n = -(-b // chunk)
+  xp = jnp.pad(x, [(0, n * chunk - b)] + [(0, 0)] * (x.ndim - 1))
+  out = jax.lax.map(fn, xp.reshape((n, chunk) + x.shape[1:]))
+  return out.reshape((n * chunk,) + out.shape[2:])[:b]
+
+
 def _local(graphdef, params, images, shared, strategy, features):
   if strategy == "vmap":
     return jax.vmap(lambda p, x: _apply(graphdef, p, x, features),
                     in_axes=(0, None if shared else 0))(params, images)
+  chunk = images.shape[-4]  # the whole batch: one chunk
+  if jax.default_backend() == "cpu":
+    chunk = _chunk_size(graphdef, params, images.shape[-3:], features)
+
+  def one(p, x):
+    return _chunked(lambda xc: _apply(graphdef, p, xc, features), x, chunk)
   if shared:
-    return jax.lax.map(lambda p: _apply(graphdef, p, images, features), params)
-  return jax.lax.map(lambda a: _apply(graphdef, a[0], a[1], features), (params, images))
+    return jax.lax.map(lambda p: one(p, images), params)
+  return jax.lax.map(lambda a: one(*a), (params, images))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "shared", "strategy", "features", "mesh"))

@@ -137,3 +137,20 @@ def test_torch_models_match_the_jax_stack(arch):
   models = torch_models.torch_models(torch, arch, params)
   assert len(models) == 2
   assert torch_models.max_abs_diff(torch, models, x, logits) < 1e-4
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_map_probe_matches_loop(monkeypatch, shared):
+  """The cache-sized chunks of the CPU ``map`` probe (a batch that is not a multiple of the
+  chunk, so the padding path runs) give the per-model loop's logits."""
+  from know2vec_jax import probe
+  from know2vec_jax.zoo import train
+  spec = train.StackSpec("cnn_s", 3)
+  params = train.init_stack(spec, [0, 1, 2])
+  rng = np.random.default_rng(0)
+  x = rng.random((37, 28, 28, 1) if shared else (3, 37, 28, 28, 1), np.float32)
+  monkeypatch.setattr(probe, "CHUNK_BYTES", 4 * 2**20)  # forces chunks of 16 images
+  assert probe._chunk_size(spec.graphdef(), params, (28, 28, 1), False) == 16
+  chunked = probe.stack_logits(spec.graphdef(), params, x, strategy="map")
+  ref = probe.stack_logits(spec.graphdef(), params, x, strategy="loop")
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(ref), rtol=1e-5, atol=1e-5)
