@@ -34,10 +34,13 @@ demo: setup
 	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
 	$(BIN)/python -m experiments.nnr --quick --zoo $(ZOO)
 
-# Every results table of experiments/ from scratch (reusing cached artifacts when present).
+# Every results table and figure of experiments/ (reusing cached artifacts when present; remove
+# artifacts/ to start from scratch): NNR, SF-MTE, and retrieval latency against zoo size.
 reproduce: setup
 	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
 	$(BIN)/python -m experiments.nnr --zoo $(ZOO)
+	$(BIN)/python -m experiments.sfmte --zoo $(ZOO)
+	$(BIN)/python -m experiments.latency
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'

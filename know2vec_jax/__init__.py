@@ -13,12 +13,14 @@ The public API, re-exported here (see the README for a walk-through):
 - proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`
 - transferability: :func:`finetune_accuracy`, :func:`ground_truth`, :class:`TransferTarget`,
   :class:`TransferData` (the aligner's SF-MTE objective), metrics :func:`weighted_tau`,
-  :func:`ranking_report`, baselines in :mod:`know2vec_jax.baselines`
+  :func:`ranking_report`; baselines :data:`BASELINES`, :func:`run_baseline`,
+  :func:`forward_passes` (:mod:`know2vec_jax.baselines`)
 """
 
 from know2vec_jax.align import (AlignConfig, AlignData, Trainer, TransferData, listwise_loss,
                                 ranking_loss, train_step, transfer_train_step)
 from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
+from know2vec_jax.baselines import BASELINES, BaselineInputError, forward_passes, run_baseline
 from know2vec_jax.blackbox import (BlackBoxError, BlackBoxGroup, BudgetExceededError,
                                    CallableBlackBox, InputError, StackGroup, check_images,
                                    groups_from_zoo)
