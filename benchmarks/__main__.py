@@ -75,12 +75,15 @@ def _markdown(results: dict) -> str:
            f"faiss {m.get('faiss')}; {m['date']}", "",
            "Ratios are ours / baseline in throughput terms (> 1: ours is faster), both measured "
            "in the same process.", "", "## Headline", "",
-           "| figure | value | target | met | configuration | baseline |", "|---|---|---|---|---|---|"]
+           "| figure | value | target | met | configuration | baseline | details |",
+           "|---|---|---|---|---|---|---|"]
+  plain = ("value", "target", "met", "config", "baseline", "benchmark", "quick")
   for key, value in results.get("headline", {}).items():
     d = results.get("headline_detail", {}).get(key, {})
     met = {True: "yes", False: "no", None: "-"}[d.get("met")]
+    extra = ", ".join(f"{k} {_fmt(v)}" for k, v in d.items() if k not in plain)
     lines.append(f"| {key} | {_fmt(value)} | {d.get('target', '-')} | {met} | "
-                 f"{d.get('config', 'not measured')} | {d.get('baseline', '-')} |")
+                 f"{d.get('config', 'not measured')} | {d.get('baseline', '-')} | {extra or '-'} |")
   lines.append("")
   for name, res in results["benchmarks"].items():
     lines += [f"## {name}" + (" (--quick)" if res.get("quick") else ""), ""]
@@ -94,7 +97,10 @@ def _markdown(results: dict) -> str:
     for k in ("peaks", "checks"):
       for kk, v in res.get(k, {}).items():
         lines.append(f"- {kk}: {_fmt(v)}")
-    lines += [f"- seconds: {res.get('seconds', 0):.1f}", ""]
+    load = res.get("load_average_after")
+    lines += [f"- seconds: {res.get('seconds', 0):.1f}"
+              + (f"; load average after (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load)}"
+                 if load else ""), ""]
   return "\n".join(lines)
 
 
@@ -148,8 +154,11 @@ def main(argv=None) -> int:
     res = mod.run(quick=args.quick, ctx=ctx)
     if name != "peak":
       res["peak_used"] = ctx["peak"]
+    # The load average beside each result: the machine may be shared, and load from elsewhere
+    # slows ours and the baselines alike only when they are timed interleaved.
     results["benchmarks"][name] = res | {"quick": args.quick,
-                                         "seconds": time.perf_counter() - t0}
+                                         "seconds": time.perf_counter() - t0,
+                                         "load_average_after": list(os.getloadavg())}
   # Keep the suite's order in the file whatever order earlier runs wrote it in.
   results["benchmarks"] = {n: results["benchmarks"][n] for n in BENCHMARKS
                            if n in results["benchmarks"]}

@@ -122,10 +122,15 @@ def max_abs_diff(torch, models, images_nhwc, jax_logits) -> float:
 
 
 def thread_counts(torch) -> list[int]:
-  """The thread counts a PyTorch baseline runs at: its default and, if that is more, one (on the
-  CPU only: host threads barely matter to a CUDA baseline)."""
+  """The thread counts a PyTorch baseline runs at: its default and, if that is more, one.
+
+  One thread is tried on CPU-only machines, where a small core count shared with other work can
+  make PyTorch's OpenMP pool lose more than it gains. Beside an accelerator the default alone runs
+  (a CUDA baseline barely uses host threads; a CPU one gets the whole host).
+  """
+  import jax
   default = torch.get_num_threads()
-  return [default, 1] if default > 1 and device(torch) == "cpu" else [default]
+  return [default, 1] if default > 1 and jax.default_backend() == "cpu" else [default]
 
 
 @contextlib.contextmanager

@@ -135,6 +135,11 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
   shared = images.ndim == 4
   m = num_models or (jax.tree.leaves(params)[0].shape[0] if shared else images.shape[0])
   if strategy == "loop":
+    # One device runs the loop: move a sharded stack there once, rather than slicing it per
+    # model and leaf through cross-device collectives (hundreds of tiny collective programs).
+    leaf = jax.tree.leaves(params)[0]
+    if len(getattr(leaf, "devices", lambda: ())()) > 1:
+      params = jax.device_put(params, jax.devices()[0])
     outs = [_one_logits(graphdef, jax.tree.map(lambda a: a[i], params),
                         images if shared else images[i], features=features) for i in range(m)]
     return jnp.stack(outs)
