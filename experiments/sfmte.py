@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from experiments.common import cached_npz, zoo_artifacts
 from know2vec_jax import align, features
@@ -251,11 +253,13 @@ def run(cfg: SFMTEConfig, progress: bool = True) -> dict:
     trainer.run(progress=progress)
     model = trainer.model()
     mv = model.embed_models(m_grid, m_mask)  # offline, once per zoo
-    embed = jax.jit(lambda g, m: model.embed_queries(g, m))
+    # nnx.jit with the module as an argument (a closure over it breaks the LSTM's nnx.scan).
+    embed = functools.partial(nnx.jit(lambda mod, g, m: mod.embed_queries(g, m)), model)
     for tgt in kept:  # warm-up: compile once per query shape
       np.asarray(embed(*[a[None] for a in _query_grids(backbone, tgt, *queries[tgt.name],
                                                          k_max)]) @ mv.T)
-    predict = jax.jit(lambda q: model.predict_accuracy(q[:, None], mv[None])[0])
+    predict = functools.partial(nnx.jit(
+        lambda mod, q, mv: mod.predict_accuracy(q[:, None], mv[None])[0]), model)
     t = time.perf_counter()
     qvs = {}
     for tgt in kept:  # timed: images -> phi -> query vector -> scores over the zoo
@@ -264,7 +268,7 @@ def run(cfg: SFMTEConfig, progress: bool = True) -> dict:
       scores.setdefault(name, {})[tgt.name] = np.asarray(qvs[tgt.name] @ mv.T)[0]
     per_query = (time.perf_counter() - t) / len(kept)
     for tgt in kept:
-      pred = np.asarray(predict(qvs[tgt.name]))
+      pred = np.asarray(predict(qvs[tgt.name], mv))
       scores.setdefault(f"{name} (accuracy head)", {})[tgt.name] = pred
       predicted.setdefault(name, {})[tgt.name] = pred
     for n in (name, f"{name} (accuracy head)"):
