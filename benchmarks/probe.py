@@ -12,7 +12,9 @@ probe pool, in ``KnowledgeConfig.pool_batch`` chunks) or one batch per model (a 
 step: K(K-1) = 12 midpoints per 4-way model). Throughput does not depend on the weights' values,
 so stacks are freshly initialised. FLOP/s uses the forward FLOPs of
 :func:`know2vec_jax.zoo.flops_per_image` and is also given as a fraction of the im2col convolution
-peak measured in the same run (``benchmarks/peak.py``).
+peak measured in the same run (``benchmarks/peak.py``, best call). For the headline the reference
+convolution is timed again, interleaved with the probe (median against median), because on a
+shared machine a best-call peak and a median taken minutes apart can see very different loads.
 
 This is the measurement behind ``resolve_probe_strategy("auto")``.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from benchmarks import peak as peak_lib
 from benchmarks import torch_models
 from benchmarks.common import accelerator, compare, optional, ratio
 from know2vec_jax import probe
@@ -30,6 +33,7 @@ from know2vec_jax.zoo import architectures, train
 
 NAME = "probe"
 K = 4
+REF = "reference conv"
 ARCHS = ("mlp", "cnn_s", "cnn_l")
 # (models M, batch B, shared inputs?)
 CONFIGS = {
@@ -71,6 +75,7 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   auto = probe.resolve_probe_strategy("auto")
   rng = np.random.default_rng(0)
   rows, summary, torch_check = [], [], {}
+  ref_gflops = None
   for arch in ARCHS:
     spec = train.StackSpec(arch, K)
     graphdef = spec.graphdef()
@@ -89,9 +94,19 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
         torch_check[f"{arch}/M{m}/B{b}"] = torch_models.max_abs_diff(
             torch, models, host, fns["map"]())
         fns |= _torch_fns(torch, models, torch_models.nchw(torch, host))
+      headline_config = (arch, m, b, shared) == HEADLINE[size]
+      if headline_config:
+        # The reference: one large im2col convolution (the cnn_l 64 -> 64 layer on as many images
+        # as the probe, in chunks of the peak benchmark's best batch), timed interleaved with
+        # probing so that both see the same machine load.
+        ref_fn, ref_flops = peak_lib.conv_call(b, "im2col", peak.get("conv_im2col_best_chunk"))
+        fns[REF] = ref_fn
       # Large configurations get fewer rounds; medians of >= 2 interleaved rounds still compare
       # like with like.
-      times = compare(fns, repeats=2 if quick else 3, warmup=1, budget_s=30.0)
+      times = compare(fns, repeats=(3 if headline_config else 2) if quick else
+                      (5 if headline_config else 3), warmup=1, budget_s=30.0)
+      if headline_config:
+        ref_gflops = ref_flops / times.pop(REF)["median_s"] / 1e9
       rates = {}
       for method, t in times.items():
         rate = m * b / t["median_s"]
@@ -133,9 +148,12 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
           ceiling_at_matmul_peak=ratio(matmul_peak, torch_gflops),
           geomean_over_all_configs=_geomean([s["auto_vs_torch"] for s in summary])),
       "probe_fraction_of_peak": dict(
-          value=h["auto_frac_conv_peak"], config=config,
-          ours_gflops_per_s=h["auto_gflops_per_s"], peak_gflops_per_s=conv_peak,
-          baseline="one large im2col convolution (peak benchmark)", target=">= 0.5"),
+          value=ratio(h["auto_gflops_per_s"], ref_gflops), config=config,
+          ours_gflops_per_s=h["auto_gflops_per_s"], reference_gflops_per_s=ref_gflops,
+          fraction_of_peak_benchmark_best=h["auto_frac_conv_peak"],
+          baseline=f"one large im2col convolution (the cnn_l 64->64 layer on {h_b} images, in "
+                   "chunks of the peak benchmark's best batch), timed interleaved with the probe",
+          target=">= 0.5"),
   }
   # The PyTorch thread count that won more configurations; the boundary benchmark reuses it.
   wins = {}

@@ -20,7 +20,10 @@ device unless the process has several (``--devices``): the number of shards is i
 
 ``breakdown`` splits one query at the largest M into its parts, timed interleaved: a plain scan
 (``jnp.sum``) of the same float32 array, the jitted scores alone (f32 and bf16), ``lax.top_k``
-alone on precomputed scores, and the whole ``ModelIndex.search``.
+alone on precomputed scores, and the whole ``ModelIndex.search``. The headline fraction of
+bandwidth is the search against this interleaved scan (median against median: on a shared machine
+a best-call peak and a median taken minutes apart can see very different loads); the fraction of
+the peak benchmark's best-call bandwidth is beside it.
 """
 
 from __future__ import annotations
@@ -206,10 +209,15 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
         ours_p50_ms=ours["p50_ms"], baseline_p50_ms=f["p50_ms"] if f else None,
         baseline="faiss IndexFlatIP (faster of default threads and 1 thread)"
                  if f else "faiss not installed", target=">= 1")
+    scan = breakdown["scan: jnp.sum of the f32 vectors"]
+    search = breakdown["ModelIndex.search (f32)"]
     headline["retrieval_1e6_fraction_of_bandwidth"] = dict(
-        value=ours["fraction_of_bandwidth"], config=config,
-        ours_gbytes_per_s=ours["scan_gbytes_per_s"], bandwidth_gbytes_per_s=bw,
-        baseline="memory scan (peak benchmark): 1 = at the bandwidth bound", target=">= 0.5")
+        value=scan["p50_ms"] / search["p50_ms"], config=config,
+        search_gbytes_per_s=search["scan_gbytes_per_s"],
+        scan_gbytes_per_s=scan["scan_gbytes_per_s"],
+        fraction_of_peak_benchmark_best=ours["fraction_of_bandwidth"],
+        baseline="a plain scan (jnp.sum) of the same vectors, timed interleaved with the search; "
+                 "1 = at the bandwidth bound", target=">= 0.5")
   return {"rows": rows, "summary": summary, "builds": builds, "checks": checks,
           "breakdown": [dict(models=SIZES[size][-1], queries=1, part=k, **v)
                         for k, v in breakdown.items()],
