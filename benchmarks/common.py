@@ -6,12 +6,14 @@ Timing rules used throughout:
 - Warm-up calls (compilation, caches) are never timed; a *first call* is reported on its own
   where it matters to a user (the end-to-end query).
 - The machine is shared and noisy, so a figure and its baseline are timed *interleaved*
-  (:func:`compare`: one call of each in turn, repeated) and summarised by their medians: a burst of
-  load from elsewhere slows both rather than only one.
+  (:func:`compare`: one call of each in turn, repeated; :func:`compare_latency`: blocks of calls
+  in turn, each after a short pause) and summarised by their medians: a burst of load from
+  elsewhere slows both rather than only one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import os
@@ -79,14 +81,54 @@ def compare(fns: dict[str, Callable], *, repeats: int = 3, warmup: int = 1,
 
 
 def compare_latency(fns: dict[str, Callable], *, samples: int, budget_s: float, warmup: int = 1,
-                    min_samples: int = 2) -> dict[str, dict]:
-  """Latency (ms: p50, p99, min, samples) of several functions timed interleaved, as
-  :func:`compare`: rounds of one call each, until ``samples`` rounds or ``budget_s`` seconds."""
+                    rounds: int = 3, settle_s: float = 0.1,
+                    contexts: dict[str, Callable] | None = None) -> dict[str, dict]:
+  """Latency (ms: p50, p99, min, samples) of several functions, timed in interleaved blocks.
+
+  Each of ``rounds`` rounds gives every function one block: a pause of ``settle_s`` seconds, then
+  timed calls until it has ``samples / rounds`` of them or spent ``budget_s / rounds`` seconds (at
+  least one call). Blocks rather than single calls, and the pause before each, because a BLAS or
+  OpenMP library keeps its worker threads spinning for up to ~100 ms after it returns (OpenBLAS
+  does, by default): timed right after such a call, the next function would share the CPU with
+  them. Rounds still spread load from elsewhere over all functions.
+
+  Args:
+    fns: name -> zero-argument callable.
+    samples: the most timed calls per function.
+    budget_s: the most timed seconds per function (at least one call per round).
+    warmup: untimed calls of each function first.
+    rounds: blocks per function.
+    settle_s: the pause before each block.
+    contexts: name -> a zero-argument callable returning a context manager entered around that
+      function's warm-up and blocks (a setting too costly to switch on every call, such as a
+      threadpoolctl limit).
+  """
+  contexts = contexts or {}
+
+  def entered(name):
+    return contexts[name]() if name in contexts else contextlib.nullcontext()
+  for name, fn in fns.items():
+    with entered(name):
+      for _ in range(warmup):
+        block(fn())
+  times = {name: [] for name in fns}
+  per_block = max(1, -(-samples // rounds))
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      with entered(name):
+        time.sleep(settle_s)
+        start = time.perf_counter()
+        for _ in range(per_block):
+          t = time.perf_counter()
+          block(fn())
+          times[name].append(time.perf_counter() - t)
+          if time.perf_counter() - start > budget_s / rounds:
+            break
   out = {}
-  for name, t in compare(fns, repeats=samples, warmup=warmup, budget_s=budget_s,
-                         min_repeats=min_samples).items():
-    out[name] = {"p50_ms": t["median_s"] * 1e3, "p99_ms": t["p99_s"] * 1e3,
-                 "min_ms": t["min_s"] * 1e3, "samples": t["repeats"]}
+  for name, ts in times.items():
+    ms = np.asarray(ts) * 1e3
+    out[name] = {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+                 "min_ms": float(ms.min()), "samples": len(ms)}
   return out
 
 

@@ -122,6 +122,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
       summary.append(dict(arch=arch, models=m, batch=b, inputs="shared" if shared else "per-model",
                           auto=auto, fastest=best, auto_vs_fastest=rates[auto] / rates[best],
                           auto_vs_torch=ratio(rates[auto], torch_best),
+                          torch_best_gflops_per_s=(torch_best * flops / 1e9
+                                                   if torch_best else None),
                           auto_gflops_per_s=rates[auto] * flops / 1e9,
                           auto_frac_conv_peak=ratio(rates[auto] * flops / 1e9, conv_peak)))
       line = "  ".join(f"{k_} {v:9.0f}" for k_, v in rates.items())

@@ -11,8 +11,9 @@ process:
   count and at one thread, the faster kept (on a small shared CPU its OpenMP pool can lose more
   than it gains).
 
-Methods are timed interleaved (one call of each per round) so that load from elsewhere on a shared
-machine hits them alike. A brute-force scan must read every vector once per call, so
+Methods are timed in interleaved blocks (:func:`benchmarks.common.compare_latency`) so that load
+from elsewhere on a shared machine hits them alike, and none runs beside the still-spinning worker
+threads of the one before. A brute-force scan must read every vector once per call, so
 ``M * E * bytes`` per latency is the achieved scan rate; it is reported against the memory
 bandwidth measured in the same run (``fraction_of_bandwidth``: 1 = at the bound). With many queries the scan becomes a matmul, so the
 FLOP rate against the matmul peak is reported as well. The index runs on the default single
@@ -54,11 +55,11 @@ def _numpy_search(vectors: np.ndarray, q: np.ndarray, k: int):
 
 
 def _budget(m: int, quick: bool) -> tuple[int, float]:
-  """(max samples, seconds per method) per latency measurement: many samples where calls are
-  cheap, at least two where they are not."""
+  """(max samples, timed seconds per method) per latency measurement: many samples where calls
+  are cheap, one per round where they are not."""
   if quick:
-    return 20, 0.3
-  return (200, 1.0) if m <= 10**5 else (30, 3.0)
+    return 20, 0.2
+  return (150, 0.6) if m <= 10**5 else (30, 2.0)
 
 
 def _breakdown(unit: np.ndarray, q: np.ndarray, index: ModelIndex, quick: bool) -> dict:
@@ -77,8 +78,8 @@ def _breakdown(unit: np.ndarray, q: np.ndarray, index: ModelIndex, quick: bool) 
          "scores alone (bf16 dot)": lambda: scores(qd, vb),
          "lax.top_k alone": lambda: top_k(s),
          "ModelIndex.search (f32)": lambda: index.search(q, TOPK)}
-  lat = compare_latency(fns, samples=10 if quick else 20, budget_s=3.0 if quick else 20.0,
-                        warmup=2)
+  lat = compare_latency(fns, samples=10 if quick else 30, budget_s=1.0 if quick else 3.0,
+                        warmup=2, rounds=2 if quick else 3)
   nbytes = {"scan": 4, "scores alone (f32": 4, "scores alone (bf16": 2, "ModelIndex": 4}
   for name, d in lat.items():
     b = next((v for k, v in nbytes.items() if name.startswith(k)), None)
@@ -119,10 +120,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
     unit = indexes["float32"].vectors  # the stored unit rows, shared by the baselines
     methods["numpy"] = (lambda q: _numpy_search(unit, q, TOPK), 4, 1)
     if threadpoolctl is not None:
-      def numpy_1t(q):
-        with threadpoolctl.threadpool_limits(1):
-          return _numpy_search(unit, q, TOPK)
-      methods["numpy-1t"] = (numpy_1t, 4, 1)
+      # The same function; the one-thread BLAS limit is set around its blocks (see below).
+      methods["numpy-1t"] = (lambda q: _numpy_search(unit, q, TOPK), 4, 1)
     if faiss is not None:
       fidx = faiss.IndexFlatIP(E)
       fidx.add(unit)
@@ -138,6 +137,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
           lambda q, t=default_threads: faiss_search(q, t), 4, 1)
       if default_threads > 1:
         methods["faiss-1t"] = (lambda q: faiss_search(q, 1), 4, 1)
+    one_thread_blas = ({"numpy-1t": lambda: threadpoolctl.threadpool_limits(1)}
+                       if threadpoolctl is not None else {})
     # The methods must agree on the top-10 (scores to float32 rounding; bf16 is approximate).
     ref_s, _ = methods["numpy"][0](queries[16])
     for name, (fn, _, _) in methods.items():
@@ -158,7 +159,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
               run_now.pop(r["method"], None)
       lats = compare_latency({name: (lambda fn=fn, q=q: fn(queries[q]))
                               for name, (fn, _, _) in run_now.items()},
-                             samples=samples, budget_s=budget * len(run_now))
+                             samples=samples, budget_s=budget, rounds=2 if quick else 3,
+                             contexts=one_thread_blas)
       for name, lat in lats.items():
         _, nbytes, shards = run_now[name]
         s = lat["p50_ms"] / 1e3
