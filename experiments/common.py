@@ -24,6 +24,32 @@ from know2vec_jax.vectorizers import pad_grid
 from know2vec_jax.zoo import load_zoo
 
 
+def pyplot():
+  """matplotlib's pyplot on a file-only backend, or None (with a hint) when it is missing."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing: no figure (pip install '.[plot]')")
+    return None
+  return plt
+
+
+def split_overrides(pairs, align_fields) -> tuple[dict, dict]:
+  """``KEY=VALUE`` strings (values in JSON) -> (aligner overrides, vectorizer overrides).
+
+  A key naming a field of ``align_fields`` (the AlignConfig field names) goes to the aligner,
+  any other key to the vectorizer config.
+  """
+  align_over, vec_over = {}, {}
+  for kv in pairs:
+    key, value = kv.split("=", 1)
+    value = json.loads(value) if value not in ("True", "False") else value == "True"
+    (align_over if key in align_fields else vec_over)[key] = value
+  return align_over, vec_over
+
+
 def cached_npz(path: pathlib.Path, make):
   """np.savez cache of a dict of arrays (written atomically)."""
   if path.exists():

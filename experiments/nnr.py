@@ -44,7 +44,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import cached_npz, zoo_artifacts
+from experiments.common import cached_npz, pyplot, split_overrides, zoo_artifacts
 from know2vec_jax import align, features
 from know2vec_jax.baselines import leep_scores
 from know2vec_jax.blackbox import groups_from_zoo
@@ -338,12 +338,8 @@ def validate(cfg, tasks, fold_of, model_task, grids, ep_grid, task_mask, ids, pr
 
 def plot(out: dict, path: str) -> None:
   """Bar chart: top-1 and top-5 per method on seen and held-out tasks."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib missing: no figure (pip install '.[plot]')")
+  plt = pyplot()
+  if plt is None:
     return
   methods = list(out["summary"])
   fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -392,14 +388,8 @@ def main(argv=None):
                  help="override an AlignConfig or VectorizerConfig field (repeatable)")
   args = p.parse_args(argv)
   cfg = NNRConfig(zoo_dir=args.zoo, cache_dir=args.cache)
-  align_over, vec_over = {}, {}
-  for kv in args.set:
-    key, value = kv.split("=", 1)
-    value = json.loads(value) if value not in ("True", "False") else value == "True"
-    if key in {f.name for f in dataclasses.fields(align.AlignConfig)}:
-      align_over[key] = value
-    else:
-      vec_over[key] = value
+  align_over, vec_over = split_overrides(
+      args.set, {f.name for f in dataclasses.fields(align.AlignConfig)})
   cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **align_over),
                             vectorizer_overrides=tuple(sorted(vec_over.items())),
                             validate=args.validate)

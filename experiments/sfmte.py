@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.common import cached_npz, zoo_artifacts
+from experiments.common import cached_npz, pyplot, split_overrides, zoo_artifacts
 from know2vec_jax import align, features
 from know2vec_jax.baselines import BASELINES, run_baseline
 from know2vec_jax.data import Task
@@ -403,12 +403,8 @@ def validate(cfg, ep, tr_acc, m_grid, m_mask, train_targets, progress):
 
 def plot(out: dict, path: str) -> None:
   """Bar chart: weighted tau per evaluation target per method, with the noise ceiling."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib missing: no figure (pip install '.[plot]')")
+  plt = pyplot()
+  if plt is None:
     return
   methods = [m for m in out["summary"] if m in out["per_target"]]
   targets = list(out["noise_ceiling"])
@@ -461,14 +457,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   cfg = SFMTEConfig(zoo_dir=args.zoo, cache_dir=args.cache, validate=args.validate,
                     train_gt=TRAIN_LABELS[args.train_labels], train_targets=args.train_targets)
-  align_over, vec_over = {}, {}
-  for kv in args.set:
-    key, value = kv.split("=", 1)
-    value = json.loads(value) if value not in ("True", "False") else value == "True"
-    if key in {f.name for f in dataclasses.fields(align.AlignConfig)}:
-      align_over[key] = value
-    else:
-      vec_over[key] = value
+  align_over, vec_over = split_overrides(
+      args.set, {f.name for f in dataclasses.fields(align.AlignConfig)})
   cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **align_over),
                             vectorizer_overrides=tuple(sorted(vec_over.items())))
   if args.variant:
