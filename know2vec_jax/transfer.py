@@ -207,6 +207,17 @@ def run_sample(target: TransferTarget, cfg: "FinetuneConfig", run: int = 0,
   return td.images[idx], td.labels[idx]
 
 
+def _head_seeds(cfg: "FinetuneConfig", runs, target: TransferTarget, arch: str) -> list[int]:
+  """Head-initialisation seed of each run: one per run, shared by every model of an arch."""
+  return [_stable_int("head", cfg.seed, int(r), target.task.task_id, arch) for r in runs]
+
+
+def _batch_keys(cfg: "FinetuneConfig", runs, target: TransferTarget) -> jax.Array:
+  """Batch-order key of each run, shared by every model (common random numbers)."""
+  return jax.vmap(jax.random.key)(jnp.asarray(
+      [_stable_int("batches", cfg.seed, int(r), target.task.task_id) for r in runs], jnp.uint32))
+
+
 def _head_key(path) -> bool:
   return any(getattr(p, "key", None) == "head" for p in path)
 
@@ -340,13 +351,10 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
       runs = np.asarray([r for _, r in chunk_p])
       # Same head initialisation and batch order for every model of a run (common random
       # numbers); a different one per run.
-      run_seeds = [_stable_int("head", cfg.seed, r, target.task.task_id, stack.spec.arch)
-                   for r in runs]
-      fresh = train_lib.init_stack(spec, run_seeds)
+      fresh = train_lib.init_stack(spec, _head_seeds(cfg, runs, target, stack.spec.arch))
       body = jax.tree.map(lambda a: a[sidx], stack.params)
       params = _transplant(fresh, body)
-      keys = jax.vmap(jax.random.key)(jnp.asarray(
-          [_stable_int("batches", cfg.seed, r, target.task.task_id) for r in runs], jnp.uint32))
+      keys = _batch_keys(cfg, runs, target)
       acc = _finetune_rows(graphdef, params, keys,
                            jnp.full((len(chunk_p),), lr, jnp.float32), images,
                            jnp.asarray(samples[runs]), jnp.asarray(train_labels[runs]),
@@ -364,31 +372,28 @@ def _linear_stack(out, col, stack, spec, graphdef, mids, images, samples, train_
                   test_labels, lr, target, cfg, strategy, progress):
   """``mode="linear"`` for the models ``mids`` of one stack (fills ``out`` in place)."""
   runs = np.arange(cfg.runs)
-  run_seeds = [_stable_int("head", cfg.seed, r, target.task.task_id, stack.spec.arch)
-               for r in runs]
-  fresh = train_lib.init_stack(spec, run_seeds)  # [R, ...]; only its head is used
+  fresh = train_lib.init_stack(spec, _head_seeds(cfg, runs, target, stack.spec.arch))  # [R, ...]
   head0 = {k: jnp.asarray(fresh["head"][k].get_value()) for k in ("kernel", "bias")}
-  keys = jax.vmap(jax.random.key)(jnp.asarray(
-      [_stable_int("batches", cfg.seed, r, target.task.task_id) for r in runs], jnp.uint32))
+  # The merged graph needs a K-way head of the target's shape; only its body (taken from the zoo)
+  # is used, since each run's head is trained on the features separately.
+  template = jax.tree.map(lambda a: a[:1], fresh)
+  keys = _batch_keys(cfg, runs, target)
+  row = {m: i for i, m in enumerate(stack.model_ids)}
   for start in range(0, len(mids), cfg.chunk_size):
     chunk = mids[start:start + cfg.chunk_size]
     pad = cfg.chunk_size - len(chunk) if len(mids) > cfg.chunk_size else 0
     chunk_p = chunk + [chunk[-1]] * pad
-    sidx = np.asarray([_record_index(stack, m) for m in chunk_p])
-    body = jax.tree.map(lambda a: a[sidx], stack.params)
+    body = jax.tree.map(lambda a: a[np.asarray([row[m] for m in chunk_p])], stack.params)
+    params = _transplant(jax.tree.map(lambda a: jnp.repeat(a, len(chunk_p), 0), template), body)
     heads = {k: jnp.broadcast_to(v, (len(chunk_p),) + v.shape) for k, v in head0.items()}
-    acc = np.asarray(_linear_rows(graphdef, _transplant(jax.tree.map(lambda a: a[:1].repeat(
-        len(chunk_p), 0), fresh), body), heads, keys, jnp.float32(lr), images,
-        jnp.asarray(samples), jnp.asarray(train_labels), test_idx, test_labels,
-        steps=cfg.steps, batch_size=cfg.batch_size, strategy=strategy))
+    acc = np.asarray(_linear_rows(graphdef, params, heads, keys, jnp.float32(lr), images,
+                                  jnp.asarray(samples), jnp.asarray(train_labels), test_idx,
+                                  test_labels, steps=cfg.steps, batch_size=cfg.batch_size,
+                                  strategy=strategy))
     for i, m in enumerate(chunk):
       out[:, col[m]] = acc[i]
     if progress is not None:
       progress(len(chunk) * cfg.runs)
-
-
-def _record_index(stack, model_id: str) -> int:
-  return stack.model_ids.index(model_id)
 
 
 def _cache_key(zoo_dir: pathlib.Path, model_ids: Sequence[str], target: TransferTarget,
