@@ -37,6 +37,7 @@ demo: setup
 # Every results table and figure of experiments/ (reusing cached artifacts when present; remove
 # artifacts/ to start from scratch): NNR, SF-MTE, and retrieval latency against zoo size.
 reproduce: setup
+	$(BIN)/pip install -q -e '.[bench]'  # faiss-cpu and threadpoolctl: the latency figure's peers
 	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
 	$(BIN)/python -m experiments.nnr --zoo $(ZOO)
 	$(BIN)/python -m experiments.sfmte --zoo $(ZOO)

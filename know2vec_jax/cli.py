@@ -417,10 +417,8 @@ def _forward(module: str, argv: list[str]) -> int:
   mod = _import_from_checkout(module)
   if mod is None:
     name = module.split(".")[0]
-    hint = (" (the SF-MTE experiment is not part of this checkout yet)"
-            if module == "experiments.sfmte" else "")
     command = "eval" if name == "experiments" else "bench"
-    raise CommandError(f"{module} is not available{hint}: `know2vec {command}` runs the {name}/ "
+    raise CommandError(f"{module} is not available: `know2vec {command}` runs the {name}/ "
                        "folder of the know2vec-jax source checkout; run it from the repository")
   # The forwarded parser names itself after argv[0]: make its usage read `know2vec eval nnr`.
   prog = sys.argv[0]
