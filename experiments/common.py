@@ -111,10 +111,10 @@ def zoo_artifacts(zoo_dir: str, cache_dir: str, *, pool_per_source: int = 800,
     anchors_per_class, max_classes, seed: extraction and padding settings.
     progress: progress bars.
   """
+  zoo = load_zoo(zoo_dir)  # first: a missing or broken zoo gets the store's clear ZooError
   zoo_key = hashlib.sha1((pathlib.Path(zoo_dir) / "zoo.json").read_bytes()).hexdigest()[:10]
   cache = pathlib.Path(cache_dir) / zoo_key
   cache.mkdir(parents=True, exist_ok=True)
-  zoo = load_zoo(zoo_dir)
   records = list(zoo.records.values())
   ids = [r.model_id for r in records]
   sources = sorted({r.source for r in records})

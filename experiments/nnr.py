@@ -377,8 +377,8 @@ def format_table(out: dict) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="1 fold, default variant, no ablation")
-  p.add_argument("--zoo", default=NNRConfig.zoo_dir)
-  p.add_argument("--out", default=None)
+  p.add_argument("--zoo", default=NNRConfig.zoo_dir, help="the zoo directory (demo preset)")
+  p.add_argument("--out", default=None, help=f"results JSON (default {NNRConfig.out})")
   p.add_argument("--cache", default=NNRConfig.cache_dir, help="cache of derived artifacts")
   p.add_argument("--steps", type=int, default=None, help="aligner steps (default from config)")
   p.add_argument("--validate", action="store_true",

@@ -476,9 +476,10 @@ def format_table(out: dict) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--zoo", default=SFMTEConfig.zoo_dir)
-  p.add_argument("--cache", default=SFMTEConfig.cache_dir)
-  p.add_argument("--out", default=None)
+  p.add_argument("--zoo", default=SFMTEConfig.zoo_dir, help="the zoo directory (demo preset)")
+  p.add_argument("--cache", default=SFMTEConfig.cache_dir,
+                 help="where the ground truth and training episodes are cached")
+  p.add_argument("--out", default=None, help=f"results JSON (default {SFMTEConfig.out})")
   p.add_argument("--ground-truth", action="store_true", help="only compute the ground truth")
   p.add_argument("--train-labels", default="full", choices=list(TRAIN_LABELS),
                  help="how the training targets' accuracies are measured")

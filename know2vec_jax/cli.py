@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--zoo", default=DEFAULT_ZOO, help=f"zoo directory (default {DEFAULT_ZOO})")
     sp.add_argument("--json", action="store_true", help="JSON output")
     if hlp == "show":
-      sp.add_argument("model_id")
+      sp.add_argument("model_id", help="a model id, as `know2vec zoo list` prints it")
     if hlp == "list":
       sp.add_argument("--arch", default=None, help="only this architecture")
       sp.add_argument("--source", default=None, help="only this source (with transforms)")
