@@ -4,10 +4,11 @@ Command:   python -m experiments.latency            (measures, then draws)
            python -m experiments.latency --from-results benchmarks/results/cpu-cpu.json
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
 Runtime:   about 4 min on an idle machine (the machine-peak and retrieval benchmarks at full size).
-Expected:  top-10 of one query (ModelIndex, f32): 0.1 ms at 10^3 models, 0.25 ms at 10^4, 4 ms at
-           10^5, 35 ms at 10^6 (a memory-bound scan of 1 GB; numpy 36 ms, faiss 31 ms); 256
-           queries at once: 1.3 s at 10^6 against 7-9 s for numpy and faiss. The committed run's
-           numbers are in experiments/results/latency.json.
+Expected:  top-10 of one query (ModelIndex, f32): 0.1 ms at 10^3 models, 0.25 ms at 10^4, 3-4 ms at
+           10^5, 27-35 ms at 10^6 (a memory-bound scan of 1 GB; numpy 25-36 ms, faiss 30-37 ms,
+           all moving with machine load); 256 queries at once: 0.8-1.3 s at 10^6 against 5-9 s
+           for numpy and faiss. The committed run's numbers are in
+           experiments/results/latency.json.
 
 It runs the ``retrieval`` benchmark of ``benchmarks/`` (machine peak first, for the bandwidth
 bound) and plots p50 latency of one query (and of 256 at once) against M for every method, with
