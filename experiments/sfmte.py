@@ -494,6 +494,8 @@ def main(argv=None):
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override an AlignConfig or VectorizerConfig field (repeatable)")
   args = p.parse_args(argv)
+  if args.train_targets < 4:  # --validate holds out a quarter of them; the aligner needs several
+    p.error(f"--train-targets must be at least 4, got {args.train_targets}")
   cfg = SFMTEConfig(zoo_dir=args.zoo, cache_dir=args.cache, validate=args.validate,
                     train_gt=TRAIN_LABELS[args.train_labels], train_targets=args.train_targets)
   align_over, vec_over = split_overrides(

@@ -152,8 +152,7 @@ def test_every_command_has_help(capsys):
   assert "--quick" in capsys.readouterr().out
 
 
-def test_eval_and_bench_forward_or_say_why(capsys, monkeypatch):
-  import importlib.util
+def test_eval_and_bench_forward_or_say_why(capsys, monkeypatch, tmp_path):
   import sys
   calls = []
   fake = type(sys)("benchmarks.__main__")
@@ -161,9 +160,11 @@ def test_eval_and_bench_forward_or_say_why(capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, "benchmarks.__main__", fake)
   assert main(["bench", "--quick", "--only", "zoo_train"]) == 0
   assert calls == [["--quick", "--only", "zoo_train"]]
-  if importlib.util.find_spec("experiments.sfmte") is None:
-    assert main(["eval", "sfmte"]) == 2
-    _one_line_error(capsys, "experiments.sfmte is not available")
+  for exp in ("nnr", "sfmte"):  # forwarded experiments report a missing zoo in one line too
+    assert main(["eval", exp, "--zoo", str(tmp_path / "nozoo")]) == 2
+    _one_line_error(capsys, "no zoo at", "know2vec zoo build")
+  assert main(["eval", "sfmte", "--train-targets", "0"]) == 2
+  assert "--train-targets must be at least 4, got 0" in capsys.readouterr().err
   assert main(["eval", "leep"]) == 2
   _one_line_error(capsys, "invalid choice: 'leep'")
 
