@@ -86,3 +86,17 @@ def test_noise_ceiling_is_split_half_agreement():
   assert noise_ceiling(noisy, corr) < noise_ceiling(clean, corr) - 0.3
   with pytest.raises(TransferError, match="R >= 2"):
     noise_ceiling(truth[None], corr)
+
+
+
+def test_ground_truth_drops_each_targets_compiled_executables(tiny_zoo, tiny_zoo_dir, tmp_path):
+  # Each target compiles its own shapes, and XLA:CPU keeps every executable memory-mapped: a few
+  # dozen targets' worth exhausted the kernel's mapping limit. ground_truth must release them.
+  from know2vec_jax import transfer
+  zoo, _ = tiny_zoo
+  ids = sorted(zoo.records)[:2]
+  two = TransferTarget("digits-2", Task("digits", (3, 8)), split="train")
+  transfer.finetune_accuracy(zoo, ids, two, CFG)
+  assert transfer._finetune_rows._cache_size() > 0
+  ground_truth(zoo, tiny_zoo_dir, ids, [TARGET, two], CFG, cache_dir=tmp_path)
+  assert transfer._finetune_rows._cache_size() == 0
