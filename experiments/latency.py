@@ -23,6 +23,8 @@ import pathlib
 
 import numpy as np
 
+from experiments.common import pyplot
+
 OUT = pathlib.Path("experiments/results/latency.json")
 FIGURE = pathlib.Path("experiments/results/latency_vs_zoo_size.png")
 
@@ -36,9 +38,9 @@ def measure() -> dict:
 
 
 def plot(res: dict, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
+  if plt is None:
+    return
   rows = res["retrieval"]["rows"]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for ax, q in zip(axes, (1, 256)):

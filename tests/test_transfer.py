@@ -88,7 +88,6 @@ def test_noise_ceiling_is_split_half_agreement():
     noise_ceiling(truth[None], corr)
 
 
-
 def test_ground_truth_drops_each_targets_compiled_executables(tiny_zoo, tiny_zoo_dir, tmp_path):
   # Each target compiles its own shapes, and XLA:CPU keeps every executable memory-mapped: a few
   # dozen targets' worth exhausted the kernel's mapping limit. ground_truth must release them.
