@@ -35,10 +35,12 @@ from know2vec_jax.vectorizers import VectorizerConfig
 
 NAME = "align_train"
 BATCH = 64
+DIM = 128  # the backbone's feature size D
+OBJECTIVE = align.RankingObjective(subset_prob=0.3)
 
 
 def _data(models: int = 256, tasks: int = 64, episodes: int = 8, k_max: int = 10,
-          dim: int = 128, seed: int = 0) -> align.AlignData:
+          dim: int = DIM, seed: int = 0) -> align.AlignData:
   rng = np.random.default_rng(seed)
   ks = np.asarray([(2, 4, 4, 10)[t % 4] for t in range(tasks)])
   task_mask = (np.arange(k_max)[None] < ks[:, None]).astype(np.float32)
@@ -54,9 +56,9 @@ def _data(models: int = 256, tasks: int = 64, episodes: int = 8, k_max: int = 10
 def measure(num_devices: int, steps: int, warmup: int = 3) -> dict:
   """Samples/s of the trainer and of the bare jitted step on a ``num_devices`` mesh."""
   data = _data()
-  cfg = align.AlignConfig(steps=warmup + steps, batch_size=BATCH, subset_prob=0.3,
-                          checkpoint_every=10**9)
-  trainer = align.Trainer(VectorizerConfig(), cfg, data, mesh=data_mesh(num_devices))
+  cfg = align.AlignConfig(steps=warmup + steps, batch_size=BATCH, checkpoint_every=10**9)
+  trainer = align.Trainer(VectorizerConfig(), DIM, cfg, OBJECTIVE, data,
+                          mesh=data_mesh(num_devices))
   t0 = time.perf_counter()
   trainer.run(warmup, progress=False)
   block(trainer.state)
@@ -68,19 +70,18 @@ def measure(num_devices: int, steps: int, warmup: int = 3) -> dict:
   # The jitted public step alone, sharded as the trainer shards it, on one batch already placed.
   mesh = data_mesh(num_devices)
   replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  graphdef, state = align.init_state(VectorizerConfig(), data.num_tasks, cfg)
-  step = jax.jit(functools.partial(align.train_step, graphdef, cfg),
-                 in_shardings=(replicated, split, replicated),
+  graphdef, state = align.init_state(VectorizerConfig(), DIM, data.num_tasks, cfg)
+  step = jax.jit(functools.partial(align.train_step, graphdef, cfg, OBJECTIVE),
+                 in_shardings=(replicated, split, replicated, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
-  batch = jax.device_put(align.local_batch(data, *align.sample_batch_indices(data, cfg, 0)),
-                         split)
+  batch = jax.device_put(OBJECTIVE.host_batch(data, cfg, 0, slice(None)), split)
   state = jax.device_put(state, replicated)
   key = jax.random.key(0)
-  state, _ = step(state, batch, key)
+  state, _ = step(state, batch, (), key)
   block(state)
   t0 = time.perf_counter()
   for i in range(steps):
-    state, metrics = step(state, batch, jax.random.fold_in(key, i))
+    state, metrics = step(state, batch, (), jax.random.fold_in(key, i))
   block((state, metrics))
   step_s = time.perf_counter() - t0
   return dict(devices=num_devices, backend=jax.default_backend(), batch=BATCH, steps=steps,
@@ -92,10 +93,10 @@ def measure(num_devices: int, steps: int, warmup: int = 3) -> dict:
 def agreement(num_devices: int, steps: int = 4) -> dict:
   """Largest |1-device - N-device| loss and parameter difference after the same steps."""
   data = _data(models=64, tasks=16)
-  cfg = align.AlignConfig(steps=steps, batch_size=BATCH, subset_prob=0.3, checkpoint_every=10**9)
+  cfg = align.AlignConfig(steps=steps, batch_size=BATCH, checkpoint_every=10**9)
   runs = []
   for n in (1, num_devices):
-    tr = align.Trainer(VectorizerConfig(), cfg, data, mesh=data_mesh(n))
+    tr = align.Trainer(VectorizerConfig(), DIM, cfg, OBJECTIVE, data, mesh=data_mesh(n))
     hist = tr.run(steps, progress=False, log_every=1)
     runs.append(([h["loss"] for h in hist], jax.tree.leaves(jax.device_get(tr.state["params"]))))
   (l1, p1), (ln, pn) = runs

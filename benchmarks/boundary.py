@@ -142,7 +142,7 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   return {"rows": rows, "ratios": ratios, "checks": checks, "headline": headline,
           "num_devices": jax.device_count(),
           "note": "pairs x models per second of extract_knowledge end to end (anchor pass, "
-                  "boundary search, grid logits); queries_per_s counts black-box inputs; the "
+                  "boundary search); queries_per_s counts black-box inputs; the "
                   "stack is trained for 40 steps first (work per call does not depend on it)"}
 
 

@@ -16,7 +16,7 @@ peak measured in the same run (``benchmarks/peak.py``, best call). For the headl
 convolution is timed again, interleaved with the probe (median against median), because on a
 shared machine a best-call peak and a median taken minutes apart can see very different loads.
 
-This is the measurement behind ``resolve_probe_strategy("auto")``.
+This is the measurement behind ``know2vec_jax.strategy.resolve("auto")``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from benchmarks import peak as peak_lib
 from benchmarks import torch_models
 from benchmarks.common import accelerator, compare, optional, ratio
 from know2vec_jax import probe
+from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.zoo import architectures, train
 
@@ -72,7 +73,7 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   lax_conv_peak = peak.get("conv_xla_gflops_per_s")
   torch = optional("torch")
   mesh = data_mesh() if jax.device_count() > 1 else None
-  auto = probe.resolve_probe_strategy("auto")
+  auto = strategy_lib.resolve("auto")
   rng = np.random.default_rng(0)
   rows, summary, torch_check = [], [], {}
   ref_gflops = None

@@ -1,17 +1,16 @@
 """End-to-end query latency: 5 shots x 4 classes of images -> query vector -> ranked list.
 
-The query path of the library, per call: :func:`know2vec_jax.features.query_grid` (validation,
-backbone features of the shots and of the class midpoints, class-prototype grid) ->
-:func:`know2vec_jax.vectorizers.pad_grid` -> the Know2Vec query vectorizer (jitted as a pure
-function of its parameters) -> :meth:`ModelIndex.search` over a 10^4-model index -> a ranked list of
-(model id, score, metadata) rows.
+The product's query path, :func:`know2vec_jax.proxy.query` on a :class:`Proxy` of the default
+(demo) configuration, per call: :meth:`Proxy.query_grid` (validation, backbone features of the
+shots and of the class midpoints, class-prototype grid, padding) -> the jitted query vectorizer
+(:meth:`Proxy.embed_grids`) -> :meth:`ModelIndex.search` over a 10^4-model index -> ranked rows
+(model id, score, metadata).
 
 Reported: the first call (compilation included) on its own, then p50 / p99 over many calls, and
-the p50 of each stage. The same path with the vectorizer called eagerly (an un-jitted Flax NNX
-module, one dispatch per op) is timed as the baseline: it is what a caller who does not jit the
-module gets. Backbone and vectorizer are freshly initialised with the default configurations
-(latency does not depend on trained values); the index holds random unit vectors of the
-vectorizer's size E.
+the p50 of each stage. The same path with the vectorizer called eagerly (the proxy's Flax NNX
+module un-jitted, one dispatch per op) is timed as the baseline: it is what a caller who does not
+jit the module gets. The proxy's backbone and vectorizer are freshly initialised (latency does not
+depend on trained values); the index holds random unit vectors of the vectorizer's size E.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import latency, ratio
-from know2vec_jax.backbone import Backbone, BackboneConfig
+from know2vec_jax.backbone import Backbone
 from know2vec_jax.data import load_source
-from know2vec_jax.features import query_grid
 from know2vec_jax.index import ModelIndex
-from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
+from know2vec_jax.proxy import Proxy, proxy_preset, query
+from know2vec_jax.vectorizers import Know2Vec
 
 NAME = "query"
 SHOTS, CLASSES, TOPK = 5, 4, 10
@@ -44,11 +43,12 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   labels = np.repeat(np.arange(CLASSES, dtype=np.int32), SHOTS)
 
   t_setup = time.perf_counter()
-  backbone = Backbone(BackboneConfig(), num_labels=10)
-  vcfg = VectorizerConfig()
-  graphdef, params = nnx.split(Know2Vec(vcfg, rngs=nnx.Rngs(0)))
-  embed = jax.jit(lambda p, g, mask: nnx.merge(graphdef, p).embed_queries(g, mask))
-  eager_model = nnx.merge(graphdef, params)
+  cfg = proxy_preset("demo")
+  backbone = Backbone(cfg.backbone, src.image_shape, num_labels=10)
+  vcfg = cfg.vectorizer
+  proxy = Proxy(cfg, backbone, Know2Vec(vcfg, backbone.dim, rngs=nnx.Rngs(0)),
+                src.train_images[:64], tasks=[])
+  eager_model = proxy.vectorizer
   index = ModelIndex(vcfg.embed_dim)
   vecs = rng.standard_normal((NUM_MODELS, vcfg.embed_dim), dtype=np.float32)
   index.add_vectors([f"m{i}" for i in range(NUM_MODELS)], vecs,
@@ -56,23 +56,17 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
                      for i in range(NUM_MODELS)])
   setup_s = time.perf_counter() - t_setup
 
-  def vectorize(jitted: bool):
-    grid = query_grid(backbone, images, labels, max_classes=vcfg.max_classes)
-    g, mask = pad_grid(grid, vcfg.max_classes)
-    if jitted:
-      return embed(params, g[None], mask[None])[0]
-    return eager_model.embed_queries(g[None], mask[None])[0]
-
   def ranked(vec):
     scores, ids = index.search(np.asarray(vec), TOPK)
     return [dict(rank=r + 1, model_id=i, score=float(s), **index.metadata(i))
             for r, (i, s) in enumerate(zip(ids[0], scores[0]))]
 
   def end_to_end():
-    return ranked(vectorize(True))
+    return query(proxy, index, images, labels, k=TOPK)
 
   def end_to_end_eager():
-    return ranked(vectorize(False))
+    g, mask = proxy.query_grid(images, labels)
+    return ranked(eager_model.embed_queries(g[None], mask[None])[0])
 
   t0 = time.perf_counter()
   first = end_to_end()
@@ -82,16 +76,15 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   e2e = latency(end_to_end, samples=samples, warmup=3, budget_s=budget)
   eager = latency(end_to_end_eager, samples=samples // 3, warmup=2, budget_s=budget / 2)
   # Stages (p50 each), so a regression shows where it is.
-  grid = query_grid(backbone, images, labels, max_classes=vcfg.max_classes)
-  g, mask = pad_grid(grid, vcfg.max_classes)
-  vec = np.asarray(embed(params, g[None], mask[None])[0])
+  g, mask = proxy.query_grid(images, labels)
+  vec = proxy.embed_grids(g[None], mask[None], "queries")[0]
   stages = {
-      "query_grid (validate + backbone + prototypes)":
-          latency(lambda: query_grid(backbone, images, labels, max_classes=vcfg.max_classes),
-                  samples=samples, budget_s=budget / 4),
-      "pad_grid + vectorizer (jit)":
-          latency(lambda: embed(params, *[a[None] for a in pad_grid(grid, vcfg.max_classes)]),
-                  samples=samples, budget_s=budget / 4),
+      "Proxy.query_grid (validate + backbone + prototypes + pad)":
+          latency(lambda: proxy.query_grid(images, labels), samples=samples,
+                  budget_s=budget / 4),
+      "Proxy.embed_grids (jitted vectorizer)":
+          latency(lambda: proxy.embed_grids(g[None], mask[None], "queries"), samples=samples,
+                  budget_s=budget / 4),
       "vectorizer (eager NNX)":
           latency(lambda: eager_model.embed_queries(g[None], mask[None]), samples=samples // 3,
                   budget_s=budget / 4),

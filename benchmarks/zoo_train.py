@@ -1,7 +1,7 @@
 """Zoo training throughput: model-steps/s of a stack, ``vmap`` vs ``lax.map`` over the model axis,
 and the two convolution lowerings (``im2col`` matmuls vs ``lax.conv``), per architecture family.
 
-This is the measurement behind ``resolve_strategy("auto")`` and the default ``conv_impl``. Training
+This is the measurement behind ``know2vec_jax.strategy.resolve("auto")`` and the default ``conv_impl``. Training
 FLOP/s (3x the forward FLOPs: forward plus two backward products) is also given as a fraction of the
 matmul peak measured in the same run (``benchmarks/peak.py``).
 """

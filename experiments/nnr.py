@@ -1,20 +1,21 @@
 """NNR (neural network retrieval) on the demo zoo: Know2Vec against random, untrained anchor
 matching and LEEP, on tasks the aligner saw and on tasks (and models) it never saw.
 
-Command:   python -m experiments.nnr            (full: 3 folds, 3 variants, the T ablation, LEEP)
-           python -m experiments.nnr --quick    (3 folds, the default variant and the baselines)
+Command:   python -m experiments.nnr                  (full: 3 folds, 3 variants, the T ablation, LEEP)
+           python -m experiments.nnr --quick          (the main job's table: see QUICK below)
            python -m experiments.nnr --validate [--set KEY=VALUE ...]   (model selection)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
-Runtime:   full 11-13 min from a built demo zoo (knowledge 66 s per T, backbone 45 s, 12 aligner
-           trainings of 22-120 s, LEEP 77 s); --quick 5 min with an empty cache, under 3 min
-           with cached artifacts.
-Expected (experiments/results/nnr.json, 396 held-out and 1,008 seen queries):
-           default know2vec-attention-shared: seen top-1 0.95, held-out top-1 0.54, top-5 0.82;
-           separate encoders held-out top-1 0.19; released-code LSTM 0.49; T=0 (no boundary
-           search) 0.49; untrained anchor matching 0.46; LEEP 0.38 (top-5 0.99); random 0.01.
+Runtime:   EXPECTED_RUNTIME below.
+Expected:  EXPECTED_NUMBERS below (experiments/results/nnr.json, figure nnr.png).
+
+Everything runs through the product: a fold is ``Proxy.train(zoo, cfg, model_ids=<the fold's
+training models>)``, its held-out models join afterwards through ``Proxy.build_index`` (no
+retraining), and queries are ``Proxy.embed_query`` + ``ModelIndex.search``; baselines are scored by
+:mod:`know2vec_jax.baselines`. One :class:`know2vec_jax.pipeline.Cache` shares the knowledge,
+phi and episodes across folds and variants, so each model is probed once per knowledge config.
 
 Model selection (``--validate``, never the evaluation queries): a quarter of fold 0's training
-4-way tasks are held out as validation tasks; queries are episodes from their *train* splits.
+4-way tasks are held out as validation tasks; queries are drawn from their *train* splits.
 Measured there (top-1 on 66 validation queries): ce_weight 1 vs 0: 0.82 vs 0.58 (with 32
 anchors per class); 32 vs 1 anchors per class: 0.58 vs 0.50 (ce_weight 0); feature noise 0.1:
 0.32; 500 instead of 1500 steps: 0.58; class-subset augmentation 0.25 / 0.5: 0.74 / 0.73. The
@@ -22,12 +23,12 @@ defaults are the best of these.
 
 Protocol (nothing is tuned on the evaluation queries):
 - Every distinct task of the zoo is a task. 4-way tasks are split into ``folds`` folds; in fold f
-  the aligner trains on every task outside fold f (its models and query episodes drawn from the
-  tasks' *train* splits); fold f's models are vectorized after training and added to the index.
-- Queries: ``queries_per_task`` draws of ``shots`` images per class from each task's *held-out*
-  split. The index holds every zoo model; a retrieved model is correct when it was trained on the
-  query's task (same source domain and class set). ``seen`` = queries of training tasks,
-  ``heldout`` = queries of fold-f tasks; each task is held out in exactly one fold.
+  the proxy trains on the models of every task outside fold f (query episodes from the tasks'
+  *train* splits); fold f's models are vectorized after training and added to the index.
+- Queries: ``queries_per_task`` draws of ``query_shots`` images per class from each task's
+  *held-out* split. The index holds every zoo model; a retrieved model is correct when it was
+  trained on the query's task (same source domain and class set). ``seen`` = queries of training
+  tasks, ``heldout`` = queries of fold-f tasks; each task is held out in exactly one fold.
 - Metrics: top-1, top-5 (a correct model among the first 5), MRR (1 / rank of the first correct
   model), averaged over queries; also by how many classes the query's task shares with its
   closest other task of the zoo (same base dataset, any domain).
@@ -44,43 +45,113 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import cached_npz, pyplot, split_overrides, zoo_artifacts
-from know2vec_jax import align, features
-from know2vec_jax.baselines import leep_scores
+from experiments.common import add_config_arguments, config_from_args, pyplot
+from know2vec_jax import config as config_lib
+from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task, few_shot, load_source
-from know2vec_jax.index import ModelIndex
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
-from know2vec_jax.vectorizers import VectorizerConfig, pad_grid
+from know2vec_jax.pipeline import Cache
+from know2vec_jax.proxy import Proxy, ProxyConfig, proxy_preset, zoo_metadata
+from know2vec_jax.zoo import load_zoo
 
+# Each variant is a set of overrides of the proxy config.
 VARIANTS = {
-    "know2vec-attention-shared": VectorizerConfig(variant="attention", shared=True),
-    "know2vec-attention-separate": VectorizerConfig(variant="attention", shared=False),
-    "know2vec-lstm": VectorizerConfig(variant="lstm", shared=False),
+    "know2vec-attention-shared": (),
+    "know2vec-attention-separate": ("vectorizer.shared=false",),
+    "know2vec-lstm": ("vectorizer.variant=lstm", "vectorizer.shared=false"),
 }
 DEFAULT_VARIANT = "know2vec-attention-shared"
+ABLATION = ("knowledge.search_steps=0",)  # T = 0: no boundary search
+
+EXPECTED_RUNTIME = (
+    "full 25 min from a built demo zoo with an empty cache (knowledge 70 s per T, backbone 45 s, "
+    "12 aligner trainings, LEEP 80 s); --quick 6.5 min with an empty cache")
+EXPECTED_NUMBERS = (
+    "default know2vec-attention-shared: seen top-1 0.95, held-out top-1 0.54, top-5 0.82; "
+    "separate encoders held-out top-1 0.19; lstm 0.49; T=0 (no boundary search) 0.49; untrained "
+    "anchor matching 0.46; LEEP 0.38 (top-5 0.99); random 0.01")
 
 
 @dataclasses.dataclass(frozen=True)
 class NNRConfig:
-  zoo_dir: str = "artifacts/zoo-demo"
-  cache_dir: str = "artifacts/nnr-cache"
-  out: str = "experiments/results/nnr.json"
+  """The NNR experiment.
+
+  Attributes:
+    proxy: the proxy every variant starts from (its overrides in :data:`VARIANTS`).
+    folds: how many folds the 4-way tasks are split into.
+    evaluate_folds: how many of them are trained and evaluated (the first ones).
+    queries_per_task, query_shots: evaluation queries per task and images per class in each.
+    variants: the Know2Vec variants to train.
+    ablate_search_steps: also train the default variant with T = 0.
+    leep: score LEEP (forwards every query through every zoo model).
+    seed: folds and queries.
+  """
+  proxy: ProxyConfig = ProxyConfig()
   folds: int = 3
-  shots: int = 5
+  evaluate_folds: int = 3
   queries_per_task: int = 3
-  pool_per_source: int = 800
-  search_steps: int = 8
-  anchors_per_class: int = 32
-  episodes: int = 32
-  max_classes: int = 10
+  query_shots: int = 5
   variants: tuple[str, ...] = tuple(VARIANTS)
   ablate_search_steps: bool = True
   leep: bool = True
-  align: align.AlignConfig = align.AlignConfig()
-  vectorizer_overrides: tuple = ()
-  validate: bool = False
   seed: int = 0
+
+  def __post_init__(self):
+    require(self.folds >= 2, f"folds must be >= 2, got {self.folds}")
+    require(1 <= self.evaluate_folds <= self.folds,
+            f"evaluate_folds must be in 1..folds={self.folds}, got {self.evaluate_folds}")
+    require(self.queries_per_task >= 1 and self.query_shots >= 1,
+            "queries_per_task and query_shots must be >= 1")
+    unknown = [v for v in self.variants if v not in VARIANTS]
+    require(not unknown, f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+
+
+PRESETS: Presets[NNRConfig] = Presets("nnr")
+
+
+@PRESETS.register("full")
+def _full() -> NNRConfig:
+  """3 folds, every variant, the T = 0 ablation and LEEP (the README table)."""
+  return NNRConfig(proxy=proxy_preset("demo"))
+
+
+@PRESETS.register("quick")
+def _quick() -> NNRConfig:
+  """The main job: the default variant on one of the 3 folds, with the baselines."""
+  return NNRConfig(proxy=proxy_preset("demo"), evaluate_folds=1,
+                   variants=(DEFAULT_VARIANT,), ablate_search_steps=False)
+
+
+@PRESETS.register("tiny")
+def _tiny() -> NNRConfig:
+  """The tiny zoo and tiny proxy (tests): 3 folds over its three 4-way tasks."""
+  return NNRConfig(proxy=proxy_preset("tiny"), queries_per_task=2, query_shots=3,
+                   variants=(DEFAULT_VARIANT,), ablate_search_steps=False)
+
+
+# ---- the protocol's pieces (pure, tested) --------------------------------------------------------
+
+def zoo_tasks_sorted(zoo) -> list[Task]:
+  """Every distinct task of the zoo, by task id."""
+  return sorted({r.task for r in zoo.records.values()}, key=lambda t: t.task_id)
+
+
+def fold_assignment(tasks: list[Task], folds: int, seed: int) -> dict[Task, int]:
+  """The fold of every 4-way task (others are always training tasks): a seeded permutation of
+  the 4-way tasks dealt round-robin."""
+  four = [i for i, t in enumerate(tasks) if t.k == 4]
+  return {tasks[int(i)]: j % folds
+          for j, i in enumerate(np.random.default_rng(seed + 1).permutation(four))}
+
+
+def fold_models(zoo, fold_of: dict[Task, int], fold: int) -> tuple[list[str], list[str]]:
+  """(training model ids, held-out model ids) of a fold: a model is held out when its task is."""
+  train, held = [], []
+  for mid, r in zoo.records.items():
+    (held if fold_of.get(r.task, -1) == fold else train).append(mid)
+  return train, held
 
 
 def closest_overlap(tasks: list[Task]) -> dict[Task, int]:
@@ -118,148 +189,145 @@ def error_kinds(top1: dict, query_task: list[Task], zoo) -> dict:
   return {k: round(v / n, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
-def run(cfg: NNRConfig, progress: bool = True) -> dict:
-  t_start = time.perf_counter()
-  art = zoo_artifacts(cfg.zoo_dir, cfg.cache_dir, pool_per_source=cfg.pool_per_source,
-                      search_steps=(cfg.search_steps,) + ((0,) if cfg.ablate_search_steps
-                                                          and not cfg.validate else ()),
-                      anchors_per_class=cfg.anchors_per_class, max_classes=cfg.max_classes,
-                      seed=cfg.seed, progress=progress)
-  zoo, ids, cache, backbone, k_max = art.zoo, art.ids, art.cache, art.backbone, cfg.max_classes
-  records = [zoo.records[m] for m in ids]
-  kn_main = art.knowledge[cfg.search_steps]
-  timings = {"knowledge_s": float(kn_main["seconds"])}
-  grids_main = art.grids(cfg.search_steps)
-
-  # 4. Tasks, training episodes (train split) and evaluation queries (held-out split).
-  tasks = sorted({r.task for r in records}, key=lambda t: t.task_id)
-  task_index = {t: i for i, t in enumerate(tasks)}
-  model_task = np.asarray([task_index[r.task] for r in records], np.int32)
-  overlap = closest_overlap(tasks)
-
-  def episodes():
-    ep = np.zeros((len(tasks), cfg.episodes, k_max, k_max, backbone.dim), np.float32)
-    for i, t in enumerate(tasks):
-      g = features.task_episodes(backbone, load_source(t.source), t, cfg.episodes, cfg.shots,
-                                 seed=cfg.seed * 7919 + i, split="train")
-      ep[i] = pad_grid(g, k_max)[0]
-    return {"grid": ep}
-  ep_grid = cached_npz(cache / f"episodes-{cfg.episodes}x{cfg.shots}.npz", episodes)["grid"]
-  task_mask = np.stack([np.asarray(pad_grid(np.zeros((t.k, t.k, 1)), k_max)[1]) for t in tasks])
-
-  queries = []  # (task index, query grid [k_max, k_max, D], images, labels)
+def make_queries(tasks: list[Task], per_task: int, shots: int, seed: int, split: str = "test"):
+  """(task index, images, labels) of every evaluation query: ``shots`` per class, ``split``."""
+  out = []
   for i, t in enumerate(tasks):
     data = load_source(t.source)
-    for q in range(cfg.queries_per_task):
-      x, y = few_shot(data, t, cfg.shots, seed=cfg.seed * 100003 + i * 31 + q, split="test")
-      queries.append((i, x, y))
-  q_grid = np.stack([pad_grid(features.query_grid(backbone, x, y), k_max)[0]
-                     for _, x, y in queries])
+    for q in range(per_task):
+      x, y = few_shot(data, t, shots, seed=seed * 100003 + i * 31 + q, split=split)
+      out.append((i, x, y))
+  return out
+
+
+def leep_matrix(groups, queries, ids: list[str]) -> tuple[np.ndarray, list[int], float]:
+  """LEEP scores [Q, M] (columns in ``ids`` order), the zoo forwards each query cost, and seconds
+  per query.
+
+  Every query's images go through every model once; the queries are batched into one call per
+  black-box group (larger batches run faster; the forwards are the same), and the forwards the
+  groups counted are checked to be exactly each query's images times the number of models.
+  """
+  col = {m: i for i, m in enumerate(ids)}
+  sizes = [len(y) for _, _, y in queries]
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  x_all = np.concatenate([x for _, x, _ in queries])
+  t = time.perf_counter()
+  before = sum(int(g.queries.sum()) for g in groups)
+  logits = [g(x_all) for g in groups]
+  counted = sum(int(g.queries.sum()) for g in groups) - before
+  forwards = [sum(g.num_models for g in groups) * n for n in sizes]
+  if counted != sum(forwards):
+    raise RuntimeError(f"the black boxes counted {counted} forwards, expected {sum(forwards)}")
+  scores = np.zeros((len(queries), len(ids)), np.float32)
+  for qi, (_, _, y) in enumerate(queries):
+    for g, lg in zip(groups, logits):
+      r = run_baseline("leep", logits=lg[:, starts[qi]:starts[qi + 1]], labels=y,
+                       num_target_classes=int(y.max()) + 1)
+      scores[qi, [col[m] for m in g.model_ids]] = r.scores
+  return scores, forwards, (time.perf_counter() - t) / max(len(queries), 1)
+
+
+# ---- the experiment ------------------------------------------------------------------------------
+
+def run(cfg: NNRConfig, zoo_dir: str, cache_dir: str, out: str | None,
+        progress: bool = True) -> dict:
+  """Runs the experiment; writes ``out`` (JSON) and a figure beside it when ``out`` is given."""
+  t_start = time.perf_counter()
+  zoo = load_zoo(zoo_dir)
+  cache = Cache(cache_dir)
+  tasks = zoo_tasks_sorted(zoo)
+  fold_of = fold_assignment(tasks, cfg.folds, cfg.seed)
+  overlap = closest_overlap(tasks)
+  queries = make_queries(tasks, cfg.queries_per_task, cfg.query_shots, cfg.seed)
   q_task = np.asarray([i for i, _, _ in queries])
-  q_mask = task_mask[q_task]
-
-  # 5. Folds over the 4-way tasks.
-  four = [i for i, t in enumerate(tasks) if t.k == 4]
-  fold_of = {}
-  for j, i in enumerate(np.random.default_rng(cfg.seed + 1).permutation(four)):
-    fold_of[int(i)] = j % cfg.folds
-
+  q_fold = np.asarray([fold_of.get(tasks[i], -1) for i in q_task])
+  meta = zoo_metadata(zoo)
   results = {"queries": {}, "costs": {}, "top1": {}}
+  ids: list[str] = []
 
-  def record(method, fold, scores):
-    """scores [Q, M] over all models -> per-query ranks of the first correct model."""
-    correct = model_task[None, :] == q_task[:, None]
-    order = np.argsort(-scores, axis=1, kind="stable")
-    first = np.argmax(np.take_along_axis(correct, order, 1), axis=1) + 1
-    held = np.asarray([fold_of.get(int(t), -1) == fold for t in q_task])
-    seen = np.asarray([fold_of.get(int(t), -1) != fold for t in q_task])
+  def record(method, fold, order_ids, scores):
+    """scores [Q, M] over ``order_ids`` -> per-query ranks of the first correct model."""
+    m_task = np.asarray([tasks.index(zoo.records[m].task) for m in order_ids])
+    correct = m_task[None, :] == q_task[:, None]
+    ranks = first_correct_rank(scores, correct)
+    best = np.argmax(scores, axis=1)
     store = results["queries"].setdefault(method, {"heldout": {}, "seen": {}})
     top = results["top1"].setdefault(method, {})
-    for split, sel in (("heldout", held), ("seen", seen)):
-      for qi in np.flatnonzero(sel):
-        store[split].setdefault(int(qi), []).append(int(first[qi]))
-        if split == "heldout":
-          top[int(qi)] = ids[int(order[qi, 0])]
+    for qi in range(len(queries)):
+      split = "heldout" if q_fold[qi] == fold else "seen"
+      store[split].setdefault(int(qi), []).append(int(ranks[qi]))
+      if split == "heldout":
+        top[int(qi)] = order_ids[int(best[qi])]
 
-  def train_and_score(name, vcfg, grids):
-    for fold in range(cfg.folds):
-      train_tasks = [i for i in range(len(tasks)) if fold_of.get(i, -1) != fold]
-      remap = {t: j for j, t in enumerate(train_tasks)}
-      rows = np.flatnonzero(np.isin(model_task, train_tasks))
-      data = align.AlignData(grids[0][rows], grids[1][rows],
-                             np.asarray([remap[t] for t in model_task[rows]], np.int32),
-                             ep_grid[train_tasks], task_mask[train_tasks])
-      trainer = align.Trainer(dataclasses.replace(vcfg, max_classes=k_max, **dict(cfg.vectorizer_overrides)), cfg.align, data)
-      trainer.run(progress=progress)
-      model = trainer.model()
-      index = ModelIndex(vcfg.embed_dim)
-      held_rows = np.setdiff1d(np.arange(len(ids)), rows)
-      m_vec = np.asarray(model.embed_models(grids[0], grids[1]))
-      # Held-out models join after training: vectorized by the trained model vectorizer.
-      index.add_vectors([ids[i] for i in rows], m_vec[rows])
-      index.add_vectors([ids[i] for i in held_rows], m_vec[held_rows])
-      qv = np.asarray(model.embed_queries(q_grid, q_mask))
-      scores, got = index.search(qv, k=len(ids))
-      pos = {m: i for i, m in enumerate(ids)}
+  example = None
+  knowledge_s = 0.0
+  reference = None  # the default variant's fold-0 proxy and index: the baselines read its grids
+  trainings = [(n, VARIANTS[n]) for n in cfg.variants]
+  if cfg.ablate_search_steps:
+    trainings.append((f"{DEFAULT_VARIANT} (T=0)", VARIANTS[DEFAULT_VARIANT] + ABLATION))
+  for name, overrides in trainings:
+    pcfg = config_lib.override(cfg.proxy, overrides)
+    for fold in range(cfg.evaluate_folds):
+      train_ids, held_ids = fold_models(zoo, fold_of, fold)
+      proxy = Proxy.train(zoo, pcfg, model_ids=train_ids, cache=cache, progress=progress)
+      knowledge_s += proxy.info["seconds"]["knowledge"]
+      # The held-out models join after training, vectorized by the trained model vectorizer.
+      groups = groups_from_zoo(zoo, strategy=pcfg.strategy)
+      t = time.perf_counter()
+      index = proxy.build_index(groups, meta, cache=cache, progress=progress)
+      index_s = time.perf_counter() - t
+      ids = index.ids
+      t = time.perf_counter()
+      qv = np.stack([proxy.embed_query(x, y) for _, x, y in queries])
+      per_query_s = (time.perf_counter() - t) / len(queries)
+      scores, got = index.search(qv, k=len(index))
       full = np.full((len(qv), len(ids)), -np.inf, np.float32)
+      pos = {m: i for i, m in enumerate(ids)}
       for qi in range(len(qv)):
         full[qi, [pos[m] for m in got[qi]]] = scores[qi]
-      record(name, fold, full)
-      if fold == 0 and "example" not in results:
-        # One held-out query, shown end to end: its task and the models ranked for it.
-        qi = next(i for i, t in enumerate(q_task) if fold_of.get(int(t), -1) == 0)
-        t = tasks[q_task[qi]]
-        data = load_source(t.source)
-        results["example"] = {
-            "method": name, "query_task": t.task_id,
-            "query_classes": [data.class_names[c] for c in t.classes],
-            "ranked": [{"model_id": m, "score": float(sc), "arch": zoo.records[m].arch,
-                        "task": zoo.records[m].task.task_id,
-                        "correct": zoo.records[m].task == t}
-                       for m, sc in zip(got[qi][:5], scores[qi][:5])]}
-      results["costs"].setdefault(name, {"train_s": []})["train_s"].append(trainer.seconds)
+      record(name, fold, ids, full)
+      c = results["costs"].setdefault(name, {"train_s": [], "index_s": [], "query_s": [],
+                                             "forwards_per_query": 0})
+      c["train_s"].append(proxy.info["seconds"]["total"])
+      c["index_s"].append(index_s)
+      c["query_s"].append(per_query_s)
+      if name == DEFAULT_VARIANT and fold == 0:
+        reference = (proxy, index)
+        # One held-out query drawn at random (seeded), shown end to end.
+        held_q = np.flatnonzero(q_fold == 0)
+        qi = int(np.random.default_rng(cfg.seed + 5).choice(held_q))
+        t_ = tasks[q_task[qi]]
+        example = {"method": name, "query": qi, "query_task": t_.task_id,
+                   "query_classes": [load_source(t_.source).class_names[c] for c in t_.classes],
+                   "ranked": [{"model_id": m, "score": float(s), "arch": meta[m]["arch"],
+                               "task": meta[m]["task"], "correct": zoo.records[m].task == t_}
+                              for m, s in zip(got[qi][:5], scores[qi][:5])]}
 
-  if cfg.validate:
-    return validate(cfg, tasks, fold_of, model_task, grids_main, ep_grid, task_mask, ids,
-                    progress)
-
-  for name in cfg.variants:
-    train_and_score(name, VARIANTS[name], grids_main)
-  if cfg.ablate_search_steps:
-    grids_t0 = art.grids(0)
-    train_and_score(f"{DEFAULT_VARIANT} (T=0)", VARIANTS[DEFAULT_VARIANT], grids_t0)
-
-  # Baselines (query-time scores do not depend on the fold; ranks are split per fold).
-  rng = np.random.default_rng(cfg.seed + 2)
-  rand = rng.random((len(q_task), len(ids)))
-  anchors = grids_main[0][:, np.arange(k_max), np.arange(k_max)]  # [M, K_max, D]
-  protos = q_grid[:, np.arange(k_max), np.arange(k_max)]  # [Q, K_max, D]
-  sim = np.einsum("qid,mjd->qmij", protos, anchors)
-  valid = q_mask[:, None, :, None] * grids_main[1][None, :, None, :]
-  sim = np.where(valid > 0, sim, -np.inf)
-  q_side = np.where(q_mask[:, None] > 0, sim.max(3), 0).sum(2) / q_mask.sum(1)[:, None]
-  m_side = (np.where(grids_main[1][None] > 0, sim.max(2), 0).sum(2) /
-            grids_main[1].sum(1)[None])
-  anchor = 0.5 * (q_side + m_side)
-  for fold in range(cfg.folds):
-    record("random", fold, rand)
-    record("anchor-matching (untrained)", fold, anchor)
+  # Baselines, through the registry; query-time scores do not depend on the fold.
+  if reference is None:  # the default variant was not trained: a proxy for phi and knowledge
+    reference = (Proxy.train(zoo, cfg.proxy, model_ids=fold_models(zoo, fold_of, 0)[0],
+                             cache=cache, progress=progress), None)
+  proxy, _ = reference
+  groups = groups_from_zoo(zoo, strategy=cfg.proxy.strategy)
+  ids, m_grid, m_mask = proxy.model_grids(groups, cache=cache)
+  qg = np.stack([proxy.query_grid(x, y)[0] for _, x, y in queries])
+  qm = np.stack([proxy.query_grid(x, y)[1] for _, x, y in queries])
+  anchor = run_baseline("anchor-matching", query_grid=qg, query_mask=qm, model_grids=m_grid,
+                        model_masks=m_mask)
+  rand = run_baseline("random", key=jax.random.key(cfg.seed + 2),
+                      num_models=len(queries) * len(ids)).scores.reshape(len(queries), len(ids))
+  results["costs"]["anchor-matching (untrained)"] = {"forwards_per_query": 0}
   if cfg.leep:
-    t = time.perf_counter()
-    groups = groups_from_zoo(zoo)
-    leep = np.zeros((len(queries), len(ids)), np.float32)
-    pos = {m: i for i, m in enumerate(ids)}
-    forwards = 0
-    for qi, (_, x, y) in enumerate(queries):
-      for g in groups:
-        logits = g(x)
-        forwards += logits.shape[0] * logits.shape[1]
-        s = np.asarray(leep_scores(logits, y, int(y.max()) + 1))
-        leep[qi, [pos[m] for m in g.model_ids]] = s
-    results["costs"]["leep"] = {"forwards_per_query": forwards / len(queries),
-                                "seconds_per_query": (time.perf_counter() - t) / len(queries)}
-    for fold in range(cfg.folds):
-      record("leep", fold, leep)
+    groups = groups_from_zoo(zoo, strategy=cfg.proxy.strategy)
+    leep, forwards, sec = leep_matrix(groups, queries, ids)
+    results["costs"]["leep"] = {"forwards_per_query": float(np.mean(forwards)),
+                                "seconds_per_query": sec}
+  for fold in range(cfg.evaluate_folds):
+    record("random", fold, ids, rand)
+    record("anchor-matching (untrained)", fold, ids, anchor.scores)
+    if cfg.leep:
+      record("leep", fold, ids, leep)
 
   summary, by_overlap = {}, {}
   for method, splits in results["queries"].items():
@@ -275,65 +343,60 @@ def run(cfg: NNRConfig, progress: bool = True) -> dict:
         groups_.setdefault(overlap[tasks[q_task[qi]]], []).extend(rs)
       by_overlap[method][split] = {str(o): retrieval_metrics(np.asarray(r)) | {"n": len(r)}
                                    for o, r in sorted(groups_.items())}
-  out = {
+  res = {
       "summary": summary, "by_closest_overlap": by_overlap,
       "heldout_top1_errors": {m: error_kinds(top, [tasks[t] for t in q_task], zoo)
                               for m, top in results["top1"].items()},
       "ranks": {m: {split: {str(q): r for q, r in per_q.items()} for split, per_q in sp.items()}
                 for m, sp in results["queries"].items()},
       "query_tasks": [tasks[t].task_id for t in q_task],
-      "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                 for k, v in dataclasses.asdict(cfg).items()},
+      "config": config_lib.to_dict(cfg),
       "num_models": len(ids), "num_tasks": len(tasks), "num_queries": len(queries),
       "heldout_tasks_per_fold": [sum(1 for v in fold_of.values() if v == f)
                                  for f in range(cfg.folds)],
-      "knowledge_queries_per_model": {str(k): int(kn_main[f"queries/{mid}"])
-                                      for k, mid in [(r.k, r.model_id) for r in records]},
-      "costs": results["costs"] | {"knowledge_s": timings["knowledge_s"]},
-      "example": results.get("example"),
+      "knowledge_queries_per_model": proxy.info["knowledge_queries_per_model"],
+      "costs": results["costs"] | {"knowledge_s": knowledge_s},
+      "example": example,
       "seconds": time.perf_counter() - t_start, "backend": jax.default_backend(),
   }
-  path = pathlib.Path(cfg.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1))
-  plot(out, str(path.with_suffix(".png")))
-  return out
+  if out is not None:
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    plot(res, str(path.with_suffix(".png")))
+  return res
 
 
-def validate(cfg, tasks, fold_of, model_task, grids, ep_grid, task_mask, ids, progress):
+def validate(cfg: NNRConfig, zoo_dir: str, cache_dir: str, progress: bool = True) -> dict:
   """Model selection without the evaluation queries.
 
   Inside fold 0's *training* tasks, a quarter of the 4-way tasks become validation tasks: the
-  aligner trains on the rest, and validation queries are query episodes drawn from the validation
-  tasks' *train* splits. Fold 0's evaluation tasks and their models are left out entirely.
+  proxy trains on the rest, and validation queries are drawn from the validation tasks' *train*
+  splits. Fold 0's evaluation tasks and their models are left out entirely.
   """
-  train_pool = [i for i in range(len(tasks)) if fold_of.get(i, -1) != 0]
-  four = [i for i in train_pool if tasks[i].k == 4]
-  val = set(np.random.default_rng(cfg.seed + 3).permutation(four)[:len(four) // 4].tolist())
-  inner = [i for i in train_pool if i not in val]
-  remap = {t: j for j, t in enumerate(inner)}
-  rows = np.flatnonzero(np.isin(model_task, inner))
-  keep = np.flatnonzero(np.isin(model_task, train_pool))
+  zoo = load_zoo(zoo_dir)
+  cache = Cache(cache_dir)
+  tasks = zoo_tasks_sorted(zoo)
+  fold_of = fold_assignment(tasks, cfg.folds, cfg.seed)
+  train_pool = [t for t in tasks if fold_of.get(t, -1) != 0]
+  four = [t for t in train_pool if t.k == 4]
+  order = np.random.default_rng(cfg.seed + 3).permutation(len(four))
+  val = [four[int(i)] for i in order[:len(four) // 4]]
+  inner_ids = [m for m, r in zoo.records.items() if r.task in train_pool and r.task not in val]
+  keep_ids = [m for m, r in zoo.records.items() if r.task in train_pool]
+  queries = make_queries(val, 3, cfg.query_shots, cfg.seed, split="train")
   out = {}
   for name in cfg.variants:
-    vcfg = dataclasses.replace(VARIANTS[name], max_classes=cfg.max_classes,
-                               **dict(cfg.vectorizer_overrides))
-    data = align.AlignData(grids[0][rows], grids[1][rows],
-                           np.asarray([remap[t] for t in model_task[rows]], np.int32),
-                           ep_grid[inner], task_mask[inner])
-    trainer = align.Trainer(vcfg, cfg.align, data)
-    trainer.run(progress=progress)
-    model = trainer.model()
-    m_vec = np.asarray(model.embed_models(grids[0][keep], grids[1][keep]))
-    vt = sorted(val)
-    qg = ep_grid[vt, :3].reshape((-1,) + ep_grid.shape[2:])
-    qt = np.repeat(vt, 3)
-    q_vec = np.asarray(model.embed_queries(qg, task_mask[qt]))
-    ranks = first_correct_rank(q_vec @ m_vec.T, model_task[keep][None] == qt[:, None])
-    out[name] = retrieval_metrics(ranks)
+    pcfg = config_lib.override(cfg.proxy, VARIANTS[name])
+    proxy = Proxy.train(zoo, pcfg, model_ids=inner_ids, cache=cache, progress=progress)
+    index = proxy.build_index(groups_from_zoo(zoo, model_ids=keep_ids), cache=cache)
+    qv = np.stack([proxy.embed_query(x, y) for _, x, y in queries])
+    scores = qv @ index.vectors.T
+    correct = np.asarray([[zoo.records[m].task == val[i] for m in index.ids]
+                          for i, _, _ in queries])
+    out[name] = retrieval_metrics(first_correct_rank(scores, correct))
     print(name, out[name], flush=True)
-  return {"validation": out, "align": dataclasses.asdict(cfg.align),
-          "vectorizer_overrides": dict(cfg.vectorizer_overrides)}
+  return {"validation": out, "config": config_lib.to_dict(cfg)}
 
 
 def plot(out: dict, path: str) -> None:
@@ -376,47 +439,37 @@ def format_table(out: dict) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="1 fold, default variant, no ablation")
-  p.add_argument("--zoo", default=NNRConfig.zoo_dir, help="the zoo directory (demo preset)")
-  p.add_argument("--out", default=None, help=f"results JSON (default {NNRConfig.out})")
-  p.add_argument("--cache", default=NNRConfig.cache_dir, help="cache of derived artifacts")
-  p.add_argument("--steps", type=int, default=None, help="aligner steps (default from config)")
+  add_config_arguments(p, PRESETS, "full")
+  p.add_argument("--quick", action="store_true", help="the 'quick' preset (the main job)")
+  p.add_argument("--zoo", default="artifacts/zoo-demo", help="the zoo directory (demo preset)")
+  p.add_argument("--out", default=None,
+                 help="results JSON (default experiments/results/nnr.json, nnr-quick.json with "
+                 "--quick)")
+  p.add_argument("--cache", default="artifacts/cache",
+                 help="cache of derived artifacts (knowledge, backbone, episodes)")
   p.add_argument("--validate", action="store_true",
-                  help="model selection on validation tasks carved from fold 0's training tasks")
-  p.add_argument("--variant", action="append", default=None, choices=list(VARIANTS))
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override an AlignConfig or VectorizerConfig field (repeatable)")
+                 help="model selection on validation tasks carved from fold 0's training tasks")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
-  cfg = NNRConfig(zoo_dir=args.zoo, cache_dir=args.cache)
-  align_over, vec_over = split_overrides(
-      args.set, {f.name for f in dataclasses.fields(align.AlignConfig)})
-  cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **align_over),
-                            vectorizer_overrides=tuple(sorted(vec_over.items())),
-                            validate=args.validate)
-  if args.variant:
-    cfg = dataclasses.replace(cfg, variants=tuple(args.variant))
-  if args.validate:
-    out = run(cfg)
-    print(json.dumps(out, indent=1))
-    return
   if args.quick:
-    cfg = dataclasses.replace(cfg, variants=(DEFAULT_VARIANT,), ablate_search_steps=False,
-                              out="experiments/results/nnr-quick.json")
-  if args.out:
-    cfg = dataclasses.replace(cfg, out=args.out)
-  if args.steps:
-    cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, steps=args.steps))
-  out = run(cfg)
+    args.preset = "quick"
+  cfg = config_from_args(p, PRESETS, args)
+  if args.validate:
+    print(json.dumps(validate(cfg, args.zoo, args.cache, not args.quiet), indent=1))
+    return
+  out_path = args.out or ("experiments/results/nnr-quick.json" if args.preset == "quick"
+                          else "experiments/results/nnr.json")
+  out = run(cfg, args.zoo, args.cache, out_path, progress=not args.quiet)
   print(format_table(out))
   ex = out.get("example")
   if ex:
-    print(f"\nExample held-out query: {ex['query_task']} ({', '.join(ex['query_classes'])}); "
-          f"top models by {ex['method']}:")
+    print(f"\nA held-out query drawn at random: {ex['query_task']} "
+          f"({', '.join(ex['query_classes'])}); top models by {ex['method']}:")
     for r, row in enumerate(ex["ranked"], 1):
       print(f"  {r}. {row['model_id']:44s} score {row['score']:.3f}"
             f"{'   <- trained on this task' if row['correct'] else ''}")
   print(f"\n{out['num_models']} models, {out['num_tasks']} tasks, {out['num_queries']} queries, "
-        f"{cfg.folds} folds; {out['seconds']:.0f} s")
+        f"{cfg.evaluate_folds} of {cfg.folds} folds; {out['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

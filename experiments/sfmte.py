@@ -8,7 +8,14 @@ Command:   python -m experiments.sfmte                 (ground truth, baselines,
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
 Runtime:   EXPECTED_RUNTIME below.
 Expected:  EXPECTED_NUMBERS below (experiments/results/sfmte.json, figure sfmte_tau.png).
-           ``--train-labels linear --train-targets 48`` trains on cheap linear-probe labels instead.
+           ``--preset linear-labels`` trains on cheap linear-probe labels of 48 targets instead.
+
+Everything runs through the product: Know2Vec is ``Proxy.train(zoo, cfg, model_ids=<the subset>,
+transfer=TransferLabels(...))`` (the ``"transfer"`` objective), the zoo's vectors come from
+``Proxy.build_index`` (the knowledge stored at training: no second probe), a query is
+``Proxy.embed_query`` and the accuracy head is ``Proxy.predict_accuracy``; every baseline is scored
+by :mod:`know2vec_jax.baselines`, on logits from the zoo's black boxes (whose counters give the
+forwards per query) and, for the white-box ones, the same models' penultimate features.
 
 Protocol (nothing is tuned on the evaluation targets):
 - Zoo: :func:`sfmte_models`, 114 models of the demo zoo that keep its variety: per base dataset six
@@ -24,7 +31,7 @@ Protocol (nothing is tuned on the evaluation targets):
 - Training targets (:func:`training_targets`): 24 random tasks from the sources' *train* splits in
   the zoo's own domains, disjoint from the evaluation targets; their label is the same full
   fine-tune with fewer runs and test images (3 runs, 100 per class). The cheaper frozen-body linear
-  probe (``--train-labels linear``) ranks the zoo unlike the full fine-tune: measured on the 24
+  probe (``--preset linear-labels``) ranks the zoo unlike the full fine-tune: measured on the 24
   training targets alone, weighted tau between the two labels is 0.41 on average, and the
   query-blind prior built from the other targets' linear labels ranks a target's full fine-tune
   at 0.36 against 0.71 for one built from full labels (``--compare-train-labels``).
@@ -40,28 +47,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import time
 
 import jax
 import numpy as np
-from flax import nnx
 
-from experiments.common import cached_npz, pyplot, split_overrides, zoo_artifacts
-from know2vec_jax import align, features
+from experiments.common import add_config_arguments, config_from_args, pyplot
+from know2vec_jax import config as config_lib
+from know2vec_jax.align import AlignConfig
 from know2vec_jax.baselines import BASELINES, run_baseline
+from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task
 from know2vec_jax.metrics import ranking_report, weighted_tau
+from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, draw_episodes
+from know2vec_jax.proxy import Proxy, ProxyConfig
 from know2vec_jax.transfer import (FinetuneConfig, TransferTarget, ground_truth, noise_ceiling,
                                    run_sample, target_data)
-from know2vec_jax.vectorizers import VectorizerConfig, pad_grid
 from know2vec_jax.zoo import load_zoo
 
+# Each variant is a set of overrides of the proxy config.
 VARIANTS = {
-    "know2vec-attention-shared": VectorizerConfig(variant="attention", shared=True),
-    "know2vec-lstm": VectorizerConfig(variant="lstm", shared=False),
+    "know2vec-attention-shared": (),
+    "know2vec-lstm": ("vectorizer.variant=lstm", "vectorizer.shared=false"),
 }
 DEFAULT_VARIANT = "know2vec-attention-shared"
 
@@ -161,66 +171,117 @@ TRAIN_LABELS = {
 }
 
 
+def _sfmte_proxy() -> ProxyConfig:
+  # The transfer objective on 8 query episodes of 50 shots per class (the size of the user's
+  # query here) per training target; 1,000 steps of batch 16.
+  return ProxyConfig(objective="transfer", episodes=8, shots=50,
+                     align=AlignConfig(steps=1000, batch_size=16, warmup_steps=50))
+
+
 @dataclasses.dataclass(frozen=True)
 class SFMTEConfig:
-  zoo_dir: str = "artifacts/zoo-demo"
-  cache_dir: str = "artifacts/sfmte-cache"
-  artifacts_cache: str = "artifacts/nnr-cache"  # knowledge + backbone, shared with the NNR run
-  out: str = "experiments/results/sfmte.json"
-  figure: str = "experiments/results/sfmte_tau.png"
+  """The SF-MTE experiment.
+
+  Attributes:
+    proxy: the proxy every variant starts from (the ``"transfer"`` objective; its overrides in
+      :data:`VARIANTS`).
+    eval_gt, train_gt: how the evaluation and training targets' fine-tune accuracy is measured.
+    train_targets: how many training targets.
+    variants: the Know2Vec variants to train.
+    baselines: the registry baselines to score.
+    seed: training targets, random scores.
+  """
+  proxy: ProxyConfig = _sfmte_proxy()
   eval_gt: FinetuneConfig = FinetuneConfig()
   train_gt: FinetuneConfig = TRAIN_LABELS["full"]
   train_targets: int = 24
-  episodes: int = 8
-  pool_per_source: int = 800
-  search_steps: int = 8
-  anchors_per_class: int = 32
-  max_classes: int = 10
   variants: tuple[str, ...] = tuple(VARIANTS)
   baselines: tuple[str, ...] = tuple(BASELINES)
-  align: align.AlignConfig = align.AlignConfig(steps=1000, batch_size=16, warmup_steps=50,
-                                               ce_weight=0.0)
-  vectorizer_overrides: tuple = ()
-  validate: bool = False
   seed: int = 0
 
+  def __post_init__(self):
+    # --validate holds out a quarter of the training targets; the aligner needs several.
+    require(self.train_targets >= 4, f"train_targets must be at least 4, got "
+            f"{self.train_targets}")
+    unknown = [v for v in self.variants if v not in VARIANTS]
+    require(not unknown, f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    unknown = [b for b in self.baselines if b not in BASELINES]
+    require(not unknown, f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
 
-def compute_ground_truth(cfg: SFMTEConfig, zoo=None, progress: bool = True) -> dict:
-  """Ground truth of the evaluation targets (full fine-tune) and training targets (linear)."""
-  zoo = zoo if zoo is not None else load_zoo(cfg.zoo_dir)
+
+PRESETS: Presets[SFMTEConfig] = Presets("sfmte")
+
+
+@PRESETS.register("full")
+def _full() -> SFMTEConfig:
+  """Full fine-tune labels on 24 training targets (the README table)."""
+  return SFMTEConfig()
+
+
+@PRESETS.register("linear-labels")
+def _linear() -> SFMTEConfig:
+  """Cheap linear-probe labels on 48 training targets."""
+  return SFMTEConfig(train_gt=TRAIN_LABELS["linear"], train_targets=48)
+
+
+def compute_ground_truth(cfg: SFMTEConfig, zoo, zoo_dir: str, cache_dir: str,
+                         progress: bool = True) -> dict:
+  """Ground truth of the evaluation targets and the training targets (cached on disk)."""
   ids = sfmte_models(zoo)
+  where = pathlib.Path(cache_dir) / "ground-truth"
   t = time.perf_counter()
-  ev = ground_truth(zoo, cfg.zoo_dir, ids, EVAL_TARGETS, cfg.eval_gt,
-                    cache_dir=pathlib.Path(cfg.cache_dir) / "ground-truth", progress=progress)
+  ev = ground_truth(zoo, zoo_dir, ids, EVAL_TARGETS, cfg.eval_gt, cache_dir=where,
+                    progress=progress)
   t_eval = time.perf_counter() - t
   t = time.perf_counter()
   train = training_targets(zoo, cfg.train_targets, cfg.seed)
-  tr = ground_truth(zoo, cfg.zoo_dir, ids, train, cfg.train_gt,
-                    cache_dir=pathlib.Path(cfg.cache_dir) / "ground-truth", progress=progress)
+  tr = ground_truth(zoo, zoo_dir, ids, train, cfg.train_gt, cache_dir=where, progress=progress)
   t_train = time.perf_counter() - t
-  return {"zoo": zoo, "ids": ids, "eval": ev, "train": tr, "train_targets": train,
+  return {"ids": ids, "eval": ev, "train": tr, "train_targets": train,
           "seconds": (t_eval, t_train)}
 
 
-def _loo_prior(acc: np.ndarray, i: int) -> np.ndarray:
-  """The query-blind prior baseline for target ``i`` from the other rows of ``acc`` [T, M]."""
-  return run_baseline("prior", ground_truth_other_targets=np.delete(acc, i, 0)).scores
+def target_set(target: TransferTarget, gt: FinetuneConfig) -> LabelledSet:
+  """A training target's shot pool (what its ground-truth runs draw from) as a labelled set."""
+  td = target_data(target, gt.shots, gt.test_per_class)
+  index = np.concatenate(td.pool)
+  return LabelledSet(f"{target.name}:{target.task.task_id}:{target.split}:"
+                     f"{gt.shots}x{gt.test_per_class}", td.images, index, td.labels[index],
+                     target.k)
 
 
-def compare_train_labels(cfg: SFMTEConfig, progress: bool = True) -> dict:
+def transfer_labels(cfg: SFMTEConfig, gt: dict, targets=None) -> TransferLabels:
+  """The transfer objective's supervision: training targets' shot pools and mean accuracies."""
+  targets = gt["train_targets"] if targets is None else targets
+  return TransferLabels([target_set(t, cfg.train_gt) for t in targets], list(gt["ids"]),
+                        np.stack([gt["train"][t.name].mean(0) for t in targets]))
+
+
+def other_targets(acc: np.ndarray, i: int) -> np.ndarray:
+  """The rows of ``acc`` [T, M] other than target ``i``: all a query-blind prior may read."""
+  return np.delete(np.asarray(acc), i, 0)
+
+
+def loo_prior(acc: np.ndarray, i: int) -> np.ndarray:
+  """The query-blind prior for target ``i`` from the *other* rows of ``acc`` [T, M] only."""
+  return run_baseline("prior", ground_truth_other_targets=other_targets(acc, i)).scores
+
+
+def compare_train_labels(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str,
+                         progress: bool = True) -> dict:
   """Training targets only: does the cheap linear-probe label rank the zoo like the full fine-tune?
 
   Computes (or loads) both labels on the first ``cfg.train_targets`` training targets and reports
   the weighted tau between them per target, and how well a leave-one-out prior built from each kind
   of label ranks a target's full fine-tune. No evaluation target is read.
   """
-  zoo = load_zoo(cfg.zoo_dir)
+  zoo = load_zoo(zoo_dir)
   ids = sfmte_models(zoo)
   targets = training_targets(zoo, cfg.train_targets, cfg.seed)
   acc = {}
   for kind in ("linear", "full"):
-    gt = ground_truth(zoo, cfg.zoo_dir, ids, targets, TRAIN_LABELS[kind],
-                      cache_dir=pathlib.Path(cfg.cache_dir) / "ground-truth", progress=progress)
+    gt = ground_truth(zoo, zoo_dir, ids, targets, TRAIN_LABELS[kind],
+                      cache_dir=pathlib.Path(cache_dir) / "ground-truth", progress=progress)
     acc[kind] = np.stack([gt[t.name].mean(0) for t in targets])
   full, lin = acc["full"], acc["linear"]
   n = len(targets)
@@ -229,146 +290,128 @@ def compare_train_labels(cfg: SFMTEConfig, progress: bool = True) -> dict:
       "targets": n,
       "tau_full_vs_linear": {"mean": float(np.mean(taus)), "min": float(np.min(taus)),
                              "max": float(np.max(taus))},
-      "loo_prior_tau_from_full": float(np.mean([weighted_tau(full[i], _loo_prior(full, i))
+      "loo_prior_tau_from_full": float(np.mean([weighted_tau(full[i], loo_prior(full, i))
                                                 for i in range(n)])),
-      "loo_prior_tau_from_linear": float(np.mean([weighted_tau(full[i], _loo_prior(lin, i))
+      "loo_prior_tau_from_linear": float(np.mean([weighted_tau(full[i], loo_prior(lin, i))
                                                   for i in range(n)])),
   }
 
 
-def _query_grids(backbone, target, images, labels, k_max):
-  grid = features.query_grid(backbone, images, labels, max_classes=k_max)
-  return pad_grid(grid, k_max)
-
-
-def _train_episodes(cfg, backbone, targets, k_max):
-  """S query episodes (cfg.train_gt.shots per class) from each training target's shot pool."""
-  shots = cfg.train_gt.shots
-  grids = np.zeros((len(targets), cfg.episodes, k_max, k_max, backbone.dim), np.float32)
-  masks = np.zeros((len(targets), k_max), np.float32)
-  for i, t in enumerate(targets):
-    td = target_data(t, shots, cfg.train_gt.test_per_class)
-    idx = np.stack([td.train_sample(shots, seed=cfg.seed * 7919 + 100 * i + e)
-                    for e in range(cfg.episodes)])
-    g = features.query_grid_batch(backbone, td.images[idx], td.labels[idx], t.k)
-    grids[i], m = pad_grid(g, k_max)
-    masks[i] = np.asarray(m)[0]
-  return {"grid": grids, "mask": masks}
-
-
-def _zoo_outputs(zoo, ids, images):
-  """Logits and penultimate features of every selected model on ``images``, per stack."""
+def zoo_outputs(groups, zoo, x):
+  """Logits through the black boxes (counted) and, for the white-box baselines, the same models'
+  penultimate features: [(model ids, logits [M, N, Z], features [M, N, F])] per stack."""
   out = []
-  for name, stack in sorted(zoo.stacks.items()):
-    rows = [i for i, m in enumerate(stack.model_ids) if m in set(ids)]
-    if not rows:
-      continue
-    logits = np.asarray(stack.apply(images))[rows]
-    feats = np.asarray(stack.apply(images, features=True))[rows]
-    out.append(([stack.model_ids[r] for r in rows], logits, feats))
+  for g in groups:
+    logits = g(x)
+    feats = np.asarray(zoo.stacks[g.name].apply(x, features=True))
+    rows = [zoo.stacks[g.name].model_ids.index(m) for m in g.model_ids]
+    out.append((list(g.model_ids), logits, feats[rows]))
   return out
 
 
-def run(cfg: SFMTEConfig, progress: bool = True) -> dict:
+def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, seed: int,
+                    knowledge=None) -> tuple[dict, dict]:
+  """Scores [M] (columns in ``ids`` order) of every named baseline for one target query, and its
+  cost: zoo forwards as the black boxes counted them, warm seconds (compilation excluded)."""
+  col = {m: i for i, m in enumerate(ids)}
+  zoo_outputs(groups, zoo, x)  # warm-up: compile the forward passes for this query's shape
+  before = sum(int(g.queries.sum()) for g in groups)
+  t = time.perf_counter()
+  outs = zoo_outputs(groups, zoo, x)
+  fwd_s = time.perf_counter() - t
+  forwards = sum(int(g.queries.sum()) for g in groups) - before
+  scores, costs = {}, {}
+  for name in names:
+    b = BASELINES[name]
+    sc = np.zeros(len(ids), np.float32)
+    if b.input in ("logits", "features"):
+      sec = fwd_s
+      for mids, logits, feats in outs:
+        kw = dict(logits=logits, features=feats, labels=y, num_target_classes=k)
+        run_baseline(name, **kw)  # warm-up
+        r = run_baseline(name, **kw)
+        sc[[col[m] for m in mids]] = r.scores
+        sec += r.seconds
+      cost = {"forwards": forwards, "seconds": sec}
+    elif b.input == "knowledge":
+      r = run_baseline(name, **knowledge)
+      sc, cost = r.scores, {"forwards": 0, "seconds": r.seconds}
+    elif b.input == "ground_truth":
+      r = run_baseline(name, ground_truth_other_targets=others)
+      sc, cost = r.scores, {"forwards": 0, "seconds": r.seconds}
+    else:
+      r = run_baseline(name, key=jax.random.key(seed), num_models=len(ids))
+      sc, cost = r.scores, {"forwards": 0, "seconds": r.seconds}
+    scores[name], costs[name] = np.asarray(sc), cost
+  return scores, costs
+
+
+def run(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, out: str | None, figure: str | None,
+        progress: bool = True) -> dict:
+  """Runs the experiment; writes ``out`` (JSON) and ``figure`` when given."""
   t_start = time.perf_counter()
-  art = zoo_artifacts(cfg.zoo_dir, cfg.artifacts_cache, pool_per_source=cfg.pool_per_source,
-                      search_steps=(cfg.search_steps,), anchors_per_class=cfg.anchors_per_class,
-                      max_classes=cfg.max_classes, seed=cfg.seed, progress=progress)
-  gt = compute_ground_truth(cfg, art.zoo, progress=progress)
-  zoo, ids = art.zoo, gt["ids"]
-  k_max, backbone = cfg.max_classes, art.backbone
-  cache = pathlib.Path(cfg.cache_dir)
-  m_grid, m_mask = art.grids(cfg.search_steps, ids)
+  zoo = load_zoo(zoo_dir)
+  cache = Cache(cache_dir)
+  gt = compute_ground_truth(cfg, zoo, zoo_dir, cache_dir, progress=progress)
+  ids = gt["ids"]
 
   # Evaluation targets: drop the saturated ones (decided on the ground truth alone).
   gt_mean = {n: a.mean(0) for n, a in gt["eval"].items()}
   kept = [t for t in EVAL_TARGETS
           if gt_mean[t.name].mean() <= 0.95 and gt_mean[t.name].std() > 0.015]
   dropped = [t.name for t in EVAL_TARGETS if t not in kept]
-
-  train_targets = gt["train_targets"]
-  tr_acc = np.stack([gt["train"][t.name].mean(0) for t in train_targets])
-  ep = cached_npz(cache / f"train-episodes-{len(train_targets)}x{cfg.episodes}-"
-                  f"{cfg.train_gt.shots}.npz",
-                  lambda: _train_episodes(cfg, backbone, train_targets, k_max))
-
-  if cfg.validate:
-    return validate(cfg, ep, tr_acc, m_grid, m_mask, train_targets, progress)
+  labels = transfer_labels(cfg, gt)
+  tr_acc = labels.accuracy
 
   # Queries: run 0's training sample of every evaluation target.
   queries = {t.name: run_sample(t, cfg.eval_gt, 0) for t in kept}
-  q_grid = np.zeros((len(kept), k_max, k_max, backbone.dim), np.float32)
-  q_mask = np.zeros((len(kept), k_max), np.float32)
-  for i, t in enumerate(kept):
-    g, m = _query_grids(backbone, t, *queries[t.name], k_max)
-    q_grid[i], q_mask[i] = g, m
-
   scores, costs, predicted = {}, {}, {}
-  data = align.TransferData(m_grid, m_mask, ep["grid"], ep["mask"], tr_acc)
+  proxy = None
   for name in cfg.variants:
-    vcfg = dataclasses.replace(VARIANTS[name], max_classes=k_max,
-                               **dict(cfg.vectorizer_overrides))
-    trainer = align.Trainer(vcfg, cfg.align, data)
-    trainer.run(progress=progress)
-    model = trainer.model()
-    mv = model.embed_models(m_grid, m_mask)  # offline, once per zoo
-    # nnx.jit with the module as an argument (a closure over it breaks the LSTM's nnx.scan).
-    embed = functools.partial(nnx.jit(lambda mod, g, m: mod.embed_queries(g, m)), model)
-    for tgt in kept:  # warm-up: compile once per query shape
-      np.asarray(embed(*[a[None] for a in _query_grids(backbone, tgt, *queries[tgt.name],
-                                                         k_max)]) @ mv.T)
-    predict = functools.partial(nnx.jit(
-        lambda mod, q, mv: mod.predict_accuracy(q[:, None], mv[None])[0]), model)
-    t = time.perf_counter()
-    qvs = {}
-    for tgt in kept:  # timed: images -> phi -> query vector -> scores over the zoo
-      g, m = _query_grids(backbone, tgt, *queries[tgt.name], k_max)
-      qvs[tgt.name] = embed(g[None], m[None])
-      scores.setdefault(name, {})[tgt.name] = np.asarray(qvs[tgt.name] @ mv.T)[0]
-    per_query = (time.perf_counter() - t) / len(kept)
-    for tgt in kept:
-      pred = np.asarray(predict(qvs[tgt.name], mv))
-      scores.setdefault(f"{name} (accuracy head)", {})[tgt.name] = pred
-      predicted.setdefault(name, {})[tgt.name] = pred
-    for n in (name, f"{name} (accuracy head)"):
-      costs[n] = {"forward_passes": 0, "query_seconds": per_query, "train_s": trainer.seconds}
+    pcfg = config_lib.override(cfg.proxy, VARIANTS[name])
+    proxy = Proxy.train(zoo, pcfg, model_ids=ids, transfer=labels, cache=cache,
+                        progress=progress)
+    groups = groups_from_zoo(zoo, model_ids=ids, strategy=pcfg.strategy)
+    index = proxy.build_index(groups, cache=cache)  # the stored knowledge: nothing is probed
+    pos = np.asarray([index.ids.index(m) for m in ids])
+    mv = index.vectors[pos]
+    for t in kept:  # warm-up: compile once per query shape
+      proxy.embed_query(*queries[t.name])
+    head = f"{name} (accuracy head)"
+    qcost = []
+    for t in kept:  # timed: images -> phi -> query vector -> scores over the zoo
+      t0 = time.perf_counter()
+      q = proxy.embed_query(*queries[t.name])
+      scores.setdefault(name, {})[t.name] = mv @ q
+      qcost.append(time.perf_counter() - t0)
+      pred = proxy.predict_accuracy(q, mv)[0]
+      scores.setdefault(head, {})[t.name] = pred
+      predicted.setdefault(name, {})[t.name] = pred
+    for n in (name, head):
+      costs[n] = {"forwards_per_query": 0, "query_seconds": float(np.mean(qcost)),
+                  "train_s": proxy.info["seconds"]["total"]}
 
-  # Baselines: the same query images forwarded through every selected zoo model.
-  for tgt in kept:
-    x, y = queries[tgt.name]
-    # Query-time costs are warm timings (a second call with the same shapes): compilation is a
-    # one-off per query shape and would otherwise dominate every method's seconds.
-    outs = _zoo_outputs(zoo, ids, x)
-    t = time.perf_counter()
-    outs = _zoo_outputs(zoo, ids, x)
-    fwd_s = time.perf_counter() - t
-    col = {m: i for i, m in enumerate(ids)}
-    others = np.stack([gt_mean[o.name] for o in kept if o.name != tgt.name])
-    for bname in cfg.baselines:
-      b = BASELINES[bname]
-      sc = np.zeros(len(ids), np.float32)
-      sec, passes = 0.0, 0
-      if b.input in ("logits", "features"):
-        for mids, logits, feats in outs:
-          kw = dict(logits=logits, features=feats, labels=y, num_target_classes=tgt.k)
-          run_baseline(bname, **kw)
-          r = run_baseline(bname, **kw)
-          sc[[col[m] for m in mids]] = r.scores
-          sec += r.seconds
-          passes += r.forward_passes
-        sec += fwd_s
-      elif b.input == "ground_truth":
-        r = run_baseline(bname, ground_truth_other_targets=others)
-        sc, sec = r.scores, r.seconds
-      else:
-        r = run_baseline(bname, key=jax.random.key(cfg.seed + len(scores)), num_models=len(ids))
-        sc, sec = r.scores, r.seconds
-      scores.setdefault(bname, {})[tgt.name] = sc
-      c = costs.setdefault(bname, {"forward_passes": passes, "query_seconds": 0.0})
-      c["query_seconds"] += sec / len(kept)
+  # Baselines: the same query images, through the black boxes (and white-box features).
+  groups = groups_from_zoo(zoo, model_ids=ids, strategy=cfg.proxy.strategy)
+  _, m_grid, m_mask = proxy.model_grids(groups, cache=cache)
+  per = {}
+  eval_acc = np.stack([gt_mean[t.name] for t in kept])
+  for i, t in enumerate(kept):
+    x, y = queries[t.name]
+    qg, qm = proxy.query_grid(x, y)
+    others = other_targets(eval_acc, i)
+    sc, cost = score_baselines(cfg.baselines, groups, zoo, x, y, t.k, ids, others,
+                               cfg.seed + i, dict(query_grid=qg, query_mask=qm,
+                                                  model_grids=m_grid, model_masks=m_mask))
+    for b in sc:
+      scores.setdefault(b, {})[t.name] = sc[b]
+      per.setdefault(b, []).append(cost[b])
     r = run_baseline("prior", ground_truth_other_targets=tr_acc)
-    scores.setdefault("prior (training targets)", {})[tgt.name] = r.scores
-    costs["prior (training targets)"] = {"forward_passes": 0, "query_seconds": r.seconds}
+    scores.setdefault("prior (training targets)", {})[t.name] = r.scores
+    per.setdefault("prior (training targets)", []).append({"forwards": 0, "seconds": r.seconds})
+  for b, cs in per.items():
+    costs[b] = {"forwards_per_query": float(np.mean([c["forwards"] for c in cs])),
+                "query_seconds": float(np.mean([c["seconds"] for c in cs]))}
 
   # Reports.
   per_target, summary = {}, {}
@@ -380,14 +423,13 @@ def run(cfg: SFMTEConfig, progress: bool = True) -> dict:
         "mean_pearson": float(np.mean([r["pearson"] for r in rep])),
         "mean_spearman": float(np.mean([r["spearman"] for r in rep])),
         "mean_regret": float(np.mean([r["top1_regret"] for r in rep])),
-        "query_seconds": float(costs[method]["query_seconds"]),
-        "forward_passes_per_query": int(costs[method]["forward_passes"]) // max(
-            1, len(kept)) if costs[method]["forward_passes"] else 0}
+        "query_seconds": costs[method]["query_seconds"],
+        "forward_passes_per_query": costs[method]["forwards_per_query"]}
   ceilings = {t.name: noise_ceiling(gt["eval"][t.name], weighted_tau) for t in kept}
   summary["noise ceiling"] = {"mean_tau": float(np.mean(list(ceilings.values())))}
   mae = {name: {n: float(np.mean(np.abs(p - gt_mean[n]))) for n, p in by_t.items()}
          for name, by_t in predicted.items()}
-  out = {
+  res = {
       "summary": summary,
       "per_target": per_target,
       "noise_ceiling": ceilings,
@@ -398,47 +440,55 @@ def run(cfg: SFMTEConfig, progress: bool = True) -> dict:
           "gt_min": float(gt_mean[t.name].min()), "gt_max": float(gt_mean[t.name].max())}
           for t in EVAL_TARGETS},
       "dropped_saturated": dropped,
-      "training_targets": [t.name for t in train_targets],
+      "training_targets": [t.name for t in gt["train_targets"]],
       "num_models": len(ids), "model_ids": ids,
       "ground_truth_seconds": {"eval": gt["seconds"][0], "train": gt["seconds"][1]},
       "costs": costs,
-      "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                 for k, v in dataclasses.asdict(cfg).items()},
+      "config": config_lib.to_dict(cfg),
       "seconds": time.perf_counter() - t_start, "backend": jax.default_backend(),
   }
-  path = pathlib.Path(cfg.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1))
-  plot(out, cfg.figure)
-  return out
+  if out is not None:
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+  if figure is not None:
+    plot(res, figure)
+  return res
 
 
-def validate(cfg, ep, tr_acc, m_grid, m_mask, train_targets, progress):
+def validate(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, progress: bool = True) -> dict:
   """Model selection on training targets only: a quarter of them become validation targets."""
-  order = np.random.default_rng(cfg.seed + 3).permutation(len(train_targets))
+  zoo = load_zoo(zoo_dir)
+  cache = Cache(cache_dir)
+  gt = compute_ground_truth(cfg, zoo, zoo_dir, cache_dir, progress=progress)
+  train = gt["train_targets"]
+  order = np.random.default_rng(cfg.seed + 3).permutation(len(train))
   val, inner = order[:len(order) // 4], order[len(order) // 4:]
-  data = align.TransferData(m_grid, m_mask, ep["grid"][inner], ep["mask"][inner], tr_acc[inner])
+  labels = transfer_labels(cfg, gt, [train[i] for i in inner])
+  acc = transfer_labels(cfg, gt).accuracy
+  prior = run_baseline("prior", ground_truth_other_targets=acc[inner]).scores
   out = {}
   for name in cfg.variants:
-    vcfg = dataclasses.replace(VARIANTS[name], max_classes=cfg.max_classes,
-                               **dict(cfg.vectorizer_overrides))
-    trainer = align.Trainer(vcfg, cfg.align, data)
-    trainer.run(progress=progress)
-    model = trainer.model()
-    mv = model.embed_models(m_grid, m_mask)
-    qv = model.embed_queries(ep["grid"][val, 0], ep["mask"][val])
-    s = np.asarray(qv @ mv.T)
-    pred = np.asarray(model.predict_accuracy(qv[:, None], mv[None]))
-    prior = run_baseline("prior", ground_truth_other_targets=tr_acc[inner]).scores
-    out[name] = {
-        "mean_tau": float(np.mean([weighted_tau(tr_acc[v], s[i]) for i, v in enumerate(val)])),
-        "mean_tau_accuracy_head": float(np.mean([weighted_tau(tr_acc[v], pred[i])
-                                                 for i, v in enumerate(val)])),
-        "accuracy_mae": float(np.mean(np.abs(pred - tr_acc[val]))),
-        "prior_mean_tau": float(np.mean([weighted_tau(tr_acc[v], prior) for v in val]))}
+    pcfg = config_lib.override(cfg.proxy, VARIANTS[name])
+    proxy = Proxy.train(zoo, pcfg, model_ids=gt["ids"], transfer=labels, cache=cache,
+                        progress=progress)
+    index = proxy.build_index(groups_from_zoo(zoo, model_ids=gt["ids"]), cache=cache)
+    mv = index.vectors[np.asarray([index.ids.index(m) for m in gt["ids"]])]
+    taus, head_taus, maes = [], [], []
+    for v in val:
+      s = target_set(train[v], cfg.train_gt)
+      picks, y = draw_episodes(s, 1, cfg.train_gt.shots, cfg.seed)
+      q = proxy.embed_query(s.images[picks[0]], y[0])
+      pred = proxy.predict_accuracy(q, mv)[0]
+      taus.append(weighted_tau(acc[v], mv @ q))
+      head_taus.append(weighted_tau(acc[v], pred))
+      maes.append(float(np.mean(np.abs(pred - acc[v]))))
+    out[name] = {"mean_tau": float(np.mean(taus)),
+                 "mean_tau_accuracy_head": float(np.mean(head_taus)),
+                 "accuracy_mae": float(np.mean(maes)),
+                 "prior_mean_tau": float(np.mean([weighted_tau(acc[v], prior) for v in val]))}
     print(name, out[name], flush=True)
-  return {"validation": out, "align": dataclasses.asdict(cfg.align),
-          "vectorizer_overrides": dict(cfg.vectorizer_overrides)}
+  return {"validation": out, "config": config_lib.to_dict(cfg)}
 
 
 def plot(out: dict, path: str) -> None:
@@ -474,58 +524,44 @@ def format_table(out: dict) -> str:
       lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | |")
       continue
     lines.append(f"| {m} | {s['mean_tau']:.3f} | {s['mean_spearman']:.3f} | "
-                 f"{s['mean_regret']:.3f} | {s['forward_passes_per_query']} | "
+                 f"{s['mean_regret']:.3f} | {s['forward_passes_per_query']:,.0f} | "
                  f"{s['query_seconds']:.3f} |")
   return "\n".join(lines)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--zoo", default=SFMTEConfig.zoo_dir, help="the zoo directory (demo preset)")
-  p.add_argument("--cache", default=SFMTEConfig.cache_dir,
-                 help="where the ground truth and training episodes are cached")
-  p.add_argument("--out", default=None, help=f"results JSON (default {SFMTEConfig.out})")
+  add_config_arguments(p, PRESETS, "full")
+  p.add_argument("--zoo", default="artifacts/zoo-demo", help="the zoo directory (demo preset)")
+  p.add_argument("--cache", default="artifacts/cache",
+                 help="cache of derived artifacts (ground truth, knowledge, backbone, episodes)")
+  p.add_argument("--out", default="experiments/results/sfmte.json", help="results JSON")
+  p.add_argument("--figure", default="experiments/results/sfmte_tau.png", help="the figure")
   p.add_argument("--ground-truth", action="store_true", help="only compute the ground truth")
-  p.add_argument("--train-labels", default="full", choices=list(TRAIN_LABELS),
-                 help="how the training targets' accuracies are measured")
-  p.add_argument("--train-targets", type=int, default=SFMTEConfig.train_targets,
-                 help="how many training targets")
   p.add_argument("--compare-train-labels", action="store_true",
                  help="on the training targets only: weighted tau between linear-probe and full "
                       "fine-tune labels")
   p.add_argument("--validate", action="store_true",
                  help="model selection on validation targets carved from the training targets")
-  p.add_argument("--variant", action="append", default=None, choices=list(VARIANTS))
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override an AlignConfig or VectorizerConfig field (repeatable)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
-  if args.train_targets < 4:  # --validate holds out a quarter of them; the aligner needs several
-    p.error(f"--train-targets must be at least 4, got {args.train_targets}")
-  cfg = SFMTEConfig(zoo_dir=args.zoo, cache_dir=args.cache, validate=args.validate,
-                    train_gt=TRAIN_LABELS[args.train_labels], train_targets=args.train_targets)
-  align_over, vec_over = split_overrides(
-      args.set, {f.name for f in dataclasses.fields(align.AlignConfig)})
-  cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **align_over),
-                            vectorizer_overrides=tuple(sorted(vec_over.items())))
-  if args.variant:
-    cfg = dataclasses.replace(cfg, variants=tuple(args.variant))
-  if args.out:
-    cfg = dataclasses.replace(cfg, out=args.out)
+  cfg = config_from_args(p, PRESETS, args)
+  progress = not args.quiet
   if args.compare_train_labels:
-    print(json.dumps(compare_train_labels(cfg), indent=1))
+    print(json.dumps(compare_train_labels(cfg, args.zoo, args.cache, progress), indent=1))
     return
   if args.ground_truth:
-    gt = compute_ground_truth(cfg)
+    gt = compute_ground_truth(cfg, load_zoo(args.zoo), args.zoo, args.cache, progress)
     for name, acc in gt["eval"].items():
       m = acc.mean(0)
       print(f"{name:34s} mean {m.mean():.3f} std {m.std():.3f} min {m.min():.3f} "
             f"max {m.max():.3f} ceiling {noise_ceiling(acc, weighted_tau):.3f}")
     print(f"eval {gt['seconds'][0]:.0f} s, train {gt['seconds'][1]:.0f} s")
     return
-  out = run(cfg)
-  if cfg.validate:
-    print(json.dumps(out, indent=1))
+  if args.validate:
+    print(json.dumps(validate(cfg, args.zoo, args.cache, progress), indent=1))
     return
+  out = run(cfg, args.zoo, args.cache, args.out, args.figure, progress)
   print(format_table(out))
   print(f"\ndropped as saturated: {out['dropped_saturated'] or 'none'}; "
         f"{len(out['noise_ceiling'])} targets, {out['num_models']} models; "

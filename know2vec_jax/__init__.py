@@ -8,34 +8,41 @@ The public API, re-exported here (see the README for a walk-through):
 - knowledge: :func:`extract_knowledge`, :class:`KnowledgeConfig`
 - backbone: :class:`Backbone`, :func:`train_backbone`
 - vectorizers (Flax NNX): :class:`ModelVectorizer`, :class:`QueryVectorizer`, :class:`Know2Vec`
-- aligner: :class:`Trainer`, :class:`AlignConfig`, :func:`train_step`, :func:`ranking_loss`
+- aligner: :class:`Trainer`, :class:`AlignConfig`, :class:`RankingObjective`,
+  :class:`TransferObjective`, :func:`train_step`, :func:`ranking_loss`
 - index: :class:`ModelIndex`
+- pipeline (black boxes -> training data, shared by the proxy and every experiment):
+  :func:`probe_pool`, :class:`Cache`, :class:`LabelledSet`, :class:`TransferLabels`
 - proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`
+- configs: :func:`override` (dotted ``key=value``), :func:`to_dict`, :func:`from_dict`,
+  :class:`Presets`
 - transferability: :func:`finetune_accuracy`, :func:`ground_truth`, :class:`TransferTarget`,
   :class:`TransferData` (the aligner's SF-MTE objective), metrics :func:`weighted_tau`,
   :func:`ranking_report`; baselines :data:`BASELINES`, :func:`run_baseline`,
   :func:`forward_passes` (:mod:`know2vec_jax.baselines`)
 """
 
-from know2vec_jax.align import (AlignConfig, AlignData, Trainer, TransferData, listwise_loss,
-                                ranking_loss, train_step, transfer_train_step)
-from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
+from know2vec_jax.align import (AlignConfig, AlignData, RankingObjective, Trainer, TransferData,
+                                TransferObjective, listwise_loss, ranking_loss, train_step)
+from know2vec_jax.backbone import Backbone, BackboneConfig, BackboneError, train_backbone
 from know2vec_jax.baselines import BASELINES, BaselineInputError, forward_passes, run_baseline
 from know2vec_jax.blackbox import (BlackBoxError, BlackBoxGroup, BudgetExceededError,
                                    CallableBlackBox, InputError, StackGroup, check_images,
                                    groups_from_zoo)
+from know2vec_jax.config import ConfigError, Presets, from_dict, override, to_dict
 from know2vec_jax.data import (DataError, SourceData, Task, few_shot, list_sources, load_source,
                                make_task, sample_tasks, task_images, task_split)
-from know2vec_jax.features import (anchor_features, check_query, knowledge_features, query_grid,
-                                   task_episodes)
+from know2vec_jax.features import anchor_features, check_query, knowledge_features, query_grid
 from know2vec_jax.index import IndexStoreError, ModelIndex
-from know2vec_jax.knowledge import Knowledge, KnowledgeConfig, expected_queries, extract_knowledge
+from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, expected_queries,
+                                    extract_knowledge, grid_inputs)
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
                                   spearman, top1_regret, weighted_tau)
+from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, probe_pool
 from know2vec_jax.probe import stack_logits
-from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, apply_overrides, proxy_preset,
-                                query, zoo_metadata)
+from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata,
+                                zoo_tasks)
 from know2vec_jax.transfer import (FinetuneConfig, TransferError, TransferTarget,
                                    finetune_accuracy, ground_truth, noise_ceiling, run_sample)
 from know2vec_jax.vectorizers import (AccuracyHead, Know2Vec, ModelVectorizer, QueryVectorizer,

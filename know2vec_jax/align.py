@@ -1,10 +1,17 @@
-"""The aligner: trains the vectorizers so that a query's vector points at its task's models.
+"""The aligner: trains the vectorizers so that a query's vector points at the models that fit it.
 
-Loss (DESIGN.md §2 step 7; after the released code and TANS): on S = Q M^T over a batch of
-(query, model) pairs, a bidirectional hardest-negative margin ranking loss (each query's own model
-must beat the hardest model of another task by ``margin``, and each model's own query the hardest
-query of another task), plus ``ce_weight`` x cross-entropy classifying each model vector into its
-task id. Models of the query's own task are never negatives.
+Two objectives, each a frozen config with its own loss and batch sampler (docs/design.md,
+"Method", step 7), trained by one pure step:
+
+- :class:`RankingObjective` (retrieval; after the released code and TANS): on S = Q M^T over a
+  batch of (query, model) pairs, a bidirectional hardest-negative margin ranking loss (each query's
+  own model must beat the hardest model of another task by ``margin``, and each model's own query
+  the hardest query of another task), plus ``ce_weight`` x cross-entropy classifying each model
+  vector into its task id. Models of the query's own task are never negatives. Trains on
+  :class:`AlignData`.
+- :class:`TransferObjective` (fine-tune selection, SF-MTE): a listwise loss ranking the whole zoo
+  per target query by measured fine-tune accuracy, plus an accuracy head's squared error. Trains
+  on :class:`TransferData`.
 
 The step is a pure function ``train_step(state, batch, rng) -> (state, metrics)``, jitted with
 explicit shardings: the batch is split over the ``data`` axis of a ``jax.make_mesh`` mesh, the
@@ -21,6 +28,7 @@ import dataclasses
 import functools
 import pathlib
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,48 +38,40 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from know2vec_jax.config import require
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class AlignConfig:
-  """Aligner training settings.
+  """How the aligner optimises (whatever the objective).
 
   Attributes:
     steps, batch_size: optimisation budget; batch_size must divide by the device count.
     learning_rate, warmup_steps, weight_decay: AdamW with warm-up and cosine decay.
-    margin: ranking margin.
-    ce_weight: weight of the task-id cross-entropy.
-    feature_noise: std of Gaussian noise added to input features (augmentation; uses the rng).
-    subset_prob: class-subset augmentation: the fraction of batch items whose model grid and
-      query grid are both restricted to the same random subset of the task's classes (a 3-of-4
-      sub-task is a new (query, model) pair for free). It teaches the encoder that a vector must
-      say *which* classes a task has, the skill a task never seen in training needs.
     seed: init and batch-sampling seed.
     checkpoint_every: steps between orbax checkpoints (when a checkpoint dir is given).
-    temperature, target_temperature, accuracy_weight: the transferability objective (used when
-      the data is :class:`TransferData`; see :func:`listwise_loss`).
   """
   steps: int = 1500
   batch_size: int = 64
   learning_rate: float = 1e-3
   warmup_steps: int = 100
   weight_decay: float = 1e-4
-  margin: float = 0.2
-  ce_weight: float = 1.0
-  feature_noise: float = 0.0
-  subset_prob: float = 0.0
   seed: int = 0
   checkpoint_every: int = 500
-  temperature: float = 0.05
-  target_temperature: float = 0.5
-  accuracy_weight: float = 1.0
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "checkpoint_every"):
+      require(getattr(self, name) >= 1, f"align {name} must be >= 1, got {getattr(self, name)}")
+    require(self.warmup_steps >= 0, f"align warmup_steps must be >= 0, got {self.warmup_steps}")
+    require(self.learning_rate > 0, f"align learning_rate must be > 0, got "
+            f"{self.learning_rate}")
 
 
 @dataclasses.dataclass
 class AlignData:
-  """What the aligner trains on (host arrays).
+  """What the ranking objective trains on (host arrays).
 
   Attributes:
     model_grid: float32 [M, K_max, K_max, D] knowledge-grid features of the training models.
@@ -168,6 +168,110 @@ def ranking_loss(q, m, task, margin: float):
   return l_q.mean() + l_m.mean(), s
 
 
+@dataclasses.dataclass(frozen=True)
+class RankingObjective:
+  """Retrieval: margin ranking on S = Q M^T plus task-id cross-entropy (trains on AlignData).
+
+  Attributes:
+    margin: ranking margin.
+    ce_weight: weight of the task-id cross-entropy.
+    feature_noise: std of Gaussian noise added to input features (augmentation; uses the rng).
+    subset_prob: class-subset augmentation: the fraction of batch items whose model grid and
+      query grid are both restricted to the same random subset of the task's classes (a 3-of-4
+      sub-task is a new (query, model) pair for free).
+  """
+  margin: float = 0.2
+  ce_weight: float = 1.0
+  feature_noise: float = 0.0
+  subset_prob: float = 0.0
+
+  data_type: ClassVar[type] = AlignData
+  accuracy_head: ClassVar[bool] = False
+  progress_metric: ClassVar[tuple[str, str]] = ("top1", "batch_top1")
+
+  def __post_init__(self):
+    require(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+    require(self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}")
+    require(self.feature_noise >= 0, f"feature_noise must be >= 0, got {self.feature_noise}")
+    require(0 <= self.subset_prob <= 1, f"subset_prob must be in [0, 1], got {self.subset_prob}")
+
+  def replicated(self, data: AlignData):
+    """Step inputs every device needs whole (none for this objective)."""
+    return ()
+
+  def host_batch(self, data: AlignData, cfg: AlignConfig, step: int, rows: slice) -> dict:
+    """This process's slice ``rows`` of the step's global batch (the same on every process)."""
+    idx, eps, subset = sample_batch_indices(data, cfg, self.subset_prob, step)
+    return local_batch(data, idx[rows], eps[rows], subset[rows])
+
+  def loss(self, model: Know2Vec, batch: dict, replicated, rng):
+    del replicated
+    mg, qg = batch["model_grid"], batch["query_grid"]
+    if self.feature_noise > 0:
+      k1, k2 = jax.random.split(rng)
+      mg = mg + self.feature_noise * jax.random.normal(k1, mg.shape)
+      qg = qg + self.feature_noise * jax.random.normal(k2, qg.shape)
+    m = model.embed_models(mg, batch["model_mask"])
+    q = model.embed_queries(qg, batch["query_mask"])
+    rank, s = ranking_loss(q, m, batch["key"], self.margin)
+    # The task-id head classifies whole-task model vectors only (class subsets are not tasks).
+    ce_all = optax.softmax_cross_entropy_with_integer_labels(model.task_head(m), batch["task"])
+    ce = (ce_all * batch["full"]).sum() / jnp.maximum(batch["full"].sum(), 1.0)
+    loss = rank + self.ce_weight * ce
+    top1 = jnp.mean(jnp.argmax(s, axis=1) == jnp.arange(s.shape[0]))
+    return loss, {"loss": loss, "rank_loss": rank, "ce_loss": ce, "batch_top1": top1}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferObjective:
+  """Fine-tune selection: listwise ranking of the zoo plus the accuracy head (TransferData).
+
+  Attributes:
+    temperature, target_temperature: the two softmax temperatures of :func:`listwise_loss`.
+    accuracy_weight: weight of the accuracy head's squared error.
+  """
+  temperature: float = 0.05
+  target_temperature: float = 0.5
+  accuracy_weight: float = 1.0
+
+  data_type: ClassVar[type] = TransferData
+  accuracy_head: ClassVar[bool] = True
+  progress_metric: ClassVar[tuple[str, str]] = ("mae", "accuracy_mae")
+
+  def __post_init__(self):
+    require(self.temperature > 0 and self.target_temperature > 0,
+            f"temperatures must be > 0, got {self.temperature}, {self.target_temperature}")
+    require(self.accuracy_weight >= 0, f"accuracy_weight must be >= 0, got "
+            f"{self.accuracy_weight}")
+
+  def replicated(self, data: TransferData):
+    """Every step scores the whole zoo: the model grids are a replicated step input."""
+    return (data.model_grid, data.model_mask)
+
+  def host_batch(self, data: TransferData, cfg: AlignConfig, step: int, rows: slice) -> dict:
+    """This process's slice of the step's global batch of target queries."""
+    rng = np.random.default_rng([cfg.seed, step])
+    tgt = rng.integers(0, data.accuracy.shape[0], cfg.batch_size)[rows]
+    eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)[rows]
+    return {"query_grid": data.query_grid[tgt, eps], "query_mask": data.query_mask[tgt],
+            "accuracy": data.accuracy[tgt].astype(np.float32)}
+
+  def loss(self, model: Know2Vec, batch: dict, replicated, rng):
+    del rng
+    m = model.embed_models(*replicated)
+    q = model.embed_queries(batch["query_grid"], batch["query_mask"])
+    acc = batch["accuracy"]
+    lw = listwise_loss(q @ m.T, acc, self.temperature, self.target_temperature)
+    pred = model.predict_accuracy(q[:, None, :], m[None, :, :])
+    mse = jnp.mean((pred - acc) ** 2)
+    loss = lw + self.accuracy_weight * mse
+    return loss, {"loss": loss, "listwise_loss": lw,
+                  "accuracy_mae": jnp.mean(jnp.abs(pred - acc))}
+
+
+OBJECTIVES = {"retrieve": RankingObjective, "transfer": TransferObjective}
+
+
 def make_optimizer(cfg: AlignConfig) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                 max(cfg.steps, cfg.warmup_steps + 1),
@@ -175,97 +279,43 @@ def make_optimizer(cfg: AlignConfig) -> optax.GradientTransformation:
   return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
 
-def init_state(vcfg: VectorizerConfig, num_tasks: int, cfg: AlignConfig,
+def init_state(vcfg: VectorizerConfig, feature_dim: int, num_tasks: int, cfg: AlignConfig,
                accuracy_head: bool = False):
   """(graphdef, state) where state = {"params", "opt_state", "step"} is a pure pytree."""
-  # One default stream: the LSTM cells draw their initial carry from a "carry" stream.
-  model = Know2Vec(vcfg, num_tasks, accuracy_head=accuracy_head, rngs=nnx.Rngs(cfg.seed))
+  model = Know2Vec(vcfg, feature_dim, num_tasks, accuracy_head=accuracy_head,
+                   rngs=nnx.Rngs(cfg.seed))
   graphdef, params = nnx.split(model)
   tx = make_optimizer(cfg)
   return graphdef, {"params": params, "opt_state": tx.init(params),
                     "step": jnp.zeros((), jnp.int32)}
 
 
-def loss_fn(graphdef, params, batch, rng, cfg: AlignConfig):
-  model = nnx.merge(graphdef, params)
-  mg, qg = batch["model_grid"], batch["query_grid"]
-  if cfg.feature_noise > 0:
-    k1, k2 = jax.random.split(rng)
-    mg = mg + cfg.feature_noise * jax.random.normal(k1, mg.shape)
-    qg = qg + cfg.feature_noise * jax.random.normal(k2, qg.shape)
-  m = model.embed_models(mg, batch["model_mask"])
-  q = model.embed_queries(qg, batch["query_mask"])
-  rank, s = ranking_loss(q, m, batch["key"], cfg.margin)
-  # The task-id head classifies whole-task model vectors only (class subsets are not tasks).
-  ce_all = optax.softmax_cross_entropy_with_integer_labels(model.task_head(m), batch["task"])
-  ce = (ce_all * batch["full"]).sum() / jnp.maximum(batch["full"].sum(), 1.0)
-  loss = rank + cfg.ce_weight * ce
-  top1 = jnp.mean(jnp.argmax(s, axis=1) == jnp.arange(s.shape[0]))
-  return loss, {"loss": loss, "rank_loss": rank, "ce_loss": ce, "batch_top1": top1}
-
-
-def train_step(graphdef, cfg: AlignConfig, state, batch, rng):
-  """One AdamW step. Pure: ``(state, batch, rng) -> (state, metrics)``."""
+def train_step(graphdef, cfg: AlignConfig, objective, state, batch, replicated, rng):
+  """One AdamW step of ``objective``. Pure: ``(state, batch, replicated, rng) -> (state,
+  metrics)``; ``replicated`` holds the step inputs every device sees whole."""
   tx = make_optimizer(cfg)
-  grads, metrics = jax.grad(functools.partial(loss_fn, graphdef, cfg=cfg), has_aux=True)(
-      state["params"], batch, rng)
+
+  def loss_fn(params):
+    return objective.loss(nnx.merge(graphdef, params), batch, replicated, rng)
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def transfer_loss_fn(graphdef, params, batch, models, rng, cfg: AlignConfig):
-  """Listwise ranking of the whole zoo per target query, plus the accuracy head's squared error.
-
-  ``models`` = (grid [M, ...], mask [M, K_max]) of every zoo model (replicated); the batch holds
-  target queries and their measured accuracies [B, M].
-  """
-  del rng
-  model = nnx.merge(graphdef, params)
-  m = model.embed_models(*models)
-  q = model.embed_queries(batch["query_grid"], batch["query_mask"])
-  acc = batch["accuracy"]
-  lw = listwise_loss(q @ m.T, acc, cfg.temperature, cfg.target_temperature)
-  pred = model.predict_accuracy(q[:, None, :], m[None, :, :])
-  mse = jnp.mean((pred - acc) ** 2)
-  loss = lw + cfg.accuracy_weight * mse
-  return loss, {"loss": loss, "listwise_loss": lw, "accuracy_mae": jnp.mean(jnp.abs(pred - acc))}
-
-
-def transfer_train_step(graphdef, cfg: AlignConfig, state, batch, models, rng):
-  """One AdamW step of the transferability objective. Pure, like :func:`train_step`."""
-  tx = make_optimizer(cfg)
-  grads, metrics = jax.grad(functools.partial(transfer_loss_fn, graphdef, cfg=cfg),
-                            has_aux=True)(state["params"], batch, models, rng)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-
-def transfer_batch(data: TransferData, cfg: AlignConfig, step: int, rows=None) -> dict:
-  """The step's global batch of target queries (the same on every process); ``rows`` slices it."""
-  rng = np.random.default_rng([cfg.seed, step])
-  tgt = rng.integers(0, data.accuracy.shape[0], cfg.batch_size)
-  eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)
-  if rows is not None:
-    tgt, eps = tgt[rows], eps[rows]
-  return {"query_grid": data.query_grid[tgt, eps], "query_mask": data.query_mask[tgt],
-          "accuracy": data.accuracy[tgt].astype(np.float32)}
-
-
-def sample_batch_indices(data: AlignData, cfg: AlignConfig, step: int):
+def sample_batch_indices(data: AlignData, cfg: AlignConfig, subset_prob: float, step: int):
   """The global batch of a step, the same on every process.
 
   Returns:
     (model rows [B], episode ids [B], class-subset masks float32 [B, K_max]). With probability
-    ``cfg.subset_prob`` an item keeps only a random subset (>= 2) of its task's classes, on the
-    model grid and the query grid alike (see ``AlignConfig.subset_prob``).
+    ``subset_prob`` an item keeps only a random subset (>= 2) of its task's classes, on the
+    model grid and the query grid alike (see ``RankingObjective.subset_prob``).
   """
   rng = np.random.default_rng([cfg.seed, step])
   rows = rng.integers(0, len(data.model_task), cfg.batch_size)
   eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)
   subset = np.array(data.query_mask[data.model_task[rows]])
-  for b in np.flatnonzero(rng.random(cfg.batch_size) < cfg.subset_prob):
+  for b in np.flatnonzero(rng.random(cfg.batch_size) < subset_prob):
     valid = np.flatnonzero(subset[b] > 0)
     if len(valid) > 2:
       keep = rng.choice(valid, size=rng.integers(2, len(valid)), replace=False)
@@ -291,40 +341,41 @@ class Trainer:
 
   Args:
     vcfg: vectorizer config.
-    cfg: aligner config.
-    data: the training data (on every process): :class:`AlignData` trains retrieval (the ranking
-      loss + task-id cross-entropy); :class:`TransferData` trains transferability (listwise loss
-      over the zoo + the accuracy head).
+    feature_dim: D, the backbone's feature size.
+    cfg: how to optimise.
+    objective: :class:`RankingObjective` (on :class:`AlignData`) or :class:`TransferObjective`
+      (on :class:`TransferData`).
+    data: the training data (on every process).
     mesh: the ``data`` mesh (default: all devices of all processes).
     checkpoint_dir: where a ``CheckpointManager`` keeps the latest checkpoints; training resumes
       from the latest step found there.
+
+  Raises:
+    ValueError: a batch size the device count does not divide, or data of the wrong kind for the
+      objective.
   """
 
-  def __init__(self, vcfg: VectorizerConfig, cfg: AlignConfig, data: AlignData, mesh=None,
-               checkpoint_dir=None):
-    self.vcfg, self.cfg, self.data = vcfg, cfg, data
+  def __init__(self, vcfg: VectorizerConfig, feature_dim: int, cfg: AlignConfig, objective,
+               data, mesh=None, checkpoint_dir=None):
+    self.vcfg, self.cfg, self.objective, self.data = vcfg, cfg, objective, data
+    if not isinstance(data, objective.data_type):
+      raise ValueError(f"{type(objective).__name__} trains on {objective.data_type.__name__}, "
+                       f"got {type(data).__name__}")
     self.mesh = mesh if mesh is not None else data_mesh()
     n = self.mesh.size
     if cfg.batch_size % n:
       raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {n} devices")
-    self.transfer = isinstance(data, TransferData)
-    self.graphdef, state = init_state(vcfg, data.num_tasks, cfg, accuracy_head=self.transfer)
+    self.graphdef, state = init_state(vcfg, feature_dim, data.num_tasks, cfg,
+                                      accuracy_head=objective.accuracy_head)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.state = jax.device_put(state, self.replicated)
-    if self.transfer:
-      # Every step scores the whole zoo: the model grids are a replicated step input.
-      models = jax.device_put((data.model_grid, data.model_mask), self.replicated)
-      step = jax.jit(functools.partial(transfer_train_step, self.graphdef, cfg),
-                     in_shardings=(self.replicated, self.batch_sharding, self.replicated,
-                                   self.replicated),
-                     out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-      self._step = lambda state, batch, rng: step(state, batch, models, rng)
-    else:
-      self._step = jax.jit(functools.partial(train_step, self.graphdef, cfg),
-                           in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-                           out_shardings=(self.replicated, self.replicated),
-                           donate_argnums=(0,))
+    whole = jax.device_put(objective.replicated(data), self.replicated)
+    step = jax.jit(functools.partial(train_step, self.graphdef, cfg, objective),
+                   in_shardings=(self.replicated, self.batch_sharding, self.replicated,
+                                 self.replicated),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self._step = lambda state, batch, rng: step(state, batch, whole, rng)
     self.manager = None
     if checkpoint_dir is not None:
       self.manager = ocp.CheckpointManager(
@@ -347,11 +398,7 @@ class Trainer:
     """This process's slice of the step's global batch, assembled into global sharded arrays."""
     per = self.cfg.batch_size // jax.process_count()
     sl = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-    if self.transfer:
-      local = transfer_batch(self.data, self.cfg, step, sl)
-    else:
-      rows, eps, subset = sample_batch_indices(self.data, self.cfg, step)
-      local = local_batch(self.data, rows[sl], eps[sl], subset[sl])
+    local = self.objective.host_batch(self.data, self.cfg, step, sl)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()}
 
@@ -375,9 +422,8 @@ class Trainer:
         m = {k: float(v) for k, v in metrics.items()} | {"step": step + 1}
         history.append(m)
         if bar is not None:
-          bar.set_postfix(loss=f"{m['loss']:.3f}", **(
-              {"mae": f"{m['accuracy_mae']:.3f}"} if self.transfer else
-              {"top1": f"{m['batch_top1']:.2f}"}))
+          label, name = self.objective.progress_metric
+          bar.set_postfix({"loss": f"{m['loss']:.3f}", label: f"{m[name]:.3f}"})
       if bar is not None:
         bar.update(1)
       if self.manager is not None and ((step + 1) % self.cfg.checkpoint_every == 0

@@ -18,24 +18,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from know2vec_jax import config as config_lib
+from know2vec_jax import storage
+from know2vec_jax.config import require
 from know2vec_jax.data import load_source
 from know2vec_jax.zoo.architectures import CNN
-from know2vec_jax import storage
+
+FORMAT = "know2vec-backbone"
+VERSION = 2  # 2: checksummed parameters; the image shape beside the config
+MANIFEST = "backbone.json"
+
+
+class BackboneError(ValueError):
+  """A backbone that cannot be trained, saved or loaded as asked; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
   """How phi is built and trained.
 
+  The image shape is not a field: it is the zoo's (the black boxes'), passed to
+  :func:`train_backbone` and :class:`Backbone`.
+
   Attributes:
-    sources: the sources (domains included) whose train splits phi learns from.
+    sources: the sources (domains included) whose train splits phi learns from; empty: the
+      sources of the models a proxy is trained on.
     channels, strides, dim: the CNN body and the feature size D.
     steps, batch_size, learning_rate: Adam training budget.
     max_per_source: at most this many train images per source (balances large and small ones).
-    image_size, channels_in: the common image format.
     seed: init and batch seed.
   """
   sources: tuple[str, ...] = ()
@@ -46,34 +58,47 @@ class BackboneConfig:
   batch_size: int = 256
   learning_rate: float = 2e-3
   max_per_source: int = 6000
-  image_size: int = 28
-  channels_in: int = 1
   seed: int = 0
+
+  def __post_init__(self):
+    for name in ("dim", "steps", "batch_size", "max_per_source"):
+      require(getattr(self, name) >= 1, f"backbone {name} must be >= 1, got "
+              f"{getattr(self, name)}")
+    require(len(self.channels) == len(self.strides) and len(self.channels) >= 1,
+            f"backbone channels {self.channels} and strides {self.strides} must have one entry "
+            "per conv layer")
+    require(self.learning_rate > 0, f"backbone learning_rate must be > 0, got "
+            f"{self.learning_rate}")
 
 
 class Backbone:
-  """A trained, frozen phi: ``embed(images) -> L2-normalised features [N, D]``."""
+  """A trained, frozen phi: ``embed(images) -> L2-normalised features [N, D]``.
 
-  def __init__(self, config: BackboneConfig, num_labels: int, params: nnx.State | None = None):
+  Args:
+    config: the architecture and training settings.
+    image_shape: (H, W, C) of the images it reads.
+    num_labels: outputs of the (domain, class) head it was trained with.
+    params: its parameters (default: freshly initialised).
+  """
+
+  def __init__(self, config: BackboneConfig, image_shape, num_labels: int,
+               params: nnx.State | None = None):
     self.config = config
-    self.num_labels = num_labels
-    model = self._make(nnx.Rngs(params=config.seed))
+    self.image_shape = tuple(int(d) for d in image_shape)
+    self.num_labels = int(num_labels)
+    model = CNN(self.num_labels, image_shape=self.image_shape, channels=config.channels,
+                strides=config.strides, hidden=config.dim, rngs=nnx.Rngs(params=config.seed))
     self.graphdef, state = nnx.split(model)
     self.params = state if params is None else params
-
-  def _make(self, rngs):
-    c = self.config
-    return CNN(self.num_labels, image_shape=(c.image_size, c.image_size, c.channels_in),
-               channels=c.channels, strides=c.strides, hidden=c.dim, rngs=rngs)
 
   @property
   def dim(self) -> int:
     return self.config.dim
 
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    c = self.config
-    return (c.image_size, c.image_size, c.channels_in)
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """A short hash of phi's parameters: features of two backbones with one fingerprint agree."""
+    return storage.checksum(storage.pure(self.params))[:16]
 
   def embed(self, images, batch_size: int = 2048) -> jax.Array:
     """L2-normalised features of float32 images [..., H, W, C] -> [..., D]."""
@@ -86,28 +111,29 @@ class Backbone:
     return out.reshape(lead + (self.dim,))
 
   def save(self, path) -> pathlib.Path:
-    """Writes phi atomically (orbax parameters + JSON config)."""
+    """Writes phi atomically (orbax parameters + JSON config, checksummed)."""
     return storage.save_artifact(
-        path, {"params": nnx.to_pure_dict(self.params)}, "backbone.json",
-        {"format": "know2vec-backbone", "version": 1, "config": dataclasses.asdict(self.config),
-         "num_labels": self.num_labels})
+        path, {"params": self.params}, MANIFEST,
+        {"format": FORMAT, "version": VERSION, "config": config_lib.to_dict(self.config),
+         "image_shape": list(self.image_shape), "num_labels": self.num_labels})
 
   @classmethod
   def load(cls, path) -> "Backbone":
-    """Reads a saved phi; raises ValueError naming the path if it is missing or damaged."""
+    """Reads a saved phi, verified against the checksum recorded at save time.
+
+    Raises:
+      BackboneError: a missing, incomplete or corrupted backbone (the message names the path).
+    """
     root = pathlib.Path(path).expanduser().absolute()
-    meta = storage.read_manifest(root, "backbone.json", "know2vec-backbone", 1, "backbone")
-    cfg = meta["config"]
-    config = BackboneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-    bb = cls(config, meta["num_labels"])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                            nnx.to_pure_dict(bb.params))
+    meta = storage.read_manifest(root, MANIFEST, FORMAT, VERSION, "backbone", BackboneError)
     try:
-      with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(root / "params", abstract)
-    except Exception as e:
-      raise ValueError(f"backbone parameters at {root / 'params'} are unreadable: {e}") from e
-    nnx.replace_by_pure_dict(bb.params, restored)
+      bb = cls(config_lib.from_dict(BackboneConfig, meta["config"], "backbone config"),
+               meta["image_shape"], meta["num_labels"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise BackboneError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
+    restored = storage.restore_trees(root, meta, {"params": storage.pure(bb.params)},
+                                     "backbone", BackboneError)
+    nnx.replace_by_pure_dict(bb.params, restored["params"])
     return bb
 
 
@@ -126,22 +152,31 @@ def _train_step(graphdef, tx, params, opt_state, images, labels):
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-def train_backbone(config: BackboneConfig, progress: bool = True) -> tuple[Backbone, dict]:
-  """Trains phi on the train splits of ``config.sources`` ((source, class) labels).
+def train_backbone(config: BackboneConfig, sources=(), image_shape=(28, 28, 1),
+                   progress: bool = True) -> tuple[Backbone, dict]:
+  """Trains phi on the train splits of its sources ((source, class) labels).
+
+  Args:
+    config: the architecture and training budget.
+    sources: the sources to learn from when ``config.sources`` is empty.
+    image_shape: (H, W, C), square images.
+    progress: a tqdm bar.
 
   Returns:
     (the frozen backbone, info: seconds, final loss, held-out accuracy on the sources' test splits
-    (a check that phi learned, never used for selection)).
+    (a check that phi learned, never used for selection), sources).
   """
-  if not config.sources:
-    raise ValueError("BackboneConfig.sources is empty")
-  if config.steps < 1:
-    raise ValueError(f"BackboneConfig.steps must be >= 1, got {config.steps}")
+  sources = tuple(config.sources or sources)
+  if not sources:
+    raise BackboneError("no sources to train the backbone on (BackboneConfig.sources is empty)")
+  h, w, c = image_shape
+  if h != w:
+    raise BackboneError(f"backbone images must be square, got {tuple(image_shape)}")
   t0 = time.perf_counter()
   rng = np.random.default_rng(config.seed)
   xs, ys, xt, yt, offset = [], [], [], [], 0
-  for s in config.sources:
-    d = load_source(s, image_size=config.image_size, channels=config.channels_in)
+  for s in sources:
+    d = load_source(s, image_size=h, channels=c)
     sel = rng.permutation(len(d.train_labels))[:config.max_per_source]
     xs.append(d.train_images[sel])
     ys.append(d.train_labels[sel] + offset)
@@ -151,7 +186,7 @@ def train_backbone(config: BackboneConfig, progress: bool = True) -> tuple[Backb
     offset += d.num_classes
   x = jax.device_put(np.concatenate(xs))
   y = jax.device_put(np.concatenate(ys).astype(np.int32))
-  bb = Backbone(config, offset)
+  bb = Backbone(config, image_shape, offset)
   # 50 warm-up steps, or half the budget when it is shorter (optax needs decay > warm-up).
   warmup = min(50, max(config.steps // 2, 1))
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
@@ -190,5 +225,6 @@ def train_backbone(config: BackboneConfig, progress: bool = True) -> tuple[Backb
   pred = np.concatenate([np.asarray(jnp.argmax(model(xt_[i:i + 1024]), -1))
                          for i in range(0, len(xt_), 1024)])
   info = dict(seconds=time.perf_counter() - t0, final_loss=float(loss),
-              heldout_accuracy=float(np.mean(pred == yt_)), num_labels=offset)
+              heldout_accuracy=float(np.mean(pred == yt_)), num_labels=offset,
+              sources=list(sources))
   return bb, info

@@ -17,12 +17,15 @@ the black box and the problem instead of surfacing from deep inside JAX.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from know2vec_jax import probe as probe_lib
+from know2vec_jax import strategy as strategy_lib
 
 
 class InputError(ValueError):
@@ -71,9 +74,11 @@ def check_images(images, image_shape: Sequence[int] | None = None, *, batch_dims
 class BlackBoxGroup:
   """M black boxes with one label-space size, evaluated together.
 
-  Subclasses implement :meth:`_evaluate`. Attributes: ``model_ids``, ``num_classes``,
-  ``image_shape``, ``queries`` (int64 [M], inputs evaluated per model), ``budget`` (per model, or
-  None).
+  Subclasses implement :meth:`_evaluate` (and :meth:`subset` where a group holds several
+  models). Attributes: ``model_ids``, ``num_classes``, ``image_shape``, ``queries`` (int64 [M],
+  inputs evaluated per model), ``budget`` (per model, or None), ``fingerprints`` (per model: a
+  string that changes whenever the model's function may have changed, or None when unknown; a
+  proxy reuses a model's stored knowledge only when id and fingerprint match).
   """
 
   def __init__(self, model_ids: Sequence[str], num_classes: int, image_shape: Sequence[int],
@@ -85,10 +90,35 @@ class BlackBoxGroup:
     self.image_shape = tuple(int(d) for d in image_shape)
     self.budget = budget
     self.queries = np.zeros(len(self.model_ids), np.int64)
+    self._parent: tuple[BlackBoxGroup, np.ndarray] | None = None  # set by subset()
 
   @property
   def num_models(self) -> int:
     return len(self.model_ids)
+
+  @property
+  def fingerprints(self) -> list[str | None]:
+    """Per model, an identifier of its current function (None: unknown, never reused)."""
+    return [None] * self.num_models
+
+  def subset(self, model_ids: Sequence[str]) -> "BlackBoxGroup":
+    """A group of some of this group's models whose queries count on this group's counters too.
+
+    Raises:
+      InputError: an id that is not in the group.
+    """
+    unknown = [m for m in model_ids if m not in self.model_ids]
+    if unknown:
+      raise InputError(f"model id {unknown[0]!r} is not in this black-box group")
+    if list(model_ids) == self.model_ids:
+      return self
+    raise NotImplementedError(f"{type(self).__name__} cannot be split into sub-groups")
+
+  def _attach(self, parent: "BlackBoxGroup", model_ids: Sequence[str]) -> "BlackBoxGroup":
+    rows = np.asarray([parent.model_ids.index(m) for m in model_ids])
+    self._parent = (parent, rows)
+    self.queries = parent.queries[rows].copy()
+    return self
 
   def __call__(self, images, *, validate: bool = True) -> np.ndarray:
     """Logits of every model.
@@ -133,6 +163,9 @@ class BlackBoxGroup:
       raise BlackBoxError(f"black box {bad[0]!r} returned NaN/inf logits"
                           + (f" ({len(bad)} models)" if len(bad) > 1 else ""))
     self.queries += b
+    if self._parent is not None:
+      parent, rows = self._parent
+      parent.queries[rows] += b
     return out.astype(np.float32, copy=False)
 
   def _evaluate(self, images, shared: bool):
@@ -148,13 +181,48 @@ class StackGroup(BlackBoxGroup):
 
   def __init__(self, stack, *, strategy: str = "auto", mesh=None, budget: int | None = None):
     super().__init__(stack.model_ids, stack.spec.num_classes, stack.spec.image_shape, budget)
+    self._stack = stack
     self._graphdef = stack.graphdef
     self._params = probe_lib.shard_stack(stack.params, mesh)  # padded and placed once
-    self.strategy = probe_lib.resolve_probe_strategy(strategy)
+    self.strategy = strategy_lib.resolve(strategy)
     self._mesh = mesh
     self.name = stack.name
     self.max_pairs = 16384 * max(1, mesh.size if mesh is not None else 1)
     self.max_batch = 4096
+
+  @functools.cached_property
+  def _fingerprints(self) -> list[str]:
+    # SHA-256 of the architecture and each model's own parameter bytes: the zoo owner's side of
+    # the black box knows its weights changed; the proxy only ever compares these strings.
+    leaves = [(jax.tree_util.keystr(p), np.asarray(a))
+              for p, a in jax.tree_util.tree_flatten_with_path(self._stack.params)[0]]
+    out = []
+    for i in range(self.num_models):
+      spec = self._stack.spec  # not its conv lowering, which computes the same function
+      h = hashlib.sha256(f"{spec.arch}|{spec.num_classes}|{spec.image_shape}|".encode())
+      for path, a in leaves:
+        h.update(f"{path}|{a.dtype}|{a.shape[1:]}|".encode())
+        h.update(np.ascontiguousarray(a[i]).tobytes())
+      out.append(h.hexdigest()[:32])
+    return out
+
+  @property
+  def fingerprints(self) -> list[str | None]:
+    return list(self._fingerprints)
+
+  def subset(self, model_ids: Sequence[str]) -> "StackGroup":
+    """The listed models of the stack as one group (counted here too); see the base class."""
+    if list(model_ids) == self.model_ids:
+      return self
+    unknown = [m for m in model_ids if m not in self.model_ids]
+    if unknown:
+      raise InputError(f"model id {unknown[0]!r} is not in stack group {self.name!r}")
+    rows = np.asarray([self.model_ids.index(m) for m in model_ids])
+    stack = dataclasses.replace(self._stack, model_ids=list(model_ids),
+                                params=jax.tree.map(lambda a: a[rows], self._stack.params))
+    sub = StackGroup(stack, strategy=self.strategy, mesh=self._mesh, budget=self.budget)
+    sub.__dict__["_fingerprints"] = [self._fingerprints[r] for r in rows]
+    return sub._attach(self, model_ids)
 
   def _evaluate(self, images, shared: bool):
     # Bound the live activations: vmap materialises every model's activations at once, so a call
@@ -181,13 +249,22 @@ class CallableBlackBox(BlackBoxGroup):
     model_id: its id in the index.
     batch_size: largest batch passed to ``fn`` at once.
     budget: optional query budget.
+    fingerprint: optional version string of the function behind ``fn`` (e.g. a model hash or
+      release tag): with one, a proxy may reuse the knowledge it extracted before; without one it
+      probes the black box every time.
   """
 
   def __init__(self, fn: Callable, num_classes: int, image_shape: Sequence[int],
-               model_id: str = "callable", batch_size: int = 256, budget: int | None = None):
+               model_id: str = "callable", batch_size: int = 256, budget: int | None = None,
+               fingerprint: str | None = None):
     super().__init__([model_id], num_classes, image_shape, budget)
     self._fn = fn
     self.batch_size = int(batch_size)
+    self.fingerprint = fingerprint
+
+  @property
+  def fingerprints(self) -> list[str | None]:
+    return [self.fingerprint]
 
   def _evaluate(self, images, shared: bool):
     x = np.asarray(images if shared else images[0])

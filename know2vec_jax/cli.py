@@ -10,8 +10,8 @@
     know2vec train --zoo Z --out PROXY     train a Know2Vec proxy on a zoo (black-box access only)
     know2vec index build|add|remove|info   the retrieval index of a zoo
     know2vec query --proxy P --index I ..  rank the index's models for a few-shot task
-    know2vec eval nnr|sfmte [args]         run an experiment of experiments/
-    know2vec bench [args]                  run the benchmarks of benchmarks/
+    know2vec eval nnr|sfmte|latency [args] run an experiment (the ``experiments`` package)
+    know2vec bench [args]                  run the benchmark suite (the ``benchmarks`` package)
 
 Every command takes ``--help``; commands whose output is data take ``--json``; long steps show
 progress bars unless ``--quiet``. User mistakes (a missing dataset or artifact, an unknown id, a bad
@@ -27,12 +27,16 @@ import os
 import pathlib
 import sys
 
+from know2vec_jax.strategy import STRATEGIES, TRACED
+
 DEFAULT_ZOO = os.environ.get("KNOW2VEC_ZOO", "artifacts/zoo-demo")
 # Metadata keys shown as extra columns of the query table by default, after rank, model id,
 # architecture, task and score (``--columns`` adds more). A metadata field that index builders
 # start writing (e.g. a predicted fine-tune accuracy) becomes a column by being named here.
 DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ()
-EXPERIMENTS = ("nnr", "sfmte")
+# `know2vec eval NAME` runs experiments.NAME.main: the experiments and benchmarks are packages of
+# the distribution (pyproject.toml), importable wherever know2vec-jax is installed.
+EXPERIMENTS = ("nnr", "sfmte", "latency")
 
 
 class CommandError(ValueError):
@@ -239,15 +243,22 @@ def _print_summary(zoo, info: dict, as_json: bool) -> None:
 # ---- train ---------------------------------------------------------------------------------------
 
 def _cmd_train(args) -> int:
+  from know2vec_jax import config as config_lib
   from know2vec_jax import proxy as proxy_lib
+  from know2vec_jax.pipeline import Cache
   from know2vec_jax.zoo import load_zoo
-  cfg = proxy_lib.apply_overrides(proxy_lib.proxy_preset(args.preset), args.set)
+  cfg = config_lib.override(proxy_lib.proxy_preset(args.preset), args.set)
   out = _check_new_artifact(args.out, args.force, proxy_lib.MANIFEST, "proxy")
   zoo = load_zoo(args.zoo)
+  if cfg.objective != "retrieve":
+    raise CommandError(f"`know2vec train` trains the 'retrieve' objective; objective="
+                       f"{cfg.objective!r} needs measured fine-tune accuracies (see "
+                       "`know2vec eval sfmte`)")
   if not args.quiet:
     print(f"training a {args.preset!r} proxy on {len(zoo)} models of {args.zoo} -> {out}",
           file=sys.stderr)
-  proxy = proxy_lib.Proxy.train(zoo, cfg, progress=not args.quiet)
+  proxy = proxy_lib.Proxy.train(zoo, cfg, cache=Cache(args.cache) if args.cache else None,
+                                progress=not args.quiet)
   path = proxy.save(out)
   info = proxy.info
   s = info["seconds"]
@@ -267,7 +278,7 @@ def _cmd_train(args) -> int:
 
 # ---- index ---------------------------------------------------------------------------------------
 
-def _zoo_groups(zoo, zoo_path: str, model_ids):
+def _zoo_groups(zoo, zoo_path: str, model_ids, strategy: str = "auto"):
   """The zoo's black-box groups (optionally only some models), unknown ids named."""
   from know2vec_jax.blackbox import groups_from_zoo
   from know2vec_jax.zoo import ZooError
@@ -279,7 +290,7 @@ def _zoo_groups(zoo, zoo_path: str, model_ids):
                      + "; `know2vec zoo list --zoo ...` shows the ids")
     if not model_ids:
       raise ZooError("--models names no model")
-  return groups_from_zoo(zoo, model_ids=model_ids)
+  return groups_from_zoo(zoo, model_ids=model_ids, strategy=strategy)
 
 
 def _index_summary(index, path) -> dict:
@@ -290,7 +301,10 @@ def _index_summary(index, path) -> dict:
           "bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
           "archs": dict(Counter(m.get("arch", "?") for m in metas)),
           "tasks": len({m["task"] for m in metas if "task" in m}),
-          "proxies": sorted({m["proxy"] for m in metas if "proxy" in m})}
+          "proxies": sorted({m["proxy"] for m in metas if "proxy" in m}),
+          # Models with a class they never predicted on the probe pool: their anchors for it are
+          # fallbacks, and their vectors say less about that class.
+          "never_predicting_a_class": sum(bool(m.get("never_predicted")) for m in metas)}
 
 
 def _cmd_index(args) -> int:
@@ -330,15 +344,18 @@ def _cmd_index(args) -> int:
       _print(_index_summary(index, args.index) | {"added": []}, args.json,
              f"nothing to add: every model is already in {args.index}")
       return 0
-  groups = _zoo_groups(zoo, args.zoo, ids)
+  groups = _zoo_groups(zoo, args.zoo, ids, args.strategy or proxy.config.strategy)
   index = proxy.build_index(groups, zoo_metadata(zoo, [m for g in groups for m in g.model_ids]),
                             index=index, progress=not args.quiet)
+  probed = int(sum((g.queries > 0).sum() for g in groups))
   path = index.save(out if args.action == "build" else args.index)
   added = [m for g in groups for m in g.model_ids]
   info = _index_summary(index, path) | {"added": added}
+  info["probed"] = probed  # models whose knowledge was not already known to the proxy
   _print(info, args.json,
          f"{'built' if args.action == 'build' else 'updated'} {path}: added {len(added)} "
-         f"model(s), {len(index)} in all")
+         f"model(s) ({probed} probed, {len(added) - probed} from the proxy's stored knowledge), "
+         f"{len(index)} in all")
   return 0
 
 
@@ -397,33 +414,15 @@ def _cmd_query(args) -> int:
 
 # ---- eval / bench --------------------------------------------------------------------------------
 
-def _import_from_checkout(module: str):
-  """Imports ``experiments.*`` / ``benchmarks.*``, which live in the source checkout beside the
-  package (not in the installed wheel)."""
-  root = pathlib.Path(__file__).resolve().parent.parent
-  for where in (root, pathlib.Path.cwd()):
-    if (where / module.split(".")[0] / "__init__.py").is_file() and str(where) not in sys.path:
-      sys.path.insert(0, str(where))
-  try:
-    return importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name and module.startswith(e.name):
-      return None
-    raise
-
-
 def _forward(module: str, argv: list[str]) -> int:
   """Runs ``module.main(argv)``; its exit status (argparse's SystemExit included) is returned."""
-  mod = _import_from_checkout(module)
-  if mod is None:
-    name = module.split(".")[0]
-    command = "eval" if name == "experiments" else "bench"
-    raise CommandError(f"{module} is not available: `know2vec {command}` runs the {name}/ "
-                       "folder of the know2vec-jax source checkout; run it from the repository")
+  mod = importlib.import_module(module)
   # The forwarded parser names itself after argv[0]: make its usage read `know2vec eval nnr`.
   prog = sys.argv[0]
   if module.startswith("experiments."):
     sys.argv[0] = f"know2vec eval {module.split('.', 1)[1]}"
+  else:
+    sys.argv[0] = "know2vec bench"
   try:
     code = mod.main(argv)
   except SystemExit as e:
@@ -469,9 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
   z = sub.add_parser("zoo", help="build and inspect model zoos")
   zsub = z.add_subparsers(dest="action", required=True, metavar="ACTION")
   zb = zsub.add_parser("build", help="train a zoo preset and store it")
-  zb.add_argument("--preset", default="demo", choices=["tiny", "demo"], help="which zoo")
+  zb.add_argument("--preset", default="demo", choices=list(_zoo_presets()), help="which zoo")
   zb.add_argument("--seed", type=int, default=0, help="seed of the preset's tasks and models")
-  zb.add_argument("--strategy", default="auto", choices=["auto", "vmap", "map"],
+  zb.add_argument("--strategy", default="auto", choices=list(TRACED),
                   help="execution over the model axis (auto: measured per backend)")
   zb.add_argument("--conv-impl", default="im2col", choices=["im2col", "xla"],
                   help="convolution lowering (im2col is fast on CPU)")
@@ -492,15 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser(
       "train", help="train a Know2Vec proxy on a zoo",
       description="Trains a proxy (backbone phi, aligned vectorizers, probe pool) on a stored "
-      "zoo, seen through black-box calls only, and saves it atomically. Presets: tiny (tests), "
-      "demo (experiments/nnr.py's settings), full (larger probe pool and episodes).",
+      "zoo, seen through black-box calls only, and saves it atomically with the knowledge of "
+      "every model it probed (so `index build` on the same zoo probes nothing again). Presets: "
+      + "; ".join(f"{n}: {_proxy_presets().doc(n)}" for n in _proxy_presets().names),
       epilog="Override any config field with --set, e.g. --set align.steps=500 --set "
-      "knowledge.search_steps=4 --set vectorizer.variant=lstm --set pool_per_source=400; an "
+      "knowledge.search_steps=4 --set vectorizer.variant=lstm --set strategy=vmap; an "
       "unknown key lists the valid ones.")
   t.add_argument("--zoo", default=DEFAULT_ZOO, help=f"zoo directory (default {DEFAULT_ZOO})")
   t.add_argument("--out", required=True, help="the proxy directory to write")
-  t.add_argument("--preset", default="demo", choices=["tiny", "demo", "full"],
+  t.add_argument("--preset", default="demo", choices=list(_proxy_presets().names),
                  help="config preset (default demo)")
+  t.add_argument("--cache", default=None,
+                 help="a cache directory shared with other proxies and experiments (knowledge, "
+                 "backbone, episodes)")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field (repeatable)")
   t.add_argument("--force", action="store_true", help="replace an existing proxy")
@@ -519,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--proxy", required=True, help="the trained proxy directory")
     sp.add_argument("--zoo", required=True, help="the zoo whose models to vectorize")
     sp.add_argument("--models", default=None, help="comma-separated model ids (default: all)")
+    sp.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+                    help="model-axis strategy for probing the zoo's stacks (default: the "
+                    "proxy's config)")
   ib.add_argument("--out", required=True, help="the index directory to write")
   ib.add_argument("--force", action="store_true", help="replace an existing index")
   ia.add_argument("--index", required=True, help="the index to update (rewritten atomically)")
@@ -558,18 +564,29 @@ def build_parser() -> argparse.ArgumentParser:
                  help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
   q.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
 
-  e = sub.add_parser("eval", help="run an experiment: nnr or sfmte (arguments passed on)",
+  e = sub.add_parser("eval", help="run an experiment: " + ", ".join(EXPERIMENTS) +
+                     " (arguments passed on)",
                      description="Runs experiments.<EXPERIMENT>.main with the remaining "
                      "arguments, e.g. `know2vec eval nnr --quick` (`know2vec eval nnr --help` "
-                     "lists its options). Needs the source checkout.")
-  e.add_argument("experiment", choices=EXPERIMENTS, help="nnr or sfmte")
+                     "lists its options).")
+  e.add_argument("experiment", choices=EXPERIMENTS, help=", ".join(EXPERIMENTS))
   e.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the experiment")
   sub.add_parser("bench", help="run the benchmarks (arguments passed on)", add_help=False,
                  description="Runs benchmarks.__main__.main with every following argument, e.g. "
                  "`know2vec bench --quick --only zoo_train`; `know2vec bench --help` shows its "
-                 "options. Needs the source checkout.")
+                 "options.")
   _describe(p)
   return p
+
+
+def _zoo_presets():
+  from know2vec_jax.zoo.specs import PRESETS
+  return PRESETS.names
+
+
+def _proxy_presets():
+  from know2vec_jax.proxy import PRESETS
+  return PRESETS
 
 
 def _describe(parser: argparse.ArgumentParser) -> None:
@@ -587,10 +604,15 @@ def _describe(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the ``know2vec`` console script; returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  from know2vec_jax.backbone import BackboneError
   from know2vec_jax.blackbox import BlackBoxError, InputError
+  from know2vec_jax.config import ConfigError
   from know2vec_jax.data import DataError
   from know2vec_jax.index import IndexStoreError
+  from know2vec_jax.knowledge import KnowledgeError
+  from know2vec_jax.pipeline import PipelineError
   from know2vec_jax.proxy import ProxyError
+  from know2vec_jax.transfer import TransferError
   from know2vec_jax.zoo import ZooError
   try:
     if argv[:1] == ["bench"]:
@@ -602,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
       return int(e.code or 0)
     return {"data": _cmd_data, "zoo": _cmd_zoo, "train": _cmd_train, "index": _cmd_index,
             "query": _cmd_query, "eval": _cmd_eval}[args.command](args)
-  except (CommandError, DataError, ZooError, ProxyError, IndexStoreError, InputError, BlackBoxError,
+  except (CommandError, ConfigError, DataError, ZooError, ProxyError, IndexStoreError, InputError,
+          BlackBoxError, BackboneError, KnowledgeError, PipelineError, TransferError,
           OSError) as e:
     # One line: orbax and OS messages can span several.
     msg = " ".join(str(e).split())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from know2vec_jax.blackbox import InputError, check_images
-from know2vec_jax.data import SourceData, Task, task_split
 
 
 def knowledge_features(backbone, inputs, anchor_features=None) -> np.ndarray:
@@ -99,20 +98,3 @@ def query_grid(backbone, images, labels, max_classes: int | None = None) -> np.n
   """The query grid [K, K, D] of one few-shot query (validated; see :func:`check_query`)."""
   images, labels, k = check_query(images, labels, backbone.image_shape, max_classes)
   return query_grid_batch(backbone, images[None], labels[None], k)[0]
-
-
-def task_episodes(backbone, data: SourceData, task: Task, episodes: int, shots: int, seed: int,
-                  split: str = "train") -> np.ndarray:
-  """Query grids of ``episodes`` random ``shots``-per-class samples of a task split.
-
-  Returns:
-    float32 [episodes, K, K, D].
-  """
-  idx, y = task_split(data, task, split)
-  pool, _ = data.split(split)
-  rng = np.random.default_rng(seed)
-  picks = np.stack([
-      np.concatenate([rng.choice(idx[y == c], size=shots, replace=len(idx[y == c]) < shots)
-                      for c in range(task.k)]) for _ in range(episodes)])
-  labels = np.tile(np.repeat(np.arange(task.k, dtype=np.int32), shots), (episodes, 1))
-  return query_grid_batch(backbone, pool[picks], labels, task.k)

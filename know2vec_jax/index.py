@@ -6,7 +6,8 @@ JSON-serialisable metadata dict, keyed by a unique string model id. Search is ma
 
 Layout of an index directory::
 
-    index.json   manifest: format, version, dim, ids (row order), one metadata dict per model
+    index.json   manifest: format, version, dim, ids (row order), one metadata dict per model,
+                 the checksum and shape of the vectors
     vectors/     orbax checkpoint of {"vectors": float32 [M, dim]} (absent when M == 0)
 
 An index is written into a sibling temporary directory with the manifest last, then renamed into
@@ -25,14 +26,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from know2vec_jax import storage
 from know2vec_jax.mesh import data_mesh
 
 FORMAT = "know2vec-index"
-VERSION = 1
+VERSION = 2  # 2: checksums and shapes of the vectors in the manifest
 MANIFEST = "index.json"
 VECTORS_DIR = "vectors"
 DTYPES = ("float32", "bfloat16")
@@ -427,20 +427,10 @@ class ModelIndex:
                             f"{expected_dim} ({root})")
     vectors = np.zeros((0, dim), np.float32)
     if ids:
-      ckpt_dir = root / VECTORS_DIR
-      if not ckpt_dir.is_dir():
-        raise IndexStoreError(f"index {root} is corrupted: vector checkpoint missing ({ckpt_dir})")
-      try:
-        with ocp.StandardCheckpointer() as ckpt:
-          restored = ckpt.restore(ckpt_dir, {"vectors": np.zeros((len(ids), dim), np.float32)})
-        vectors = np.asarray(restored["vectors"])
-      except Exception as e:  # orbax raises many types for a damaged checkpoint
-        raise IndexStoreError(f"index {root}: cannot read the vectors from {ckpt_dir}: "
-                              f"{type(e).__name__}: {e}") from e
-      # orbax restores the stored shape whatever the target says, so check it here.
-      if vectors.shape != (len(ids), dim) or vectors.dtype != np.float32:
-        raise IndexStoreError(f"index {root} is inconsistent: {len(ids)} ids of size {dim} but "
-                              f"the checkpoint holds {vectors.dtype} {list(vectors.shape)}")
+      restored = storage.restore_trees(
+          root, manifest, {VECTORS_DIR: {"vectors": np.zeros((len(ids), dim), np.float32)}},
+          "index", IndexStoreError)
+      vectors = restored[VECTORS_DIR]["vectors"]
       if not np.all(np.isfinite(vectors)):
         raise IndexStoreError(f"index {root} is corrupted: the vectors hold NaN or inf")
     index = cls(dim, **kwargs)

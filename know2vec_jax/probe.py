@@ -1,14 +1,7 @@
 """The probing engine: logits of many stacked models on per-model (or shared) inputs, jitted.
 
-Strategies over the model axis:
-
-- ``"vmap"``: one batched computation for all models.
-- ``"map"``: ``lax.map`` over models inside one jitted call.
-- ``"loop"``: a Python loop calling one jitted single-model function per model (the baseline a
-  per-model implementation would use; one dispatch per model).
-- ``"auto"``: the rule measured by ``benchmarks/probe.py``: ``map`` on CPU (XLA:CPU runs a small
-  model's matmuls efficiently one model at a time, and ``vmap`` over conv weights lowers to slow
-  grouped convolutions), ``vmap`` on GPU/TPU.
+The model axis runs by one of the strategies of :mod:`know2vec_jax.strategy` (``vmap``, ``map``,
+``loop``, ``auto``; ``auto`` is the rule measured by ``benchmarks/probe.py``).
 
 On CPU, ``map`` also splits each model's batch into cache-sized chunks (a nested ``lax.map``): an
 im2col convolution's patches grow with the batch, and once they fall out of cache the same layer
@@ -31,19 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.mesh import data_mesh  # noqa: F401  (re-exported)
-
-PROBE_STRATEGIES = ("vmap", "map", "loop", "auto")
-
-
-def resolve_probe_strategy(strategy: str, backend: str | None = None) -> str:
-  """Maps ``"auto"`` to the measured choice for the backend (see the module docstring)."""
-  if strategy not in PROBE_STRATEGIES:
-    raise ValueError(f"probe strategy must be one of {PROBE_STRATEGIES}, got {strategy!r}")
-  if strategy != "auto":
-    return strategy
-  return "map" if (backend or jax.default_backend()) == "cpu" else "vmap"
-
 
 def _apply(graphdef, p, x, features):
   model = nnx.merge(graphdef, p)
@@ -86,8 +68,11 @@ def _chunked(fn, x, chunk):
 
 def _local(graphdef, params, images, shared, strategy, features):
   if strategy == "vmap":
-    return jax.vmap(lambda p, x: _apply(graphdef, p, x, features),
-                    in_axes=(0, None if shared else 0))(params, images)
+    if shared:
+      return strategy_lib.map_models(lambda p: _apply(graphdef, p, images, features), params,
+                                     strategy="vmap")
+    return strategy_lib.map_models(lambda p, x: _apply(graphdef, p, x, features), params,
+                                   images, strategy="vmap")
   chunk = images.shape[-4]  # the whole batch: one chunk
   if jax.default_backend() == "cpu":
     chunk = _chunk_size(graphdef, params, images.shape[-3:], features)
@@ -95,8 +80,8 @@ def _local(graphdef, params, images, shared, strategy, features):
   def one(p, x):
     return _chunked(lambda xc: _apply(graphdef, p, xc, features), x, chunk)
   if shared:
-    return jax.lax.map(lambda p: one(p, images), params)
-  return jax.lax.map(lambda a: one(*a), (params, images))
+    return strategy_lib.map_models(lambda p: one(p, images), params, strategy="map")
+  return strategy_lib.map_models(one, params, images, strategy="map")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "shared", "strategy", "features", "mesh"))
@@ -132,7 +117,7 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
   Returns:
     [M, B, K] logits (or [M, B, D] features).
   """
-  strategy = resolve_probe_strategy(strategy)
+  strategy = strategy_lib.resolve(strategy)
   shared = images.ndim == 4
   m = num_models or (jax.tree.leaves(params)[0].shape[0] if shared else images.shape[0])
   if strategy == "loop":

@@ -3,18 +3,19 @@
 A :class:`Proxy` is what a zoo owner trains once and then serves: it vectorizes any black box
 (a zoo stack or a wrapped callable) from its decision knowledge on the proxy's own probe pool, turns
 a user's few-shot labelled images into a query vector, and builds the :class:`ModelIndex` that
-answers queries. Training follows the NNR experiment (``experiments/nnr.py``) with every zoo task
-as a training task:
+answers queries. It trains through :mod:`know2vec_jax.pipeline` (the same path every experiment
+takes) and remembers the knowledge of every model it has probed, so ``know2vec train`` followed by
+``know2vec index build`` on the same zoo probes each model once.
 
-    probe pool -> knowledge (black-box) -> backbone phi -> model grids -> query episodes
-    -> aligner -> trained vectorizers
+Layout of a saved proxy directory (written atomically and checksummed, like every artifact)::
 
-Layout of a saved proxy directory (written atomically, like every artifact of the project)::
-
-    proxy.json     manifest: format, version, configs, tasks, pool shape, checksums, training info
+    proxy.json     manifest: format, version, configs, tasks, pool shape, knowledge ids and
+                   fingerprints, checksums and shapes, training info
     backbone/      orbax checkpoint of phi's parameters
-    vectorizer/    orbax checkpoint of the Know2Vec vectorizers (and the aligner's task head)
+    vectorizer/    orbax checkpoint of the Know2Vec vectorizers (and task / accuracy heads)
     pool/          orbax checkpoint of the probe pool {"images": float32 [N, H, W, C]}
+    knowledge/     orbax checkpoint of the compact knowledge of the probed models (anchor indices,
+                   boundary positions, never-predicted flags; about 2 KB per model)
 
 The pool is stored with the proxy so that a black box added later is probed with exactly the images
 the training models were probed with: its vector is comparable to theirs without retraining.
@@ -25,31 +26,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import pathlib
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from know2vec_jax import features, storage
-from know2vec_jax.align import AlignConfig, AlignData, Trainer
+from know2vec_jax import config as config_lib
+from know2vec_jax import features, pipeline, storage
+from know2vec_jax.align import (OBJECTIVES, AlignConfig, RankingObjective, Trainer,
+                                TransferObjective)
 from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
 from know2vec_jax.blackbox import BlackBoxGroup, groups_from_zoo
-from know2vec_jax.data import load_source
+from know2vec_jax.config import Presets, require
+from know2vec_jax.data import Task
 from know2vec_jax.index import IndexStoreError, ModelIndex
-from know2vec_jax.knowledge import KnowledgeConfig, extract_knowledge
+from know2vec_jax.knowledge import (KnowledgeConfig, KnowledgeRecord, KnowledgeStore,
+                                    store_context)
+from know2vec_jax.strategy import STRATEGIES
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
 FORMAT = "know2vec-proxy"
-VERSION = 1
+VERSION = 2  # 2: stored knowledge, one config tree, checksums written by storage
 MANIFEST = "proxy.json"
-TREES = ("backbone", "vectorizer", "pool")
+TREES = ("backbone", "vectorizer", "pool")  # what the fingerprint covers
 
 
 class ProxyError(ValueError):
@@ -63,239 +67,87 @@ class ProxyConfig:
   Attributes:
     pool_per_source: unlabelled train-split images per zoo source in the probe pool.
     knowledge: anchors and boundary search (T, A).
-    backbone: phi; empty ``sources`` means the zoo's sources (image size and channels always
-      follow the zoo).
-    vectorizer: the Know2Vec encoders (default: attention, one shared encoder). ``max_classes``
-      and ``feature_dim`` are taken from this config's ``max_classes`` and phi's size.
-    align: the aligner's training.
-    episodes, shots: query episodes per training task, drawn from its train split.
+    backbone: phi (image size and channels always follow the black boxes; empty ``sources``
+      means the training models' sources).
+    vectorizer: the Know2Vec encoders (default: attention, one shared encoder).
+    objective: ``"retrieve"`` (rank the models of a query's task first; supervised by each
+      model's training task) or ``"transfer"`` (rank by measured fine-tune accuracy; supervised by
+      :class:`know2vec_jax.pipeline.TransferLabels`).
+    ranking, transfer: the two objectives' loss settings.
+    align: the aligner's optimisation.
+    episodes, shots: query episodes per training task (or target) and images per class in each.
     max_classes: K_max, the most classes a model or query may have.
+    strategy: model-axis strategy for probing zoo stacks (:mod:`know2vec_jax.strategy`).
     seed: probe-pool and episode sampling.
   """
   pool_per_source: int = 800
   knowledge: KnowledgeConfig = KnowledgeConfig()
   backbone: BackboneConfig = BackboneConfig()
-  vectorizer: VectorizerConfig = VectorizerConfig(variant="attention", shared=True)
+  vectorizer: VectorizerConfig = VectorizerConfig()
+  objective: str = "retrieve"
+  ranking: RankingObjective = RankingObjective()
+  transfer: TransferObjective = TransferObjective()
   align: AlignConfig = AlignConfig()
   episodes: int = 32
   shots: int = 5
   max_classes: int = 10
+  strategy: str = "auto"
   seed: int = 0
 
   def __post_init__(self):
     for name in ("pool_per_source", "episodes", "shots"):
-      if getattr(self, name) < 1:
-        raise ProxyError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.max_classes < 2:
-      raise ProxyError(f"max_classes must be >= 2, got {self.max_classes}")
-    if self.knowledge.search_steps < 0 or self.knowledge.anchors_per_class < 1:
-      raise ProxyError("knowledge.search_steps must be >= 0 and knowledge.anchors_per_class >= 1")
-    if self.align.steps < 1 or self.align.batch_size < 1:
-      raise ProxyError("align.steps and align.batch_size must be >= 1")
-    if self.backbone.steps < 1:
-      raise ProxyError(f"backbone.steps must be >= 1, got {self.backbone.steps}")
+      require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    require(self.max_classes >= 2, f"max_classes must be >= 2, got {self.max_classes}")
+    require(self.objective in OBJECTIVES, f"objective must be one of {tuple(OBJECTIVES)}, got "
+            f"{self.objective!r}")
+    require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
+            f"{self.strategy!r}")
 
-  def vectorizer_config(self, feature_dim: int) -> VectorizerConfig:
-    """The effective vectorizer config: K_max from this config, D from phi."""
-    return dataclasses.replace(self.vectorizer, max_classes=self.max_classes,
-                               feature_dim=feature_dim)
+  @property
+  def loss(self) -> RankingObjective | TransferObjective:
+    """The settings of the chosen objective."""
+    return self.ranking if self.objective == "retrieve" else self.transfer
+
+
+PRESETS: Presets[ProxyConfig] = Presets("proxy")
+
+
+@PRESETS.register("tiny")
+def _tiny() -> ProxyConfig:
+  """For tests and smoke runs: a proxy of the 8-model tiny zoo trains in seconds."""
+  return ProxyConfig(
+      pool_per_source=120,
+      knowledge=KnowledgeConfig(search_steps=3, anchors_per_class=4),
+      backbone=BackboneConfig(channels=(8, 16), strides=(2, 2), dim=32, steps=60, batch_size=64,
+                              max_per_source=600),
+      vectorizer=VectorizerConfig(variant="attention", shared=True, hidden=32, embed_dim=32,
+                                  heads=2, layers=1),
+      align=AlignConfig(steps=60, batch_size=16, warmup_steps=10), episodes=4, shots=3)
+
+
+@PRESETS.register("demo")
+def _demo() -> ProxyConfig:
+  """The NNR experiment's default variant: pool 800 per source, T = 8, 1,500 aligner steps."""
+  return ProxyConfig()
+
+
+@PRESETS.register("full")
+def _full() -> ProxyConfig:
+  """Twice the probe pool (1,600 per source), T = 10, 64 episodes: for larger zoos."""
+  return ProxyConfig(pool_per_source=1600, knowledge=KnowledgeConfig(search_steps=10),
+                     episodes=64)
 
 
 def proxy_preset(name: str) -> ProxyConfig:
-  """A named proxy config.
-
-  - ``tiny``: for tests and smoke runs; a proxy of the 8-model tiny zoo trains in seconds (a small
-    phi, T = 3, 60 aligner steps). Its retrieval quality is not meaningful.
-  - ``demo``: the settings of ``experiments/nnr.py``'s default variant (pool 800 per source, T = 8,
-    32 anchors per class, 32 episodes of 5 shots, 1,500 aligner steps; the model selection behind
-    them is documented there).
-  - ``full``: the demo settings with twice the probe pool (1,600 per source), T = 10 and 64 episodes
-    per task: more anchors and query variety for larger zoos, about twice the demo's knowledge
-    extraction time.
+  """A named proxy config (:data:`PRESETS`: ``tiny``, ``demo``, ``full``).
 
   Raises:
-    ProxyError: an unknown name.
+    ConfigError: an unknown name.
   """
-  if name == "demo":
-    return ProxyConfig()
-  if name == "full":
-    return ProxyConfig(pool_per_source=1600, knowledge=KnowledgeConfig(search_steps=10),
-                       episodes=64)
-  if name == "tiny":
-    return ProxyConfig(
-        pool_per_source=120,
-        knowledge=KnowledgeConfig(search_steps=3, anchors_per_class=4),
-        backbone=BackboneConfig(channels=(8, 16), strides=(2, 2), dim=32, steps=60,
-                                batch_size=64, max_per_source=600),
-        vectorizer=VectorizerConfig(variant="attention", shared=True, hidden=32, embed_dim=32,
-                                    heads=2, layers=1),
-        align=AlignConfig(steps=60, batch_size=16, warmup_steps=10),
-        episodes=4, shots=3, max_classes=10)
-  raise ProxyError(f"unknown proxy preset {name!r}; choose one of {PRESETS}")
+  return PRESETS.get(name)
 
 
-PRESETS = ("tiny", "demo", "full")
-
-
-# ---- configs <-> dicts and command-line overrides ----------------------------------------------
-
-def config_to_dict(cfg) -> dict:
-  """A (nested) config dataclass as a JSON-serialisable dict."""
-  return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def config_from_dict(cls, d: Mapping, what: str = "config"):
-  """Rebuilds a (nested) config dataclass from :func:`config_to_dict`'s output.
-
-  Lists become tuples; nested dataclasses are rebuilt from their defaults' types.
-
-  Raises:
-    ProxyError: a key the dataclass does not have, or a value it refuses.
-  """
-  if not isinstance(d, Mapping):
-    raise ProxyError(f"{what} must be a dict, got {type(d).__name__}")
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = set(d) - set(fields)
-  if unknown:
-    raise ProxyError(f"{what} has unknown field(s) {sorted(unknown)} for {cls.__name__}")
-  kw = {}
-  defaults = cls()
-  for name, value in d.items():
-    current = getattr(defaults, name)
-    if dataclasses.is_dataclass(current):
-      kw[name] = config_from_dict(type(current), value, f"{what}.{name}")
-    else:
-      kw[name] = tuple(value) if isinstance(value, list) else value
-  try:
-    return cls(**kw)
-  except (TypeError, ValueError) as e:
-    raise ProxyError(f"{what} is invalid: {e}") from e
-
-
-def _parse_value(key: str, text: str, current: Any) -> Any:
-  """Parses an override's value as the type of the field's current value."""
-  def bad(expect):
-    return ProxyError(f"bad value {text!r} for {key}: expected {expect}")
-  if isinstance(current, bool):
-    low = text.strip().lower()
-    if low in ("true", "1", "yes"):
-      return True
-    if low in ("false", "0", "no"):
-      return False
-    raise bad("true or false")
-  if isinstance(current, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise bad("an integer") from None
-  if isinstance(current, float):
-    try:
-      value = float(text)
-    except ValueError:
-      raise bad("a number") from None
-    if not np.isfinite(value):
-      raise bad("a finite number")
-    return value
-  if isinstance(current, str):
-    return text
-  if isinstance(current, tuple):
-    items = [s.strip() for s in text.strip("()[] ").split(",") if s.strip()]
-    kind = type(current[0]) if current else str
-    try:
-      return tuple(kind(s) for s in items)
-    except ValueError:
-      raise bad(f"a comma-separated list of {kind.__name__}") from None
-  raise bad(f"a value of type {type(current).__name__}")
-
-
-def override_keys(cfg: ProxyConfig) -> list[str]:
-  """Every key :func:`apply_overrides` accepts, e.g. ``align.steps``."""
-  keys = []
-  for f in dataclasses.fields(cfg):
-    value = getattr(cfg, f.name)
-    if dataclasses.is_dataclass(value):
-      keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
-    else:
-      keys.append(f.name)
-  return keys
-
-
-def apply_overrides(cfg: ProxyConfig, overrides: Iterable[str]) -> ProxyConfig:
-  """Applies ``key=value`` overrides (``align.steps=200``, ``seed=3``, ``backbone.sources=a,b``).
-
-  Args:
-    cfg: the config to start from.
-    overrides: strings ``section.field=value`` or ``field=value``; the value is parsed as the
-      field's type (int, float, bool, str, or a comma-separated tuple).
-
-  Returns:
-    The new config.
-
-  Raises:
-    ProxyError: a malformed override, an unknown key (the message lists the valid ones), a value
-      of the wrong type, or a value the config refuses.
-  """
-  for item in overrides:
-    if "=" not in item:
-      raise ProxyError(f"override {item!r} is not key=value (e.g. align.steps=200)")
-    key, text = (s.strip() for s in item.split("=", 1))
-    parts = key.split(".")
-    if key not in override_keys(cfg):
-      # Name the keys of the section the user meant, else the top level and the sections.
-      section = getattr(cfg, parts[0], None) if len(parts) == 2 else None
-      if dataclasses.is_dataclass(section):
-        valid = [f"{parts[0]}.{f.name}" for f in dataclasses.fields(section)]
-      else:
-        valid = [k if "." not in k else k.split(".")[0] + ".*" for k in override_keys(cfg)]
-        valid = list(dict.fromkeys(valid))
-      raise ProxyError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
-    try:
-      if len(parts) == 1:
-        cfg = dataclasses.replace(cfg, **{key: _parse_value(key, text, getattr(cfg, key))})
-      else:
-        section = getattr(cfg, parts[0])
-        value = _parse_value(key, text, getattr(section, parts[1]))
-        cfg = dataclasses.replace(cfg, **{parts[0]: dataclasses.replace(section,
-                                                                        **{parts[1]: value})})
-    except ProxyError:
-      raise
-    except (TypeError, ValueError) as e:  # a config's own validation
-      raise ProxyError(f"bad value {text!r} for {key}: {e}") from e
-  return cfg
-
-
-# ---- the proxy ---------------------------------------------------------------------------------
-
-def _pure(tree) -> dict:
-  """A pytree of arrays (or an NNX state) as a pure dict of host numpy arrays: the form orbax
-  writes and the checksums are computed on."""
-  if isinstance(tree, nnx.State):
-    tree = nnx.to_pure_dict(tree)
-  return jax.tree.map(np.asarray, tree)
-
-
-def _checksum(tree) -> str:
-  """SHA-256 over the paths, dtypes, shapes and bytes of a pytree's leaves (order-stable)."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    a = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "side"))
-def _embed(graphdef, state, grid, mask, side: str):
-  model = nnx.merge(graphdef, state)
-  return model.embed_models(grid, mask) if side == "models" else model.embed_queries(grid, mask)
-
-
-def _bar(total: int, desc: str, progress: bool):
-  if not progress:
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="model", dynamic_ncols=True)
-
+# ---- zoo adapters (records only: the weights stay behind the black boxes) ---------------------
 
 def zoo_metadata(zoo, model_ids: Sequence[str] | None = None) -> dict[str, dict]:
   """Index metadata of zoo models from their records (never their weights).
@@ -315,27 +167,56 @@ def zoo_metadata(zoo, model_ids: Sequence[str] | None = None) -> dict[str, dict]
   return out
 
 
+def zoo_tasks(zoo, model_ids: Sequence[str] | None = None) -> dict[str, Task]:
+  """The task each zoo model was trained on (the retrieval objective's supervision)."""
+  ids = list(zoo.records) if model_ids is None else list(model_ids)
+  return {m: zoo.record(m).task for m in ids}
+
+
+# ---- the proxy ---------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "side"))
+def _embed(graphdef, state, grid, mask, side: str):
+  model = nnx.merge(graphdef, state)
+  return model.embed_models(grid, mask) if side == "models" else model.embed_queries(grid, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _predict(graphdef, state, q, m):
+  return nnx.merge(graphdef, state).predict_accuracy(q[:, None], m[None])
+
+
+def _bar(total: int, desc: str, progress: bool):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="model", dynamic_ncols=True)
+
+
 class Proxy:
   """A trained Know2Vec proxy: frozen phi, aligned vectorizers, probe pool, config and tasks.
 
-  Build one with :meth:`train` or :meth:`load`. Attributes: ``config`` (:class:`ProxyConfig`),
-  ``backbone`` (:class:`Backbone`), ``vectorizer`` (the trained :class:`Know2Vec` NNX module;
-  ``vectorizer.model_vectorizer`` / ``vectorizer.embed_queries`` can be used inside other JAX
-  code), ``pool`` (float32 [N, H, W, C]), ``tasks`` (one dict per training task: task_id, source,
-  classes, class_names, models), ``info`` (training facts: seconds per stage, final losses).
+  Build one with :meth:`train` (a zoo), :meth:`fit` (any black boxes) or :meth:`load`.
+  Attributes: ``config`` (:class:`ProxyConfig`), ``backbone`` (:class:`Backbone`), ``vectorizer``
+  (the trained :class:`Know2Vec` NNX module; ``vectorizer.embed_models`` /
+  ``vectorizer.embed_queries`` can be used inside other JAX code), ``pool`` (float32
+  [N, H, W, C]), ``tasks`` (one dict per training task or target), ``info`` (training facts:
+  seconds per stage, final losses), ``knowledge`` (the :class:`KnowledgeStore` of every model it
+  has probed).
   """
 
   def __init__(self, config: ProxyConfig, backbone: Backbone, vectorizer: Know2Vec,
-               pool: np.ndarray, tasks: list[dict], info: dict | None = None):
+               pool: np.ndarray, tasks: list[dict], info: dict | None = None,
+               knowledge: KnowledgeStore | None = None):
     self.config = config
     self.backbone = backbone
     self.vectorizer = vectorizer
     self.pool = np.asarray(pool, np.float32)
     self.tasks = list(tasks)
     self.info = dict(info or {})
+    self.knowledge = knowledge or KnowledgeStore(store_context(self.pool, config.knowledge))
     self._graphdef, self._state = nnx.split(vectorizer)
     self._pool_features = None
-    self._trees = None
 
   # ---- properties --------------------------------------------------------------------------
 
@@ -350,24 +231,27 @@ class Proxy:
 
   @property
   def max_classes(self) -> int:
-    return self.vectorizer.cfg.max_classes
+    return self.config.max_classes
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return self.backbone.image_shape
 
-  def _pure_trees(self) -> dict:
-    if self._trees is None:
-      self._trees = {"backbone": _pure(self.backbone.params), "vectorizer": _pure(self._state),
-                     "pool": {"images": self.pool}}
-    return self._trees
+  @property
+  def has_accuracy_head(self) -> bool:
+    return getattr(self.vectorizer, "accuracy_head", None) is not None
+
+  @functools.cached_property
+  def _trees(self) -> dict:
+    return {"backbone": storage.pure(self.backbone.params),
+            "vectorizer": storage.pure(self._state), "pool": {"images": self.pool}}
 
   @functools.cached_property
   def fingerprint(self) -> str:
     """A short hash of phi, the vectorizers and the pool: vectors of two proxies with the same
     fingerprint are comparable. Every index row this proxy adds records it (``proxy``)."""
-    trees = self._pure_trees()
-    return hashlib.sha256("".join(_checksum(trees[t]) for t in TREES).encode()).hexdigest()[:16]
+    blob = "".join(storage.checksum(self._trees[t]) for t in TREES)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
   def pool_features(self) -> np.ndarray:
     """phi of the probe pool [N, D] (computed once)."""
@@ -378,166 +262,197 @@ class Proxy:
   # ---- training ----------------------------------------------------------------------------
 
   @classmethod
-  def train(cls, zoo, cfg: ProxyConfig | None = None, progress: bool = True) -> "Proxy":
-    """Trains a proxy on a zoo, every task of the zoo being a training task.
+  def train(cls, zoo, cfg: ProxyConfig | None = None, *, model_ids: Sequence[str] | None = None,
+            transfer: pipeline.TransferLabels | None = None,
+            cache: pipeline.Cache | None = None, progress: bool = True) -> "Proxy":
+    """Trains a proxy on (some of) a zoo's models, seen only through black-box calls.
 
-    The zoo's models are seen only as black boxes (:func:`groups_from_zoo`); their records give
-    the task each was trained on (the aligner's supervision) and the sources of the probe pool.
+    The records give each model's training task (the retrieval objective's supervision) and the
+    sources of the probe pool; the weights stay behind :func:`groups_from_zoo`.
 
     Args:
       zoo: a :class:`know2vec_jax.zoo.Zoo`.
       cfg: the config (default: the ``demo`` preset).
+      model_ids: train on these models only (default: all).
+      transfer: the fine-tune selection objective's labels (``cfg.objective == "transfer"``).
+      cache: share knowledge, phi and episodes with other proxies through this cache.
       progress: tqdm bars on the long steps.
 
     Returns:
       The trained proxy.
 
     Raises:
-      ProxyError: an empty zoo, a task with more classes than ``cfg.max_classes``, an aligner
-        batch size the device count does not divide.
+      ProxyError: see :meth:`fit`.
+    """
+    cfg = cfg or proxy_preset("demo")
+    ids = list(zoo.records) if model_ids is None else list(model_ids)
+    if not ids:
+      raise ProxyError("the zoo holds no models" if model_ids is None else
+                       "model_ids names no model")
+    groups = groups_from_zoo(zoo, strategy=cfg.strategy, model_ids=ids)
+    return cls.fit(groups, zoo_tasks(zoo, ids), cfg, transfer=transfer, cache=cache,
+                   progress=progress)
+
+  @classmethod
+  def fit(cls, groups: Sequence[BlackBoxGroup], model_tasks: Mapping[str, Task],
+          cfg: ProxyConfig | None = None, *, transfer: pipeline.TransferLabels | None = None,
+          cache: pipeline.Cache | None = None, progress: bool = True) -> "Proxy":
+    """Trains a proxy on black boxes whose training tasks are known.
+
+    Steps (:mod:`know2vec_jax.pipeline`): probe pool from the tasks' sources (train splits) ->
+    knowledge of every black box -> phi -> model grids -> query episodes (each task's train split,
+    or each transfer target's shot pool) -> the aligner.
+
+    Args:
+      groups: the black boxes (:func:`groups_from_zoo`, :class:`CallableBlackBox`, ...).
+      model_tasks: model id -> the :class:`Task` it was trained on, for every black box.
+      cfg: the config (default: the ``demo`` preset).
+      transfer: labels of the ``"transfer"`` objective.
+      cache: a :class:`know2vec_jax.pipeline.Cache` to share derived artifacts through.
+      progress: tqdm bars.
+
+    Raises:
+      ProxyError: no black boxes, a model without a task or with more than ``max_classes``
+        classes, non-square images, an aligner batch the device count does not divide, or an
+        objective without its labels.
     """
     cfg = cfg or proxy_preset("demo")
     t_start = time.perf_counter()
     seconds = {}
-    records = list(zoo.records.values())
-    if not records:
-      raise ProxyError("the zoo holds no models")
-    too_big = [r.model_id for r in records if r.k > cfg.max_classes]
+    groups = list(groups)
+    ids = [m for g in groups for m in g.model_ids]
+    if not ids:
+      raise ProxyError("no black boxes to train on")
+    if len(set(ids)) != len(ids):
+      raise ProxyError(f"model id {next(m for m in ids if ids.count(m) > 1)!r} appears twice")
+    missing = [m for m in ids if m not in model_tasks]
+    if missing:
+      raise ProxyError(f"no training task given for model {missing[0]!r}")
+    too_big = [g.model_ids[0] for g in groups if g.num_classes > cfg.max_classes]
     if too_big:
-      raise ProxyError(f"{len(too_big)} zoo model(s) have more than max_classes="
-                       f"{cfg.max_classes} classes (e.g. {too_big[0]!r}); raise max_classes")
+      raise ProxyError(f"zoo model(s) have more than max_classes={cfg.max_classes} classes "
+                       f"(e.g. {too_big[0]!r}); raise max_classes")
     if cfg.align.batch_size % jax.device_count():
       raise ProxyError(f"align.batch_size={cfg.align.batch_size} must be divisible by the "
                        f"{jax.device_count()} devices")
-    ids = [r.model_id for r in records]
-    sources = sorted({r.source for r in records})
-    h, w, c = zoo.image_shape
-    if h != w:
-      raise ProxyError(f"zoo images must be square, got {zoo.image_shape}")
+    if (cfg.objective == "transfer") != (transfer is not None):
+      raise ProxyError("the 'transfer' objective trains on TransferLabels (measured fine-tune "
+                       "accuracies), and only it does")
+    image_shape = groups[0].image_shape
+    if image_shape[0] != image_shape[1] or any(g.image_shape != image_shape for g in groups):
+      raise ProxyError(f"black boxes must all take one square image shape, got "
+                       f"{sorted({g.image_shape for g in groups})}")
+    sources = sorted({model_tasks[m].source for m in ids})
 
-    def source(name):
-      return load_source(name, image_size=h, channels=c)
-
-    # 1. Probe pool: unlabelled train-split images of every domain (queries come from test
-    # splits), drawn as in experiments/nnr.py so the demo preset reproduces its knowledge.
+    # 1. Probe pool: unlabelled train-split images of every domain (queries come from test splits).
     t = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
-    pool = np.concatenate([
-        source(s).train_images[rng.permutation(len(source(s).train_images))
-                               [:cfg.pool_per_source]] for s in sources])
+    pool = pipeline.probe_pool(sources, cfg.pool_per_source, cfg.seed, image_shape)
     seconds["pool"] = time.perf_counter() - t
 
-    # 2. Decision knowledge, black-box.
+    # 2. Decision knowledge, black-box (read from the cache where a model was probed before).
     t = time.perf_counter()
-    knowledge = {}
-    queries = {}
+    store = KnowledgeStore(store_context(pool, cfg.knowledge))
+    shared = [cache.knowledge_store(pool, cfg.knowledge)] if cache is not None else []
     bar = _bar(len(ids), "extracting knowledge", progress)
-    for g in groups_from_zoo(zoo):
-      kn = extract_knowledge(g, pool, cfg.knowledge)
-      for i, mid in enumerate(kn.model_ids):
-        knowledge[mid] = (kn.inputs[i], kn.anchor_index[i])
-        queries[mid] = int(kn.queries[i])
-      if bar is not None:
-        bar.update(g.num_models)
+    knowledge = pipeline.extract(groups, pool, cfg.knowledge, [store] + shared,
+                                 bar.update if bar is not None else None)
     if bar is not None:
       bar.close()
     seconds["knowledge"] = time.perf_counter() - t
 
-    # 3. Backbone phi on the train splits of the zoo's sources.
+    # 3. Backbone phi on the train splits of the models' sources.
     t = time.perf_counter()
-    bcfg = dataclasses.replace(cfg.backbone, sources=cfg.backbone.sources or tuple(sources),
-                               image_size=h, channels_in=c)
-    backbone, bb_info = train_backbone(bcfg, progress=progress)
+    if cache is not None:
+      backbone, bb_info = cache.backbone(cfg.backbone, sources, image_shape, progress)
+    else:
+      backbone, bb_info = train_backbone(cfg.backbone, sources, image_shape, progress=progress)
     seconds["backbone"] = time.perf_counter() - t
 
-    # 4. Model grids [M, K_max, K_max, D] and query episodes from the tasks' train splits.
+    # 4. Model grids and query episodes.
     t = time.perf_counter()
     k_max = cfg.max_classes
     pool_feat = np.asarray(backbone.embed(pool))
-    grids = np.zeros((len(ids), k_max, k_max, backbone.dim), np.float32)
-    masks = np.zeros((len(ids), k_max), np.float32)
-    for i, mid in enumerate(ids):
-      inputs, anchors = knowledge[mid]
-      g = features.knowledge_features(backbone, inputs[None],
-                                      features.anchor_features(pool_feat, anchors[None]))[0]
-      gp, m = pad_grid(g, k_max)
-      grids[i], masks[i] = gp, m
-    tasks = sorted({r.task for r in records}, key=lambda t: t.task_id)
-    task_index = {t: i for i, t in enumerate(tasks)}
-    model_task = np.asarray([task_index[r.task] for r in records], np.int32)
-    ep = np.zeros((len(tasks), cfg.episodes, k_max, k_max, backbone.dim), np.float32)
-    task_mask = np.zeros((len(tasks), k_max), np.float32)
-    for i, task in enumerate(tasks):
-      g = features.task_episodes(backbone, source(task.source), task, cfg.episodes, cfg.shots,
-                                 seed=cfg.seed * 7919 + i, split="train")
-      ep[i] = pad_grid(g, k_max)[0]
-      task_mask[i, :task.k] = 1.0
+    ids, grids, masks = pipeline.knowledge_grids(backbone, pool_feat, knowledge, k_max)
+    # Training rows follow the caller's model order (``model_tasks``), not the grouping of the
+    # black boxes: how models are packed into groups does not change what the proxy learns.
+    row = {m: i for i, m in enumerate(ids)}
+    order = np.asarray([row[m] for m in model_tasks if m in row])
+    ids, grids, masks = [ids[i] for i in order], grids[order], masks[order]
+    if transfer is None:
+      tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
+      sets = [pipeline.LabelledSet.from_task(t, "train", image_shape) for t in tasks]
+    else:
+      sets = list(transfer.targets)
+    ep, ep_mask = pipeline.episode_grids(backbone, sets, cfg.episodes, cfg.shots, cfg.seed, k_max,
+                                         cache)
+    if transfer is None:
+      data = pipeline.retrieval_data(ids, grids, masks, model_tasks, ep, ep_mask, tasks)
+      task_rows = [{"task_id": t.task_id, "source": t.source, "classes": list(t.classes),
+                    "models": int(np.sum(data.model_task == i))} for i, t in enumerate(tasks)]
+    else:
+      data = pipeline.transfer_data(ids, grids, masks, transfer, ep, ep_mask)
+      task_rows = [{"task_id": s.name, "k": s.k} for s in sets]
     seconds["grids"] = time.perf_counter() - t
 
     # 5. The aligner.
-    vcfg = cfg.vectorizer_config(backbone.dim)
-    trainer = Trainer(vcfg, cfg.align, AlignData(grids, masks, model_task, ep, task_mask))
+    trainer = Trainer(cfg.vectorizer, backbone.dim, cfg.align, cfg.loss, data)
     history = trainer.run(progress=progress)
     seconds["align"] = trainer.seconds
     seconds["total"] = time.perf_counter() - t_start
 
-    names = {r.task: list(r.class_names) for r in records}
-    task_rows = [{"task_id": t.task_id, "source": t.source, "classes": list(t.classes),
-                  "class_names": names[t], "models": int(np.sum(model_task == i))}
-                 for i, t in enumerate(tasks)]
-    info = {"seconds": seconds, "num_models": len(ids), "num_tasks": len(tasks),
+    info = {"seconds": seconds, "num_models": len(ids), "num_tasks": len(task_rows),
             "sources": sources, "pool_size": int(len(pool)),
-            "knowledge_queries_per_model": {str(r.k): queries[r.model_id] for r in records},
+            "knowledge_queries_per_model": {str(kn.k): int(kn.queries[0]) for kn in knowledge},
             "backbone": bb_info, "align_final": history[-1] if history else {},
             "backend": jax.default_backend(), "devices": jax.device_count()}
-    proxy = cls(cfg, backbone, trainer.model(), pool, task_rows, info)
+    proxy = cls(cfg, backbone, trainer.model(), pool, task_rows, info, store)
     proxy._pool_features = pool_feat
     return proxy
 
   # ---- vectorizing models and queries ------------------------------------------------------
 
-  def _check_group(self, g: BlackBoxGroup) -> None:
-    if not isinstance(g, BlackBoxGroup):
-      raise ProxyError(f"expected a BlackBoxGroup (a zoo stack or a CallableBlackBox), got "
-                       f"{type(g).__name__}")
-    if tuple(g.image_shape) != self.image_shape:
-      raise ProxyError(f"black box {g.model_ids[0]!r} takes images of shape {g.image_shape}, "
-                       f"the proxy's probe pool has {self.image_shape}")
-    if g.num_classes > self.max_classes:
-      raise ProxyError(f"black box {g.model_ids[0]!r} has {g.num_classes} classes, more than the "
-                       f"proxy's maximum of {self.max_classes} (max_classes)")
+  def _check_groups(self, groups: Sequence[BlackBoxGroup]) -> list[str]:
+    for g in groups:
+      if not isinstance(g, BlackBoxGroup):
+        raise ProxyError(f"expected a BlackBoxGroup (a zoo stack or a CallableBlackBox), got "
+                         f"{type(g).__name__}")
+      if tuple(g.image_shape) != self.image_shape:
+        raise ProxyError(f"black box {g.model_ids[0]!r} takes images of shape {g.image_shape}, "
+                         f"the proxy's probe pool has {self.image_shape}")
+      if g.num_classes > self.max_classes:
+        raise ProxyError(f"black box {g.model_ids[0]!r} has {g.num_classes} classes, more than "
+                         f"the proxy's maximum of {self.max_classes} (max_classes)")
+    ids = [m for g in groups for m in g.model_ids]
+    if len(set(ids)) != len(ids):
+      dup = next(m for m in ids if ids.count(m) > 1)
+      raise ProxyError(f"model id {dup!r} appears in more than one black box")
+    return ids
 
-  def model_grids(self, groups: Sequence[BlackBoxGroup], progress: bool = False):
+  def knowledge_of(self, groups: Sequence[BlackBoxGroup], cache: pipeline.Cache | None = None,
+                   progress: bool = False):
+    """The knowledge of black boxes on the proxy's pool: remembered when the proxy (or ``cache``)
+    probed the same model (id and fingerprint) before, else extracted now."""
+    groups = list(groups)
+    self._check_groups(groups)
+    stores = [self.knowledge]
+    if cache is not None:
+      stores.append(cache.knowledge_store(self.pool, self.config.knowledge))
+    bar = _bar(sum(g.num_models for g in groups), "vectorizing models", progress)
+    out = pipeline.extract(groups, self.pool, self.config.knowledge, stores,
+                           bar.update if bar is not None else None)
+    if bar is not None:
+      bar.close()
+    return out
+
+  def model_grids(self, groups: Sequence[BlackBoxGroup], cache: pipeline.Cache | None = None,
+                  progress: bool = False):
     """Knowledge-grid features of black boxes, probed with the proxy's pool.
 
     Returns:
       (model ids [M], grids float32 [M, K_max, K_max, D], masks float32 [M, K_max]).
     """
-    groups = list(groups)
-    for g in groups:
-      self._check_group(g)
-    ids = [m for g in groups for m in g.model_ids]
-    if len(set(ids)) != len(ids):
-      dup = next(m for m in ids if ids.count(m) > 1)
-      raise ProxyError(f"model id {dup!r} appears in more than one black box")
-    k_max = self.max_classes
-    grids = np.zeros((len(ids), k_max, k_max, self.backbone.dim), np.float32)
-    masks = np.zeros((len(ids), k_max), np.float32)
-    bar = _bar(len(ids), "vectorizing models", progress)
-    row = 0
-    for g in groups:
-      kn = extract_knowledge(g, self.pool, self.config.knowledge)
-      feat = features.knowledge_features(
-          self.backbone, kn.inputs, features.anchor_features(self.pool_features(),
-                                                             kn.anchor_index))
-      gp, m = pad_grid(feat, k_max)
-      grids[row:row + g.num_models], masks[row:row + g.num_models] = gp, m
-      row += g.num_models
-      if bar is not None:
-        bar.update(g.num_models)
-    if bar is not None:
-      bar.close()
-    return ids, grids, masks
+    kn = self.knowledge_of(groups, cache, progress)
+    return pipeline.knowledge_grids(self.backbone, self.pool_features(), kn, self.max_classes)
 
   def embed_grids(self, grids, masks, side: str = "models", batch_size: int = 256) -> np.ndarray:
     """Unit vectors [M, E] of padded feature grids (``side``: "models" or "queries")."""
@@ -549,13 +464,15 @@ class Proxy:
            for i in range(0, len(grids), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
-  def vectorize(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup], progress: bool = False
+  def vectorize(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
+                cache: pipeline.Cache | None = None, progress: bool = False
                 ) -> tuple[list[str], np.ndarray]:
     """Model vectors of black boxes with the trained model vectorizer (no retraining).
 
     Args:
       groups: :class:`BlackBoxGroup` s: zoo stacks (:func:`groups_from_zoo`) or
         :class:`know2vec_jax.blackbox.CallableBlackBox` s wrapping any callable.
+      cache: also look up (and store) knowledge there.
       progress: a tqdm bar over models.
 
     Returns:
@@ -567,8 +484,15 @@ class Proxy:
     """
     if isinstance(groups, BlackBoxGroup):
       groups = [groups]
-    ids, grids, masks = self.model_grids(groups, progress)
+    ids, grids, masks = self.model_grids(groups, cache, progress)
     return ids, self.embed_grids(grids, masks, "models")
+
+  def query_grid(self, images, labels):
+    """The padded query grid of a few-shot labelled image set: (grid [K_max, K_max, D],
+    mask [K_max]); validated (see :func:`know2vec_jax.features.check_query`)."""
+    grid = features.query_grid(self.backbone, images, labels, self.max_classes)
+    gp, m = pad_grid(grid, self.max_classes)
+    return np.asarray(gp), np.asarray(m)
 
   def embed_query(self, images, labels) -> np.ndarray:
     """The query vector of a few-shot labelled image set.
@@ -583,18 +507,38 @@ class Proxy:
     Raises:
       InputError: bad images or labels (see :func:`know2vec_jax.features.check_query`).
     """
-    grid = features.query_grid(self.backbone, images, labels, self.max_classes)
-    gp, m = pad_grid(grid, self.max_classes)
-    return self.embed_grids(np.asarray(gp)[None], np.asarray(m)[None], "queries")[0]
+    gp, m = self.query_grid(images, labels)
+    return self.embed_grids(gp[None], m[None], "queries")[0]
+
+  def predict_accuracy(self, query_vectors, model_vectors) -> np.ndarray:
+    """Predicted fine-tune accuracy of each model on each query's task (accuracy head).
+
+    Args:
+      query_vectors: float32 [Q, E] (from :meth:`embed_query`).
+      model_vectors: float32 [M, E] (from :meth:`vectorize` or an index's ``vectors``).
+
+    Returns:
+      float32 [Q, M] in [0, 1].
+
+    Raises:
+      ProxyError: a proxy trained without the ``"transfer"`` objective.
+    """
+    if not self.has_accuracy_head:
+      raise ProxyError("this proxy has no accuracy head: train it with objective='transfer'")
+    q = jnp.asarray(np.atleast_2d(np.asarray(query_vectors, np.float32)))
+    return np.asarray(_predict(self._graphdef, self._state, q,
+                               jnp.asarray(np.asarray(model_vectors, np.float32))))
 
   def build_index(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
                   metadata: Mapping[str, dict] | None = None, index: ModelIndex | None = None,
-                  progress: bool = False) -> ModelIndex:
+                  cache: pipeline.Cache | None = None, progress: bool = False) -> ModelIndex:
     """Vectorizes black boxes and adds them to an index (a new one unless ``index`` is given).
 
-    Each row's metadata: ``num_classes``, ``proxy`` (this proxy's fingerprint), then the group's
-    own ``metadata`` attribute when it has one (a dict per model id, or one dict for a group of one
-    model), then ``metadata[model_id]`` (e.g. :func:`zoo_metadata`).
+    Each row's metadata: ``num_classes``, ``proxy`` (this proxy's fingerprint),
+    ``never_predicted`` (the class ids the model never predicted on the probe pool, whose anchors
+    are fallbacks; only when there are any), then the group's own ``metadata`` attribute when it
+    has one (a dict per model id, or one dict for a group of one model), then
+    ``metadata[model_id]`` (e.g. :func:`zoo_metadata`).
 
     Raises:
       ProxyError: as :meth:`vectorize`, or an index whose vector size is not the proxy's;
@@ -610,12 +554,18 @@ class Proxy:
     if present:
       raise IndexStoreError(f"{len(present)} model id(s) already in the index, e.g. "
                             f"{present[0]!r}")
-    ids, vectors = self.vectorize(groups, progress)
+    kn = self.knowledge_of(groups, cache, progress)
+    ids, grids, masks = pipeline.knowledge_grids(self.backbone, self.pool_features(), kn,
+                                                 self.max_classes)
+    vectors = self.embed_grids(grids, masks, "models")
     metas = []
-    for g in groups:
+    for g, k in zip(groups, kn):
       own = getattr(g, "metadata", None)
-      for mid in g.model_ids:
+      for i, mid in enumerate(g.model_ids):
         meta = {"num_classes": g.num_classes, "proxy": self.fingerprint}
+        never = np.flatnonzero(k.anchor_fallback[i]).tolist()
+        if never:
+          meta["never_predicted"] = never
         if isinstance(own, Mapping):
           if isinstance(own.get(mid), Mapping):
             meta.update(own[mid])
@@ -636,6 +586,24 @@ class Proxy:
 
   # ---- storage -----------------------------------------------------------------------------
 
+  def _knowledge_tree(self):
+    """The knowledge store as padded arrays (one row per model) plus (ids, fingerprints, ks)."""
+    items = self.knowledge.items()
+    k_max, a = self.max_classes, self.config.knowledge.anchors_per_class
+    n = len(items)
+    tree = {"anchor_index": np.zeros((n, k_max, a), np.int32),
+            "flip_t": np.zeros((n, k_max, k_max), np.float32),
+            "fallback": np.zeros((n, k_max), np.uint8), "queries": np.zeros((n,), np.int64)}
+    rows = []
+    for i, ((mid, fp), r) in enumerate(items):
+      k = r.k
+      tree["anchor_index"][i, :k] = r.anchor_index
+      tree["flip_t"][i, :k, :k] = r.flip_t
+      tree["fallback"][i, :k] = r.anchor_fallback
+      tree["queries"][i] = r.queries
+      rows.append([mid, fp, k])
+    return tree, rows
+
   def save(self, path: str | os.PathLike) -> pathlib.Path:
     """Writes the proxy atomically: an interrupted save leaves any previous proxy at ``path``
     intact and loadable.
@@ -643,19 +611,20 @@ class Proxy:
     Returns:
       The absolute path written.
     """
-    trees = self._pure_trees()
-    has_accuracy_head = getattr(self.vectorizer, "accuracy_head", None) is not None
+    trees = dict(self._trees)
+    know, rows = self._knowledge_tree()
+    if rows:  # orbax cannot write zero-size arrays
+      trees["knowledge"] = know
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
-        "config": config_to_dict(self.config),
-        "backbone": {"config": config_to_dict(self.backbone.config),
+        "config": config_lib.to_dict(self.config),
+        "backbone": {"image_shape": list(self.backbone.image_shape),
                      "num_labels": self.backbone.num_labels},
-        "vectorizer": {"config": config_to_dict(self.vectorizer_config),
+        "vectorizer": {"feature_dim": int(self.vectorizer.feature_dim),
                        "num_tasks": int(self.vectorizer.task_head.out_features),
-                       "accuracy_head": has_accuracy_head},
-        "pool_shape": list(self.pool.shape), "tasks": self.tasks,
-        "checksums": {t: _checksum(trees[t]) for t in TREES},
-        "info": json.loads(json.dumps(self.info, default=float)),
+                       "accuracy_head": self.has_accuracy_head},
+        "pool_shape": list(self.pool.shape), "tasks": self.tasks, "knowledge": rows,
+        "info": storage.json_ready(self.info),
     }
     return storage.save_artifact(path, trees, MANIFEST, manifest)
 
@@ -671,44 +640,38 @@ class Proxy:
     m = storage.read_manifest(root, MANIFEST, FORMAT, VERSION, "proxy", ProxyError,
                               hint=" (train one with `know2vec train`)")
     try:
-      cfg = config_from_dict(ProxyConfig, m["config"], "config")
-      bcfg = config_from_dict(BackboneConfig, m["backbone"]["config"], "backbone config")
-      vcfg = config_from_dict(VectorizerConfig, m["vectorizer"]["config"], "vectorizer config")
-      num_labels, num_tasks = int(m["backbone"]["num_labels"]), int(m["vectorizer"]["num_tasks"])
+      cfg = config_lib.from_dict(ProxyConfig, m["config"], "config")
+      bb = m["backbone"]
+      backbone = Backbone(cfg.backbone, bb["image_shape"], int(bb["num_labels"]))
+      vec = m["vectorizer"]
+      vectorizer = Know2Vec(cfg.vectorizer, int(vec["feature_dim"]), int(vec["num_tasks"]),
+                            accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0))
       pool_shape = tuple(int(d) for d in m["pool_shape"])
-      checksums, tasks = dict(m["checksums"]), list(m["tasks"])
+      tasks, rows = list(m["tasks"]), [(str(i), str(f), int(k)) for i, f, k in m["knowledge"]]
     except (KeyError, TypeError, ValueError) as e:
       raise ProxyError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
-    backbone = Backbone(bcfg, num_labels)
-    # Only pass accuracy_head when set, so proxies without one load with any Know2Vec version.
-    extra = {"accuracy_head": True} if m["vectorizer"].get("accuracy_head") else {}
-    vectorizer = Know2Vec(vcfg, num_tasks, rngs=nnx.Rngs(0), **extra)
     _, v_state = nnx.split(vectorizer)
-    targets = {"backbone": _pure(backbone.params), "vectorizer": _pure(v_state),
+    targets = {"backbone": storage.pure(backbone.params), "vectorizer": storage.pure(v_state),
                "pool": {"images": np.zeros(pool_shape, np.float32)}}
-    restored = {}
-    with ocp.StandardCheckpointer() as ckpt:
-      for name in TREES:
-        ckpt_dir = root / name
-        if not ckpt_dir.is_dir():
-          raise ProxyError(f"proxy {root} is corrupted: {name} checkpoint missing ({ckpt_dir})")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), targets[name])
-        try:
-          tree = _pure(ckpt.restore(ckpt_dir, abstract))
-        except Exception as e:  # orbax raises many types for a damaged checkpoint
-          raise ProxyError(f"proxy {root}: cannot read the {name} checkpoint {ckpt_dir}: "
-                           f"{type(e).__name__}: {e}") from e
-        # orbax restores the stored shapes whatever the target says, so check them.
-        got = jax.tree.map(lambda a: (a.shape, a.dtype), tree)
-        want = jax.tree.map(lambda a: (a.shape, a.dtype), targets[name])
-        if got != want or _checksum(tree) != checksums.get(name):
-          raise ProxyError(f"proxy {root} is corrupted: the {name} checkpoint {ckpt_dir} does "
-                           "not match the checksum and shapes recorded in proxy.json")
-        restored[name] = tree
+    k_max, a = cfg.max_classes, cfg.knowledge.anchors_per_class
+    if rows:
+      n = len(rows)
+      targets["knowledge"] = {"anchor_index": np.zeros((n, k_max, a), np.int32),
+                              "flip_t": np.zeros((n, k_max, k_max), np.float32),
+                              "fallback": np.zeros((n, k_max), np.uint8),
+                              "queries": np.zeros((n,), np.int64)}
+    restored = storage.restore_trees(root, m, targets, "proxy", ProxyError)
     nnx.replace_by_pure_dict(backbone.params, restored["backbone"])
     nnx.replace_by_pure_dict(v_state, restored["vectorizer"])
     nnx.update(vectorizer, v_state)
-    proxy = cls(cfg, backbone, vectorizer, restored["pool"]["images"], tasks, m.get("info", {}))
+    pool = restored["pool"]["images"]
+    store = KnowledgeStore(store_context(pool, cfg.knowledge))
+    for i, (mid, fp, k) in enumerate(rows):
+      kn = restored["knowledge"]
+      store.put(mid, fp, KnowledgeRecord(kn["anchor_index"][i, :k], kn["flip_t"][i, :k, :k],
+                                         kn["fallback"][i, :k].astype(bool),
+                                         int(kn["queries"][i])))
+    proxy = cls(cfg, backbone, vectorizer, pool, tasks, m.get("info", {}), store)
     if proxy.fingerprint != m.get("fingerprint"):
       raise ProxyError(f"proxy {root} is corrupted: fingerprint mismatch")
     return proxy

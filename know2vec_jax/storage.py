@@ -1,30 +1,77 @@
-"""Atomic on-disk artifacts: orbax pytrees plus a JSON manifest, all-or-nothing.
+"""Atomic, verified on-disk artifacts: the one place that writes and reads stored state.
 
-Every stored artifact of the project (zoo, index, backbone) is a directory written the same way:
-into a sibling temporary directory, orbax checkpoints first, the manifest last, then renamed into
-place. An interrupted write never leaves a directory that loads as complete, and an artifact
-already at the path stays intact until its replacement is complete.
+Two kinds of storage, both all-or-nothing and both verified on load:
+
+- **Artifacts** (zoo, backbone, proxy, index): a directory with orbax checkpoints of pytrees plus a
+  JSON manifest. :func:`save_artifact` writes into a sibling temporary directory, checkpoints
+  first, manifest last (with a SHA-256 checksum and the shapes of every tree), then renames it into
+  place. :func:`read_manifest` + :func:`restore_trees` read it back and refuse anything whose
+  shapes, dtypes or checksum differ from what the manifest recorded.
+- **Array files** (caches: knowledge, query episodes, fine-tune ground truth): one ``.npz`` with
+  its metadata and checksum inside, written through a temporary file and renamed
+  (:func:`save_arrays`, :func:`load_arrays`).
+
+An interrupted write never leaves a path that loads as complete, and whatever was stored at the
+path before stays intact until its replacement is complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import shutil
 import uuid
+from typing import Callable, Mapping
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+def pure(tree) -> dict:
+  """A pytree of arrays (or an NNX state) as a pure tree of host numpy arrays: the form orbax
+  writes and checksums are computed on."""
+  from flax import nnx
+  if isinstance(tree, nnx.State):
+    tree = nnx.to_pure_dict(tree)
+  return jax.tree.map(np.asarray, tree)
+
+
+def checksum(tree) -> str:
+  """SHA-256 over the paths, dtypes, shapes and bytes of a pytree's leaves (order-stable)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _shapes(tree) -> dict:
+  return {jax.tree_util.keystr(p): [str(np.asarray(a).dtype), list(np.shape(a))]
+          for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def json_ready(obj):
+  """``obj`` as it reads back from JSON (numpy scalars become floats)."""
+  return json.loads(json.dumps(obj, default=float))
 
 
 def write_json_atomic(path: pathlib.Path, obj) -> None:
   """Writes JSON to ``path`` through a temporary file, fsynced, then renamed."""
+  path = pathlib.Path(path)
   tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def replace_dir_atomic(staging: pathlib.Path, target: pathlib.Path) -> None:
@@ -46,14 +93,15 @@ def replace_dir_atomic(staging: pathlib.Path, target: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_artifact(path, trees: dict, manifest_name: str, manifest: dict) -> pathlib.Path:
-  """Writes an artifact directory atomically.
+def save_artifact(path, trees: Mapping[str, object], manifest_name: str, manifest: dict
+                  ) -> pathlib.Path:
+  """Writes an artifact directory atomically, recording every tree's checksum and shapes.
 
   Args:
     path: the directory (created, or replaced once the new one is complete).
-    trees: relative sub-directory -> pytree of arrays, each saved with orbax.
+    trees: relative sub-directory -> pytree of arrays (or NNX state), each saved with orbax.
     manifest_name: the manifest's file name; written last, it marks the artifact complete.
-    manifest: JSON-serialisable manifest.
+    manifest: JSON-serialisable manifest; ``checksums`` and ``shapes`` are added to it.
 
   Returns:
     The absolute path written.
@@ -63,9 +111,12 @@ def save_artifact(path, trees: dict, manifest_name: str, manifest: dict) -> path
   staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
   staging.mkdir()
   try:
-    if trees:
+    host = {rel: pure(tree) for rel, tree in trees.items()}
+    manifest = dict(manifest, checksums={rel: checksum(t) for rel, t in host.items()},
+                    shapes={rel: _shapes(t) for rel, t in host.items()})
+    if host:
       with ocp.StandardCheckpointer() as ckpt:
-        for rel, tree in trees.items():
+        for rel, tree in host.items():
           ckpt.save(staging / rel, tree)
         ckpt.wait_until_finished()
     write_json_atomic(staging / manifest_name, manifest)
@@ -109,5 +160,109 @@ def read_manifest(path, manifest_name: str, fmt: str, version: int, what: str,
     raise error(f"{f} is not a know2vec {what} manifest")
   if manifest.get("version") != version:
     raise error(f"{f} has {what} format version {manifest.get('version')!r}; this know2vec-jax "
-                f"reads version {version}")
+                f"reads version {version}{hint}")
   return manifest
+
+
+def restore_trees(path, manifest: dict, targets: Mapping[str, object], what: str,
+                  error: type[Exception] = ValueError) -> dict[str, object]:
+  """Restores an artifact's checkpoints and verifies them against its manifest.
+
+  Args:
+    path: the artifact directory.
+    manifest: its manifest (from :func:`read_manifest`).
+    targets: relative sub-directory -> a pytree with the expected structure, shapes and dtypes
+      (arrays or ``jax.ShapeDtypeStruct`` leaves).
+    what: the artifact's name in messages.
+    error: the exception class to raise.
+
+  Returns:
+    Relative sub-directory -> the restored pure tree of numpy arrays.
+
+  Raises:
+    ``error``: a missing or unreadable checkpoint, or one whose shapes, dtypes or checksum differ
+      from what the manifest recorded (the message names the path).
+  """
+  root = pathlib.Path(path).expanduser().absolute()
+  sums = manifest.get("checksums")
+  if not isinstance(sums, dict):
+    raise error(f"{root} is corrupted: its manifest records no checksums")
+  out = {}
+  with ocp.StandardCheckpointer() as ckpt:
+    for rel, target in targets.items():
+      ckpt_dir = root / rel
+      if not ckpt_dir.is_dir():
+        raise error(f"{what} {root} is corrupted: {rel} checkpoint missing ({ckpt_dir})")
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), target)
+      try:
+        tree = pure(ckpt.restore(ckpt_dir, abstract))
+      except Exception as e:  # orbax raises many types for a damaged checkpoint
+        raise error(f"{what} {root}: cannot read the {rel} checkpoint {ckpt_dir}: "
+                    f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+      # orbax restores the stored shapes whatever the target says, so compare them.
+      got = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), tree)
+      want = jax.tree.map(lambda a: (tuple(np.shape(a)), np.dtype(a.dtype)), abstract)
+      if got != want or checksum(tree) != sums.get(rel):
+        raise error(f"{what} {root} is corrupted: the {rel} checkpoint {ckpt_dir} does not "
+                    "match the checksum and shapes recorded in its manifest")
+      out[rel] = tree
+  return out
+
+
+def save_arrays(path, arrays: Mapping[str, np.ndarray], meta: dict | None = None
+                ) -> pathlib.Path:
+  """Writes a dict of arrays plus JSON metadata to one ``.npz`` file, atomically, with a checksum.
+
+  Args:
+    path: the file (its directory is created).
+    arrays: name -> array (names must not start with ``__``).
+    meta: JSON-serialisable metadata stored beside them.
+
+  Returns:
+    The absolute path written.
+  """
+  path = pathlib.Path(path).expanduser().absolute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  header = {"meta": meta or {}, "checksum": checksum(arrays)}
+  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.npz")
+  try:
+    np.savez(tmp, __header__=np.asarray(json.dumps(header)), **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return path
+
+
+def load_arrays(path, error: type[Exception] = ValueError,
+                check: Callable[[dict, dict], str | None] | None = None
+                ) -> tuple[dict[str, np.ndarray], dict]:
+  """Reads a :func:`save_arrays` file and verifies its checksum.
+
+  Args:
+    path: the file.
+    error: the exception class to raise.
+    check: optional ``check(arrays, meta)`` returning a problem description, or None if the
+      content is what the caller expects (shapes, ids).
+
+  Returns:
+    (arrays, metadata).
+
+  Raises:
+    ``error``: an unreadable, truncated or tampered file, or one ``check`` refuses.
+  """
+  path = pathlib.Path(path)
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+    header = json.loads(str(arrays.pop("__header__")))
+  except Exception as e:  # zip, CRC, JSON or key errors: all mean a damaged file
+    raise error(f"unreadable cache file {path}: {type(e).__name__}: {e}") from None
+  if checksum(arrays) != header.get("checksum"):
+    raise error(f"cache file {path} is corrupted: its arrays do not match the recorded checksum")
+  meta = header.get("meta", {})
+  problem = check(arrays, meta) if check is not None else None
+  if problem:
+    raise error(f"cache file {path} does not match the request: {problem}")
+  return arrays, meta

@@ -14,7 +14,8 @@ Two design choices keep the ground truth cheap and its ranking stable:
   truth of a 100-model zoo on one target takes seconds to a minute on a CPU.
 - **Common random numbers.** Within a run every model sees the same training sample, the same batch
   order and (per architecture) the same head initialisation: differences between models are then not
-  drowned by sampling noise, which matters because the zoo's spread is small (DESIGN.md §4).
+  drowned by sampling noise, which matters because the zoo's spread is small
+  (docs/design.md, "What we measured").
 
 The cheaper ``mode="linear"`` (frozen body, a new linear head trained on its features) is offered
 for the aligner's *training* targets only; evaluation targets use ``mode="full"``.
@@ -39,7 +40,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from know2vec_jax.data import DataError, Task, load_source, task_split
+from know2vec_jax import storage
+from know2vec_jax import strategy as strategy_lib
+from know2vec_jax.data import DataError, Task, load_source, stable_seed, task_split
 from know2vec_jax.zoo import train as train_lib
 from know2vec_jax.zoo.zoo import Zoo, ZooError
 
@@ -138,12 +141,6 @@ class TargetData:
     return np.concatenate([rng.choice(p, size=shots, replace=False) for p in self.pool])
 
 
-def _stable_int(*parts) -> int:
-  """A platform-independent 31-bit seed from strings and ints (``hash()`` is salted per process)."""
-  h = hashlib.sha1("|".join(str(p) for p in parts).encode()).digest()
-  return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
 def target_data(target: TransferTarget, shots: int, test_per_class: int,
                 image_size: int = 28, channels: int = 1) -> TargetData:
   """Splits a target's images into a per-class shot pool and a fixed test set.
@@ -165,7 +162,7 @@ def target_data(target: TransferTarget, shots: int, test_per_class: int,
     images = data.split(target.split)[0][idx]
   except DataError as e:
     raise TransferError(f"target {target.name!r}: {e}") from None
-  rng = np.random.default_rng(_stable_int("target-split", task.task_id, target.split))
+  rng = np.random.default_rng(stable_seed("target-split", task.task_id, target.split))
   need_pool = math.ceil(1.4 * shots)
   pool, test = [], []
   for c in range(task.k):
@@ -189,7 +186,7 @@ def target_data(target: TransferTarget, shots: int, test_per_class: int,
 
 
 def _run_seed(cfg: "FinetuneConfig", run: int, target: TransferTarget) -> int:
-  return _stable_int("run", cfg.seed, run, target.task.task_id)
+  return stable_seed("run", cfg.seed, run, target.task.task_id)
 
 
 def run_sample(target: TransferTarget, cfg: "FinetuneConfig", run: int = 0,
@@ -209,13 +206,13 @@ def run_sample(target: TransferTarget, cfg: "FinetuneConfig", run: int = 0,
 
 def _head_seeds(cfg: "FinetuneConfig", runs, target: TransferTarget, arch: str) -> list[int]:
   """Head-initialisation seed of each run: one per run, shared by every model of an arch."""
-  return [_stable_int("head", cfg.seed, int(r), target.task.task_id, arch) for r in runs]
+  return [stable_seed("head", cfg.seed, int(r), target.task.task_id, arch) for r in runs]
 
 
 def _batch_keys(cfg: "FinetuneConfig", runs, target: TransferTarget) -> jax.Array:
   """Batch-order key of each run, shared by every model (common random numbers)."""
   return jax.vmap(jax.random.key)(jnp.asarray(
-      [_stable_int("batches", cfg.seed, int(r), target.task.task_id) for r in runs], jnp.uint32))
+      [stable_seed("batches", cfg.seed, int(r), target.task.task_id) for r in runs], jnp.uint32))
 
 
 def _head_key(path) -> bool:
@@ -256,10 +253,8 @@ def _finetune_rows(graphdef, params, keys, lr, images, train_idx, train_labels, 
     pred = jnp.argmax(nnx.merge(graphdef, p)(images[test_idx]), -1)
     return jnp.mean(pred == test_labels)
 
-  args = (params, keys, train_idx, train_labels, lr)
-  if strategy == "vmap":
-    return jax.vmap(one)(*args)
-  return jax.lax.map(lambda a: one(*a), args)
+  return strategy_lib.map_models(one, params, keys, train_idx, train_labels, lr,
+                                 strategy=strategy)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "batch_size", "strategy"))
@@ -293,9 +288,7 @@ def _linear_rows(graphdef, params, heads, keys, lr, images, train_idx, train_lab
       return jnp.mean(pred == test_labels)
     return jax.vmap(per_run)(hs, keys, train_idx, train_labels)
 
-  if strategy == "vmap":
-    return jax.vmap(per_model)(params, heads)
-  return jax.lax.map(lambda a: per_model(*a), (params, heads))
+  return strategy_lib.map_models(per_model, params, heads, strategy=strategy)
 
 
 def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget,
@@ -327,7 +320,7 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
   train_labels = td.labels[samples]
   test_idx = jnp.asarray(td.test)
   test_labels = jnp.asarray(td.labels[td.test])
-  strategy = train_lib.resolve_strategy(cfg.strategy)
+  strategy = strategy_lib.resolve(cfg.strategy, allowed=strategy_lib.TRACED)
   lr = cfg.learning_rate * (10.0 if cfg.mode == "linear" else 1.0)
   out = np.zeros((cfg.runs, len(model_ids)), np.float32)
   col = {m: i for i, m in enumerate(model_ids)}
@@ -440,14 +433,14 @@ def ground_truth(zoo: Zoo, zoo_dir, model_ids: Sequence[str], targets: Sequence[
   for t in targets:
     path = cache / f"{t.name}-{_cache_key(zoo_dir, model_ids, t, cfg)}.npz" if cache else None
     if path is not None and path.exists():
-      try:
-        with np.load(path, allow_pickle=False) as f:
-          acc, ids = f["accuracy"], [str(s) for s in f["model_ids"]]
-      except Exception as e:  # a truncated or foreign file: say which, do not guess
-        raise TransferError(f"unreadable ground-truth cache file {path}: {e}") from None
-      if ids != list(model_ids) or acc.shape != (cfg.runs, len(model_ids)):
-        raise TransferError(f"ground-truth cache file {path} does not match the request")
-      out[t.name] = acc
+      want = (cfg.runs, len(model_ids))
+
+      def check(arrays, meta, want=want):
+        got = np.shape(arrays.get("accuracy"))
+        if meta.get("model_ids") != list(model_ids) or got != want:
+          return f"it holds accuracies of shape {list(got)} for other models, expected {list(want)}"
+        return None
+      out[t.name] = storage.load_arrays(path, TransferError, check=check)[0]["accuracy"]
     else:
       todo.append((t, path))
   bar = None
@@ -459,9 +452,8 @@ def ground_truth(zoo: Zoo, zoo_dir, model_ids: Sequence[str], targets: Sequence[
       bar.set_postfix_str(t.name)
     acc = finetune_accuracy(zoo, model_ids, t, cfg, progress=bar.update if bar else None)
     if path is not None:
-      tmp = path.with_name(path.name + ".tmp.npz")
-      np.savez(tmp, accuracy=acc, model_ids=np.asarray(list(model_ids)))
-      tmp.replace(path)
+      storage.save_arrays(path, {"accuracy": acc}, {"model_ids": list(model_ids),
+                                                    "target": t.to_json()})
     out[t.name] = acc
     # Every target has its own shapes (K, sample and test sizes), so its fine-tunes compile anew,
     # and XLA:CPU keeps each compiled executable memory-mapped: measured ~2,000 mappings per

@@ -14,13 +14,19 @@ Variants:
   column of boundary points); masked multi-head self-attention blocks; masked mean pool; linear to
   E; L2 normalisation. No positional information, so the vector is invariant to any permutation of
   the classes, and any K <= K_max works.
-- ``"lstm"`` (faithful to the released code): model side a BiLSTM over each grid row, then an LSTM
-  over the row vectors; query side a BiLSTM over the class prototypes; a linear layer; L2
-  normalisation. It depends on the order of the classes.
+- ``"lstm"``: recurrent encoders laid out after the released code (model side: a BiLSTM reads each
+  grid row, an LSTM reads the row vectors; query side: a BiLSTM over the class prototypes; L2
+  normalisation). It is *not* the released code: here one BiLSTM with shared weights reads every
+  row (the released code has one per row position), each sequence is summarised by its final
+  carry (not the last step's output), initial states are zero (not random), and a linear layer maps
+  to E on both sides. It depends on the order of the classes.
 
 ``shared=True`` (in :class:`Know2Vec`) applies *one* encoder to both sides: a query grid and a
 model grid are then read by the same function (knowledge consistency taken literally), which
-generalises to tasks the aligner never saw far better than two separate encoders (DESIGN.md §4).
+generalises to tasks the aligner never saw far better than two separate encoders
+(docs/design.md, "What we measured").
+
+The feature size D is not a config field: it is the backbone's, passed to the constructors.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from know2vec_jax.config import require
 
 VARIANTS = ("attention", "lstm")
 
@@ -41,28 +49,25 @@ class VectorizerConfig:
   Attributes:
     variant: ``"attention"`` or ``"lstm"``.
     shared: one encoder for models and queries.
-    feature_dim: D, the backbone's feature size.
     hidden: width of tokens / LSTM states.
     embed_dim: E, the size of the output unit vectors.
     heads, layers: attention blocks.
     use_boundaries: read the off-diagonal cells (False: anchors/prototypes only).
-    max_classes: K_max, the largest K a vectorizer accepts.
   """
   variant: str = "attention"
   shared: bool = True
-  feature_dim: int = 128
   hidden: int = 128
   embed_dim: int = 128
   heads: int = 4
   layers: int = 2
   use_boundaries: bool = True
-  max_classes: int = 10
 
   def __post_init__(self):
-    if self.variant not in VARIANTS:
-      raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-    if self.hidden % self.heads:
-      raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+    require(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
+    for name in ("hidden", "embed_dim", "heads", "layers"):
+      require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    require(self.hidden % self.heads == 0,
+            f"hidden={self.hidden} must be divisible by heads={self.heads}")
 
 
 def l2_normalize(x, axis=-1):
@@ -110,11 +115,11 @@ class AttentionGridEncoder(nnx.Module):
   the classes are.
   """
 
-  def __init__(self, cfg: VectorizerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: VectorizerConfig, feature_dim: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.diag = nnx.Linear(cfg.feature_dim, cfg.hidden, rngs=rngs)
-    self.row = nnx.Linear(cfg.feature_dim, cfg.hidden, rngs=rngs)
-    self.col = nnx.Linear(cfg.feature_dim, cfg.hidden, rngs=rngs)
+    self.diag = nnx.Linear(feature_dim, cfg.hidden, rngs=rngs)
+    self.row = nnx.Linear(feature_dim, cfg.hidden, rngs=rngs)
+    self.col = nnx.Linear(feature_dim, cfg.hidden, rngs=rngs)
     self.blocks = nnx.List([AttentionBlock(cfg.hidden, cfg.heads, rngs=rngs)
                             for _ in range(cfg.layers)])
     self.ln = nnx.LayerNorm(cfg.hidden, rngs=rngs)
@@ -158,11 +163,12 @@ def _final_hidden(carry):
 
 
 class LSTMGridEncoder(nnx.Module):
-  """Released-code model encoder: a BiLSTM per grid row, then an LSTM over rows; order-dependent."""
+  """Model encoder: one shared BiLSTM reads each grid row, an LSTM reads the row vectors;
+  order-dependent (see the module docstring for how it differs from the released code)."""
 
-  def __init__(self, cfg: VectorizerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: VectorizerConfig, feature_dim: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.rows = _bilstm(cfg.feature_dim, cfg.hidden, rngs)
+    self.rows = _bilstm(feature_dim, cfg.hidden, rngs)
     self.over_rows = nnx.RNN(nnx.LSTMCell(2 * cfg.hidden, cfg.hidden, rngs=rngs),
                              return_carry=True, rngs=False)
     self.head = nnx.Linear(cfg.hidden, cfg.embed_dim, rngs=rngs)
@@ -183,11 +189,11 @@ class LSTMGridEncoder(nnx.Module):
 
 
 class LSTMSetEncoder(nnx.Module):
-  """Released-code query encoder: a BiLSTM over the class prototypes (the grid's diagonal)."""
+  """Query encoder: a BiLSTM over the class prototypes (the grid's diagonal)."""
 
-  def __init__(self, cfg: VectorizerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: VectorizerConfig, feature_dim: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.lstm = _bilstm(cfg.feature_dim, cfg.hidden, rngs)
+    self.lstm = _bilstm(feature_dim, cfg.hidden, rngs)
     self.head = nnx.Linear(2 * cfg.hidden, cfg.embed_dim, rngs=rngs)
 
   def __call__(self, grid, mask):
@@ -203,9 +209,10 @@ class LSTMSetEncoder(nnx.Module):
 class ModelVectorizer(nnx.Module):
   """Knowledge grid features [..., K, K, D] + class mask [..., K] -> unit vector [..., E]."""
 
-  def __init__(self, cfg: VectorizerConfig, *, rngs: nnx.Rngs):
-    self.encoder = (AttentionGridEncoder(cfg, rngs=rngs) if cfg.variant == "attention"
-                    else LSTMGridEncoder(cfg, rngs=rngs))
+  def __init__(self, cfg: VectorizerConfig, feature_dim: int, *, rngs: nnx.Rngs):
+    self.encoder = (AttentionGridEncoder(cfg, feature_dim, rngs=rngs)
+                    if cfg.variant == "attention" else LSTMGridEncoder(cfg, feature_dim,
+                                                                       rngs=rngs))
 
   def __call__(self, grid, mask):
     return self.encoder(grid, mask)
@@ -214,9 +221,10 @@ class ModelVectorizer(nnx.Module):
 class QueryVectorizer(nnx.Module):
   """Query grid features [..., K, K, D] (prototypes on the diagonal) + mask -> unit vector."""
 
-  def __init__(self, cfg: VectorizerConfig, *, rngs: nnx.Rngs):
-    self.encoder = (AttentionGridEncoder(cfg, rngs=rngs) if cfg.variant == "attention"
-                    else LSTMSetEncoder(cfg, rngs=rngs))
+  def __init__(self, cfg: VectorizerConfig, feature_dim: int, *, rngs: nnx.Rngs):
+    self.encoder = (AttentionGridEncoder(cfg, feature_dim, rngs=rngs)
+                    if cfg.variant == "attention" else LSTMSetEncoder(cfg, feature_dim,
+                                                                      rngs=rngs))
 
   def __call__(self, grid, mask):
     return self.encoder(grid, mask)
@@ -245,16 +253,18 @@ class Know2Vec(nnx.Module):
 
   Args:
     cfg: the vectorizer config.
+    feature_dim: D, the backbone's feature size (the grids' last axis).
     num_tasks: classes of the task-id head (the aligner's training tasks); 0 for none.
     accuracy_head: add an :class:`AccuracyHead` (trained by the transferability objective).
     rngs: initialisation PRNGs.
   """
 
-  def __init__(self, cfg: VectorizerConfig, num_tasks: int = 0, *, accuracy_head: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: VectorizerConfig, feature_dim: int, num_tasks: int = 0, *,
+               accuracy_head: bool = False, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.model_vectorizer = ModelVectorizer(cfg, rngs=rngs)
-    self.query_vectorizer = None if cfg.shared else QueryVectorizer(cfg, rngs=rngs)
+    self.feature_dim = int(feature_dim)
+    self.model_vectorizer = ModelVectorizer(cfg, feature_dim, rngs=rngs)
+    self.query_vectorizer = None if cfg.shared else QueryVectorizer(cfg, feature_dim, rngs=rngs)
     self.task_head = nnx.Linear(cfg.embed_dim, max(num_tasks, 1), rngs=rngs)
     self.accuracy_head = (AccuracyHead(cfg.embed_dim, cfg.hidden, rngs=rngs)
                           if accuracy_head else None)

@@ -18,11 +18,10 @@ def main():
                                process_id=pid, initialization_timeout=120)
   sys.path.insert(0, os.path.dirname(__file__))
   import numpy as np
-  from test_align import CFG, VCFG, _data
+  from test_align import _data, trainer as make_trainer
 
-  from know2vec_jax import align
   from know2vec_jax.mesh import data_mesh
-  trainer = align.Trainer(VCFG, CFG, _data(), mesh=data_mesh())
+  trainer = make_trainer(_data(), mesh=data_mesh())
   hist = trainer.run(progress=False, log_every=1)
   params = [np.asarray(leaf.addressable_data(0)) for leaf in
             jax.tree.leaves(trainer.state["params"])]

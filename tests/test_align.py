@@ -11,9 +11,15 @@ from know2vec_jax import align
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.vectorizers import VectorizerConfig
 
-VCFG = VectorizerConfig(feature_dim=8, hidden=16, embed_dim=8, heads=2, layers=1, max_classes=4)
+D = 8  # feature size of the synthetic grids
+VCFG = VectorizerConfig(hidden=16, embed_dim=8, heads=2, layers=1)
 CFG = align.AlignConfig(steps=6, batch_size=16, learning_rate=3e-3, warmup_steps=2,
-                        checkpoint_every=3, feature_noise=0.01)
+                        checkpoint_every=3)
+RANK = align.RankingObjective(feature_noise=0.01)
+
+
+def trainer(data, cfg=CFG, vcfg=VCFG, objective=RANK, **kw):
+  return align.Trainer(vcfg, D, cfg, objective, data, **kw)
 
 
 def _data(seed=0, models=24, tasks=8):
@@ -41,7 +47,7 @@ def test_ranking_loss_by_hand():
 
 
 def _train(mesh, steps=CFG.steps, ckpt=None, cfg=CFG):
-  tr = align.Trainer(VCFG, cfg, _data(), mesh=mesh, checkpoint_dir=ckpt)
+  tr = trainer(_data(), cfg, mesh=mesh, checkpoint_dir=ckpt)
   hist = tr.run(steps, progress=False, log_every=1)
   return tr, hist
 
@@ -70,7 +76,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
   full, _ = _train(mesh)
   part, _ = _train(mesh, steps=3, ckpt=tmp_path)
   assert part.step == 3
-  resumed = align.Trainer(VCFG, CFG, _data(), mesh=mesh, checkpoint_dir=tmp_path)
+  resumed = trainer(_data(), mesh=mesh, checkpoint_dir=tmp_path)
   assert resumed.step == 3
   resumed.run(progress=False)
   assert resumed.step == CFG.steps
@@ -80,15 +86,19 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
 
 def test_batch_must_divide_devices():
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    align.Trainer(VCFG, dataclasses.replace(CFG, batch_size=12), _data(),
-                  mesh=data_mesh(8))
+    trainer(_data(), dataclasses.replace(CFG, batch_size=12), mesh=data_mesh(8))
+
+
+def test_objective_and_data_must_match():
+  with pytest.raises(ValueError, match="TransferObjective trains on TransferData, got AlignData"):
+    trainer(_data(), objective=align.TransferObjective(), mesh=data_mesh(8))
 
 
 @pytest.mark.parametrize("variant,shared", [("lstm", False), ("lstm", True),
                                             ("attention", False)])
 def test_every_variant_trains(variant, shared):
   vcfg = dataclasses.replace(VCFG, variant=variant, shared=shared)
-  tr = align.Trainer(vcfg, dataclasses.replace(CFG, steps=3), _data(), mesh=data_mesh(8))
+  tr = trainer(_data(), dataclasses.replace(CFG, steps=3), vcfg, mesh=data_mesh(8))
   hist = tr.run(progress=False, log_every=1)
   assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
   model = tr.model()
@@ -98,8 +108,8 @@ def test_every_variant_trains(variant, shared):
 
 def test_class_subset_augmentation():
   data = _data()
-  cfg = dataclasses.replace(CFG, subset_prob=0.5, batch_size=64)
-  rows, eps, subset = align.sample_batch_indices(data, cfg, step=0)
+  cfg = dataclasses.replace(CFG, batch_size=64)
+  rows, eps, subset = align.sample_batch_indices(data, cfg, 0.5, step=0)
   batch = align.local_batch(data, rows, eps, subset)
   sizes = subset.sum(1)
   assert set(sizes.tolist()) <= {2.0, 3.0, 4.0} and 10 < (sizes < 4).sum() < 54
@@ -111,9 +121,10 @@ def test_class_subset_augmentation():
       same = batch["task"][i] == batch["task"][j] and np.array_equal(subset[i], subset[j])
       assert (batch["key"][i] == batch["key"][j]) == same
   # Deterministic per step (every process draws the same global batch).
-  again = align.sample_batch_indices(data, cfg, step=0)
+  again = align.sample_batch_indices(data, cfg, 0.5, step=0)
   np.testing.assert_array_equal(again[2], subset)
-  tr = align.Trainer(VCFG, dataclasses.replace(cfg, steps=3), data, mesh=data_mesh(8))
+  tr = trainer(data, dataclasses.replace(cfg, steps=3), objective=align.RankingObjective(
+      subset_prob=0.5), mesh=data_mesh(8))
   assert all(np.isfinite(h["loss"]) for h in tr.run(progress=False, log_every=1))
 
 
@@ -142,10 +153,10 @@ def test_listwise_loss_by_hand():
 
 
 def test_transfer_objective_one_and_eight_devices_agree_and_learn():
-  cfg = dataclasses.replace(CFG, steps=40, batch_size=8, feature_noise=0.0)
+  cfg = dataclasses.replace(CFG, steps=40, batch_size=8)
   h = {}
   for n in (1, 8):
-    tr = align.Trainer(VCFG, cfg, _transfer_data(), mesh=data_mesh(n))
+    tr = trainer(_transfer_data(), cfg, objective=align.TransferObjective(), mesh=data_mesh(n))
     h[n] = tr.run(progress=False, log_every=1)
     if n == 8:
       model = tr.model()

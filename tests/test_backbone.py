@@ -12,7 +12,7 @@ CFG = BackboneConfig(sources=("digits", "digits+invert"), channels=(8, 16), stri
 
 @pytest.fixture(scope="module")
 def trained():
-  return train_backbone(CFG, progress=False)
+  return train_backbone(CFG, image_shape=(28, 28, 1), progress=False)
 
 
 def test_backbone_learns_domain_and_class(trained):
@@ -44,3 +44,16 @@ def test_save_load_round_trip(trained, tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded.embed(x)), np.asarray(bb.embed(x)))
   with pytest.raises(ValueError, match="no backbone at .* does not exist"):
     Backbone.load(tmp_path / "missing")
+
+
+def test_load_verifies_the_recorded_checksum(trained, tmp_path):
+  import json
+
+  from know2vec_jax.backbone import BackboneError
+  bb, _ = trained
+  path = bb.save(tmp_path / "phi")
+  m = json.loads((path / "backbone.json").read_text())
+  m["checksums"]["params"] = "0" * 64  # as if the parameters had changed under the manifest
+  (path / "backbone.json").write_text(json.dumps(m))
+  with pytest.raises(BackboneError, match="params checkpoint .* does not match the checksum"):
+    Backbone.load(path)

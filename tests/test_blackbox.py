@@ -77,13 +77,6 @@ def test_strategies_and_sharding_agree(tiny_zoo, strategy):
     np.testing.assert_allclose(sharded, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_probe_rule():
-  assert probe.resolve_probe_strategy("auto", "cpu") == "map"
-  assert probe.resolve_probe_strategy("auto", "gpu") == "vmap"
-  with pytest.raises(ValueError):
-    probe.resolve_probe_strategy("pmap")
-
-
 def test_group_selection_and_unknown_ids(tiny_zoo):
   zoo, _ = tiny_zoo
   some = list(zoo.records)[:3]

@@ -98,7 +98,8 @@ def test_train_index_query_commands(tiny_zoo_dir, tmp_path, capsys):
   ids = [m["model_id"] for m in json.loads(capsys.readouterr().out)]
   assert main(["index", "build", "--proxy", proxy, "--zoo", zoo, "--out", index, "--quiet",
                "--models", ",".join(ids[:5])]) == 0
-  assert "added 5 model(s), 5 in all" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "added 5 model(s) (0 probed, 5 from the proxy's stored knowledge), 5 in all" in out
   assert main(["index", "add", "--proxy", proxy, "--zoo", zoo, "--index", index, "--quiet",
                "--models", ids[4]]) == 2
   _one_line_error(capsys, "already in the index", repr(ids[4]))
@@ -163,8 +164,14 @@ def test_eval_and_bench_forward_or_say_why(capsys, monkeypatch, tmp_path):
   for exp in ("nnr", "sfmte"):  # forwarded experiments report a missing zoo in one line too
     assert main(["eval", exp, "--zoo", str(tmp_path / "nozoo")]) == 2
     _one_line_error(capsys, "no zoo at", "know2vec zoo build")
-  assert main(["eval", "sfmte", "--train-targets", "0"]) == 2
-  assert "--train-targets must be at least 4, got 0" in capsys.readouterr().err
+  assert main(["eval", "sfmte", "--set", "train_targets=0"]) == 2
+  assert "train_targets must be at least 4, got 0" in capsys.readouterr().err
+  # An experiment's unknown key or bad value fails before any work (no zoo is even read).
+  assert main(["eval", "nnr", "--zoo", str(tmp_path / "nozoo"), "--set",
+               "proxy.align.stepz=3"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown config key 'proxy.align.stepz'; valid keys: proxy.align.steps" in err
+  assert "no zoo" not in err
   assert main(["eval", "leep"]) == 2
   _one_line_error(capsys, "invalid choice: 'leep'")
 
@@ -179,7 +186,7 @@ def test_command_line_mistakes_are_one_line(tiny_zoo_dir, tiny_proxy_dir, tiny_i
       (["train", "--zoo", zoo, "--out", str(tmp_path / "p"), "--set", "align.steps=many"],
        ["bad value 'many' for align.steps"]),
       (["train", "--zoo", zoo, "--out", str(tmp_path / "p"), "--set", "backbone.steps=0"],
-       ["backbone.steps must be >= 1"]),
+       ["bad value for backbone.steps: backbone steps must be >= 1"]),
       (["train", "--zoo", str(tmp_path / "nozoo"), "--out", str(tmp_path / "p")],
        ["no zoo at", "does not exist"]),
       (["index", "build", "--proxy", str(tmp_path / "noproxy"), "--zoo", zoo, "--out",

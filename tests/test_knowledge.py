@@ -5,7 +5,9 @@ import pytest
 
 from know2vec_jax.blackbox import CallableBlackBox, groups_from_zoo
 from know2vec_jax.data import load_source
-from know2vec_jax.knowledge import KnowledgeConfig, expected_queries, extract_knowledge
+from know2vec_jax.knowledge import (KnowledgeConfig, KnowledgeError, KnowledgeStore,
+                                    expected_queries, extract_knowledge, grid_inputs,
+                                    group_knowledge, store_context)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,8 @@ def test_anchors_and_boundaries_are_what_the_model_says(tiny_zoo, pool):
         labels = np.asarray(model(np.stack([a + lo * (b - a), a + hi * (b - a)]))).argmax(1)
         assert lo < 1e-9 or labels[0] == i  # the lower end still says i ...
         assert hi > 1 - 1e-9 or labels[1] != i  # ... the upper end no longer does
-    np.testing.assert_allclose(kn.logits[m], np.asarray(model(
-        kn.inputs[m].reshape(-1, 28, 28, 1))).reshape(k, k, k), rtol=1e-4, atol=1e-4)
+  # The compact record (pool indices + flip positions) rebuilds the grid bit for bit.
+  np.testing.assert_array_equal(grid_inputs(pool, kn.anchor_index, kn.flip_t), kn.inputs)
 
 
 def test_class_never_predicted_uses_the_documented_fallback(pool):
@@ -75,3 +77,32 @@ def test_zero_steps_gives_segment_midpoints(tiny_zoo, pool):
   kn = extract_knowledge(g, pool, KnowledgeConfig(search_steps=0))
   off = ~np.eye(g.num_classes, dtype=bool)
   assert np.allclose(kn.flip_t[:, off], 0.5)
+
+
+def test_store_reuses_knowledge_by_id_and_fingerprint_and_probes_only_the_rest(tiny_zoo, pool,
+                                                                               tmp_path):
+  zoo, _ = tiny_zoo
+  cfg = KnowledgeConfig(search_steps=3, anchors_per_class=4)
+  store = KnowledgeStore(store_context(pool, cfg), tmp_path)
+  (g,) = [g for g in groups_from_zoo(zoo) if g.num_classes == 4 and "mlp" in g.model_ids[0]]
+  first = g.subset(g.model_ids[:2])
+  group_knowledge([first], pool, cfg, store)
+  assert first.queries.tolist() == [expected_queries(len(pool), 4, 3)] * 2
+  assert g.queries[:2].tolist() == first.queries.tolist()  # counted on the parent too
+  # The whole stack now: only its other models are probed; the stored two are read back.
+  before = g.queries.copy()
+  (kn,) = group_knowledge([g], pool, cfg, KnowledgeStore(store.context, tmp_path))
+  assert (g.queries - before).tolist() == [0, 0] + [expected_queries(len(pool), 4, 3)] * (
+      g.num_models - 2)
+  ref = extract_knowledge(groups_from_zoo(zoo, model_ids=g.model_ids)[0], pool, cfg)
+  np.testing.assert_array_equal(kn.inputs, ref.inputs)
+  np.testing.assert_array_equal(kn.anchor_index, ref.anchor_index)
+  # Another pool is another context: the store refuses to serve it.
+  with pytest.raises(KnowledgeError, match="another probe pool"):
+    group_knowledge([g], pool[:100], cfg, store)
+  # A damaged file names itself.
+  f = next(tmp_path.rglob("*.npz"))
+  f.write_bytes(f.read_bytes()[:50])
+  fresh = KnowledgeStore(store.context, tmp_path)
+  with pytest.raises(KnowledgeError, match=str(f)):
+    group_knowledge([g], pool, cfg, fresh)

@@ -13,8 +13,8 @@ from know2vec_jax.blackbox import CallableBlackBox, groups_from_zoo
 from know2vec_jax.data import few_shot, load_source
 from know2vec_jax.index import ModelIndex
 from know2vec_jax.knowledge import expected_queries
-from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, apply_overrides, proxy_preset,
-                                query, zoo_metadata)
+from know2vec_jax.config import ConfigError, from_dict, override, to_dict
+from know2vec_jax.proxy import Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata
 
 
 def test_training_covers_every_task_with_the_documented_budget(tiny_proxy, tiny_zoo):
@@ -25,7 +25,7 @@ def test_training_covers_every_task_with_the_documented_budget(tiny_proxy, tiny_
   assert sum(t["models"] for t in tiny_proxy.tasks) == len(zoo)
   sources = sorted({r.source for r in zoo.records.values()})
   assert tiny_proxy.info["sources"] == sources
-  # The pool is the nnr.py draw: pool_per_source train-split images of every source.
+  # The pool: pool_per_source train-split images of every source, one permutation per source.
   rng = np.random.default_rng(cfg.seed)
   want = np.concatenate([load_source(s).train_images[
       rng.permutation(len(load_source(s).train_images))[:cfg.pool_per_source]] for s in sources])
@@ -33,8 +33,10 @@ def test_training_covers_every_task_with_the_documented_budget(tiny_proxy, tiny_
   for k, n in tiny_proxy.info["knowledge_queries_per_model"].items():
     assert n == expected_queries(len(want), int(k), cfg.knowledge.search_steps)
   vcfg = tiny_proxy.vectorizer_config
-  assert (vcfg.variant, vcfg.shared, vcfg.max_classes, vcfg.feature_dim) == (
-      "attention", True, cfg.max_classes, tiny_proxy.backbone.dim)
+  assert (vcfg.variant, vcfg.shared) == ("attention", True)
+  assert tiny_proxy.vectorizer.feature_dim == tiny_proxy.backbone.dim
+  # The proxy remembers the knowledge of every model it trained on.
+  assert len(tiny_proxy.knowledge) == len(zoo)
 
 
 def test_seen_tasks_are_retrieved(tiny_proxy, tiny_index, tiny_zoo):
@@ -102,7 +104,19 @@ def test_save_load_round_trip(tiny_proxy, tiny_proxy_dir, tiny_zoo):
   r = next(iter(tiny_zoo[0].records.values()))
   x, y = few_shot(load_source(r.source), r.task, 3, seed=0)
   np.testing.assert_array_equal(back.embed_query(x, y), tiny_proxy.embed_query(x, y))
-  assert json_keys(tiny_proxy_dir) == {"proxy.json", "backbone", "vectorizer", "pool"}
+  assert json_keys(tiny_proxy_dir) == {"proxy.json", "backbone", "vectorizer", "pool",
+                                       "knowledge"}
+  assert len(back.knowledge) == len(tiny_proxy.knowledge) > 0
+  _same_knowledge(back, tiny_proxy)
+
+
+def _same_knowledge(a, b):
+  ka, kb = dict(a.knowledge.items()), dict(b.knowledge.items())
+  assert ka.keys() == kb.keys()
+  for key in ka:
+    np.testing.assert_array_equal(ka[key].anchor_index, kb[key].anchor_index)
+    np.testing.assert_array_equal(ka[key].flip_t, kb[key].flip_t)
+    np.testing.assert_array_equal(ka[key].anchor_fallback, kb[key].anchor_fallback)
 
 
 def json_keys(path):
@@ -110,111 +124,70 @@ def json_keys(path):
 
 
 def test_presets_and_overrides():
-  from experiments.nnr import DEFAULT_VARIANT, NNRConfig, VARIANTS
-  demo, nnr = proxy_preset("demo"), NNRConfig()
-  assert (demo.pool_per_source, demo.knowledge.search_steps, demo.knowledge.anchors_per_class,
-          demo.episodes, demo.shots, demo.max_classes, demo.seed) == (
-      nnr.pool_per_source, nnr.search_steps, nnr.anchors_per_class, nnr.episodes, nnr.shots,
-      nnr.max_classes, nnr.seed)
-  assert demo.align == nnr.align and demo.vectorizer == VARIANTS[DEFAULT_VARIANT]
+  demo = proxy_preset("demo")
+  assert demo == ProxyConfig()
   full = proxy_preset("full")
   assert full.pool_per_source > demo.pool_per_source and full.episodes > demo.episodes
-  with pytest.raises(ProxyError, match="unknown proxy preset 'huge'"):
+  with pytest.raises(ConfigError, match="unknown proxy preset 'huge'; choose one of tiny, demo"):
     proxy_preset("huge")
 
-  cfg = apply_overrides(demo, ["align.steps=200", "knowledge.search_steps=4",
-                               "vectorizer.shared=false", "backbone.sources=digits, mnist5k",
-                               "seed=3", "align.learning_rate=3e-4", "vectorizer.variant=lstm"])
+  cfg = override(demo, ["align.steps=200", "knowledge.search_steps=4",
+                        "vectorizer.shared=false", "backbone.sources=digits, mnist5k",
+                        "seed=3", "align.learning_rate=3e-4", "vectorizer.variant=lstm",
+                        "ranking.margin=0.3", "strategy=vmap"])
   assert (cfg.align.steps, cfg.knowledge.search_steps, cfg.vectorizer.shared, cfg.seed) == (
       200, 4, False, 3)
   assert cfg.backbone.sources == ("digits", "mnist5k") and cfg.align.learning_rate == 3e-4
   assert cfg.vectorizer.variant == "lstm" and demo.align.steps == 1500  # demo untouched
+  assert cfg.ranking.margin == 0.3 and cfg.strategy == "vmap"
   for bad, match in [("align.stepz=3", "unknown config key 'align.stepz'; valid keys: .*"
                                        "align.steps"),
                      ("align.steps=abc", "bad value 'abc' for align.steps: expected an integer"),
                      ("align.steps", "not key=value"),
-                     ("vectorizer.variant=gru", "bad value 'gru' for vectorizer.variant"),
+                     ("vectorizer.variant=gru", "bad value for vectorizer.variant: variant must"),
                      ("vectorizer.shared=maybe", "expected true or false"),
                      ("align.learning_rate=nan", "finite"),
                      ("episodes=0", "episodes must be >= 1"),
-                     ("vectorizer.hidden=30", "divisible by heads")]:
-    with pytest.raises(ProxyError, match=match):
-      apply_overrides(demo, [bad])
+                     ("vectorizer.hidden=30", "divisible by heads"),
+                     ("strategy=pmap", "strategy must be one of"),
+                     # K_max lives in one place: the vectorizer has no such field.
+                     ("vectorizer.max_classes=4", "unknown config key 'vectorizer.max_classes'"),
+                     ("backbone.image_size=32", "unknown config key 'backbone.image_size'")]:
+    with pytest.raises(ConfigError, match=match):
+      override(demo, [bad])
+  # Configs round-trip through JSON (the proxy manifest stores them this way).
+  assert from_dict(ProxyConfig, to_dict(cfg)) == cfg
 
 
 def test_train_refuses_impossible_configs(tiny_zoo):
   zoo = tiny_zoo[0]
   with pytest.raises(ProxyError, match="more than max_classes=3"):
     Proxy.train(zoo, dataclasses.replace(proxy_preset("tiny"), max_classes=3), progress=False)
-  cfg = apply_overrides(proxy_preset("tiny"), ["align.batch_size=12"])
+  cfg = override(proxy_preset("tiny"), ["align.batch_size=12"])
   with pytest.raises(ProxyError, match="batch_size=12 must be divisible by the 8 devices"):
     Proxy.train(zoo, cfg, progress=False)
-  with pytest.raises(ProxyError, match="pool_per_source must be >= 1"):
+  with pytest.raises(ConfigError, match="pool_per_source must be >= 1"):
     ProxyConfig(pool_per_source=0)
+  with pytest.raises(ProxyError, match="the 'transfer' objective trains on TransferLabels"):
+    Proxy.train(zoo, override(proxy_preset("tiny"), ["objective=transfer"]), progress=False)
 
 
-# The README's "Python API" example. The test runs this text as it stands, except the three
-# settings lines, which point it at the tiny zoo and the session's proxy instead of the demo ones.
-README_EXAMPLE = '''
-import os
-
-import numpy as np
-from know2vec_jax import (CallableBlackBox, ModelIndex, few_shot, groups_from_zoo, load_source,
-                          load_zoo, make_task, task_images)
-from know2vec_jax.proxy import Proxy, proxy_preset, query, zoo_metadata
-
-zoo_dir, proxy_dir, index_dir = "artifacts/zoo-demo", "artifacts/proxy-demo", "artifacts/index-demo"
-
-# 1. A zoo seen only through black-box calls, and a trained proxy (trained once, then loaded).
-zoo = load_zoo(zoo_dir)
-if os.path.exists(os.path.join(proxy_dir, "proxy.json")):
-  proxy = Proxy.load(proxy_dir)
-else:                                            # train one (minutes for the demo zoo)
-  proxy = Proxy.train(zoo, proxy_preset("demo"))
-  proxy.save(proxy_dir)
-
-# 2. The index: every zoo model vectorized from its decision knowledge (vectors + metadata only).
-index = proxy.build_index(groups_from_zoo(zoo), zoo_metadata(zoo))
-
-# 3. Any callable images [B, 28, 28, 1] -> logits [B, K] is a black box too: here a
-#    nearest-class-mean classifier of inverted digits 0, 3, 5, 7, added without retraining.
-data = load_source("digits+invert")
-task = make_task(data, ["0", "3", "5", "7"])
-x_train, y_train = task_images(data, task, "train")
-means = np.stack([x_train[y_train == c].mean(0) for c in range(task.k)])
-
-def my_classifier(images):
-  return -((images[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4))
-
-black_box = CallableBlackBox(my_classifier, num_classes=4, image_shape=(28, 28, 1),
-                             model_id="my-nearest-mean")
-proxy.build_index([black_box], {"my-nearest-mean": {"arch": "nearest-mean",
-                                                    "task": task.task_id}}, index=index)
-index.save(index_dir)
-
-# 4. A query: 5 labelled images per class of the user's task, never seen by any model.
-images, labels = few_shot(data, task, shots=5, seed=0, split="test")
-results = query(proxy, ModelIndex.load(index_dir), images, labels, k=5)
-for row in results:
-  print(row["rank"], row["model_id"], row["arch"], row["task"], round(row["score"], 3))
-
-# 5. The Flax NNX vectorizers inside other JAX code: jit them, differentiate through them.
-import jax
-from flax import nnx
-from know2vec_jax import pad_grid, query_grid
-grid, mask = pad_grid(query_grid(proxy.backbone, images, labels), proxy.max_classes)
-embed = jax.jit(lambda vectorizer, g, m: vectorizer.embed_queries(g, m))
-q = embed(proxy.vectorizer, grid, mask)          # == proxy.embed_query(images, labels)
-grads = nnx.grad(lambda v: v.embed_queries(grid, mask) @ q)(proxy.vectorizer)
-'''
+def readme_python_example() -> str:
+  """The Python code block of README.md's "Python API" section, as it stands."""
+  text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = text.split("\n## Python API", 1)[1].split("\n## ", 1)[0]
+  return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_python_api_example(tiny_zoo_dir, tiny_proxy_dir, tmp_path, capsys):
+  """README.md's Python example, read from README.md and run with its paths pointed at the tiny
+  zoo and the session's proxy (the one settings line is the only change)."""
+  example = readme_python_example()
   settings = ('zoo_dir, proxy_dir, index_dir = "artifacts/zoo-demo", "artifacts/proxy-demo", '
               '"artifacts/index-demo"')
-  assert settings in README_EXAMPLE
+  assert settings in example
   shutil.copytree(tiny_proxy_dir, tmp_path / "proxy")
-  code = README_EXAMPLE.replace(settings, f"zoo_dir, proxy_dir, index_dir = {str(tiny_zoo_dir)!r}"
+  code = example.replace(settings, f"zoo_dir, proxy_dir, index_dir = {str(tiny_zoo_dir)!r}"
                                 f", {str(tmp_path / 'proxy')!r}, {str(tmp_path / 'index')!r}")
   scope = {}
   exec(compile(code, "README.md", "exec"), scope)
@@ -227,3 +200,69 @@ def test_readme_python_api_example(tiny_zoo_dir, tiny_proxy_dir, tmp_path, capsy
                                                                       scope["labels"]), atol=1e-5)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(scope["grads"]))
   assert ModelIndex.load(tmp_path / "index").ids == index.ids
+
+
+def test_train_then_index_build_probes_each_model_once(tiny_zoo, tiny_proxy, tmp_path):
+  """The knowledge extracted for training is the index's: building the index of the training
+  zoo calls no black box, with the live proxy or a saved and reloaded one; a model the proxy
+  never saw is probed once, and a model whose weights changed (same id) is probed again."""
+  zoo = tiny_zoo[0]
+  groups = groups_from_zoo(zoo)
+  tiny_proxy.build_index(groups, zoo_metadata(zoo))
+  assert all(np.all(g.queries == 0) for g in groups)
+  tiny_proxy.save(tmp_path / "p")
+  loaded = Proxy.load(tmp_path / "p")
+  groups = groups_from_zoo(zoo)
+  index = loaded.build_index(groups, zoo_metadata(zoo))
+  assert all(np.all(g.queries == 0) for g in groups) and len(index) == len(zoo)
+  # A copy of a zoo model under a new id and behind a callable without a fingerprint: probed.
+  mid = index.ids[0]
+  net, rec = zoo.model(mid), zoo.records[mid]
+  bb = CallableBlackBox(lambda x: np.asarray(net(x)), rec.k, zoo.image_shape, model_id="copy",
+                        fingerprint="copy-v1")
+  loaded.build_index(bb, index=index)
+  n = expected_queries(len(loaded.pool), rec.k, loaded.config.knowledge.search_steps)
+  assert bb.queries[0] == n
+  # The same callable again (same id, same fingerprint): remembered, not probed.
+  bb2 = CallableBlackBox(lambda x: np.asarray(net(x)), rec.k, zoo.image_shape, model_id="copy",
+                         fingerprint="copy-v1")
+  loaded.vectorize(bb2)
+  assert bb2.queries[0] == 0
+  # New weights under the same id: the stack's fingerprint changes, so it is probed again.
+  stack = zoo.stacks[rec.stack]
+  changed = dataclasses.replace(stack, params=jax.tree.map(lambda a: a * 1.01, stack.params))
+  from know2vec_jax.blackbox import StackGroup
+  g = StackGroup(changed)
+  loaded.vectorize(g)
+  assert np.all(g.queries == expected_queries(len(loaded.pool), g.num_classes,
+                                              loaded.config.knowledge.search_steps))
+
+
+def test_cli_train_then_index_build_probes_each_model_once(tiny_zoo_dir, tmp_path, capsys):
+  """The same through the command line: `index build` after `train` reports 0 models probed."""
+  import json as json_lib
+  from know2vec_jax.cli import main
+  proxy_dir, index_dir = tmp_path / "proxy", tmp_path / "index"
+  assert main(["train", "--zoo", str(tiny_zoo_dir), "--out", str(proxy_dir), "--preset", "tiny",
+               "--quiet", "--json"]) == 0
+  capsys.readouterr()
+  assert main(["index", "build", "--proxy", str(proxy_dir), "--zoo", str(tiny_zoo_dir), "--out",
+               str(index_dir), "--quiet", "--json"]) == 0
+  info = json_lib.loads(capsys.readouterr().out)
+  assert info["models"] == 8 and info["probed"] == 0
+
+
+def test_training_does_not_depend_on_how_black_boxes_are_grouped(tiny_zoo, tiny_proxy):
+  """The same models packed into other groups, in another order, train the same proxy: rows follow
+  the caller's model order, and each model's knowledge is the same wherever it is probed (phi's
+  features of a batch of one and of a stack differ in the last float bits, hence the tolerance)."""
+  from know2vec_jax.proxy import zoo_tasks
+  zoo = tiny_zoo[0]
+  singles = [g.subset([m]) for g in groups_from_zoo(zoo) for m in g.model_ids][::-1]
+  other = Proxy.fit(singles, zoo_tasks(zoo), tiny_proxy.config, progress=False)
+  for key, rec in tiny_proxy.knowledge.items():
+    np.testing.assert_array_equal(dict(other.knowledge.items())[key].anchor_index,
+                                  rec.anchor_index)
+  for a, b in zip(jax.tree.leaves(other._trees["vectorizer"]),
+                  jax.tree.leaves(tiny_proxy._trees["vectorizer"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)

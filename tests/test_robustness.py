@@ -4,6 +4,7 @@ Each test drives the user-facing surface (the trained proxy, the ``know2vec`` co
 unit-level checks behind it are tested where they live, named in each docstring ("also: ...").
 """
 
+import json
 import os
 import re
 import shutil
@@ -199,6 +200,15 @@ def test_truncated_or_corrupted_proxy_file(tiny_proxy_dir, tmp_path):
   def data_files(root, tree):
     return sorted((f for f in (root / tree).rglob("*") if f.is_file() and f.parent.name == "d"),
                   key=lambda f: -f.stat().st_size)
+  # The stored knowledge (a few KB) has no data file big enough to truncate: a record that no
+  # longer matches the manifest's checksum stands for its corruption.
+  p = fresh()
+  m = json.loads((p / "proxy.json").read_text())
+  m["checksums"]["knowledge"] = "0" * 64
+  (p / "proxy.json").write_text(json.dumps(m))
+  with pytest.raises(ProxyError, match=re.escape(str(p)) + ".*knowledge checkpoint .* does not "
+                     "match the checksum"):
+    Proxy.load(p)
   for tree in ("vectorizer", "backbone", "pool"):
     p = fresh()
     f = data_files(p, tree)[0]
@@ -224,19 +234,20 @@ def test_truncated_aligner_checkpoint_is_refused(tmp_path):
   silently restarted from scratch or resumed from garbage."""
   from know2vec_jax import align
   from know2vec_jax.vectorizers import VectorizerConfig
-  vcfg = VectorizerConfig(feature_dim=8, hidden=8, embed_dim=8, heads=2, layers=1, max_classes=3)
+  vcfg = VectorizerConfig(hidden=8, embed_dim=8, heads=2, layers=1)
   cfg = align.AlignConfig(steps=2, batch_size=8, warmup_steps=1, checkpoint_every=2)
+  rank = align.RankingObjective()
   rng = np.random.default_rng(0)
   data = align.AlignData(rng.normal(size=(8, 3, 3, 8)).astype(np.float32),
                          np.ones((8, 3), np.float32), np.arange(8, dtype=np.int32) % 4,
                          rng.normal(size=(4, 2, 3, 3, 8)).astype(np.float32),
                          np.ones((4, 3), np.float32))
-  align.Trainer(vcfg, cfg, data, checkpoint_dir=tmp_path).run(progress=False)
+  align.Trainer(vcfg, 8, cfg, rank, data, checkpoint_dir=tmp_path).run(progress=False)
   for f in tmp_path.rglob("*"):
     if f.is_file() and f.parent.name == "d" and f.stat().st_size > 100:
       f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
   with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
-    align.Trainer(vcfg, cfg, data, checkpoint_dir=tmp_path)
+    align.Trainer(vcfg, 8, cfg, rank, data, checkpoint_dir=tmp_path)
 
 
 def test_save_interrupted_half_way_keeps_the_previous_one(tiny_proxy, tiny_proxy_dir,

@@ -56,7 +56,7 @@ def test_ground_truth_cache_roundtrip_and_key(tiny_zoo, tiny_zoo_dir, tmp_path, 
                                                                   test_per_class=40, runs=2),
                  cache_dir=tmp_path)
   files[0].write_bytes(files[0].read_bytes()[:40])
-  with pytest.raises(TransferError, match="unreadable ground-truth cache file"):
+  with pytest.raises(TransferError, match="unreadable cache file"):
     ground_truth(zoo, tiny_zoo_dir, ids, [TARGET], CFG, cache_dir=tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Vectorizers: permutation invariance, any K, shared encoder, faithful LSTM variant."""
+"""Vectorizers: permutation invariance, any K, shared encoder, the LSTM variant."""
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,8 @@ D = 16
 
 
 def _model(variant="attention", shared=True, **kw):
-  cfg = VectorizerConfig(variant=variant, shared=shared, feature_dim=D, hidden=32, embed_dim=8,
-                         **kw)
-  return Know2Vec(cfg, 5, rngs=nnx.Rngs(0))
+  cfg = VectorizerConfig(variant=variant, shared=shared, hidden=32, embed_dim=8, **kw)
+  return Know2Vec(cfg, D, 5, rngs=nnx.Rngs(0))
 
 
 def _grid(k, seed=0, batch=3):

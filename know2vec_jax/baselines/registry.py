@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from know2vec_jax.baselines.anchor import anchor_matching_scores
 from know2vec_jax.baselines.blind import prior_scores, random_scores
 from know2vec_jax.baselines.checks import BaselineInputError
 from know2vec_jax.baselines.hscore import hscore_scores, hscore_shrinkage_scores
@@ -18,7 +19,7 @@ from know2vec_jax.baselines.logme import logme_scores
 from know2vec_jax.baselines.nce import nce_scores
 from know2vec_jax.baselines.nleep import nleep_scores
 
-INPUTS = ("logits", "features", "ground_truth", "none")
+INPUTS = ("logits", "features", "knowledge", "ground_truth", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +28,11 @@ class Baseline:
 
   Attributes:
     fn: the scoring function. input "logits"/"features": ``fn(x [M, N, D], labels [N], K)``;
+      "knowledge": ``fn(query_grid, query_mask, model_grids, model_masks)``;
       "ground_truth": ``fn(ground_truth_other_targets [T, M])``; "none": ``fn(key, M)``.
     input: what it reads at query time: the zoo's logits (black-box), its penultimate features
-      (white-box), the measured accuracy on other targets, or nothing.
+      (white-box), the proxy's stored knowledge grids (no zoo call), the measured accuracy on
+      other targets, or nothing.
     white_box: whether it needs access inside the models (features).
     reference: where the method comes from.
   """
@@ -63,6 +66,8 @@ BASELINES: dict[str, Baseline] = {
                                         "Ibrahim et al., ICLR 2022"),
     "hscore-shrinkage-features (white-box)": Baseline(hscore_shrinkage_scores, "features", True,
                                                       "Ibrahim et al., ICLR 2022"),
+    "anchor-matching": Baseline(anchor_matching_scores, "knowledge", False,
+                                "untrained: prototypes vs anchors in phi space"),
     "random": Baseline(random_scores, "none", False, "chance level"),
     "prior": Baseline(prior_scores, "ground_truth", False,
                       "query-blind: minus the mean rank on the other targets"),
@@ -101,7 +106,8 @@ class BaselineRun:
 
 def run_baseline(method: str, *, logits=None, features=None, labels=None,
                  num_target_classes: int | None = None, ground_truth_other_targets=None,
-                 key=None, num_models: int | None = None) -> BaselineRun:
+                 key=None, num_models: int | None = None, query_grid=None, query_mask=None,
+                 model_grids=None, model_masks=None) -> BaselineRun:
   """Runs one registry entry with the inputs it reads, timing it on the host.
 
   Args:
@@ -111,6 +117,8 @@ def run_baseline(method: str, *, logits=None, features=None, labels=None,
     labels, num_target_classes: the target task (for logits / features methods).
     ground_truth_other_targets: float [T, M] (for "prior").
     key, num_models: PRNG key and M (for "random"; key defaults to ``jax.random.key(0)``).
+    query_grid, query_mask, model_grids, model_masks: padded grids (for "knowledge" methods:
+      :meth:`know2vec_jax.proxy.Proxy.query_grid` and ``model_grids``).
 
   Returns:
     A :class:`BaselineRun`.
@@ -126,6 +134,12 @@ def run_baseline(method: str, *, logits=None, features=None, labels=None,
       raise BaselineInputError(f"{method!r} needs {b.input}, labels and num_target_classes")
     scores = np.asarray(b.fn(x, labels, num_target_classes))
     passes = b.forward_passes(np.shape(x)[0], np.shape(x)[1])
+  elif b.input == "knowledge":
+    if any(a is None for a in (query_grid, query_mask, model_grids, model_masks)):
+      raise BaselineInputError(f"{method!r} needs query_grid, query_mask, model_grids and "
+                               "model_masks")
+    scores = np.asarray(b.fn(query_grid, query_mask, model_grids, model_masks))
+    passes = 0
   elif b.input == "ground_truth":
     if ground_truth_other_targets is None:
       raise BaselineInputError(f"{method!r} needs ground_truth_other_targets [T, M]")

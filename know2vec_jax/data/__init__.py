@@ -2,5 +2,6 @@
 
 from know2vec_jax.data.sources import (BUILTIN_SOURCES, DataError, SourceData, list_sources,
                                        load_source)
-from know2vec_jax.data.tasks import Task, few_shot, make_task, sample_tasks, task_images, task_split
+from know2vec_jax.data.tasks import (Task, few_shot, make_task, sample_tasks, stable_seed,
+                                     task_images, task_split)
 from know2vec_jax.data.transforms import TRANSFORMS, parse_source_name

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 
 import numpy as np
 
 from know2vec_jax.data.sources import DataError, SourceData
+
+
+def stable_seed(*parts) -> int:
+  """A platform-independent 31-bit seed from strings and ints (``hash()`` is salted per process):
+  samples keyed by a task's name stay the same whichever other tasks are drawn beside it."""
+  h = hashlib.sha1("|".join(str(p) for p in parts).encode()).digest()
+  return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Domain transforms: each turns a source into a new domain with the same classes.
 
-They give the zoo models that share a class set but differ in decision function (DESIGN.md §4):
-the same 4 classes seen inverted, rotated or blurred are a different task for a model.
+They give the zoo models that share a class set but differ in decision function (docs/design.md,
+"What we measured"): the same 4 classes seen inverted, rotated or blurred are a different task for
+a model.
 """
 
 from __future__ import annotations

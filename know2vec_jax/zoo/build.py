@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.data import load_source, task_split
 from know2vec_jax.zoo import train as train_lib
 from know2vec_jax.zoo.architectures import flops_per_image
@@ -23,7 +24,7 @@ class BuildConfig:
   Attributes:
     image_size, channels: the common image format of every source.
     conv_impl: ``"im2col"`` (fast on CPU) or ``"xla"``.
-    strategy: ``"vmap"``, ``"map"`` or ``"auto"`` over the model axis (see ``resolve_strategy``).
+    strategy: ``"vmap"``, ``"map"`` or ``"auto"`` over the model axis (see :mod:`know2vec_jax.strategy`).
     chunk_size: models per jitted training call; the last chunk of a stack is padded with
       zero-step copies so that every chunk of a stack reuses one compilation.
     eval_chunk: images per forward call when measuring accuracy.
@@ -90,7 +91,7 @@ def train_models(specs: list[ModelSpec], pool: ImagePool, stack_spec: train_lib.
   Returns:
     (stacked params, heldout accuracy [M], train accuracy [M], final loss [M]) as numpy/State.
   """
-  strategy = train_lib.resolve_strategy(config.strategy)
+  strategy = strategy_lib.resolve(config.strategy, allowed=strategy_lib.TRACED)
   batch_sizes = {s.batch_size for s in specs}
   if len(batch_sizes) != 1:
     raise ZooError(f"models of one training call need one batch size, got {sorted(batch_sizes)}")
@@ -201,6 +202,6 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
   # Records in spec order, whatever the stack grouping.
   records = {s.model_id: records[s.model_id] for s in specs}
   info = dict(seconds=time.perf_counter() - t0, model_steps=int(sum(s.steps for s in specs)),
-              strategy=train_lib.resolve_strategy(config.strategy), backend=jax.default_backend(),
+              strategy=strategy_lib.resolve(config.strategy, allowed=strategy_lib.TRACED), backend=jax.default_backend(),
               conv_impl=config.conv_impl, num_models=len(specs))
   return Zoo(image_shape, stacks, records), info

@@ -1,9 +1,9 @@
 """What a zoo contains: one :class:`ModelSpec` per model, and the preset zoos.
 
-The demo preset is designed so that both evaluation settings are meaningful (DESIGN.md §4): tasks
-that differ by class set *and* tasks that share a class set but differ in domain; and, within the
-models of a task, structured variety that changes how well a model transfers (capacity, training
-budget, source breadth, deliberately weak models).
+The demo preset is designed so that both evaluation settings are meaningful (docs/design.md,
+"What we measured"): tasks that differ by class set *and* tasks that share a class set but differ
+in domain; and, within the models of a task, structured variety that changes how well a model
+transfers (capacity, training budget, source breadth, deliberately weak models).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import dataclasses
 
 import numpy as np
 
+from know2vec_jax.config import Presets
 from know2vec_jax.data import load_source, sample_tasks
 from know2vec_jax.data.tasks import Task
 
 ROLES = ("normal", "label_noise", "short")
+PRESETS: Presets[list] = Presets("zoo")  # name -> factory(seed) of the model specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,7 @@ def model_id(arch: str, task: Task, variant: str = "a") -> str:
   return f"{arch}.{task.source}.{'-'.join(str(c) for c in task.classes)}.{variant}"
 
 
+@PRESETS.register("demo")
 def demo_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[ModelSpec]:
   """The demo zoo: 435 models over 3 datasets x 4 domains, 3 families, K in {2, 4, 10}.
 
@@ -109,6 +112,7 @@ def demo_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[M
   return specs
 
 
+@PRESETS.register("tiny")
 def tiny_specs(seed: int = 0) -> list[ModelSpec]:
   """A zoo small enough for tests: 8 models on the small offline datasets, a few seconds to train.
 
@@ -133,11 +137,10 @@ def tiny_specs(seed: int = 0) -> list[ModelSpec]:
   return specs
 
 
-PRESETS = {"tiny": tiny_specs, "demo": demo_specs}
-
-
 def preset_specs(name: str, seed: int = 0) -> list[ModelSpec]:
-  """The specs of a named preset (``tiny`` or ``demo``)."""
-  if name not in PRESETS:
-    raise ValueError(f"unknown zoo preset {name!r}; known: {sorted(PRESETS)}")
-  return PRESETS[name](seed=seed)
+  """The specs of a named zoo preset (:data:`PRESETS`: ``tiny`` or ``demo``).
+
+  Raises:
+    ConfigError: an unknown name.
+  """
+  return PRESETS.get(name, seed=seed)

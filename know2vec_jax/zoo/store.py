@@ -16,8 +16,6 @@ import os
 import pathlib
 
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from know2vec_jax import storage
@@ -25,7 +23,7 @@ from know2vec_jax.zoo import train as train_lib
 from know2vec_jax.zoo.zoo import ModelRecord, Zoo, ZooError, ZooStack
 
 FORMAT = "know2vec-zoo"
-VERSION = 1
+VERSION = 2  # 2: checksums and shapes of every stack in the manifest
 MANIFEST = "zoo.json"
 
 
@@ -56,7 +54,7 @@ def save_zoo(zoo: Zoo, path: str | os.PathLike, build_info: dict | None = None) 
 def read_manifest(path: str | os.PathLike) -> dict:
   """The manifest of a stored zoo (no weights loaded); raises ZooError if it is not a zoo."""
   return storage.read_manifest(path, MANIFEST, FORMAT, VERSION, "zoo", ZooError,
-                               hint=" (build one with `know2vec zoo build`)")
+                               hint=" (build one with `know2vec zoo build --force`)")
 
 
 def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
@@ -70,37 +68,31 @@ def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
     The :class:`Zoo`.
 
   Raises:
-    ZooError: missing, incomplete or corrupted zoo.
+    ZooError: missing, incomplete or corrupted zoo (every stack is checked against the shapes
+      and checksum recorded at save time).
   """
   root = pathlib.Path(path).expanduser().absolute()
   manifest = read_manifest(root)
-  image_shape = tuple(manifest["image_shape"])
-  records = {d["model_id"]: ModelRecord.from_json(d) for d in manifest["models"]}
+  try:
+    image_shape = tuple(manifest["image_shape"])
+    records = {d["model_id"]: ModelRecord.from_json(d) for d in manifest["models"]}
+    specs = {s["name"]: (train_lib.StackSpec(s["arch"], s["num_classes"], image_shape,
+                                             conv_impl or s["conv_impl"]), list(s["model_ids"]))
+             for s in manifest["stacks"]}
+  except (KeyError, TypeError, ValueError) as e:
+    raise ZooError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
+  states, targets = {}, {}
+  for name, (spec, ids) in specs.items():
+    state = nnx.state(nnx.eval_shape(lambda spec=spec: spec.make(0)))
+    states[name] = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(ids),) + a.shape, a.dtype),
+                                state)
+    targets[f"params/{name}"] = nnx.to_pure_dict(states[name])
+  restored = storage.restore_trees(root, manifest, targets, "zoo", ZooError)
   stacks = {}
-  with ocp.StandardCheckpointer() as ckpt:
-    for s in manifest["stacks"]:
-      spec = train_lib.StackSpec(s["arch"], s["num_classes"], image_shape,
-                                 conv_impl or s["conv_impl"])
-      m = len(s["model_ids"])
-      one = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: spec.make(0))))
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), one)
-      ckpt_dir = root / "params" / s["name"]
-      if not ckpt_dir.is_dir():
-        raise ZooError(f"zoo {root} is corrupted: parameters of stack {s['name']!r} missing "
-                       f"({ckpt_dir})")
-      try:
-        restored = ckpt.restore(ckpt_dir, abstract)
-      except Exception as e:  # orbax raises many types for a damaged checkpoint
-        raise ZooError(f"zoo {root}: cannot read parameters of stack {s['name']!r} from "
-                       f"{ckpt_dir}: {type(e).__name__}: {e}") from e
-      state = nnx.state(nnx.eval_shape(lambda: spec.make(0)))
-      state = jax.tree.map(lambda a: jax.ShapeDtypeStruct((m,) + a.shape, a.dtype), state)
-      nnx.replace_by_pure_dict(state, restored)
-      for leaf_a, leaf_b in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
-        if tuple(np.shape(leaf_a)) != tuple(leaf_b.shape):
-          raise ZooError(f"zoo {root}: stack {s['name']!r} has parameters of shape "
-                         f"{np.shape(leaf_a)}, expected {leaf_b.shape}")
-      stacks[s["name"]] = ZooStack(s["name"], spec, list(s["model_ids"]), state)
+  for name, (spec, ids) in specs.items():
+    state = states[name]
+    nnx.replace_by_pure_dict(state, restored[f"params/{name}"])
+    stacks[name] = ZooStack(name, spec, ids, state)
   for r in records.values():
     if r.stack not in stacks or stacks[r.stack].model_ids[r.stack_index] != r.model_id:
       raise ZooError(f"zoo {root} is inconsistent: model {r.model_id!r} not at "

@@ -5,13 +5,9 @@ axis. Each model trains on its own task: per step it draws its own batch (from i
 out of a shared image pool through its own index list, so a model's result does not depend on which
 other models share its stack. One jitted call runs many optax steps for every model of the stack.
 
-Two execution strategies over the model axis:
-
-- ``"vmap"``: one step for all models at once (batched matmuls); steps run in a ``fori_loop``.
-- ``"map"``: ``lax.map`` over models, each running all its steps in a ``fori_loop``.
-
-Which is faster depends on the backend; ``"auto"`` takes the rule measured by
-``benchmarks/zoo_train.py`` (see :func:`resolve_strategy`).
+The model axis runs under ``vmap`` (one step for all models at once, batched matmuls) or
+``lax.map`` (each model runs all its steps in a ``fori_loop``), chosen by
+:mod:`know2vec_jax.strategy` (``auto``: the rule measured by ``benchmarks/zoo_train.py``).
 """
 
 from __future__ import annotations
@@ -25,34 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.zoo import architectures
-
-STRATEGIES = ("vmap", "map", "auto")
-
-
-def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-  """Maps ``"auto"`` to the strategy measured faster on the backend.
-
-  Measured with ``python -m benchmarks --only zoo_train`` (results in ``benchmarks/results``): on
-  XLA:CPU ``lax.map`` trained CNN stacks 1.4x (cnn_l) and 1.8x (cnn_s) faster than ``vmap``
-  (each model's matmuls stay cache-sized, and XLA:CPU parallelises inside each op anyway) and MLP
-  stacks within 6 % of it, so CPU takes ``"map"``. On GPU/TPU one wide batched kernel per layer is the
-  natural fit, so accelerators take ``"vmap"``.
-
-  Args:
-    strategy: ``"vmap"``, ``"map"`` or ``"auto"``.
-    backend: the JAX backend name; ``None`` uses the default backend.
-
-  Returns:
-    ``"vmap"`` or ``"map"``.
-  """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-  if strategy != "auto":
-    return strategy
-  backend = backend or jax.default_backend()
-  return "map" if backend == "cpu" else "vmap"
-
 
 @dataclasses.dataclass(frozen=True)
 class StackSpec:
@@ -107,9 +77,7 @@ def apply_stack(graphdef, params: nnx.State, images: jax.Array, strategy: str = 
   def one(p):
     model = nnx.merge(graphdef, p)
     return model.features(images) if features else model(images)
-  if resolve_strategy(strategy) == "vmap":
-    return jax.vmap(one)(params)
-  return jax.lax.map(one, params)
+  return strategy_lib.map_models(one, params, strategy=strategy)
 
 
 ADAM = optax.scale_by_adam()
@@ -175,10 +143,8 @@ def train_stack(graphdef, params, opt_state, keys, steps, lr, pool, train_idx, n
       return one_step(t, *carry[:2], key, total, peak, idx, n, lab)
     return jax.lax.fori_loop(0, total, body, (p, o, jnp.zeros((), jnp.float32)))
 
-  args = (params, opt_state, keys, steps, lr, train_idx, n_train, train_labels)
-  if strategy == "vmap":
-    return jax.vmap(train_one)(*args)
-  return jax.lax.map(lambda a: train_one(*a), args)
+  return strategy_lib.map_models(train_one, params, opt_state, keys, steps, lr, train_idx,
+                                 n_train, train_labels, strategy=strategy)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "chunk"))
@@ -200,9 +166,7 @@ def stack_accuracy(graphdef, params, pool, idx, labels, mask, *, strategy: str, 
     correct = jax.lax.map(per_chunk, (i.reshape(-1, chunk), y.reshape(-1, chunk),
                                       w.reshape(-1, chunk)))
     return correct.sum() / jnp.maximum(w.sum(), 1)
-  if strategy == "vmap":
-    return jax.vmap(per_model)(params, idx, labels, mask)
-  return jax.lax.map(lambda a: per_model(*a), (params, idx, labels, mask))
+  return strategy_lib.map_models(per_model, params, idx, labels, mask, strategy=strategy)
 
 
 def pad_rows(rows: list[np.ndarray], multiple: int = 1, fill: int = 0):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.data.tasks import Task
 from know2vec_jax.zoo import train as train_lib
 
@@ -103,7 +104,8 @@ class ZooStack:
   def apply(self, images, strategy: str = "auto", features: bool = False) -> jax.Array:
     """Logits [M, B, K] (or features) of every model of the stack on ``images`` [B, H, W, C]."""
     return _apply_jit(self.graphdef, self.params, images,
-                      strategy=train_lib.resolve_strategy(strategy), features=features)
+                      strategy=strategy_lib.resolve(strategy, allowed=strategy_lib.TRACED),
+                      features=features)
 
   def model(self, index: int) -> nnx.Module:
     """Model ``index`` of the stack as a standalone NNX module."""

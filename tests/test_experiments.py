@@ -1,0 +1,133 @@
+"""The experiments' protocol logic, on the tiny zoo: folds, priors, targets, per-query costs, and an
+NNR run end to end through the product."""
+
+import numpy as np
+import pytest
+
+from experiments import nnr, sfmte
+from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.data import Task
+from know2vec_jax.proxy import Proxy
+from know2vec_jax.transfer import TransferTarget
+
+
+def test_nnr_folds_keep_every_held_out_model_and_task_out_of_training(tiny_zoo):
+  zoo = tiny_zoo[0]
+  tasks = nnr.zoo_tasks_sorted(zoo)
+  fold_of = nnr.fold_assignment(tasks, 3, seed=0)
+  four = [t for t in tasks if t.k == 4]
+  assert sorted(fold_of, key=str) == sorted(four, key=str)  # every 4-way task, and only those
+  held_once = []
+  for fold in range(3):
+    train, held = nnr.fold_models(zoo, fold_of, fold)
+    assert sorted(train + held) == sorted(zoo.records)
+    held_tasks = {zoo.records[m].task for m in held}
+    assert held_tasks == {t for t, f in fold_of.items() if f == fold}
+    assert not held_tasks & {zoo.records[m].task for m in train}
+    held_once += sorted(held_tasks, key=str)
+  assert sorted(held_once, key=str) == sorted(four, key=str)  # each held out exactly once
+
+
+def test_nnr_run_trains_each_fold_without_its_held_out_models_and_counts_leep(
+    tiny_zoo_dir, tmp_path, monkeypatch):
+  """The experiment itself, through Proxy: the models each fold's proxy trains on never include
+  that fold's held-out models, and LEEP's forwards per query are what the black boxes counted."""
+  trained = []
+  real = Proxy.train.__func__
+
+  def spy(cls, zoo, cfg=None, **kw):
+    trained.append(list(kw.get("model_ids") or zoo.records))
+    return real(cls, zoo, cfg, **kw)
+  monkeypatch.setattr(Proxy, "train", classmethod(spy))
+  cfg = nnr.PRESETS.get("tiny")
+  out = nnr.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
+  from know2vec_jax.zoo import load_zoo
+  zoo = load_zoo(tiny_zoo_dir)
+  tasks = nnr.zoo_tasks_sorted(zoo)
+  fold_of = nnr.fold_assignment(tasks, cfg.folds, cfg.seed)
+  assert len(trained) == cfg.folds
+  for fold, ids in enumerate(trained):
+    assert not {m for m in ids if fold_of.get(zoo.records[m].task, -1) == fold}
+  assert set(out["summary"]) == {nnr.DEFAULT_VARIANT, "random", "anchor-matching (untrained)",
+                                 "leep"}
+  # Every query forwards K * shots images through every model: the counters say exactly that.
+  ks = [t.k for t in tasks for _ in range(cfg.queries_per_task)]
+  want = len(zoo) * cfg.query_shots * np.mean(ks)
+  assert out["costs"]["leep"]["forwards_per_query"] == pytest.approx(want)
+  # Each task's queries are held out in exactly one fold and seen in the others.
+  for method, splits in out["ranks"].items():
+    held = {int(q) for q in splits["heldout"]}
+    four = [i for i, t in enumerate(out["query_tasks"]) if t.count("-") == 3]
+    assert held == set(four), method
+
+
+def test_leep_matrix_forwards_equal_the_counters(tiny_zoo):
+  zoo = tiny_zoo[0]
+  tasks = nnr.zoo_tasks_sorted(zoo)
+  queries = nnr.make_queries(tasks[:2], 1, 3, seed=0)
+  groups = groups_from_zoo(zoo)
+  ids = [m for g in groups for m in g.model_ids]
+  scores, forwards, _ = nnr.leep_matrix(groups, queries, ids)
+  assert scores.shape == (2, len(zoo)) and np.all(np.isfinite(scores))
+  assert forwards == [len(zoo) * len(y) for _, _, y in queries]
+  assert sum(forwards) == sum(int(g.queries.sum()) for g in groups)
+  # Batching the queries changes nothing: each query alone gives its own row.
+  from know2vec_jax.baselines import leep_scores
+  _, x, y = queries[1]
+  for g in groups_from_zoo(zoo):
+    want = np.asarray(leep_scores(g(x), y, int(y.max()) + 1))
+    got = scores[1, [ids.index(m) for m in g.model_ids]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sfmte_leave_one_out_prior_never_reads_the_target_it_ranks():
+  rng = np.random.default_rng(0)
+  acc = rng.random((6, 9))
+  for i in range(6):
+    changed = acc.copy()
+    changed[i] = rng.random(9) * 100  # anything at all in the target's own row
+    np.testing.assert_array_equal(sfmte.loo_prior(acc, i), sfmte.loo_prior(changed, i))
+    assert sfmte.other_targets(acc, i).shape == (5, 9)
+  # ... while every other row does change it.
+  changed = acc.copy()
+  changed[1] = acc[1][::-1]
+  assert not np.array_equal(sfmte.loo_prior(acc, 0), sfmte.loo_prior(changed, 0))
+
+
+def test_sfmte_training_and_evaluation_targets_are_disjoint():
+  train = sfmte.training_targets(None, count=48, seed=0)
+  ev = sfmte.EVAL_TARGETS
+  key = lambda t: (t.task.source, tuple(sorted(t.task.classes)))  # noqa: E731
+  assert not {key(t) for t in train} & {key(t) for t in ev}
+  assert len({key(t) for t in train}) == len(train)
+  assert {t.split for t in train} == {"train"} and {t.split for t in ev} == {"test"}
+  # Training targets stay in the zoo's own domains; evaluation targets may not.
+  assert {t.task.source.split("+", 1)[-1] for t in train if "+" in t.task.source} <= {
+      "invert", "rot90", "blur"}
+
+
+def test_sfmte_baseline_costs_are_the_black_boxes_counts(tiny_zoo):
+  zoo = tiny_zoo[0]
+  ids = list(zoo.records)
+  target = TransferTarget("t", Task("digits", (0, 1, 2)), split="test")
+  x = np.concatenate([zoo_images for zoo_images in [_images(target, 4)]])
+  y = np.repeat(np.arange(3), 4).astype(np.int32)
+  groups = groups_from_zoo(zoo)
+  before = sum(int(g.queries.sum()) for g in groups)
+  scores, costs = sfmte.score_baselines(["leep", "logme-features (white-box)", "random"], groups,
+                                        zoo, x, y, 3, ids, None, 0)
+  counted = sum(int(g.queries.sum()) for g in groups) - before
+  # One warm-up pass and one timed pass through every model; the cost is one pass.
+  assert counted == 2 * len(ids) * len(x)
+  assert costs["leep"]["forwards"] == costs["logme-features (white-box)"]["forwards"] == \
+      len(ids) * len(x)
+  assert costs["random"]["forwards"] == 0
+  assert all(s.shape == (len(ids),) for s in scores.values())
+
+
+def _images(target, per_class):
+  from know2vec_jax.data import load_source, task_split
+  data = load_source(target.task.source)
+  idx, y = task_split(data, target.task, "test")
+  pick = np.concatenate([idx[y == c][:per_class] for c in range(target.k)])
+  return data.test_images[pick]
