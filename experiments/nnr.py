@@ -1,7 +1,7 @@
 """NNR (neural network retrieval) on the demo zoo: Know2Vec against random, untrained anchor
 matching and LEEP, on tasks the aligner saw and on tasks (and models) it never saw.
 
-Command:   python -m experiments.nnr                  (full: 3 folds, 3 variants, the T ablation, LEEP)
+Command:   python -m experiments.nnr          (full: 3 folds, 3 variants, the T ablation, LEEP)
            python -m experiments.nnr --quick          (the main job's table: see QUICK below)
            python -m experiments.nnr --validate [--set KEY=VALUE ...]   (model selection)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).

@@ -585,7 +585,7 @@ def _zoo_presets():
 
 
 def _proxy_presets():
-  from know2vec_jax.proxy import PRESETS
+  from know2vec_jax.pipeline import PRESETS
   return PRESETS
 
 

@@ -150,13 +150,6 @@ def _parse(key: str, text: str, hint) -> Any:
   raise bad(f"a value of type {hint}")
 
 
-def _set(cfg, path: list[str], value, key: str):
-  head, rest = path[0], path[1:]
-  if not rest:
-    return dataclasses.replace(cfg, **{head: value})
-  return dataclasses.replace(cfg, **{head: _set(getattr(cfg, head), rest, value, key)})
-
-
 def _field_hint(cfg, path: list[str]):
   for name in path[:-1]:
     cfg = getattr(cfg, name)
@@ -189,30 +182,48 @@ def parse_override(cfg, item: str) -> tuple[str, Any]:
   return key, _parse(key, text, _field_hint(cfg, key.split(".")))
 
 
+def _apply(cfg, path: tuple, changes: dict):
+  """``cfg`` with the overrides of its section (``changes[path]``) and of its sub-sections, each
+  section rebuilt once, so fields that must agree (channels and strides) can change together."""
+  kw = {}
+  for f in dataclasses.fields(cfg):
+    sub = getattr(cfg, f.name)
+    if _is_config(sub) and any(p[:len(path) + 1] == path + (f.name,) for p in changes):
+      kw[f.name] = _apply(sub, path + (f.name,), changes)
+  own = changes.get(path, {})
+  kw.update({name: value for name, (_, value) in own.items()})
+  try:
+    return dataclasses.replace(cfg, **kw)
+  except (TypeError, ValueError) as e:  # the section's own validation
+    keys = [key for key, _ in own.values()] or [".".join(path + (n,)) for n in kw]
+    raise ConfigError(f"bad value for {', '.join(keys)}: {e}") from e
+
+
 def override(cfg: T, items: Iterable[str]) -> T:
   """Applies dotted ``key=value`` overrides to a config.
+
+  Every key and value is checked first; then each config section is rebuilt once with all of its
+  overrides (so related fields can change together) and validates itself.
 
   Args:
     cfg: the config to start from (any config dataclass of the project).
     items: strings ``a.b.c=value``; the value is parsed as the field's declared type (int,
-      float, bool, str, a comma-separated tuple, ``none`` for an optional field).
+      float, bool, str, a comma-separated tuple, ``none`` for an optional field). A later
+      override of the same key wins.
 
   Returns:
     The new config (``cfg`` itself is unchanged).
 
   Raises:
     ConfigError: a malformed override, an unknown key, a value of the wrong type, or a value the
-      config's own validation refuses.
+      config's own validation refuses (naming the keys of the section that refused).
   """
+  changes: dict[tuple, dict] = {}
   for item in items:
     key, value = parse_override(cfg, item)
-    try:
-      cfg = _set(cfg, key.split("."), value, key)
-    except ConfigError as e:
-      raise ConfigError(f"bad value for {key}: {e}") from e
-    except (TypeError, ValueError) as e:  # a config's own validation
-      raise ConfigError(f"bad value for {key}: {e}") from e
-  return cfg
+    *path, name = key.split(".")
+    changes.setdefault(tuple(path), {})[name] = (key, value)
+  return _apply(cfg, (), changes) if changes else cfg
 
 
 class Presets(Generic[T]):

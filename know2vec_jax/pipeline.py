@@ -1,15 +1,15 @@
-"""The one path from black boxes to the aligner's training data (docs/design.md, "Pipeline").
+"""The one path from black boxes to a trained proxy (docs/design.md, "Data flow").
 
     black-box groups --probe pool--> knowledge (anchors + boundary search, cached by model)
       --phi--> model grids [M, K_max, K_max, D]
     labelled sets (a task's train split, a target's shot pool) --phi--> query episodes
     model grids + episodes + supervision --> AlignData | TransferData --> the aligner
 
-:class:`know2vec_jax.proxy.Proxy` trains through these functions and nothing else, and so does
-every experiment (an NNR fold is a proxy trained on the fold's models, a SF-MTE run is a proxy
-trained on measured fine-tune accuracies). :class:`Cache` keeps what they derive (knowledge, phi,
-episodes) on disk, keyed by everything the result depends on, so that proxies trained on
-different subsets of one zoo share one extraction.
+:class:`ProxyConfig` says how; :func:`train` runs every step. :class:`know2vec_jax.proxy.Proxy`
+trains through it and nothing else, and so does every experiment (an NNR fold is a proxy trained
+on the fold's models, a SF-MTE run is a proxy trained on measured fine-tune accuracies).
+:class:`Cache` keeps what they derive (knowledge, phi, episodes) on disk, keyed by everything the
+result depends on, so that proxies trained on different subsets of one zoo share one extraction.
 """
 
 from __future__ import annotations
@@ -18,23 +18,115 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import time
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from know2vec_jax import config as config_lib
 from know2vec_jax import features, storage
-from know2vec_jax.align import AlignData, TransferData
+from know2vec_jax.align import (OBJECTIVES, AlignConfig, AlignData, RankingObjective, Trainer,
+                                TransferData, TransferObjective)
 from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
 from know2vec_jax.blackbox import BlackBoxGroup
+from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task, load_source, stable_seed, task_split
 from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, group_knowledge,
                                     store_context)
-from know2vec_jax.vectorizers import pad_grid
+from know2vec_jax.strategy import STRATEGIES
+from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
 
 class PipelineError(ValueError):
   """Training inputs that cannot be used (an empty zoo, a task too large, mismatched labels)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+  """Everything that decides how a proxy is trained.
+
+  Attributes:
+    pool_per_source: unlabelled train-split images per zoo source in the probe pool.
+    knowledge: anchors and boundary search (T, A).
+    backbone: phi (image size and channels always follow the black boxes; empty ``sources``
+      means the training models' sources).
+    vectorizer: the Know2Vec encoders (default: attention, one shared encoder).
+    objective: ``"retrieve"`` (rank the models of a query's task first; supervised by each
+      model's training task) or ``"transfer"`` (rank by measured fine-tune accuracy; supervised by
+      :class:`know2vec_jax.pipeline.TransferLabels`).
+    ranking, transfer: the two objectives' loss settings.
+    align: the aligner's optimisation.
+    episodes, shots: query episodes per training task (or target) and images per class in each.
+    max_classes: K_max, the most classes a model or query may have.
+    strategy: model-axis strategy for probing zoo stacks (:mod:`know2vec_jax.strategy`).
+    seed: probe-pool and episode sampling.
+  """
+  pool_per_source: int = 800
+  knowledge: KnowledgeConfig = KnowledgeConfig()
+  backbone: BackboneConfig = BackboneConfig()
+  vectorizer: VectorizerConfig = VectorizerConfig()
+  objective: str = "retrieve"
+  ranking: RankingObjective = RankingObjective()
+  transfer: TransferObjective = TransferObjective()
+  align: AlignConfig = AlignConfig()
+  episodes: int = 32
+  shots: int = 5
+  max_classes: int = 10
+  strategy: str = "auto"
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("pool_per_source", "episodes", "shots"):
+      require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    require(self.max_classes >= 2, f"max_classes must be >= 2, got {self.max_classes}")
+    require(self.objective in OBJECTIVES, f"objective must be one of {tuple(OBJECTIVES)}, got "
+            f"{self.objective!r}")
+    require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
+            f"{self.strategy!r}")
+
+  @property
+  def loss(self) -> RankingObjective | TransferObjective:
+    """The settings of the chosen objective."""
+    return self.ranking if self.objective == "retrieve" else self.transfer
+
+
+PRESETS: Presets[ProxyConfig] = Presets("proxy")
+
+
+@PRESETS.register("tiny")
+def _tiny() -> ProxyConfig:
+  """For tests and smoke runs: a proxy of the 8-model tiny zoo trains in seconds."""
+  return ProxyConfig(
+      pool_per_source=120,
+      knowledge=KnowledgeConfig(search_steps=3, anchors_per_class=4),
+      backbone=BackboneConfig(channels=(8, 16), strides=(2, 2), dim=32, steps=60, batch_size=64,
+                              max_per_source=600),
+      vectorizer=VectorizerConfig(variant="attention", shared=True, hidden=32, embed_dim=32,
+                                  heads=2, layers=1),
+      align=AlignConfig(steps=60, batch_size=16, warmup_steps=10), episodes=4, shots=3)
+
+
+@PRESETS.register("demo")
+def _demo() -> ProxyConfig:
+  """The NNR experiment's default variant: pool 800 per source, T = 8, 1,500 aligner steps."""
+  return ProxyConfig()
+
+
+@PRESETS.register("full")
+def _full() -> ProxyConfig:
+  """Twice the probe pool (1,600 per source), T = 10, 64 episodes: for larger zoos."""
+  return ProxyConfig(pool_per_source=1600, knowledge=KnowledgeConfig(search_steps=10),
+                     episodes=64)
+
+
+def proxy_preset(name: str) -> ProxyConfig:
+  """A named proxy config (:data:`PRESETS`: ``tiny``, ``demo``, ``full``).
+
+  Raises:
+    ConfigError: an unknown name.
+  """
+  return PRESETS.get(name)
 
 
 def probe_pool(sources: Sequence[str], per_source: int, seed: int, image_shape) -> np.ndarray:
@@ -261,3 +353,102 @@ def transfer_data(ids: Sequence[str], grids, masks, labels: TransferLabels, epis
   row = {m: i for i, m in enumerate(ids)}
   order = np.asarray([row[m] for m in labels.model_ids])
   return TransferData(grids[order], masks[order], episode_grid, episode_mask, labels.accuracy)
+
+
+def bar(total: int, desc: str, progress: bool):
+  """A tqdm bar over models, or None when ``progress`` is off."""
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="model", dynamic_ncols=True)
+
+
+@dataclasses.dataclass
+class Trained:
+  """What :func:`train` makes: the parts of a :class:`know2vec_jax.proxy.Proxy`."""
+  backbone: Backbone
+  vectorizer: Know2Vec
+  pool: np.ndarray
+  pool_features: np.ndarray
+  tasks: list[dict]
+  info: dict
+  knowledge: KnowledgeStore
+
+
+def train(groups: Sequence[BlackBoxGroup], model_tasks: Mapping[str, Task], cfg: ProxyConfig,
+          transfer: TransferLabels | None = None, cache: Cache | None = None,
+          progress: bool = True) -> Trained:
+  """Every training step, from black boxes to trained vectorizers (inputs already validated by
+  :meth:`know2vec_jax.proxy.Proxy.fit`).
+
+  Steps: probe pool from the models' sources (train splits) -> knowledge of every black box
+  (from ``cache`` where a model was probed before) -> phi -> model grids -> query episodes (each
+  task's train split, or each transfer target's shot pool) -> the aligner.
+  """
+  t_start = time.perf_counter()
+  seconds = {}
+  ids = [m for g in groups for m in g.model_ids]
+  image_shape = groups[0].image_shape
+  sources = sorted({model_tasks[m].source for m in ids})
+
+  # 1. Probe pool: unlabelled train-split images of every domain (queries come from test splits).
+  t = time.perf_counter()
+  pool = probe_pool(sources, cfg.pool_per_source, cfg.seed, image_shape)
+  seconds["pool"] = time.perf_counter() - t
+
+  # 2. Decision knowledge, black-box (read from the cache where a model was probed before).
+  t = time.perf_counter()
+  store = KnowledgeStore(store_context(pool, cfg.knowledge))
+  shared = [cache.knowledge_store(pool, cfg.knowledge)] if cache is not None else []
+  pbar = bar(len(ids), "extracting knowledge", progress)
+  knowledge = extract(groups, pool, cfg.knowledge, [store] + shared,
+                      pbar.update if pbar is not None else None)
+  if pbar is not None:
+    pbar.close()
+  seconds["knowledge"] = time.perf_counter() - t
+
+  # 3. Backbone phi on the train splits of the models' sources.
+  t = time.perf_counter()
+  if cache is not None:
+    backbone, bb_info = cache.backbone(cfg.backbone, sources, image_shape, progress)
+  else:
+    backbone, bb_info = train_backbone(cfg.backbone, sources, image_shape, progress=progress)
+  seconds["backbone"] = time.perf_counter() - t
+
+  # 4. Model grids and query episodes.
+  t = time.perf_counter()
+  k_max = cfg.max_classes
+  pool_feat = np.asarray(backbone.embed(pool))
+  ids, grids, masks = knowledge_grids(backbone, pool_feat, knowledge, k_max)
+  # Training rows follow the caller's model order (``model_tasks``), not the grouping of the
+  # black boxes: how models are packed into groups does not change what the proxy learns.
+  row = {m: i for i, m in enumerate(ids)}
+  order = np.asarray([row[m] for m in model_tasks if m in row])
+  ids, grids, masks = [ids[i] for i in order], grids[order], masks[order]
+  if transfer is None:
+    tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
+    sets = [LabelledSet.from_task(t, "train", image_shape) for t in tasks]
+  else:
+    sets = list(transfer.targets)
+  ep, ep_mask = episode_grids(backbone, sets, cfg.episodes, cfg.shots, cfg.seed, k_max, cache)
+  if transfer is None:
+    data = retrieval_data(ids, grids, masks, model_tasks, ep, ep_mask, tasks)
+    task_rows = [{"task_id": t.task_id, "source": t.source, "classes": list(t.classes),
+                  "models": int(np.sum(data.model_task == i))} for i, t in enumerate(tasks)]
+  else:
+    data = transfer_data(ids, grids, masks, transfer, ep, ep_mask)
+    task_rows = [{"task_id": s.name, "k": s.k} for s in sets]
+  seconds["grids"] = time.perf_counter() - t
+
+  # 5. The aligner.
+  trainer = Trainer(cfg.vectorizer, backbone.dim, cfg.align, cfg.loss, data)
+  history = trainer.run(progress=progress)
+  seconds["align"] = trainer.seconds
+  seconds["total"] = time.perf_counter() - t_start
+
+  info = {"seconds": seconds, "num_models": len(ids), "num_tasks": len(task_rows),
+          "sources": sources, "pool_size": int(len(pool)),
+          "knowledge_queries_per_model": {str(kn.k): int(kn.queries[0]) for kn in knowledge},
+          "backbone": bb_info, "align_final": history[-1] if history else {},
+          "backend": jax.default_backend(), "devices": jax.device_count()}
+  return Trained(backbone, trainer.model(), pool, pool_feat, task_rows, info, store)

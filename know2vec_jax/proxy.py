@@ -23,12 +23,10 @@ the training models were probed with: its vector is comparable to theirs without
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
 import pathlib
-import time
 from typing import Mapping, Sequence
 
 import jax
@@ -38,16 +36,12 @@ from flax import nnx
 
 from know2vec_jax import config as config_lib
 from know2vec_jax import features, pipeline, storage
-from know2vec_jax.align import (OBJECTIVES, AlignConfig, RankingObjective, Trainer,
-                                TransferObjective)
-from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
+from know2vec_jax.backbone import Backbone
 from know2vec_jax.blackbox import BlackBoxGroup, groups_from_zoo
-from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task
 from know2vec_jax.index import IndexStoreError, ModelIndex
-from know2vec_jax.knowledge import (KnowledgeConfig, KnowledgeRecord, KnowledgeStore,
-                                    store_context)
-from know2vec_jax.strategy import STRATEGIES
+from know2vec_jax.knowledge import KnowledgeRecord, KnowledgeStore, store_context
+from know2vec_jax.pipeline import ProxyConfig, proxy_preset  # re-exported: the proxy's config
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
 FORMAT = "know2vec-proxy"
@@ -58,93 +52,6 @@ TREES = ("backbone", "vectorizer", "pool")  # what the fingerprint covers
 
 class ProxyError(ValueError):
   """A proxy that cannot be trained, saved, loaded or used as asked; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ProxyConfig:
-  """Everything that decides how a proxy is trained.
-
-  Attributes:
-    pool_per_source: unlabelled train-split images per zoo source in the probe pool.
-    knowledge: anchors and boundary search (T, A).
-    backbone: phi (image size and channels always follow the black boxes; empty ``sources``
-      means the training models' sources).
-    vectorizer: the Know2Vec encoders (default: attention, one shared encoder).
-    objective: ``"retrieve"`` (rank the models of a query's task first; supervised by each
-      model's training task) or ``"transfer"`` (rank by measured fine-tune accuracy; supervised by
-      :class:`know2vec_jax.pipeline.TransferLabels`).
-    ranking, transfer: the two objectives' loss settings.
-    align: the aligner's optimisation.
-    episodes, shots: query episodes per training task (or target) and images per class in each.
-    max_classes: K_max, the most classes a model or query may have.
-    strategy: model-axis strategy for probing zoo stacks (:mod:`know2vec_jax.strategy`).
-    seed: probe-pool and episode sampling.
-  """
-  pool_per_source: int = 800
-  knowledge: KnowledgeConfig = KnowledgeConfig()
-  backbone: BackboneConfig = BackboneConfig()
-  vectorizer: VectorizerConfig = VectorizerConfig()
-  objective: str = "retrieve"
-  ranking: RankingObjective = RankingObjective()
-  transfer: TransferObjective = TransferObjective()
-  align: AlignConfig = AlignConfig()
-  episodes: int = 32
-  shots: int = 5
-  max_classes: int = 10
-  strategy: str = "auto"
-  seed: int = 0
-
-  def __post_init__(self):
-    for name in ("pool_per_source", "episodes", "shots"):
-      require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-    require(self.max_classes >= 2, f"max_classes must be >= 2, got {self.max_classes}")
-    require(self.objective in OBJECTIVES, f"objective must be one of {tuple(OBJECTIVES)}, got "
-            f"{self.objective!r}")
-    require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
-            f"{self.strategy!r}")
-
-  @property
-  def loss(self) -> RankingObjective | TransferObjective:
-    """The settings of the chosen objective."""
-    return self.ranking if self.objective == "retrieve" else self.transfer
-
-
-PRESETS: Presets[ProxyConfig] = Presets("proxy")
-
-
-@PRESETS.register("tiny")
-def _tiny() -> ProxyConfig:
-  """For tests and smoke runs: a proxy of the 8-model tiny zoo trains in seconds."""
-  return ProxyConfig(
-      pool_per_source=120,
-      knowledge=KnowledgeConfig(search_steps=3, anchors_per_class=4),
-      backbone=BackboneConfig(channels=(8, 16), strides=(2, 2), dim=32, steps=60, batch_size=64,
-                              max_per_source=600),
-      vectorizer=VectorizerConfig(variant="attention", shared=True, hidden=32, embed_dim=32,
-                                  heads=2, layers=1),
-      align=AlignConfig(steps=60, batch_size=16, warmup_steps=10), episodes=4, shots=3)
-
-
-@PRESETS.register("demo")
-def _demo() -> ProxyConfig:
-  """The NNR experiment's default variant: pool 800 per source, T = 8, 1,500 aligner steps."""
-  return ProxyConfig()
-
-
-@PRESETS.register("full")
-def _full() -> ProxyConfig:
-  """Twice the probe pool (1,600 per source), T = 10, 64 episodes: for larger zoos."""
-  return ProxyConfig(pool_per_source=1600, knowledge=KnowledgeConfig(search_steps=10),
-                     episodes=64)
-
-
-def proxy_preset(name: str) -> ProxyConfig:
-  """A named proxy config (:data:`PRESETS`: ``tiny``, ``demo``, ``full``).
-
-  Raises:
-    ConfigError: an unknown name.
-  """
-  return PRESETS.get(name)
 
 
 # ---- zoo adapters (records only: the weights stay behind the black boxes) ---------------------
@@ -184,13 +91,6 @@ def _embed(graphdef, state, grid, mask, side: str):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _predict(graphdef, state, q, m):
   return nnx.merge(graphdef, state).predict_accuracy(q[:, None], m[None])
-
-
-def _bar(total: int, desc: str, progress: bool):
-  if not progress:
-    return None
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="model", dynamic_ncols=True)
 
 
 class Proxy:
@@ -317,8 +217,6 @@ class Proxy:
         objective without its labels.
     """
     cfg = cfg or proxy_preset("demo")
-    t_start = time.perf_counter()
-    seconds = {}
     groups = list(groups)
     ids = [m for g in groups for m in g.model_ids]
     if not ids:
@@ -342,71 +240,10 @@ class Proxy:
     if image_shape[0] != image_shape[1] or any(g.image_shape != image_shape for g in groups):
       raise ProxyError(f"black boxes must all take one square image shape, got "
                        f"{sorted({g.image_shape for g in groups})}")
-    sources = sorted({model_tasks[m].source for m in ids})
-
-    # 1. Probe pool: unlabelled train-split images of every domain (queries come from test splits).
-    t = time.perf_counter()
-    pool = pipeline.probe_pool(sources, cfg.pool_per_source, cfg.seed, image_shape)
-    seconds["pool"] = time.perf_counter() - t
-
-    # 2. Decision knowledge, black-box (read from the cache where a model was probed before).
-    t = time.perf_counter()
-    store = KnowledgeStore(store_context(pool, cfg.knowledge))
-    shared = [cache.knowledge_store(pool, cfg.knowledge)] if cache is not None else []
-    bar = _bar(len(ids), "extracting knowledge", progress)
-    knowledge = pipeline.extract(groups, pool, cfg.knowledge, [store] + shared,
-                                 bar.update if bar is not None else None)
-    if bar is not None:
-      bar.close()
-    seconds["knowledge"] = time.perf_counter() - t
-
-    # 3. Backbone phi on the train splits of the models' sources.
-    t = time.perf_counter()
-    if cache is not None:
-      backbone, bb_info = cache.backbone(cfg.backbone, sources, image_shape, progress)
-    else:
-      backbone, bb_info = train_backbone(cfg.backbone, sources, image_shape, progress=progress)
-    seconds["backbone"] = time.perf_counter() - t
-
-    # 4. Model grids and query episodes.
-    t = time.perf_counter()
-    k_max = cfg.max_classes
-    pool_feat = np.asarray(backbone.embed(pool))
-    ids, grids, masks = pipeline.knowledge_grids(backbone, pool_feat, knowledge, k_max)
-    # Training rows follow the caller's model order (``model_tasks``), not the grouping of the
-    # black boxes: how models are packed into groups does not change what the proxy learns.
-    row = {m: i for i, m in enumerate(ids)}
-    order = np.asarray([row[m] for m in model_tasks if m in row])
-    ids, grids, masks = [ids[i] for i in order], grids[order], masks[order]
-    if transfer is None:
-      tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
-      sets = [pipeline.LabelledSet.from_task(t, "train", image_shape) for t in tasks]
-    else:
-      sets = list(transfer.targets)
-    ep, ep_mask = pipeline.episode_grids(backbone, sets, cfg.episodes, cfg.shots, cfg.seed, k_max,
-                                         cache)
-    if transfer is None:
-      data = pipeline.retrieval_data(ids, grids, masks, model_tasks, ep, ep_mask, tasks)
-      task_rows = [{"task_id": t.task_id, "source": t.source, "classes": list(t.classes),
-                    "models": int(np.sum(data.model_task == i))} for i, t in enumerate(tasks)]
-    else:
-      data = pipeline.transfer_data(ids, grids, masks, transfer, ep, ep_mask)
-      task_rows = [{"task_id": s.name, "k": s.k} for s in sets]
-    seconds["grids"] = time.perf_counter() - t
-
-    # 5. The aligner.
-    trainer = Trainer(cfg.vectorizer, backbone.dim, cfg.align, cfg.loss, data)
-    history = trainer.run(progress=progress)
-    seconds["align"] = trainer.seconds
-    seconds["total"] = time.perf_counter() - t_start
-
-    info = {"seconds": seconds, "num_models": len(ids), "num_tasks": len(task_rows),
-            "sources": sources, "pool_size": int(len(pool)),
-            "knowledge_queries_per_model": {str(kn.k): int(kn.queries[0]) for kn in knowledge},
-            "backbone": bb_info, "align_final": history[-1] if history else {},
-            "backend": jax.default_backend(), "devices": jax.device_count()}
-    proxy = cls(cfg, backbone, trainer.model(), pool, task_rows, info, store)
-    proxy._pool_features = pool_feat
+    t = pipeline.train(groups, model_tasks, cfg, transfer=transfer, cache=cache,
+                       progress=progress)
+    proxy = cls(cfg, t.backbone, t.vectorizer, t.pool, t.tasks, t.info, t.knowledge)
+    proxy._pool_features = t.pool_features
     return proxy
 
   # ---- vectorizing models and queries ------------------------------------------------------
@@ -437,7 +274,7 @@ class Proxy:
     stores = [self.knowledge]
     if cache is not None:
       stores.append(cache.knowledge_store(self.pool, self.config.knowledge))
-    bar = _bar(sum(g.num_models for g in groups), "vectorizing models", progress)
+    bar = pipeline.bar(sum(g.num_models for g in groups), "vectorizing models", progress)
     out = pipeline.extract(groups, self.pool, self.config.knowledge, stores,
                            bar.update if bar is not None else None)
     if bar is not None:

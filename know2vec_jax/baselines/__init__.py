@@ -1,6 +1,7 @@
 """Training-free baselines: every one scores the whole zoo for one labelled target task, batched
-over the model axis (``name_scores(x [M, N, D], labels [N], K) -> [M]``; anchor matching reads the
-proxy's knowledge grids instead). :data:`BASELINES` is the registry every experiment scores through."""
+over the model axis (``name_scores(x [M, N, D], labels [N], K) -> [M]``; anchor matching reads
+the proxy's knowledge grids instead). :data:`BASELINES` is the registry every experiment scores
+through."""
 
 from know2vec_jax.baselines.anchor import anchor_matching_scores
 from know2vec_jax.baselines.blind import prior_scores, random_scores

@@ -24,7 +24,8 @@ class BuildConfig:
   Attributes:
     image_size, channels: the common image format of every source.
     conv_impl: ``"im2col"`` (fast on CPU) or ``"xla"``.
-    strategy: ``"vmap"``, ``"map"`` or ``"auto"`` over the model axis (see :mod:`know2vec_jax.strategy`).
+    strategy: ``"vmap"``, ``"map"`` or ``"auto"`` over the model axis
+      (:mod:`know2vec_jax.strategy`).
     chunk_size: models per jitted training call; the last chunk of a stack is padded with
       zero-step copies so that every chunk of a stack reuses one compilation.
     eval_chunk: images per forward call when measuring accuracy.
@@ -202,6 +203,7 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
   # Records in spec order, whatever the stack grouping.
   records = {s.model_id: records[s.model_id] for s in specs}
   info = dict(seconds=time.perf_counter() - t0, model_steps=int(sum(s.steps for s in specs)),
-              strategy=strategy_lib.resolve(config.strategy, allowed=strategy_lib.TRACED), backend=jax.default_backend(),
+              strategy=strategy_lib.resolve(config.strategy, allowed=strategy_lib.TRACED),
+              backend=jax.default_backend(),
               conv_impl=config.conv_impl, num_models=len(specs))
   return Zoo(image_shape, stacks, records), info
