@@ -66,8 +66,9 @@ DEFAULT_VARIANT = "know2vec-attention-shared"
 ABLATION = ("knowledge.search_steps=0",)  # T = 0: no boundary search
 
 EXPECTED_RUNTIME = (
-    "full 25 min from a built demo zoo with an empty cache (knowledge 70 s per T, backbone 45 s, "
-    "12 aligner trainings, LEEP 80 s); --quick 6.5 min with an empty cache")
+    "full 17.5 min on the 2-core CPU from a built demo zoo with the T = 8 knowledge, phi and "
+    "episodes cached (add about 2.5 min from an empty cache: knowledge 84 s per T, backbone 66 s); "
+    "12 aligner trainings, LEEP batched. --quick 309 s with an empty cache (fresh clone)")
 EXPECTED_NUMBERS = (
     "468 queries per fold (132 held out per fold). default know2vec-attention-shared: seen top-1 "
     "0.95, held-out top-1 0.52, top-5 0.86; separate encoders held-out top-1 0.23; lstm 0.46; "
