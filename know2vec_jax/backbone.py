@@ -49,6 +49,14 @@ class BackboneConfig:
     steps, batch_size, learning_rate: Adam training budget.
     max_per_source: at most this many train images per source (balances large and small ones).
     seed: init and batch seed.
+    augment: probability that a training image is augmented (0: never); an augmented image gets
+      a random rotation of up to ``aug_rotate`` degrees and translation of up to ``aug_shift``
+      pixels, contrast and brightness factors drawn from ``aug_contrast`` and
+      ``aug_brightness`` and Gaussian noise of sigma up to ``aug_noise`` (see :func:`augment`):
+      the nuisances of :mod:`know2vec_jax.data.perturb`, so that phi, shared by the query and
+      model sides, does not tell a shifted or darker image of a task from a centred one.
+    centre: phi reads every image (in training and in ``embed``) with its content moved to the
+      centre (:func:`centre`), so a translation does not change its features at all.
   """
   sources: tuple[str, ...] = ()
   channels: tuple[int, ...] = (32, 64, 64)
@@ -59,6 +67,13 @@ class BackboneConfig:
   learning_rate: float = 2e-3
   max_per_source: int = 6000
   seed: int = 0
+  augment: float = 0.0
+  centre: bool = False
+  aug_shift: float = 3.0
+  aug_rotate: float = 12.0
+  aug_contrast: tuple[float, float] = (0.5, 1.5)
+  aug_brightness: tuple[float, float] = (0.6, 1.2)
+  aug_noise: float = 0.15
 
   def __post_init__(self):
     for name in ("dim", "steps", "batch_size", "max_per_source"):
@@ -69,6 +84,15 @@ class BackboneConfig:
             "per conv layer")
     require(self.learning_rate > 0, f"backbone learning_rate must be > 0, got "
             f"{self.learning_rate}")
+    require(0.0 <= self.augment <= 1.0, f"backbone augment must be a probability in [0, 1], got "
+            f"{self.augment}")
+    require(self.aug_shift >= 0 and self.aug_rotate >= 0 and self.aug_noise >= 0,
+            f"backbone aug_shift, aug_rotate and aug_noise must be >= 0, got {self.aug_shift}, "
+            f"{self.aug_rotate}, {self.aug_noise}")
+    for name in ("aug_contrast", "aug_brightness"):
+      lo_hi = getattr(self, name)
+      require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+              f"backbone {name} must be (low, high) with 0 < low <= high, got {lo_hi}")
 
 
 class Backbone:
@@ -105,7 +129,7 @@ class Backbone:
     images = jnp.asarray(images, jnp.float32)
     lead = images.shape[:-3]
     flat = images.reshape((-1,) + images.shape[-3:])
-    outs = [_embed(self.graphdef, self.params, flat[i:i + batch_size])
+    outs = [_embed(self.graphdef, self.params, flat[i:i + batch_size], self.config.centre)
             for i in range(0, max(len(flat), 1), batch_size)]
     out = jnp.concatenate(outs) if outs else jnp.zeros((0, self.dim))
     return out.reshape(lead + (self.dim,))
@@ -137,10 +161,103 @@ class Backbone:
     return bb
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed(graphdef, params, images):
+def centre(images: jax.Array) -> jax.Array:
+  """Moves each image's content to the centre (jittable): a translation-free view of it.
+
+  The content is where pixels differ from the image's border (its mean border value, so white
+  backgrounds and black ones alike); its centroid is shifted to the image centre with
+  :func:`warp`. An image with no content stays as it is.
+
+  Args:
+    images: float32 [B, H, W, C].
+
+  Returns:
+    float32 [B, H, W, C].
+  """
+  b, h, w, _ = images.shape
+  border = jnp.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]],
+                           axis=1).mean(axis=(1, 2))  # [B]
+  mass = jnp.abs(images - border[:, None, None, None]).sum(-1)  # [B, H, W]
+  total = mass.sum(axis=(1, 2))
+  ii = jnp.arange(h, dtype=jnp.float32)[None, :, None]
+  jj = jnp.arange(w, dtype=jnp.float32)[None, None, :]
+  safe = jnp.maximum(total, 1e-6)
+  ci = jnp.where(total > 1e-6, (mass * ii).sum(axis=(1, 2)) / safe, (h - 1) / 2.0)
+  cj = jnp.where(total > 1e-6, (mass * jj).sum(axis=(1, 2)) / safe, (w - 1) / 2.0)
+  shift = jnp.stack([(h - 1) / 2.0 - ci, (w - 1) / 2.0 - cj], -1)
+  return warp(images, jnp.zeros((b,)), shift)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "centred"))
+def _embed(graphdef, params, images, centred=False):
+  if centred:
+    images = centre(images)
   f = nnx.merge(graphdef, params).features(images)
   return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-6)
+
+
+def warp(images: jax.Array, angle: jax.Array, shift: jax.Array) -> jax.Array:
+  """Rotates each image about its centre and translates it (bilinear, border repeated; jittable).
+
+  Args:
+    images: float32 [B, H, W, C].
+    angle: [B] radians, counter-clockwise as displayed (row 0 at the top).
+    shift: [B, 2] (down, right) pixels.
+
+  Returns:
+    float32 [B, H, W, C]: what :func:`know2vec_jax.data.perturb.perturb`'s ``rotate`` and
+    ``shift`` give for the same amounts.
+  """
+  _, h, w, c = images.shape
+  ci, cj = (h - 1) / 2.0, (w - 1) / 2.0
+  gi, gj = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+
+  def one(img, a, t):
+    # Output pixel p reads the input at R(-a) (p - centre - t) + centre, where R(a) turns
+    # (row, col) offsets counter-clockwise as displayed: right (0, 1) to up (-1, 0).
+    di, dj = gi - ci - t[0], gj - cj - t[1]
+    si = jnp.cos(a) * di + jnp.sin(a) * dj + ci
+    sj = jnp.cos(a) * dj - jnp.sin(a) * di + cj
+    return jnp.stack([jax.scipy.ndimage.map_coordinates(img[..., ch], [si, sj], order=1,
+                                                        mode="nearest") for ch in range(c)], -1)
+
+  return jax.vmap(one)(images, angle, shift)
+
+
+def augment(key: jax.Array, images: jax.Array, config: BackboneConfig) -> jax.Array:
+  """Random nuisance views of a batch, drawn independently per image (jittable).
+
+  Each image is, with probability ``config.augment``, rotated by an angle uniform in
+  +-``aug_rotate`` degrees and translated by up to ``aug_shift`` pixels per axis (bilinear, the
+  border pixel repeated, as :func:`know2vec_jax.data.perturb.perturb` does), scaled in contrast
+  about its mean and in brightness by factors uniform in ``aug_contrast`` / ``aug_brightness``,
+  and given Gaussian noise of a sigma uniform in [0, ``aug_noise``]; then clipped to [0, 1].
+
+  Args:
+    key: a PRNG key.
+    images: float32 [B, H, W, C].
+    config: the augmentation settings.
+
+  Returns:
+    float32 [B, H, W, C].
+  """
+  b = images.shape[0]
+  ks = jax.random.split(key, 7)
+  on = jax.random.bernoulli(ks[0], config.augment, (b,))
+  angle = jnp.deg2rad(jax.random.uniform(ks[1], (b,), minval=-config.aug_rotate,
+                                         maxval=config.aug_rotate))
+  shift = jax.random.uniform(ks[2], (b, 2), minval=-config.aug_shift, maxval=config.aug_shift)
+  x = warp(images, angle, shift)
+  contrast = jax.random.uniform(ks[3], (b, 1, 1, 1), minval=config.aug_contrast[0],
+                                maxval=config.aug_contrast[1])
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)
+  x = mean + contrast * (x - mean)
+  x = x * jax.random.uniform(ks[4], (b, 1, 1, 1), minval=config.aug_brightness[0],
+                             maxval=config.aug_brightness[1])
+  sigma = jax.random.uniform(ks[5], (b, 1, 1, 1), maxval=config.aug_noise)
+  x = jnp.clip(x + sigma * jax.random.normal(ks[6], x.shape), 0.0, 1.0)
+  return jnp.where(on[:, None, None, None], x, images)
 
 
 def _train_step(graphdef, tx, params, opt_state, images, labels):
@@ -199,8 +316,12 @@ def train_backbone(config: BackboneConfig, sources=(), image_shape=(28, 28, 1),
   def run(params, opt_state, key, n):
     def body(i, carry):
       p, o, _ = carry
-      idx = jax.random.randint(jax.random.fold_in(key, i), (config.batch_size,), 0, len(y))
-      return _train_step(bb.graphdef, tx, p, o, x[idx], y[idx])
+      k_idx, k_aug = jax.random.split(jax.random.fold_in(key, i))
+      idx = jax.random.randint(k_idx, (config.batch_size,), 0, len(y))
+      images = x[idx] if config.augment == 0 else augment(k_aug, x[idx], config)
+      if config.centre:
+        images = centre(images)
+      return _train_step(bb.graphdef, tx, p, o, images, y[idx])
     return jax.lax.fori_loop(0, n, body, (params, opt_state, jnp.zeros(())))
 
   key = jax.random.key(config.seed)
@@ -222,7 +343,8 @@ def train_backbone(config: BackboneConfig, sources=(), image_shape=(28, 28, 1),
   bb.params = params
   model = nnx.merge(bb.graphdef, params)
   xt_, yt_ = np.concatenate(xt), np.concatenate(yt)
-  pred = np.concatenate([np.asarray(jnp.argmax(model(xt_[i:i + 1024]), -1))
+  view = jax.jit(centre) if config.centre else (lambda a: a)
+  pred = np.concatenate([np.asarray(jnp.argmax(model(view(xt_[i:i + 1024])), -1))
                          for i in range(0, len(xt_), 1024)])
   info = dict(seconds=time.perf_counter() - t0, final_loss=float(loss),
               heldout_accuracy=float(np.mean(pred == yt_)), num_labels=offset,

@@ -38,6 +38,13 @@ def require(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def require_known(names, known, what: str) -> None:
+  """Raises :class:`ConfigError` naming every entry of ``names`` not in ``known``, and the valid
+  ones (``what``: the plural noun, e.g. "variants")."""
+  unknown = [n for n in names if n not in known]
+  require(not unknown, f"unknown {what} {unknown}; choose from {list(known)}")
+
+
 def _hints(cls) -> dict:
   return typing.get_type_hints(cls)
 

@@ -22,13 +22,14 @@ import time
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from know2vec_jax import config as config_lib
 from know2vec_jax import features, storage
 from know2vec_jax.align import (OBJECTIVES, AlignConfig, AlignData, RankingObjective, Trainer,
                                 TransferData, TransferObjective)
-from know2vec_jax.backbone import Backbone, BackboneConfig, train_backbone
+from know2vec_jax.backbone import Backbone, BackboneConfig, augment, train_backbone
 from know2vec_jax.blackbox import BlackBoxGroup
 from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task, load_source, stable_seed, task_split
@@ -58,6 +59,9 @@ class ProxyConfig:
     ranking, transfer: the two objectives' loss settings.
     align: the aligner's optimisation.
     episodes, shots: query episodes per training task (or target) and images per class in each.
+    episode_augment: the share of query episodes shown as nuisance views (shifted, rotated,
+      re-contrasted, noisy; :func:`nuisance_views` with phi's ``aug_*`` ranges), so that the
+      aligner maps a perturbed query of a task near the same models as a clean one.
     max_classes: K_max, the most classes a model or query may have.
     strategy: model-axis strategy for probing zoo stacks (:mod:`know2vec_jax.strategy`).
     seed: probe-pool and episode sampling.
@@ -72,6 +76,7 @@ class ProxyConfig:
   align: AlignConfig = AlignConfig()
   episodes: int = 32
   shots: int = 5
+  episode_augment: float = 0.0
   max_classes: int = 10
   strategy: str = "auto"
   seed: int = 0
@@ -79,6 +84,8 @@ class ProxyConfig:
   def __post_init__(self):
     for name in ("pool_per_source", "episodes", "shots"):
       require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    require(0.0 <= self.episode_augment <= 1.0, f"episode_augment must be in [0, 1], got "
+            f"{self.episode_augment}")
     require(self.max_classes >= 2, f"max_classes must be >= 2, got {self.max_classes}")
     require(self.objective in OBJECTIVES, f"objective must be one of {tuple(OBJECTIVES)}, got "
             f"{self.objective!r}")
@@ -223,27 +230,65 @@ class Cache:
     storage.write_json_atomic(where / "info.json", info)
     return bb, info
 
-  def episodes(self, backbone: Backbone, s: LabelledSet, episodes: int, shots: int, seed: int):
+  def episodes(self, backbone: Backbone, s: LabelledSet, episodes: int, shots: int, seed: int,
+               augment: float = 0.0):
     """The query-episode grids [episodes, k, k, D] of one set (see :func:`episode_grids`)."""
-    key = self._key(backbone.fingerprint, s.name, episodes, shots, seed)
+    parts = (backbone.fingerprint, s.name, episodes, shots, seed)
+    if augment:  # the nuisance views use phi's aug_* ranges, so they key the entry too
+      parts += (augment, config_lib.to_dict(backbone.config))
+    key = self._key(*parts)
     f = self.path / "episodes" / f"{key}.npz"
     want = (episodes, s.k, s.k, backbone.dim)
     if f.exists():
       arrays, _ = storage.load_arrays(f, PipelineError, check=lambda a, m: None if (
           a["grid"].shape == want) else f"grid shape {a['grid'].shape}, expected {want}")
       return arrays["grid"]
-    grid = _episodes(backbone, s, episodes, shots, seed)
+    grid = _episodes(backbone, s, episodes, shots, seed, augment)
     storage.save_arrays(f, {"grid": grid}, {"set": s.name, "backbone": backbone.fingerprint})
     return grid
 
 
-def _episodes(backbone, s: LabelledSet, episodes: int, shots: int, seed: int) -> np.ndarray:
+def _episodes(backbone, s: LabelledSet, episodes: int, shots: int, seed: int,
+              augment: float = 0.0) -> np.ndarray:
   picks, labels = draw_episodes(s, episodes, shots, seed)
-  return features.query_grid_batch(backbone, s.images[picks], labels, s.k)
+  images = s.images[picks]
+  if augment:
+    images = nuisance_views(images, augment, backbone.config, stable_seed("views", seed, s.name))
+  return features.query_grid_batch(backbone, images, labels, s.k)
+
+
+_augment = jax.jit(augment, static_argnames="config")
+
+
+def nuisance_views(images: np.ndarray, fraction: float, config: BackboneConfig,
+                   seed: int) -> np.ndarray:
+  """Episodes of which ``fraction`` are shown as a user might take them: every image of a chosen
+  episode goes through :func:`know2vec_jax.backbone.augment` (random shift, rotation, contrast,
+  brightness and noise in ``config``'s ranges), the others stay as they are.
+
+  Args:
+    images: float32 [E, N, H, W, C], E episodes of N images.
+    fraction: the share of episodes to perturb, in [0, 1].
+    config: the nuisance ranges (phi's ``aug_*`` fields).
+    seed: which episodes, and their draws.
+
+  Returns:
+    float32 [E, N, H, W, C].
+  """
+  e = images.shape[0]
+  chosen = np.random.default_rng(seed).random(e) < fraction
+  if not chosen.any():
+    return images
+  # Every episode is drawn and the chosen ones kept: one compiled shape per episode size, where
+  # selecting first would compile once per count of chosen episodes.
+  flat = jnp.asarray(images.reshape((-1,) + images.shape[2:]))
+  views = np.asarray(_augment(jax.random.key(seed % (2 ** 31)), flat,
+                             dataclasses.replace(config, augment=1.0))).reshape(images.shape)
+  return np.where(chosen[:, None, None, None, None], views, images)
 
 
 def episode_grids(backbone: Backbone, sets: Sequence[LabelledSet], episodes: int, shots: int,
-                  seed: int, k_max: int, cache: Cache | None = None):
+                  seed: int, k_max: int, cache: Cache | None = None, augment: float = 0.0):
   """Padded query-episode grids of every set: what the aligner reads on the query side.
 
   Each episode is ``shots`` images per class (:func:`draw_episodes`), lifted by
@@ -257,8 +302,8 @@ def episode_grids(backbone: Backbone, sets: Sequence[LabelledSet], episodes: int
   for i, s in enumerate(sets):
     if s.k > k_max:
       raise PipelineError(f"{s.name} has {s.k} classes, more than max_classes={k_max}")
-    g = (cache.episodes(backbone, s, episodes, shots, seed) if cache is not None
-         else _episodes(backbone, s, episodes, shots, seed))
+    g = (cache.episodes(backbone, s, episodes, shots, seed, augment) if cache is not None
+         else _episodes(backbone, s, episodes, shots, seed, augment))
     grids[i] = np.asarray(pad_grid(g, k_max)[0])
     masks[i, :s.k] = 1.0
   return grids, masks
@@ -430,7 +475,8 @@ def train(groups: Sequence[BlackBoxGroup], model_tasks: Mapping[str, Task], cfg:
     sets = [LabelledSet.from_task(t, "train", image_shape) for t in tasks]
   else:
     sets = list(transfer.targets)
-  ep, ep_mask = episode_grids(backbone, sets, cfg.episodes, cfg.shots, cfg.seed, k_max, cache)
+  ep, ep_mask = episode_grids(backbone, sets, cfg.episodes, cfg.shots, cfg.seed, k_max, cache,
+                              cfg.episode_augment)
   if transfer is None:
     data = retrieval_data(ids, grids, masks, model_tasks, ep, ep_mask, tasks)
     task_rows = [{"task_id": t.task_id, "source": t.source, "classes": list(t.classes),

@@ -37,7 +37,7 @@ from flax import nnx
 from know2vec_jax import config as config_lib
 from know2vec_jax import features, pipeline, storage
 from know2vec_jax.backbone import Backbone
-from know2vec_jax.blackbox import BlackBoxGroup, groups_from_zoo
+from know2vec_jax.blackbox import BlackBoxGroup, InputError, groups_from_zoo
 from know2vec_jax.data import Task
 from know2vec_jax.index import IndexStoreError, ModelIndex
 from know2vec_jax.knowledge import KnowledgeRecord, KnowledgeStore, store_context
@@ -346,6 +346,42 @@ class Proxy:
     """
     gp, m = self.query_grid(images, labels)
     return self.embed_grids(gp[None], m[None], "queries")[0]
+
+  def embed_queries(self, queries: Sequence[tuple], batch_size: int = 64) -> np.ndarray:
+    """The query vectors of many few-shot sets at once (what :meth:`embed_query` gives each).
+
+    Queries of one shape (images and classes) are lifted and embedded as one batch, which is much
+    faster than one call per query when evaluating or serving many.
+
+    Args:
+      queries: (images, labels) pairs, each as :meth:`embed_query` takes them.
+      batch_size: queries per batched call.
+
+    Returns:
+      float32 [Q, E] unit vectors, in the order given.
+
+    Raises:
+      InputError: a bad query (the message says which of them and why).
+    """
+    checked = []
+    for i, (images, labels) in enumerate(queries):
+      try:
+        checked.append(features.check_query(images, labels, self.image_shape, self.max_classes))
+      except InputError as e:
+        raise InputError(f"query {i}: {e}") from e
+    out = np.zeros((len(checked), self.embed_dim), np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (_, y, k) in enumerate(checked):
+      by_shape.setdefault((len(y), k), []).append(i)
+    for (_, k), rows in by_shape.items():
+      for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        grid = features.query_grid_batch(self.backbone, np.stack([checked[i][0] for i in part]),
+                                         np.stack([checked[i][1] for i in part]), k)
+        gp, m = pad_grid(grid, self.max_classes)
+        masks = np.broadcast_to(np.asarray(m), (len(part), self.max_classes))
+        out[part] = self.embed_grids(np.asarray(gp), masks, "queries")
+    return out
 
   def predict_accuracy(self, query_vectors, model_vectors) -> np.ndarray:
     """Predicted fine-tune accuracy of each model on each query's task (accuracy head).

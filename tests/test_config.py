@@ -77,3 +77,10 @@ def test_presets_register_once_and_name_the_known_ones():
     presets.get("big")
   with pytest.raises(ConfigError, match="registered twice"):
     presets.register("small")(_small)
+
+
+def test_require_known_names_every_unknown_entry_and_the_valid_ones():
+  from know2vec_jax.config import require_known
+  require_known(["a"], {"a": 1, "b": 2}, "rows")
+  with pytest.raises(ConfigError, match=r"unknown rows \['x', 'y'\]; choose from \['a', 'b'\]"):
+    require_known(["a", "x", "y"], {"a": 1, "b": 2}, "rows")

@@ -5,7 +5,7 @@ import pytest
 
 from know2vec_jax import pipeline
 from know2vec_jax.backbone import BackboneConfig
-from know2vec_jax.data import Task
+from know2vec_jax.data import Task, load_source
 
 TINY_PHI = BackboneConfig(channels=(4,), strides=(2,), dim=8, steps=5, batch_size=16,
                           max_per_source=100)
@@ -53,3 +53,20 @@ def test_cache_reuses_phi_and_episodes(tmp_path, monkeypatch):
     pipeline.episode_grids(bb, sets, 3, 2, 1, 4, cache)
   with pytest.raises(pipeline.PipelineError, match="more than max_classes=2"):
     pipeline.episode_grids(bb, sets, 3, 2, 0, 2, cache)
+  # Nuisance views are another entry too.
+  with pytest.raises(AssertionError, match="recomputed"):
+    pipeline.episode_grids(bb, sets, 3, 2, 0, 4, cache, augment=0.5)
+
+
+def test_nuisance_views_perturb_the_chosen_share_of_episodes_only():
+  x = load_source("fashion_mnist").train_images[:400].reshape(40, 10, 28, 28, 1)
+  cfg = BackboneConfig(augment=0.0)  # the views ignore phi's own probability
+  views = pipeline.nuisance_views(x, 0.5, cfg, seed=3)
+  changed = np.abs(views - x).mean(axis=(1, 2, 3, 4)) > 1e-4
+  assert 10 <= changed.sum() <= 30  # about half the episodes
+  np.testing.assert_array_equal(views[~changed], x[~changed])  # the others untouched
+  assert views.min() >= 0.0 and views.max() <= 1.0 and views.dtype == np.float32
+  np.testing.assert_array_equal(views, pipeline.nuisance_views(x, 0.5, cfg, seed=3))  # seeded
+  assert pipeline.nuisance_views(x, 0.0, cfg, seed=3) is x
+  every = pipeline.nuisance_views(x, 1.0, cfg, seed=3)
+  assert np.all(np.abs(every - x).mean(axis=(1, 2, 3, 4)) > 1e-4)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from know2vec_jax.blackbox import CallableBlackBox, groups_from_zoo
+from know2vec_jax.blackbox import CallableBlackBox, InputError, groups_from_zoo
 from know2vec_jax.data import few_shot, load_source
 from know2vec_jax.index import ModelIndex
 from know2vec_jax.knowledge import expected_queries
@@ -266,3 +266,19 @@ def test_training_does_not_depend_on_how_black_boxes_are_grouped(tiny_zoo, tiny_
   for a, b in zip(jax.tree.leaves(other._trees["vectorizer"]),
                   jax.tree.leaves(tiny_proxy._trees["vectorizer"])):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_embed_queries_equals_embed_query_per_query(tiny_proxy, tiny_zoo):
+  zoo = tiny_zoo[0]
+  tasks = sorted({r.task for r in zoo.records.values()}, key=lambda t: t.task_id)
+  queries = []
+  for i, t in enumerate(tasks):
+    data = load_source(t.source)
+    for shots in (2, 3):  # two shapes per task: batched per shape
+      queries.append(few_shot(data, t, shots, seed=i))
+  batched = tiny_proxy.embed_queries(queries, batch_size=3)
+  single = np.stack([tiny_proxy.embed_query(x, y) for x, y in queries])
+  np.testing.assert_allclose(batched, single, atol=1e-5)
+  x, y = queries[0]
+  with pytest.raises(InputError, match="query 1: .*image shape"):
+    tiny_proxy.embed_queries([(x, y), (x[:, :20], y)])
