@@ -34,6 +34,18 @@ def add_config_arguments(p: argparse.ArgumentParser, presets: config_lib.Presets
                  "(repeatable; an unknown key lists the valid ones)")
 
 
+def add_run_arguments(p: argparse.ArgumentParser, out_help: str, cache_help: str,
+                      quick: str | None = None) -> None:
+  """The arguments every experiment shares: ``--zoo``, ``--out``, ``--cache``, ``--quiet`` and,
+  where the experiment has a quick preset, ``--quick`` (``quick``: its help)."""
+  if quick is not None:
+    p.add_argument("--quick", action="store_true", help=quick)
+  p.add_argument("--zoo", default="artifacts/zoo-demo", help="the zoo directory (demo preset)")
+  p.add_argument("--out", default=None, help=out_help)
+  p.add_argument("--cache", default="artifacts/cache", help=cache_help)
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def config_from_args(p: argparse.ArgumentParser, presets: config_lib.Presets, args):
   """The preset with the ``--set`` overrides applied; a bad key or value is a usage error (exit 2)
   before any work starts."""

@@ -45,11 +45,11 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import add_config_arguments, config_from_args, pyplot
+from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
 from know2vec_jax import config as config_lib
 from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
-from know2vec_jax.config import Presets, require
+from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task, few_shot, load_source
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
 from know2vec_jax.pipeline import Cache
@@ -107,8 +107,7 @@ class NNRConfig:
             f"evaluate_folds must be in 1..folds={self.folds}, got {self.evaluate_folds}")
     require(self.queries_per_task >= 1 and self.query_shots >= 1,
             "queries_per_task and query_shots must be >= 1")
-    unknown = [v for v in self.variants if v not in VARIANTS]
-    require(not unknown, f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    require_known(self.variants, VARIANTS, "variant(s)")
 
 
 PRESETS: Presets[NNRConfig] = Presets("nnr")
@@ -443,16 +442,11 @@ def format_table(out: dict) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_config_arguments(p, PRESETS, "full")
-  p.add_argument("--quick", action="store_true", help="the 'quick' preset (the main job)")
-  p.add_argument("--zoo", default="artifacts/zoo-demo", help="the zoo directory (demo preset)")
-  p.add_argument("--out", default=None,
-                 help="results JSON (default experiments/results/nnr.json, nnr-quick.json with "
-                 "--quick)")
-  p.add_argument("--cache", default="artifacts/cache",
-                 help="cache of derived artifacts (knowledge, backbone, episodes)")
+  add_run_arguments(p, "results JSON (default experiments/results/nnr.json, nnr-quick.json with "
+                    "--quick)", "cache of derived artifacts (knowledge, backbone, episodes)",
+                    quick="the 'quick' preset (the main job)")
   p.add_argument("--validate", action="store_true",
                  help="model selection on validation tasks carved from fold 0's training tasks")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
   if args.quick:
     args.preset = "quick"

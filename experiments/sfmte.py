@@ -55,12 +55,12 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import add_config_arguments, config_from_args, pyplot
+from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
 from know2vec_jax import config as config_lib
 from know2vec_jax.align import AlignConfig
 from know2vec_jax.baselines import BASELINES, run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
-from know2vec_jax.config import Presets, require
+from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task
 from know2vec_jax.metrics import ranking_report, weighted_tau
 from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, draw_episodes
@@ -206,10 +206,8 @@ class SFMTEConfig:
     # --validate holds out a quarter of the training targets; the aligner needs several.
     require(self.train_targets >= 4, f"train_targets must be at least 4, got "
             f"{self.train_targets}")
-    unknown = [v for v in self.variants if v not in VARIANTS]
-    require(not unknown, f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    unknown = [b for b in self.baselines if b not in BASELINES]
-    require(not unknown, f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    require_known(self.variants, VARIANTS, "variant(s)")
+    require_known(self.baselines, BASELINES, "baseline(s)")
 
 
 PRESETS: Presets[SFMTEConfig] = Presets("sfmte")
@@ -533,10 +531,8 @@ def format_table(out: dict) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_config_arguments(p, PRESETS, "full")
-  p.add_argument("--zoo", default="artifacts/zoo-demo", help="the zoo directory (demo preset)")
-  p.add_argument("--cache", default="artifacts/cache",
-                 help="cache of derived artifacts (ground truth, knowledge, backbone, episodes)")
-  p.add_argument("--out", default="experiments/results/sfmte.json", help="results JSON")
+  add_run_arguments(p, "results JSON (default experiments/results/sfmte.json)",
+                    "cache of derived artifacts (ground truth, knowledge, backbone, episodes)")
   p.add_argument("--figure", default="experiments/results/sfmte_tau.png", help="the figure")
   p.add_argument("--ground-truth", action="store_true", help="only compute the ground truth")
   p.add_argument("--compare-train-labels", action="store_true",
@@ -544,8 +540,8 @@ def main(argv=None):
                       "fine-tune labels")
   p.add_argument("--validate", action="store_true",
                  help="model selection on validation targets carved from the training targets")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
+  args.out = args.out or "experiments/results/sfmte.json"
   cfg = config_from_args(p, PRESETS, args)
   progress = not args.quiet
   if args.compare_train_labels:

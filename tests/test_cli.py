@@ -161,7 +161,7 @@ def test_eval_and_bench_forward_or_say_why(capsys, monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "benchmarks.__main__", fake)
   assert main(["bench", "--quick", "--only", "zoo_train"]) == 0
   assert calls == [["--quick", "--only", "zoo_train"]]
-  for exp in ("nnr", "sfmte"):  # forwarded experiments report a missing zoo in one line too
+  for exp in ("nnr", "sfmte", "generalise"):  # a missing zoo is one line too
     assert main(["eval", exp, "--zoo", str(tmp_path / "nozoo")]) == 2
     _one_line_error(capsys, "no zoo at", "know2vec zoo build")
   assert main(["eval", "sfmte", "--set", "train_targets=0"]) == 2

@@ -131,3 +131,36 @@ def _images(target, per_class):
   idx, y = task_split(data, target.task, "test")
   pick = np.concatenate([idx[y == c][:per_class] for c in range(target.k)])
   return data.test_images[pick]
+
+
+def test_generalise_run_through_the_product_reports_seeds_spread_and_drops(tiny_zoo_dir,
+                                                                           tmp_path):
+  """The generalisation experiment end to end on the tiny zoo: every seed trains, held-out and
+  seen are pooled over folds, each perturbation's drop is clean minus perturbed top-1."""
+  from experiments import generalise
+  cfg = generalise.PRESETS.get("tiny")
+  out = generalise.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"),
+                       str(tmp_path / "generalise.json"), progress=False)
+  row = out["rows"]["know2vec"]
+  assert len(row["heldout"]["per_seed"]) == len(cfg.seeds) == 2
+  for split in ("seen", "heldout"):
+    per = [p["top1"] for p in row[split]["per_seed"]]
+    assert row[split]["top1"] == pytest.approx(np.mean(per))
+    assert row[split]["spread"]["top1"] == pytest.approx(max(per) - min(per))
+  assert sorted(row["perturbations"]) == sorted(cfg.perturbations)
+  for e in row["perturbations"].values():
+    assert e["drop"] == pytest.approx(row["clean_top1"] - e["top1"])
+  assert set(out["summary"]) == {"seen", "heldout", "perturbations"}
+  assert set(out["baselines"]) == {"anchor-matching (untrained)", "random"}
+  assert (tmp_path / "generalise.json").exists()
+
+
+def test_generalise_perturbed_queries_change_only_the_images(tiny_zoo):
+  from experiments import generalise
+  zoo = tiny_zoo[0]
+  tasks = nnr.zoo_tasks_sorted(zoo)
+  queries = nnr.make_queries(tasks, 1, 3, seed=0)
+  views = generalise.perturbed(queries, "shift_down_2", seed=0)
+  for (t, x, y), (t2, x2, y2) in zip(queries, views):
+    assert t == t2 and np.array_equal(y, y2) and x.shape == x2.shape
+    assert not np.allclose(x, x2)
