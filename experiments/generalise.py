@@ -218,7 +218,7 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
     pcfg = config_lib.override(cfg.proxy, ROWS[row])
     n_folds = cfg.evaluate_folds if row == DEFAULT_ROW else cfg.ablation_folds
     for seed in cfg.seeds:
-      scfg = dataclasses.replace(pcfg, align=dataclasses.replace(pcfg.align, seed=seed))
+      scfg = config_lib.override(pcfg, [f"align.seed={seed}"])
       for fold in range(n_folds):
         train_ids, _ = fold_models(zoo, fold_of, fold)
         proxy = Proxy.train(zoo, scfg, model_ids=train_ids, cache=cache, progress=progress)
@@ -277,6 +277,7 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
   groups = groups_from_zoo(zoo, strategy=cfg.proxy.strategy)
   ids, m_grid, m_mask = reference.model_grids(groups, cache=cache)
   correct = np.asarray([[m_task[m] == q_task[qi] for m in ids] for qi in range(len(queries))])
+
   def baseline_row(scores_by_view: dict, folds=range(cfg.evaluate_folds)) -> dict:
     """A fold-independent scorer read like the Know2Vec rows: each fold's held-out and seen
     queries pooled (``common_folds``: on the ablation rows' folds)."""

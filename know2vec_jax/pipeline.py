@@ -231,11 +231,11 @@ class Cache:
     return bb, info
 
   def episodes(self, backbone: Backbone, s: LabelledSet, episodes: int, shots: int, seed: int,
-               augment: float = 0.0):
+               views: float = 0.0):
     """The query-episode grids [episodes, k, k, D] of one set (see :func:`episode_grids`)."""
     parts = (backbone.fingerprint, s.name, episodes, shots, seed)
-    if augment:  # the nuisance views use phi's aug_* ranges, so they key the entry too
-      parts += (augment, config_lib.to_dict(backbone.config))
+    if views:  # the nuisance views use phi's aug_* ranges, so they key the entry too
+      parts += (views, config_lib.to_dict(backbone.config))
     key = self._key(*parts)
     f = self.path / "episodes" / f"{key}.npz"
     want = (episodes, s.k, s.k, backbone.dim)
@@ -243,17 +243,17 @@ class Cache:
       arrays, _ = storage.load_arrays(f, PipelineError, check=lambda a, m: None if (
           a["grid"].shape == want) else f"grid shape {a['grid'].shape}, expected {want}")
       return arrays["grid"]
-    grid = _episodes(backbone, s, episodes, shots, seed, augment)
+    grid = _episodes(backbone, s, episodes, shots, seed, views)
     storage.save_arrays(f, {"grid": grid}, {"set": s.name, "backbone": backbone.fingerprint})
     return grid
 
 
 def _episodes(backbone, s: LabelledSet, episodes: int, shots: int, seed: int,
-              augment: float = 0.0) -> np.ndarray:
+              views: float = 0.0) -> np.ndarray:
   picks, labels = draw_episodes(s, episodes, shots, seed)
   images = s.images[picks]
-  if augment:
-    images = nuisance_views(images, augment, backbone.config, stable_seed("views", seed, s.name))
+  if views:
+    images = nuisance_views(images, views, backbone.config, stable_seed("views", seed, s.name))
   return features.query_grid_batch(backbone, images, labels, s.k)
 
 
@@ -288,7 +288,7 @@ def nuisance_views(images: np.ndarray, fraction: float, config: BackboneConfig,
 
 
 def episode_grids(backbone: Backbone, sets: Sequence[LabelledSet], episodes: int, shots: int,
-                  seed: int, k_max: int, cache: Cache | None = None, augment: float = 0.0):
+                  seed: int, k_max: int, cache: Cache | None = None, views: float = 0.0):
   """Padded query-episode grids of every set: what the aligner reads on the query side.
 
   Each episode is ``shots`` images per class (:func:`draw_episodes`), lifted by
@@ -302,8 +302,8 @@ def episode_grids(backbone: Backbone, sets: Sequence[LabelledSet], episodes: int
   for i, s in enumerate(sets):
     if s.k > k_max:
       raise PipelineError(f"{s.name} has {s.k} classes, more than max_classes={k_max}")
-    g = (cache.episodes(backbone, s, episodes, shots, seed, augment) if cache is not None
-         else _episodes(backbone, s, episodes, shots, seed, augment))
+    g = (cache.episodes(backbone, s, episodes, shots, seed, views) if cache is not None
+         else _episodes(backbone, s, episodes, shots, seed, views))
     grids[i] = np.asarray(pad_grid(g, k_max)[0])
     masks[i, :s.k] = 1.0
   return grids, masks

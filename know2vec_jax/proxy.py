@@ -344,8 +344,7 @@ class Proxy:
     Raises:
       InputError: bad images or labels (see :func:`know2vec_jax.features.check_query`).
     """
-    gp, m = self.query_grid(images, labels)
-    return self.embed_grids(gp[None], m[None], "queries")[0]
+    return self.embed_queries([(images, labels)])[0]
 
   def embed_queries(self, queries: Sequence[tuple], batch_size: int = 64) -> np.ndarray:
     """The query vectors of many few-shot sets at once (what :meth:`embed_query` gives each).
@@ -368,6 +367,8 @@ class Proxy:
       try:
         checked.append(features.check_query(images, labels, self.image_shape, self.max_classes))
       except InputError as e:
+        if len(queries) == 1:
+          raise
         raise InputError(f"query {i}: {e}") from e
     out = np.zeros((len(checked), self.embed_dim), np.float32)
     by_shape: dict[tuple, list[int]] = {}

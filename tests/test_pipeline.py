@@ -55,7 +55,7 @@ def test_cache_reuses_phi_and_episodes(tmp_path, monkeypatch):
     pipeline.episode_grids(bb, sets, 3, 2, 0, 2, cache)
   # Nuisance views are another entry too.
   with pytest.raises(AssertionError, match="recomputed"):
-    pipeline.episode_grids(bb, sets, 3, 2, 0, 4, cache, augment=0.5)
+    pipeline.episode_grids(bb, sets, 3, 2, 0, 4, cache, views=0.5)
 
 
 def test_nuisance_views_perturb_the_chosen_share_of_episodes_only():
