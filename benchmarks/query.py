@@ -1,10 +1,12 @@
 """End-to-end query latency: 5 shots x 4 classes of images -> query vector -> ranked list.
 
 The product's query path, :func:`know2vec_jax.proxy.query` on a :class:`Proxy` of the default
-(demo) configuration, per call: :meth:`Proxy.query_grid` (validation, backbone features of the
-shots and of the class midpoints, class-prototype grid, padding) -> the jitted query vectorizer
-(:meth:`Proxy.embed_grids`) -> :meth:`ModelIndex.search` over a 10^4-model index -> ranked rows
-(model id, score, metadata).
+(demo) configuration, per call: :meth:`Proxy.describe_queries` (validation, backbone features of
+the shots and of the class midpoints, class-prototype grid, padding, the jitted query vectorizer,
+the query classes' nearest pool images) -> :meth:`ModelIndex.match` over a 10^4-model index
+(the vector shortlist of 256, then class-level matching) -> ranked rows (model id, score and its
+parts, metadata). The proxy's probe pool has the demo's 9,600 images, and every index row holds
+class knowledge of a 4-way model (tokens and a label per pool image).
 
 Reported: the first call (compilation included) on its own, then p50 / p99 over many calls, and
 the p50 of each stage. The same path with the vectorizer called eagerly (the proxy's Flax NNX
@@ -31,6 +33,7 @@ from know2vec_jax.vectorizers import Know2Vec
 NAME = "query"
 SHOTS, CLASSES, TOPK = 5, 4, 10
 NUM_MODELS = 10**4
+POOL = 9600  # the demo proxy's probe pool
 
 
 def run(quick: bool = False, ctx: dict | None = None) -> dict:
@@ -46,27 +49,36 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   cfg = proxy_preset("demo")
   backbone = Backbone(cfg.backbone, src.image_shape, num_labels=10)
   vcfg = cfg.vectorizer
-  proxy = Proxy(cfg, backbone, Know2Vec(vcfg, backbone.dim, rngs=nnx.Rngs(0)),
-                src.train_images[:64], tasks=[])
+  pool = np.resize(src.train_images, (POOL,) + src.image_shape)
+  proxy = Proxy(cfg, backbone, Know2Vec(vcfg, backbone.dim, rngs=nnx.Rngs(0)), pool, tasks=[])
   eager_model = proxy.vectorizer
   index = ModelIndex(vcfg.embed_dim)
   vecs = rng.standard_normal((NUM_MODELS, vcfg.embed_dim), dtype=np.float32)
+  k_max, d = cfg.max_classes, backbone.dim
+  mask = np.zeros((NUM_MODELS, k_max), np.float32)
+  mask[:, :CLASSES] = 1
+  tokens = rng.random((NUM_MODELS, k_max, d), dtype=np.float32) * mask[..., None]
+  classes = {"tokens": tokens / np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-6),
+             "mask": mask, "pool_labels": rng.integers(0, CLASSES, (NUM_MODELS, POOL), np.uint8)}
   index.add_vectors([f"m{i}" for i in range(NUM_MODELS)], vecs,
                     [{"arch": ("mlp", "cnn_s", "cnn_l")[i % 3], "task": f"t{i % 500}"}
-                     for i in range(NUM_MODELS)])
+                     for i in range(NUM_MODELS)], classes=classes)
   setup_s = time.perf_counter() - t_setup
 
-  def ranked(vec):
-    scores, ids = index.search(np.asarray(vec), TOPK)
+  match = proxy.config.match
+
+  def ranked(vec, qc):
+    found = index.match(np.asarray(vec)[None], qc, TOPK, match)
     return [dict(rank=r + 1, model_id=i, score=float(s), **index.metadata(i))
-            for r, (i, s) in enumerate(zip(ids[0], scores[0]))]
+            for r, (i, s) in enumerate(zip(found.ids[0], found.scores[0]))]
 
   def end_to_end():
     return query(proxy, index, images, labels, k=TOPK)
 
   def end_to_end_eager():
-    g, mask = proxy.query_grid(images, labels)
-    return ranked(eager_model.embed_queries(g[None], mask[None])[0])
+    g, m = proxy.query_grid(images, labels)
+    _, qc = proxy.describe_queries([(images, labels)])
+    return ranked(eager_model.embed_queries(g[None], m[None])[0], qc)
 
   t0 = time.perf_counter()
   first = end_to_end()
@@ -76,21 +88,26 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   e2e = latency(end_to_end, samples=samples, warmup=3, budget_s=budget)
   eager = latency(end_to_end_eager, samples=samples // 3, warmup=2, budget_s=budget / 2)
   # Stages (p50 each), so a regression shows where it is.
-  g, mask = proxy.query_grid(images, labels)
-  vec = proxy.embed_grids(g[None], mask[None], "queries")[0]
+  g, gm = proxy.query_grid(images, labels)
+  vecs_q, qc = proxy.describe_queries([(images, labels)])
+  vec = vecs_q[0]
   stages = {
       "Proxy.query_grid (validate + backbone + prototypes + pad)":
           latency(lambda: proxy.query_grid(images, labels), samples=samples,
-                  budget_s=budget / 4),
+                  budget_s=budget / 5),
       "Proxy.embed_grids (jitted vectorizer)":
-          latency(lambda: proxy.embed_grids(g[None], mask[None], "queries"), samples=samples,
-                  budget_s=budget / 4),
+          latency(lambda: proxy.embed_grids(g[None], gm[None], "queries"), samples=samples,
+                  budget_s=budget / 5),
       "vectorizer (eager NNX)":
-          latency(lambda: eager_model.embed_queries(g[None], mask[None]), samples=samples // 3,
-                  budget_s=budget / 4),
-      f"index.search (M={NUM_MODELS}) + ranked rows": latency(lambda: ranked(vec),
-                                                              samples=samples,
-                                                              budget_s=budget / 4),
+          latency(lambda: eager_model.embed_queries(g[None], gm[None]), samples=samples // 3,
+                  budget_s=budget / 5),
+      "Proxy.describe_queries (vector + query classes in the pool)":
+          latency(lambda: proxy.describe_queries([(images, labels)]), samples=samples,
+                  budget_s=budget / 5),
+      f"index.match (M={NUM_MODELS}, shortlist {match.shortlist}) + ranked rows":
+          latency(lambda: ranked(vec, qc), samples=samples, budget_s=budget / 5),
+      f"index.search (M={NUM_MODELS}, vectors alone)":
+          latency(lambda: index.search(vec, TOPK), samples=samples, budget_s=budget / 5),
   }
   rows = [dict(path="end to end (jitted vectorizer)", **e2e),
           dict(path="end to end (eager NNX vectorizer)", **eager)]
@@ -101,7 +118,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   headline = {"query_p50_ms_1e4": dict(
       value=e2e["p50_ms"], p99_ms=e2e["p99_ms"], first_call_ms=first_ms,
       config=f"{SHOTS} shots x {CLASSES} classes -> ranked top-{TOPK} of {NUM_MODELS} models "
-             f"(E={vcfg.embed_dim}, {vcfg.variant} vectorizer)",
+             f"(E={vcfg.embed_dim}, {vcfg.variant} vectorizer, class matching of a "
+             f"{match.shortlist}-model shortlist, pool {POOL})",
       baseline=f"same path, eager NNX vectorizer: p50 {eager['p50_ms']:.1f} ms",
       target="<= 20")}
   return {"rows": rows, "first_call_ms": first_ms, "setup_s": setup_s,

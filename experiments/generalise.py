@@ -1,51 +1,58 @@
-"""Generalisation of Know2Vec on the demo zoo: held-out tasks and perturbed queries, over several
-aligner seeds, against random, untrained anchor matching and LEEP.
+"""Generalisation of Know2Vec: held-out tasks, foreign model families, perturbed queries, and
+queries that fit no model, over several aligner seeds, against random, untrained anchor matching
+and LEEP.
 
-Command:   python -m experiments.generalise            (3 folds x 3 aligner seeds, the ablation rows)
-           python -m experiments.generalise --quick    (fold 0 x 3 seeds, default proxy only)
+Command:   python -m experiments.generalise --zoo artifacts/zoo-varied   (everything below)
+           python -m experiments.generalise --zoo artifacts/zoo-varied --quick
+           python -m experiments.generalise --zoo artifacts/zoo-varied --validate   (selection)
+           (the zoo: ``know2vec zoo build --preset varied --zoo artifacts/zoo-varied``, 615
+           models of 6 families, 3 of them scikit-learn estimators)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
 Runtime:   EXPECTED_RUNTIME below.
 Expected:  EXPECTED_NUMBERS below (experiments/results/generalise.json, figure generalise.png).
 
-Everything runs through the product: a fold is ``Proxy.train(zoo, cfg, model_ids=<the fold's
-training models>)``, its held-out models join through ``Proxy.build_index``, queries are
-``Proxy.embed_queries`` + ``ModelIndex.search``; baselines come from :mod:`know2vec_jax.baselines`.
-The folds, queries and LEEP scoring are NNR's (:mod:`experiments.nnr`), so the clean numbers of a
-row are comparable with the NNR table.
+Everything runs through the product: a training is ``Proxy.train(zoo, cfg, model_ids=...)``, the
+other models join through ``Proxy.build_index`` (no retraining), and queries are ranked by
+``Proxy.search`` (the aligned vectors' shortlist, then class-level matching,
+:mod:`know2vec_jax.classmatch`), whose no-fit flag is the proxy's own calibrated threshold.
+Baselines come from :mod:`know2vec_jax.baselines`. Every Know2Vec figure is the mean over
+``seeds`` aligner seeds (``proxy.align.seed``), with the spread (max - min) beside it.
 
 Protocol:
-- Held-out tasks: 4-way tasks in ``folds`` folds; fold f's models are added to the index after
-  training, and its tasks' queries are ``heldout``; the other queries are ``seen``. Each
-  Know2Vec row is trained with ``seeds`` aligner seeds (``proxy.align.seed``); every figure is the
-  mean over seeds, with the spread (max - min over seeds) beside it.
-- Perturbations (:data:`know2vec_jax.data.perturb.SUITE`): every query's images perturbed
-  (translations of 1-3 px in several directions, rotation +-10 degrees, noise sigma 0.1,
-  contrast x 0.5, brightness x 0.7); ``drop`` = clean top-1 - perturbed top-1 over the same
-  queries (seen and held-out together; per split in ``by_split``).
-- Rows (:data:`ROWS`): ``know2vec`` is the configured proxy (the demo proxy with the levers of
-  :data:`LEVERS`: phi trained on nuisance views with probability 0.8, half the aligner's query
-  episodes shown as nuisance views); the ablation rows switch one lever
-  off at a time: ``no-phi-augmentation`` (phi trained on clean images only), ``no-episode-views``
-  (aligner episodes all clean), ``no-augmentation`` (both, the proxy before this experiment);
-  ``with-centring`` adds a lever instead: phi reads every image with its content moved to the
-  centre (``BackboneConfig.centre``).
+1. Held-out tasks: the 4-way tasks in ``folds`` folds (NNR's assignment, :mod:`experiments.nnr`);
+   fold f's models join the index after training; queries of fold-f tasks are ``heldout``, the
+   others ``seen``. A hit is a model trained on the query's task (source domain and class set).
+2. Leave one family out: for each family F with tasks only F has, the proxy trains without any
+   model of F, all of F's models join afterwards, and the queries are those tasks' (each has
+   exactly one right model, F's). Families with ``neural: false`` are scikit-learn estimators
+   answering logits (``logreg``), probabilities (``forest``) or one-hot labels (``knn``).
+3. Perturbations (:data:`know2vec_jax.data.perturb.SUITE`): every query's images perturbed
+   (translations of 1-3 px in 5 directions, rotation +-10 degrees, noise sigma 0.1, contrast
+   x 0.5, brightness x 0.7); ``drop`` = clean top-1 - perturbed top-1 over the same queries.
+4. No fit: the proxy's flag (its best model's class-level fit score under the threshold it
+   calibrated on validation queries of its training tasks, ``ProxyConfig.false_alarm`` = 0.02).
+   ``false_alarm`` = the share of clean held-out queries flagged; ``detection`` = the share
+   flagged among pure-noise queries and among queries from sources no zoo model saw
+   (:data:`OOD_SOURCES`).
 
-Model selection (never the evaluation queries): the augmentation ranges were fixed a priori
-(``BackboneConfig.aug_*``: shift 3 px, rotation 12 degrees, contrast 0.5-1.5, brightness 0.6-1.2,
-noise up to 0.15). Whether to augment was measured on validation queries: 80 queries of 40
-training tasks (5 shots from their *train* splits) under perturbations other than the suite's
-(shift (1, -2), rotation 7 degrees, noise 0.07, contrast 0.6, brightness 0.8), a proxy trained on
-every zoo model: top-1 without augmentation 0.64 / 0.96 / 0.95 / 0.33 / 0.99 (clean 1.00); with
-phi augmentation (p = 0.8) 0.98 / 0.99 / 0.99 / 0.99 / 0.99 (clean 1.00); with phi augmentation
-and half the episodes as views 0.99 / 1.00 / 0.99 / 1.00 / 1.00 (clean 1.00); adding centring
-0.99 / 0.975 / 0.975 / 0.99 / 0.99 (clean 1.00): no better there, so centring is a measured row
-(``with-centring``), not part of the configured proxy.
+Rows (:data:`ROWS`): ``know2vec`` is the configured proxy; the ablation rows switch one lever at a
+time, on fold 0: ``vector-only`` (no class matching: the aligned vectors alone),
+``class-only`` (class matching without the vector term), ``no-augmentation`` (phi and the query
+episodes without nuisance views).
+
+Model selection (``--validate``; never the evaluation queries): a quarter of fold 0's training
+4-way tasks become validation tasks; the proxy trains on the other training tasks' models;
+validation queries are drawn from the *train* splits outside the probe pool, of the validation
+tasks (unseen by the aligner) and of training tasks (seen), clean and under perturbations outside
+the suite (shift (1, -2), rotation 7 degrees, noise 0.07, contrast 0.6, brightness 0.8). Measured
+there (VALIDATION below; the numbers that decided ``MatchConfig``'s defaults and the levers).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import pathlib
 import time
@@ -54,46 +61,60 @@ import jax
 import numpy as np
 
 from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
-from experiments.nnr import (fold_assignment, fold_models, leep_matrix, make_queries,
-                             zoo_tasks_sorted)
+from experiments.nnr import fold_assignment, fold_models, leep_matrix, make_queries, \
+    zoo_tasks_sorted
 from know2vec_jax import config as config_lib
 from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import Presets, require, require_known
-from know2vec_jax.data.perturb import SUITE, perturb
+from know2vec_jax.data import Task, load_source, sample_tasks, task_split
+from know2vec_jax.data.perturb import SUITE, Perturbation, perturb
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
-from know2vec_jax.pipeline import Cache
+from know2vec_jax.pipeline import Cache, pool_rows
 from know2vec_jax.proxy import Proxy, ProxyConfig, proxy_preset, zoo_metadata
 from know2vec_jax.zoo import load_zoo
+from know2vec_jax.zoo.specs import NEURAL_FAMILIES
 
-EXPECTED_RUNTIME = (
-    "full 31 min on the 2-core CPU from a built demo zoo with the knowledge cached (21 trainings "
-    "of about 45 s plus 23 s of queries each; phi and episodes cached after the first); --quick "
-    "4.6 min (277 s) with the knowledge, phi and episodes cached; from an empty cache add the "
-    "knowledge (84 s) and phi (70 s)")
-EXPECTED_NUMBERS = (
-    "468 queries, 3 aligner seeds. know2vec (augmented phi + episode views), 3 folds: seen top-1 "
-    "0.95, held-out top-1 0.52 +- 0.06 (spread over seeds), top-5 0.84, worst perturbation drop "
-    "0.20 (shift up 3 px). Fold 0: no augmentation worst drop 0.64 (shift diagonal 2 px); with "
-    "centring 0.09; held-out top-1 of every row 0.49-0.62 with spreads of 0.07-0.12. Anchor "
-    "matching held-out 0.36, LEEP 0.38 (top-5 0.99), random 0.01")
+EXPECTED_RUNTIME = "to be measured"
+EXPECTED_NUMBERS = "to be measured"
+VALIDATION = (
+    "python -m experiments.generalise --zoo artifacts/zoo-varied --validate (26 min; "
+    "experiments/results/generalise-validation.json): 68 queries of 34 validation tasks and 68 of "
+    "training tasks, 3 aligner seeds. Levers on (phi and episodes on nuisance views): vectors "
+    "alone unseen 0.47 / seen 0.98, worst perturbed view 0.69; class matching with token weight "
+    "0.25, vector weight 0.25, 100 neighbours (the best mean of unseen and seen top-1 of the 36 "
+    "settings token weight {0.25, 0.5, 1} x vector weight {0, 0.1, 0.25, 0.5} x neighbours "
+    "{10, 30, 100}) unseen 0.84 / seen 1.00, worst view 0.89 (shift); vector weight 0: seen "
+    "0.88; vector weight 0.5: unseen 0.76; token weight 1: unseen <= 0.72. Levers off, same "
+    "setting: unseen 0.80 / seen 1.00, worst view 0.84 (shift, contrast); vectors alone worst "
+    "view 0.34 (contrast). So: class matching on with those weights, and the levers on (both now "
+    "the demo preset's defaults)")
 
-# Each row is a set of overrides of the configured proxy.
+# Each row: (overrides of the proxy it trains, overrides of its retrieval settings at query time).
 ROWS = {
-    "know2vec": (),
-    "with-centring": ("backbone.centre=true",),
-    "no-episode-views": ("episode_augment=0",),
-    "no-phi-augmentation": ("backbone.augment=0",),
-    "no-augmentation": ("backbone.augment=0", "episode_augment=0"),
+    "know2vec": ((), ()),
+    "vector-only": ((), ("enabled=false",)),
+    "class-only": ((), ("vector_weight=0",)),
+    "no-augmentation": (("backbone.augment=0", "episode_augment=0"), ()),
 }
 DEFAULT_ROW = "know2vec"
-# The levers this experiment measures, on top of the product's demo proxy (which keeps them off
-# until the NNR table is regenerated with them).
-LEVERS = ("backbone.augment=0.8", "episode_augment=0.5")
+
+# Sources no zoo model of the demo or varied zoo was trained on (and phi never saw).
+OOD_SOURCES = ("mnist5k+rot90+invert", "fashion_mnist+rot90+invert", "digits+flip+blur")
+# Perturbations outside the suite, for model selection only.
+VALIDATION_VIEWS = (Perturbation("val_shift", "shift", (1, -2)),
+                    Perturbation("val_rotate", "rotate", 7.0),
+                    Perturbation("val_noise", "noise", 0.07),
+                    Perturbation("val_contrast", "contrast", 0.6),
+                    Perturbation("val_brightness", "brightness", 0.8))
 
 
 def _proxy(preset: str) -> ProxyConfig:
-  return config_lib.override(proxy_preset(preset), LEVERS)
+  """The product's proxy preset with the training levers on (the demo preset has them)."""
+  return config_lib.override(proxy_preset(preset), ("backbone.augment=0.8",
+                                                    "episode_augment=0.5"))
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneraliseConfig:
   """The generalisation experiment.
@@ -101,12 +122,12 @@ class GeneraliseConfig:
   Attributes:
     proxy: the proxy of the ``know2vec`` row (the ablation rows override it, :data:`ROWS`).
     folds, evaluate_folds: folds of the 4-way tasks, and how many are trained (the first ones).
-    seeds: aligner seeds per row (``proxy.align.seed``).
-    rows: the Know2Vec rows to train.
-    ablation_folds: folds the ablation rows are trained on (the first ones; the default row uses
-      ``evaluate_folds``).
+    seeds: aligner seeds (``proxy.align.seed``).
+    rows: the Know2Vec rows (the default row on ``evaluate_folds``, the others on fold 0).
+    families: leave-one-family-out families (those with tasks of their own in the zoo).
     queries_per_task, query_shots: evaluation queries per task and images per class.
     perturbations: names from :data:`know2vec_jax.data.perturb.SUITE`.
+    noise_queries, ood_tasks: pure-noise queries, and tasks per unseen source (2 queries each).
     leep: score LEEP (every query forwarded through every zoo model).
     seed: folds, queries and perturbation noise.
   """
@@ -115,22 +136,26 @@ class GeneraliseConfig:
   evaluate_folds: int = 3
   seeds: tuple[int, ...] = (0, 1, 2)
   rows: tuple[str, ...] = tuple(ROWS)
-  ablation_folds: int = 1
-  queries_per_task: int = 3
+  families: tuple[str, ...] = ("mlp", "cnn_s", "cnn_l", "logreg", "forest", "knn")
+  queries_per_task: int = 2
   query_shots: int = 5
   perturbations: tuple[str, ...] = tuple(SUITE)
+  noise_queries: int = 60
+  ood_tasks: int = 10
   leep: bool = True
   seed: int = 0
 
   def __post_init__(self):
     require(self.folds >= 2, f"folds must be >= 2, got {self.folds}")
-    require(1 <= self.evaluate_folds <= self.folds and 1 <= self.ablation_folds <= self.folds,
-            f"evaluate_folds and ablation_folds must be in 1..folds={self.folds}, got "
-            f"{self.evaluate_folds}, {self.ablation_folds}")
+    require(1 <= self.evaluate_folds <= self.folds,
+            f"evaluate_folds must be in 1..folds={self.folds}, got {self.evaluate_folds}")
     require(len(self.seeds) >= 1, "seeds must name at least one aligner seed")
     require(self.queries_per_task >= 1 and self.query_shots >= 1,
             "queries_per_task and query_shots must be >= 1")
+    require(self.noise_queries >= 0 and self.ood_tasks >= 0,
+            "noise_queries and ood_tasks must be >= 0")
     require_known(self.rows, ROWS, "row(s)")
+    require(DEFAULT_ROW in self.rows, f"rows must include {DEFAULT_ROW!r}")
     require_known(self.perturbations, SUITE, "perturbation(s)")
 
 
@@ -139,48 +164,126 @@ PRESETS: Presets[GeneraliseConfig] = Presets("generalise")
 
 @PRESETS.register("full")
 def _full() -> GeneraliseConfig:
-  """3 folds x 3 seeds for the default row, fold 0 x 3 seeds for each ablation row, LEEP."""
+  """3 folds x 3 seeds, the ablation rows on fold 0, 6 families left out, OOD, LEEP."""
   return GeneraliseConfig(proxy=_proxy("demo"))
 
 
 @PRESETS.register("quick")
 def _quick() -> GeneraliseConfig:
-  """Fold 0 x 3 seeds, the default row only, no LEEP."""
+  """Fold 0 x 3 seeds, the default row, perturbations and OOD; no family left out, no LEEP."""
   return GeneraliseConfig(proxy=_proxy("demo"), evaluate_folds=1, rows=(DEFAULT_ROW,),
-                          leep=False)
+                          families=(), leep=False)
 
 
 @PRESETS.register("tiny")
 def _tiny() -> GeneraliseConfig:
   """The tiny zoo and tiny proxy (tests): 3 folds, 2 seeds, two perturbations."""
-  return GeneraliseConfig(proxy=_proxy("tiny"), seeds=(0, 1), rows=(DEFAULT_ROW,),
-                          queries_per_task=2, query_shots=3,
-                          perturbations=("shift_down_2", "contrast_0.5"), leep=False)
+  return GeneraliseConfig(proxy=_proxy("tiny"), seeds=(0, 1), rows=(DEFAULT_ROW, "vector-only"),
+                          families=("cnn_s",), queries_per_task=2, query_shots=3,
+                          perturbations=("shift_down_2", "contrast_0.5"), noise_queries=4,
+                          ood_tasks=1, leep=False)
 
 
-# ---- the protocol's pieces -----------------------------------------------------------------------
+# ---- the protocol's pieces (pure, tested) --------------------------------------------------------
 
-def search_ranks(proxy: Proxy, index, queries, q_task: np.ndarray, m_task: dict) -> np.ndarray:
-  """Rank of the first model of each query's task, through ``embed_queries`` + ``search``.
+def exclusive_tasks(zoo) -> dict[str, list[Task]]:
+  """Family -> the tasks whose every model is of that family (by task id)."""
+  by_task: dict[Task, set] = {}
+  for r in zoo.records.values():
+    by_task.setdefault(r.task, set()).add(r.arch)
+  out: dict[str, list[Task]] = {}
+  for t, archs in sorted(by_task.items(), key=lambda kv: kv[0].task_id):
+    if len(archs) == 1:
+      out.setdefault(next(iter(archs)), []).append(t)
+  return out
+
+
+def family_split(zoo, family: str) -> tuple[list[str], list[str]]:
+  """(training model ids: every model not of ``family``, the family's model ids)."""
+  train = [m for m, r in zoo.records.items() if r.arch != family]
+  held = [m for m, r in zoo.records.items() if r.arch == family]
+  return train, held
+
+
+def noise_queries(n: int, k: int, shots: int, image_shape, seed: int):
+  """``n`` queries of uniform-noise images, ``shots`` per class of ``k``: fit no model."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(k, dtype=np.int32), shots)
+  return [(rng.random((k * shots,) + tuple(image_shape), np.float32), labels) for _ in range(n)]
+
+
+def source_queries(sources, tasks_per_source: int, per_task: int, shots: int, seed: int,
+                   k: int = 4):
+  """Queries of random ``k``-way tasks of each source (test splits): (source, images, labels)."""
+  out = []
+  for i, name in enumerate(sources):
+    data = load_source(name)
+    for j, task in enumerate(sample_tasks(data, k, tasks_per_source, seed=seed + 7 * i)):
+      for q in range(per_task):
+        x, y = make_queries([task], 1, shots, seed * 1000 + 31 * j + q)[0][1:]
+        out.append((name, x, y))
+  return out
+
+
+def train_split_queries(tasks, per_task: int, shots: int, seed: int, exclude: dict):
+  """Validation queries: ``shots`` images per class from each task's *train* split, never an
+  image of the probe pool (``exclude``: source -> train-split rows the pool holds).
+
+  Returns:
+    (task index, images, labels) triples.
+  """
+  out = []
+  for i, t in enumerate(tasks):
+    data = load_source(t.source)
+    idx, y = task_split(data, t, "train")
+    keep = ~np.isin(idx, exclude.get(t.source, []))
+    idx, y = idx[keep], y[keep]
+    rng = np.random.default_rng([seed, i])
+    for _ in range(per_task):
+      sel = np.concatenate([rng.choice(idx[y == c], shots, replace=False) for c in range(t.k)])
+      out.append((i, data.train_images[sel], np.repeat(np.arange(t.k, dtype=np.int32), shots)))
+  return out
+
+
+def perturbed(queries, view, seed: int):
+  """The same queries with every image perturbed (noise seeded per query)."""
+  return [(t, perturb(x, view, seed=seed * 7919 + qi), y) for qi, (t, x, y) in enumerate(queries)]
+
+
+def search_ranks(proxy: Proxy, index, queries, q_task: np.ndarray, m_task: dict,
+                 rows: dict | None = None):
+  """Rank of the first model of each query's task, and the no-fit flags, for each row's
+  retrieval settings.
+
+  This is :meth:`Proxy.search` split in its two public halves so that one description of the
+  queries (:meth:`Proxy.describe_queries`) is ranked under several settings
+  (:meth:`ModelIndex.match`).
 
   Args:
     proxy, index: the trained proxy and the index of every zoo model.
     queries: (task number, images, labels) triples.
-    q_task: [Q] each query's task number.
-    m_task: model id -> task number.
+    q_task: [Q] each query's task number; m_task: model id -> task number.
+    rows: row name -> ``MatchConfig`` overrides ("key=value" strings); default: the proxy's own
+      settings, returned bare.
 
   Returns:
-    int [Q], 1 = the first model retrieved is of the query's task.
+    (int [Q] ranks, 1 = the first model is of the query's task, R + 1 when none of the R models
+    returned (the shortlist) is; bool [Q] no-fit flags), per row when ``rows`` is given.
   """
-  qv = proxy.embed_queries([(x, y) for _, x, y in queries])
-  scores, got = index.search(qv, k=len(index))
-  correct = np.asarray([[m_task[m] == q_task[qi] for m in got[qi]] for qi in range(len(qv))])
-  return first_correct_rank(scores, correct)
-
-
-def perturbed(queries, name: str, seed: int):
-  """The same queries with every image perturbed by ``name`` (noise seeded per query)."""
-  return [(t, perturb(x, name, seed=seed * 7919 + qi), y) for qi, (t, x, y) in enumerate(queries)]
+  settings = {None: ()} if rows is None else rows
+  proxy.check_index(index)
+  vectors, classes = proxy.describe_queries([(x, y) for _, x, y in queries])
+  out = {}
+  for row, overrides in settings.items():
+    match = config_lib.override(proxy.config.match, overrides)
+    found = index.match(vectors, classes if match.enabled else None, len(index), match)
+    ranks = np.empty(len(queries), np.int64)
+    for qi, ids in enumerate(found.ids):
+      hit = [r for r, m in enumerate(ids) if m_task[m] == q_task[qi]]
+      # Past the vector stage's shortlist the order is unknown: rank it just past the list.
+      ranks[qi] = hit[0] + 1 if hit else len(ids) + 1
+    out[row] = (ranks, found.no_fit)
+  return out[None] if rows is None else out
 
 
 def summarise(ranks_by_seed: list[np.ndarray]) -> dict:
@@ -192,31 +295,53 @@ def summarise(ranks_by_seed: list[np.ndarray]) -> dict:
   return out
 
 
+def rate(flags_by_seed: list[np.ndarray]) -> dict:
+  """Mean and spread over seeds of the share of flagged queries."""
+  per = [float(np.mean(f)) if len(f) else 0.0 for f in flags_by_seed]
+  return {"rate": float(np.mean(per)), "spread": float(np.ptp(per)), "per_seed": per}
+
+
 # ---- the experiment ------------------------------------------------------------------------------
+
+def _setup(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str):
+  """(zoo, cache, tasks by id, model id -> task number, 4-way task -> fold)."""
+  zoo = load_zoo(zoo_dir)
+  tasks = zoo_tasks_sorted(zoo)
+  task_no = {t: i for i, t in enumerate(tasks)}
+  m_task = {m: task_no[r.task] for m, r in zoo.records.items()}
+  return zoo, Cache(cache_dir), tasks, m_task, fold_assignment(tasks, cfg.folds, cfg.seed)
+
 
 def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
         progress: bool = True) -> dict:
   """Runs the experiment; writes ``out`` (JSON) and a figure beside it when ``out`` is given."""
   t_start = time.perf_counter()
-  zoo = load_zoo(zoo_dir)
-  cache = Cache(cache_dir)
-  tasks = zoo_tasks_sorted(zoo)
-  task_no = {t: i for i, t in enumerate(tasks)}
-  m_task = {m: task_no[r.task] for m, r in zoo.records.items()}
-  fold_of = fold_assignment(tasks, cfg.folds, cfg.seed)
+  zoo, cache, tasks, m_task, fold_of = _setup(cfg, zoo_dir, cache_dir)
   queries = make_queries(tasks, cfg.queries_per_task, cfg.query_shots, cfg.seed)
   q_task = np.asarray([i for i, _, _ in queries])
   q_fold = np.asarray([fold_of.get(tasks[i], -1) for i in q_task])
   views = {p: perturbed(queries, p, cfg.seed) for p in cfg.perturbations}
   meta = zoo_metadata(zoo)
+  excl = exclusive_tasks(zoo)
+  families = [f for f in cfg.families if f in excl]
+  ood = {"noise": [(-1, x, y) for x, y in noise_queries(cfg.noise_queries, 4, cfg.query_shots,
+                                                          zoo.image_shape, cfg.seed + 11)]}
+  for name, x, y in source_queries(OOD_SOURCES, cfg.ood_tasks, 2, cfg.query_shots, cfg.seed):
+    ood.setdefault(name, []).append((-1, x, y))
+  ood = {k: v for k, v in ood.items() if v}
 
-  # ranks[row][view][seed] -> {fold: int [Q]}; a query is held out in its own fold only.
-  ranks: dict = {}
+  ranks: dict = {}  # row -> view -> seed -> fold -> int [Q]
+  flags: dict = {}  # seed -> fold -> bool [Q] (clean queries, default row)
+  ood_flags: dict = {}  # set -> seed -> fold -> bool [n]
+  lofo: dict = {}  # row -> family -> seed -> int [Q_F]
   costs: dict = {}
   reference = None
+  trainings = {}  # training overrides -> the rows it serves
   for row in cfg.rows:
-    pcfg = config_lib.override(cfg.proxy, ROWS[row])
-    n_folds = cfg.evaluate_folds if row == DEFAULT_ROW else cfg.ablation_folds
+    trainings.setdefault(ROWS[row][0], []).append(row)
+  for train_ov, rows in trainings.items():
+    pcfg = config_lib.override(cfg.proxy, train_ov)
+    n_folds = cfg.evaluate_folds if DEFAULT_ROW in rows else 1
     for seed in cfg.seeds:
       scfg = config_lib.override(pcfg, [f"align.seed={seed}"])
       for fold in range(n_folds):
@@ -225,14 +350,39 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
         index = proxy.build_index(groups_from_zoo(zoo, strategy=scfg.strategy), meta,
                                   cache=cache, progress=progress)
         t = time.perf_counter()
+        # Ablation rows on fold 0 only.
+        settings = {row: ROWS[row][1] for row in rows if row == DEFAULT_ROW or fold == 0}
         for view, qs in [("clean", queries)] + list(views.items()):
-          r = search_ranks(proxy, index, qs, q_task, m_task)
-          ranks.setdefault(row, {}).setdefault(view, {}).setdefault(seed, {})[fold] = r
-        c = costs.setdefault(row, {"train_s": [], "queries_s": []})
+          for row, (r, f) in search_ranks(proxy, index, qs, q_task, m_task, settings).items():
+            ranks.setdefault(row, {}).setdefault(view, {}).setdefault(seed, {})[fold] = r
+            if row == DEFAULT_ROW and view == "clean":
+              flags.setdefault(seed, {})[fold] = f
+        if DEFAULT_ROW in settings:
+          for name, qs in ood.items():
+            found = proxy.search(index, [(x, y) for _, x, y in qs], k=1)
+            ood_flags.setdefault(name, {}).setdefault(seed, {})[fold] = found.no_fit
+        c = costs.setdefault(",".join(rows), {"train_s": [], "queries_s": []})
         c["train_s"].append(proxy.info["seconds"]["total"])
         c["queries_s"].append(time.perf_counter() - t)
-        if reference is None and row == DEFAULT_ROW:
+        if reference is None and DEFAULT_ROW in rows:
           reference = proxy
+
+  # Leave one family out: trained without the family, every model in the index.
+  lofo_rows = [r for r in (DEFAULT_ROW, "vector-only") if r in cfg.rows]
+  for fam in families:
+    fam_q = [i for i, q in enumerate(queries) if tasks[q[0]] in excl[fam]]
+    for seed in cfg.seeds:
+      scfg = config_lib.override(cfg.proxy, [f"align.seed={seed}"])
+      train_ids, _ = family_split(zoo, fam)
+      proxy = Proxy.train(zoo, scfg, model_ids=train_ids, cache=cache, progress=progress)
+      index = proxy.build_index(groups_from_zoo(zoo, strategy=scfg.strategy), meta, cache=cache,
+                                progress=progress)
+      found = search_ranks(proxy, index, [queries[i] for i in fam_q], q_task[fam_q], m_task,
+                           {row: ROWS[row][1] for row in lofo_rows})
+      for row, (r, _) in found.items():
+        lofo.setdefault(row, {}).setdefault(fam, {})[seed] = r
+      costs.setdefault("leave-one-family-out", {"train_s": []})["train_s"].append(
+          proxy.info["seconds"]["total"])
 
   def split_ranks(per_fold: dict, split: str) -> np.ndarray:
     """Ranks of one split pooled over the trained folds (held-out: each query in its fold)."""
@@ -242,8 +392,10 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
       parts.append(r[keep])
     return np.concatenate(parts)
 
-  def row_summary(by_view: dict, folds) -> dict:
-    """One row's figures over the given folds: mean and spread over seeds."""
+  def row_summary(by_view: dict) -> dict:
+    """One row's figures over its trained folds: mean and spread over seeds."""
+    folds = sorted(by_view["clean"][cfg.seeds[0]])
+
     def pooled(view, seed, splits=("seen", "heldout")):
       per_fold = {f: by_view[view][seed][f] for f in folds}
       return np.concatenate([split_ranks(per_fold, sp) for sp in splits])
@@ -261,28 +413,49 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
                                     "drop": s[split]["top1"] - pert["top1"]}
       s["perturbations"][view] = entry
     s["max_drop"] = max((e["drop"] for e in s["perturbations"].values()), default=0.0)
-    s["folds"] = list(folds)
+    s["folds"] = folds
     return s
 
-  summary: dict = {}
-  common = range(min(cfg.ablation_folds, cfg.evaluate_folds))
-  for row, by_view in ranks.items():
-    trained = sorted(by_view["clean"][cfg.seeds[0]])
-    summary[row] = row_summary(by_view, trained)
-    # Every row on the folds all rows were trained on: the like-for-like ablation.
-    summary[row]["common_folds"] = row_summary(by_view, common)
+  summary = {row: row_summary(by_view) for row, by_view in ranks.items()}
+  for row in summary:  # the default row on fold 0 too: like for like with the ablation rows
+    if row == DEFAULT_ROW and len(summary[row]["folds"]) > 1:
+      summary[row]["fold0"] = row_summary({v: {sd: {0: per[0]} for sd, per in by_seed.items()}
+                                           for v, by_seed in ranks[row].items()})
+
+  def family_row(row: str) -> dict:
+    out = {}
+    for fam, by_seed in lofo.get(row, {}).items():
+      s = summarise([by_seed[sd] for sd in cfg.seeds])
+      out[fam] = {"top1": s["top1"], "top5": s["top5"], "mrr": s["mrr"], "spread": s["spread"],
+                  "neural": fam in NEURAL_FAMILIES,
+                  "models": sum(r.arch == fam for r in zoo.records.values()),
+                  "queries": int(len(by_seed[cfg.seeds[0]])), "tasks": len(excl[fam])}
+    return out
+
+  held_flags = [np.concatenate([flags[sd][f][q_fold == f] for f in sorted(flags[sd])])
+                for sd in cfg.seeds]
+  ood_summary = {"false_alarm": rate(held_flags),
+                 "false_alarm_seen": rate([np.concatenate([flags[sd][f][q_fold != f]
+                                                           for f in sorted(flags[sd])])
+                                           for sd in cfg.seeds]),
+                 "detection": {name: rate([np.concatenate(list(by_fold.values()))
+                                           for by_fold in by_seed.values()]) | {"queries": len(
+                                               ood[name])}
+                               for name, by_seed in ood_flags.items()},
+                 "threshold": reference.config.match.fit_threshold,
+                 "calibration": reference.info.get("calibration")}
 
   # Baselines on the same queries: their scores do not depend on the fold or the aligner seed.
   baselines: dict = {}
   groups = groups_from_zoo(zoo, strategy=cfg.proxy.strategy)
   ids, m_grid, m_mask = reference.model_grids(groups, cache=cache)
   correct = np.asarray([[m_task[m] == q_task[qi] for m in ids] for qi in range(len(queries))])
+  folds_trained = range(cfg.evaluate_folds)
 
-  def baseline_row(scores_by_view: dict, folds=range(cfg.evaluate_folds)) -> dict:
-    """A fold-independent scorer read like the Know2Vec rows: each fold's held-out and seen
-    queries pooled (``common_folds``: on the ablation rows' folds)."""
+  def baseline_row(scores_by_view: dict) -> dict:
+    """A fold-independent scorer read like the Know2Vec rows."""
     clean = first_correct_rank(scores_by_view["clean"], correct)
-    row = {split: retrieval_metrics(split_ranks({f: clean for f in folds}, split))
+    row = {split: retrieval_metrics(split_ranks({f: clean for f in folds_trained}, split))
            for split in ("seen", "heldout")}
     row["clean_top1"] = retrieval_metrics(clean)["top1"]
     row["perturbations"] = {}
@@ -290,8 +463,11 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
       if view != "clean":
         top1 = retrieval_metrics(first_correct_rank(sc, correct))["top1"]
         row["perturbations"][view] = {"top1": top1, "drop": row["clean_top1"] - top1}
-    if folds != common:
-      row["common_folds"] = baseline_row(scores_by_view, common)
+    row["leave_one_family_out"] = {}
+    for fam in families:
+      fam_q = np.asarray([i for i, q in enumerate(queries) if tasks[q[0]] in excl[fam]])
+      m = retrieval_metrics(clean[fam_q])
+      row["leave_one_family_out"][fam] = {k: m[k] for k in ("top1", "top5", "mrr")}
     return row
 
   def anchor_scores(qs):
@@ -311,13 +487,20 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
     baselines["leep"]["forwards_per_query"] = float(np.mean(forwards))
     baselines["leep"]["seconds_per_query"] = sec
 
+  d = summary[DEFAULT_ROW]
   res = {
-      "summary": {"seen": {m: summary[DEFAULT_ROW]["seen"][m] for m in ("top1", "top5", "mrr")},
-                  "heldout": {m: summary[DEFAULT_ROW]["heldout"][m]
-                              for m in ("top1", "top5", "mrr")},
-                  "perturbations": {v: {"top1": e["top1"], "drop": e["drop"]} for v, e in
-                                    summary[DEFAULT_ROW]["perturbations"].items()}},
-      "rows": summary, "baselines": baselines,
+      "summary": {
+          "seen": {m: d["seen"][m] for m in ("top1", "top5", "mrr")} | {
+              "spread": d["seen"]["spread"]},
+          "heldout": {m: d["heldout"][m] for m in ("top1", "top5", "mrr")} | {
+              "spread": d["heldout"]["spread"]},
+          "leave_one_family_out": family_row(DEFAULT_ROW),
+          "perturbations": {v: {"top1": e["top1"], "drop": e["drop"], "spread": e["spread"]}
+                            for v, e in d["perturbations"].items()},
+          "ood": {"false_alarm": ood_summary["false_alarm"]["rate"],
+                  "detection": {k: v["rate"] for k, v in ood_summary["detection"].items()}}},
+      "rows": summary, "baselines": baselines, "ood": ood_summary,
+      "leave_one_family_out": {row: family_row(row) for row in lofo},
       "ranks": {row: {view: {str(sd): {str(f): r.tolist() for f, r in per.items()}
                              for sd, per in by_seed.items()} for view, by_seed in by_view.items()}
                 for row, by_view in ranks.items()},
@@ -334,21 +517,85 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
   return res
 
 
+def validate(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, progress: bool = True,
+             grid: dict | None = None) -> dict:
+  """Model selection on validation queries (see the module docstring); never evaluation queries.
+
+  For each training variant (the levers on and off) and aligner seed, one proxy is trained; each
+  retrieval setting of ``grid`` (``MatchConfig`` fields -> values) is scored on the same proxy.
+
+  Returns:
+    {variant: {setting: {"unseen": top-1, "seen": top-1, "views": {name: top-1}}}} (mean over
+    seeds), printed as it goes.
+  """
+  zoo, cache, tasks, m_task, fold_of = _setup(cfg, zoo_dir, cache_dir)
+  task_no = {t: i for i, t in enumerate(tasks)}
+  train_pool = [t for t in tasks if fold_of.get(t, -1) != 0]
+  four = [t for t in train_pool if t.k == 4]
+  order = np.random.default_rng(cfg.seed + 3).permutation(len(four))
+  val = {four[int(i)] for i in order[:len(four) // 4]}
+  inner_ids = [m for m, r in zoo.records.items() if r.task in train_pool and r.task not in val]
+  keep_ids = [m for m, r in zoo.records.items() if r.task in train_pool]
+  sources = sorted({r.source for r in zoo.records.values()})
+  exclude = pool_rows(sources, cfg.proxy.pool_per_source, cfg.proxy.seed, zoo.image_shape)
+  seen_tasks = [t for t in train_pool if t not in val and t.k == 4][:len(val)]
+  all_tasks = sorted(val, key=lambda t: t.task_id) + seen_tasks
+  qs = train_split_queries(all_tasks, 2, cfg.query_shots, cfg.seed + 5, exclude)
+  q_task = np.asarray([task_no[all_tasks[i]] for i, _, _ in qs])
+  unseen = np.asarray([all_tasks[i] in val for i, _, _ in qs])
+  views = {v.name: perturbed(qs, v, cfg.seed) for v in VALIDATION_VIEWS}
+  grid = grid or {"token_weight": (0.25, 0.5, 1.0), "vector_weight": (0.0, 0.1, 0.25, 0.5),
+                  "neighbours": (10, 30, 100)}
+  settings = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
+  variants = {"levers": (), "no-augmentation": ("backbone.augment=0", "episode_augment=0")}
+  out: dict = {}
+  for name, ov in variants.items():
+    acc: dict = {}
+    for seed in cfg.seeds:
+      scfg = config_lib.override(cfg.proxy, list(ov) + [f"align.seed={seed}"])
+      proxy = Proxy.train(zoo, scfg, model_ids=inner_ids, cache=cache, progress=progress)
+      index = proxy.build_index(groups_from_zoo(zoo, model_ids=keep_ids), cache=cache)
+      by_key = {json.dumps(st): tuple(f"{k}={v}" for k, v in st.items())
+                for st in settings + [{"enabled": False}]}
+      for n in sorted({st.get("neighbours") for st in settings} - {None}):
+        p = proxy.with_match(neighbours=n)  # the query description depends on it
+        keys = {k: v for k, v in by_key.items() if f"neighbours={n}" in v or (
+            n == max(st.get("neighbours", 0) for st in settings) and "enabled=False" in v)}
+        clean = search_ranks(p, index, qs, q_task, m_task, keys)
+        per_view = {vname: search_ranks(p, index, vq, q_task, m_task, keys)
+                    for vname, vq in views.items()}
+        for key, (r, _) in clean.items():
+          entry = acc.setdefault(key, {"unseen": [], "seen": [], "views": {}})
+          entry["unseen"].append(float(np.mean(r[unseen] == 1)))
+          entry["seen"].append(float(np.mean(r[~unseen] == 1)))
+          for vname, res in per_view.items():
+            entry["views"].setdefault(vname, []).append(float(np.mean(res[key][0] == 1)))
+    out[name] = {k: {"unseen": float(np.mean(v["unseen"])), "seen": float(np.mean(v["seen"])),
+                     "views": {n: float(np.mean(x)) for n, x in v["views"].items()}}
+                 for k, v in acc.items()}
+    for k, v in out[name].items():
+      print(name, k, f"unseen {v['unseen']:.3f} seen {v['seen']:.3f} worst view "
+            f"{min(v['views'].values()):.3f}", flush=True)
+  return {"validation": out, "queries": len(qs), "unseen_queries": int(unseen.sum()),
+          "config": config_lib.to_dict(cfg)}
+
+
 def plot(out: dict, path: str) -> None:
-  """Top-1 per perturbation for each Know2Vec row and the anchor-matching baseline."""
+  """Left: top-1 per perturbation for each Know2Vec row and anchor matching; right: top-5 per
+  family left out."""
   plt = pyplot()
   if plt is None:
     return
-  rows = {r: s["common_folds"] for r, s in out["rows"].items()}  # like for like
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1.4]})
+  ax = axes[0]
+  rows = {r: s.get("fold0", s) for r, s in out["rows"].items()}
   views = ["clean"] + list(next(iter(rows.values()))["perturbations"])
-  fig, ax = plt.subplots(figsize=(11, 4.5))
   series = [(r, [s["clean_top1"]] + [s["perturbations"][v]["top1"] for v in views[1:]],
              [0.0] + [s["perturbations"][v]["spread"] for v in views[1:]])
             for r, s in rows.items()]
   a = out["baselines"]["anchor-matching (untrained)"]
-  a = a.get("common_folds", a)
   series.append(("anchor matching", [a["clean_top1"]] + [a["perturbations"][v]["top1"]
-                                                 for v in views[1:]], None))
+                                                         for v in views[1:]], None))
   width = 0.8 / len(series)
   for j, (name, vals, err) in enumerate(series):
     pos = np.arange(len(views)) + j * width - 0.4 + width / 2
@@ -357,17 +604,33 @@ def plot(out: dict, path: str) -> None:
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("top-1 (seen + held-out queries)")
   ax.set_title(f"Perturbed queries, {out['num_models']} models, {out['num_queries']} queries, "
-               f"fold(s) {next(iter(rows.values()))['folds']} (mean over aligner seeds, bars: "
-               f"spread)", fontsize=9)
+               f"fold 0 (mean over aligner seeds, bars: spread)", fontsize=9)
   ax.legend(fontsize=7, loc="lower left")
+  ax = axes[1]
+  fam = out["summary"]["leave_one_family_out"]
+  if fam:
+    names = list(fam)
+    vec = out["leave_one_family_out"].get("vector-only", {})
+    ax.bar(np.arange(len(names)) - 0.2, [fam[n]["top5"] for n in names], 0.4, label="know2vec",
+           yerr=[fam[n]["spread"]["top5"] for n in names], capsize=2)
+    if vec:
+      ax.bar(np.arange(len(names)) + 0.2, [vec[n]["top5"] for n in names], 0.4,
+             label="vector-only")
+    ax.axhline(0.8, color="red", lw=0.8, ls="--", label="target")
+    ax.set_xticks(np.arange(len(names)), [f"{n}{'' if fam[n]['neural'] else '*'}"
+                                          for n in names], rotation=30, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("top-5")
+    ax.set_title("Family left out of training (*: not neural)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
 def format_table(out: dict) -> str:
-  """Markdown: the configured proxy and the baselines over every trained fold, then every row on
-  the folds all rows were trained on (the ablation), each with its worst perturbation drop."""
+  """Markdown: the configured proxy and the baselines over every trained fold, the ablation rows
+  on fold 0, leave-one-family-out, and the no-fit flag."""
   def line(name, s, spread: bool):
     worst = max(s["perturbations"].items(), key=lambda kv: kv[1]["drop"], default=(None, None))
     w = f"{worst[1]['drop']:.3f} ({worst[0]})" if worst[0] else "-"
@@ -377,15 +640,27 @@ def format_table(out: dict) -> str:
   head = ["| method | seen top-1 | held-out top-1 | held-out top-5 | held-out MRR | "
           "worst perturbation drop |", "|---|---|---|---|---|---|"]
   d = out["rows"][DEFAULT_ROW]
-  lines = [f"Every trained fold ({len(d['folds'])}):"] + head
-  lines.append(line(DEFAULT_ROW, d, True))
+  lines = [f"Every trained fold ({len(d['folds'])}):"] + head + [line(DEFAULT_ROW, d, True)]
   lines += [line(n, b, False) for n, b in out["baselines"].items()]
   if len(out["rows"]) > 1:
-    lines += ["", f"Ablation, on the folds every row was trained on "
-              f"({len(d['common_folds']['folds'])}):"] + head
-    lines += [line(r, s["common_folds"], True) for r, s in out["rows"].items()]
-    lines += [line(n, b["common_folds"], False) for n, b in out["baselines"].items()
-              if "common_folds" in b]
+    lines += ["", "Ablation, fold 0:"] + head
+    lines += [line(r, s.get("fold0", s), True) for r, s in out["rows"].items()]
+  fam = out["summary"]["leave_one_family_out"]
+  if fam:
+    lines += ["", "Leave one family out (top-5; a query of a task only the family has):",
+              "| family | neural | models | know2vec top-1 | know2vec top-5 | vector-only top-5 "
+              "| anchor matching top-5 |", "|---|---|---|---|---|---|---|"]
+    vec = out["leave_one_family_out"].get("vector-only", {})
+    am = out["baselines"]["anchor-matching (untrained)"]["leave_one_family_out"]
+    for n, s in fam.items():
+      v = f"{vec[n]['top5']:.3f}" if n in vec else "-"
+      lines.append(f"| {n} | {'yes' if s['neural'] else 'no'} | {s['models']} | "
+                   f"{s['top1']:.3f} | {s['top5']:.3f} ± {s['spread']['top5']:.3f} | {v} | "
+                   f"{am[n]['top5']:.3f} |")
+  o = out["ood"]
+  lines += ["", f"No fit (threshold {o['threshold']:.3f}): false alarm on held-out queries "
+            f"{o['false_alarm']['rate']:.3f} (seen {o['false_alarm_seen']['rate']:.3f}); "
+            "detection " + ", ".join(f"{k} {v['rate']:.3f}" for k, v in o["detection"].items())]
   return "\n".join(lines)
 
 
@@ -396,10 +671,18 @@ def main(argv=None):
                     "generalise-quick.json with --quick)",
                     "cache of derived artifacts (knowledge, backbone, episodes)",
                     quick="the 'quick' preset")
+  p.add_argument("--validate", action="store_true",
+                 help="model selection on validation queries carved from fold 0's training tasks")
   args = p.parse_args(argv)
   if args.quick:
     args.preset = "quick"
   cfg = config_from_args(p, PRESETS, args)
+  if args.validate:
+    res = validate(cfg, args.zoo, args.cache, not args.quiet)
+    path = pathlib.Path(args.out or "experiments/results/generalise-validation.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    return
   out_path = args.out or ("experiments/results/generalise-quick.json" if args.preset == "quick"
                           else "experiments/results/generalise.json")
   out = run(cfg, args.zoo, args.cache, out_path, progress=not args.quiet)

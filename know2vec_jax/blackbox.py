@@ -8,6 +8,11 @@ batch of inputs *per model* (``[M, B, H, W, C] -> [M, B, K]``) or one batch shar
   (:mod:`know2vec_jax.probe`: ``vmap | map | loop | auto``, sharded over devices).
 - :class:`CallableBlackBox`, the slow path: any Python callable ``images -> logits`` (a remote API,
   a PyTorch model, ...), called in batches; it is a group of one.
+- :class:`EstimatorGroup`: fitted scikit-learn-style estimators on pixel vectors, answering
+  logits, probabilities or one-hot labels (a zoo's non-neural families).
+
+What a black box returns may be logits, probabilities or one-hot labels alike: the proxy reads
+only each row's argmax and margin, and breaks ties (one-hot rows) by a fixed pool order.
 
 Every group counts the inputs each model evaluated and can enforce a per-model budget. Inputs are
 validated (shape, dtype, range, finiteness) and so are outputs (shape, finiteness): a failure names
@@ -107,12 +112,23 @@ class BlackBoxGroup:
     Raises:
       InputError: an id that is not in the group.
     """
-    unknown = [m for m in model_ids if m not in self.model_ids]
-    if unknown:
-      raise InputError(f"model id {unknown[0]!r} is not in this black-box group")
-    if list(model_ids) == self.model_ids:
+    if self._members(model_ids) is None:
       return self
     raise NotImplementedError(f"{type(self).__name__} cannot be split into sub-groups")
+
+  def _members(self, model_ids: Sequence[str]) -> np.ndarray | None:
+    """The rows of ``model_ids`` in this group, or None when they are the whole group in order.
+
+    Raises:
+      InputError: an id that is not in the group.
+    """
+    if list(model_ids) == self.model_ids:
+      return None
+    unknown = [m for m in model_ids if m not in self.model_ids]
+    if unknown:
+      raise InputError(f"model id {unknown[0]!r} is not in black-box group "
+                       f"{getattr(self, 'name', self.model_ids[:3])!r}")
+    return np.asarray([self.model_ids.index(m) for m in model_ids])
 
   def _attach(self, parent: "BlackBoxGroup", model_ids: Sequence[str]) -> "BlackBoxGroup":
     rows = np.asarray([parent.model_ids.index(m) for m in model_ids])
@@ -212,12 +228,9 @@ class StackGroup(BlackBoxGroup):
 
   def subset(self, model_ids: Sequence[str]) -> "StackGroup":
     """The listed models of the stack as one group (counted here too); see the base class."""
-    if list(model_ids) == self.model_ids:
+    rows = self._members(model_ids)
+    if rows is None:
       return self
-    unknown = [m for m in model_ids if m not in self.model_ids]
-    if unknown:
-      raise InputError(f"model id {unknown[0]!r} is not in stack group {self.name!r}")
-    rows = np.asarray([self.model_ids.index(m) for m in model_ids])
     stack = dataclasses.replace(self._stack, model_ids=list(model_ids),
                                 params=jax.tree.map(lambda a: a[rows], self._stack.params))
     sub = StackGroup(stack, strategy=self.strategy, mesh=self._mesh, budget=self.budget)
@@ -280,6 +293,79 @@ class CallableBlackBox(BlackBoxGroup):
     return np.concatenate(outs)[None] if outs else np.zeros((1, 0, self.num_classes), np.float32)
 
 
+class EstimatorGroup(BlackBoxGroup):
+  """Fitted scikit-learn-style estimators of one output size as black boxes.
+
+  The adapter behind a zoo's non-neural families (:mod:`know2vec_jax.zoo.estimators`), usable for
+  any estimator set: it flattens each image to a pixel vector and answers what the family answers
+  (``logits``, ``probabilities`` or one-hot ``labels``); the proxy treats all three alike, by the
+  argmax and the margin of each row.
+
+  Args:
+    estimators: an object with ``model_ids``, ``num_classes``, ``image_shape``, ``family``,
+      ``output``, ``estimator(i)`` and ``fingerprints()`` (a zoo's
+      :class:`know2vec_jax.zoo.estimators.EstimatorSet`).
+    budget: optional per-model query budget.
+  """
+
+  def __init__(self, estimators, *, budget: int | None = None):
+    super().__init__(estimators.model_ids, estimators.num_classes, estimators.image_shape, budget)
+    self._set = estimators
+    self._rows = list(range(len(estimators.model_ids)))
+    self._fps = list(estimators.fingerprints())
+    self.name = getattr(estimators, "name", "estimators")
+
+  @property
+  def fingerprints(self) -> list[str | None]:
+    return list(self._fps)
+
+  def subset(self, model_ids: Sequence[str]) -> "EstimatorGroup":
+    """The listed estimators as one group (counted here too); see the base class."""
+    pos = self._members(model_ids)
+    if pos is None:
+      return self
+    sub = EstimatorGroup.__new__(EstimatorGroup)
+    BlackBoxGroup.__init__(sub, model_ids, self.num_classes, self.image_shape, self.budget)
+    sub._set, sub.name = self._set, self.name
+    sub._rows = [self._rows[i] for i in pos]
+    sub._fps = [self._fps[i] for i in pos]
+    return sub._attach(self, model_ids)
+
+  def _evaluate(self, images, shared: bool):
+    x = np.asarray(images, np.float32)
+    return np.stack([estimator_outputs(self._set.estimator(r), x if shared else x[i],
+                                       self._set.output, self.num_classes)
+                     for i, r in enumerate(self._rows)])
+
+
+def estimator_outputs(estimator, images: np.ndarray, output: str, num_classes: int
+                      ) -> np.ndarray:
+  """What a fitted scikit-learn-style estimator answers for images.
+
+  Args:
+    estimator: has ``decision_function`` (``output="logits"``), ``predict_proba``
+      (``"probabilities"``) or ``predict`` (``"labels"``).
+    images: float32 [B, H, W, C], flattened to pixel vectors.
+    output: ``logits``, ``probabilities`` or ``labels``.
+    num_classes: K.
+
+  Returns:
+    float32 [B, K]: the logits, the probabilities, or one-hot labels.
+  """
+  x = np.asarray(images, np.float32).reshape(len(images), -1)
+  if output == "logits":
+    out = estimator.decision_function(x)
+    if out.ndim == 1:  # two classes: one column, the score of class 1
+      out = np.stack([-out, out], axis=1) / 2
+  elif output == "probabilities":
+    out = estimator.predict_proba(x)
+  elif output == "labels":
+    out = np.eye(num_classes, dtype=np.float32)[np.asarray(estimator.predict(x), np.int64)]
+  else:
+    raise InputError(f"estimator output must be logits, probabilities or labels, got {output!r}")
+  return np.asarray(out, np.float32)
+
+
 def groups_from_zoo(zoo, *, strategy: str = "auto", mesh=None, budget: int | None = None,
                     model_ids: Sequence[str] | None = None) -> list[BlackBoxGroup]:
   """The zoo's models as black-box groups, one per stack (optionally only some models).
@@ -307,4 +393,13 @@ def groups_from_zoo(zoo, *, strategy: str = "auto", mesh=None, budget: int | Non
         stack = dataclasses.replace(stack, model_ids=[stack.model_ids[i] for i in rows],
                                     params=jax.tree.map(lambda a: a[sel], stack.params))
     groups.append(StackGroup(stack, strategy=strategy, mesh=mesh, budget=budget))
+  for est in getattr(zoo, "estimators", {}).values():
+    group = EstimatorGroup(est, budget=budget)
+    if wanted is not None:
+      keep = [m for m in est.model_ids if m in wanted]
+      if not keep:
+        continue
+      group = group.subset(keep) if len(keep) != len(est) else group
+      group._parent = None  # a fresh group of its own, not counted on a throw-away parent
+    groups.append(group)
   return groups

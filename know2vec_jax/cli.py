@@ -33,7 +33,7 @@ DEFAULT_ZOO = os.environ.get("KNOW2VEC_ZOO", "artifacts/zoo-demo")
 # Metadata keys shown as extra columns of the query table by default, after rank, model id,
 # architecture, task and score (``--columns`` adds more). A metadata field that index builders
 # start writing (e.g. a predicted fine-tune accuracy) becomes a column by being named here.
-DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ()
+DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ("agreement", "token", "vector")
 # `know2vec eval NAME` runs experiments.NAME.main: the experiments and benchmarks are packages of
 # the distribution (pyproject.toml), importable wherever know2vec-jax is installed.
 EXPERIMENTS = ("nnr", "sfmte", "generalise", "latency")
@@ -272,6 +272,10 @@ def _cmd_train(args) -> int:
           f"loss {info['align_final'].get('loss', float('nan')):.3f}\n"
           f"{s['total']:.0f} s (knowledge {s['knowledge']:.0f} s, backbone {s['backbone']:.0f} s, "
           f"grids {s['grids']:.0f} s, aligner {s['align']:.0f} s)")
+  cal = info.get("calibration")
+  if cal:
+    text += (f"\nno-fit threshold {cal['threshold']:.3f} (calibrated on {cal['queries']} "
+             f"validation queries of the training tasks, false alarm {cal['false_alarm']})")
   _print(result, args.json, text)
   return 0
 
@@ -398,18 +402,39 @@ def query_table(rows: list[dict], extra_columns=()) -> str:
 
 
 def _cmd_query(args) -> int:
-  from know2vec_jax.proxy import Proxy, query
+  from know2vec_jax.proxy import Proxy, query_result
   if args.k < 1:
     raise CommandError(f"-k must be >= 1, got {args.k}")
   proxy = Proxy.load(args.proxy)
+  if args.set:
+    proxy = proxy.with_match(**dict(_match_override(o) for o in args.set))
   index = proxy.load_index(args.index)
   images, labels, desc = _query_images(args, proxy)
-  rows = query(proxy, index, images, labels, k=args.k)
+  res = query_result(proxy, index, images, labels, k=args.k)
+  rows = res["results"]
   extra = list(DEFAULT_QUERY_COLUMNS) + (_split_list(args.columns) or [])
   head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
           f"{desc['num_images']} images; top {len(rows)} of {len(index)} models")
-  _print({"query": desc, "results": rows}, args.json, head + "\n" + query_table(rows, extra))
+  if not proxy.config.match.enabled:
+    fit = "class matching off: no fit check"
+  elif res["no_fit"]:
+    fit = (f"NO FIT: the best model's class-level fit {res['fit']:.3f} is below the proxy's "
+           f"threshold {res['fit_threshold']:.3f}; no model of the index is likely to fit these "
+           "classes")
+  else:
+    fit = f"fit {res['fit']:.3f} (threshold {res['fit_threshold']:.3f})"
+  _print({"query": desc, "results": rows, "fit": res["fit"], "no_fit": res["no_fit"],
+          "fit_threshold": res["fit_threshold"]}, args.json,
+         head + "\n" + query_table(rows, extra) + "\n" + fit)
   return 0
+
+
+def _match_override(item: str) -> tuple[str, str]:
+  """``match.KEY=VALUE`` (or ``KEY=VALUE``) -> (KEY, VALUE) for :meth:`Proxy.with_match`."""
+  key, sep, value = item.partition("=")
+  if not sep:
+    raise CommandError(f"--set expects KEY=VALUE, got {item!r}")
+  return key.removeprefix("match."), value
 
 
 # ---- eval / bench --------------------------------------------------------------------------------
@@ -543,9 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   q = sub.add_parser(
       "query", help="rank the index's models for a few-shot task",
-      description="Embeds a few-shot labelled image set with the proxy's query vectorizer and "
-      "prints the top-k models of the index: rank, id, architecture, task, score (cosine), and "
-      "any --columns from the models' index metadata.")
+      description="Embeds a few-shot labelled image set with the proxy, ranks the index's "
+      "models by the aligned vectors and class-level matching, and prints the top-k: rank, id, "
+      "architecture, task, score with its parts (agreement, token, vector cosine) and any "
+      "--columns from the models' index metadata; then whether any model fits the query's "
+      "classes (the no-fit flag; --json carries fit, no_fit and fit_threshold).")
   q.add_argument("--proxy", required=True, help="the trained proxy directory")
   q.add_argument("--index", required=True, help="an index built with that proxy")
   src = q.add_mutually_exclusive_group(required=True)
@@ -562,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("-k", type=int, default=10, help="how many models (default 10)")
   q.add_argument("--columns", default=None,
                  help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
+  q.add_argument("--set", action="append", default=[], metavar="match.KEY=VALUE",
+                 help="change a retrieval setting of the proxy for this query, e.g. "
+                 "match.vector_weight=0, match.shortlist=0, match.enabled=false (repeatable)")
   q.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
 
   e = sub.add_parser("eval", help="run an experiment: " + ", ".join(EXPERIMENTS) +

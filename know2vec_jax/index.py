@@ -4,11 +4,19 @@ Each model of the zoo is one row: a unit vector of size ``dim`` (from the model 
 JSON-serialisable metadata dict, keyed by a unique string model id. Search is maximum inner product
 (cosine, since rows are unit vectors) with ``jax.lax.top_k``; rows can be sharded across devices.
 
+An index built by a proxy also holds each model's **class knowledge**: its class tokens
+[K_max, D] (mean phi of each class's anchors), their mask, and its label for every image of the
+proxy's probe pool (uint8 [N]). :meth:`ModelIndex.match` then ranks in two stages: the vector
+stage keeps a shortlist per query, and class-level matching (:mod:`know2vec_jax.classmatch`)
+scores it. Rows hold class knowledge all or none.
+
 Layout of an index directory::
 
     index.json   manifest: format, version, dim, ids (row order), one metadata dict per model,
-                 the checksum and shape of the vectors
+                 the class-knowledge shapes (or null), the checksum and shape of every array
     vectors/     orbax checkpoint of {"vectors": float32 [M, dim]} (absent when M == 0)
+    classes/     orbax checkpoint of {"tokens": float32 [M, K_max, D], "mask": float32
+                 [M, K_max], "pool_labels": uint8 [M, N]} (only with class knowledge)
 
 An index is written into a sibling temporary directory with the manifest last, then renamed into
 place, so an interrupted save leaves any previous index at that path intact and loadable.
@@ -16,6 +24,7 @@ place, so an interrupted save leaves any previous index at that path intact and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -28,13 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from know2vec_jax import storage
+from know2vec_jax import classmatch, storage
 from know2vec_jax.mesh import data_mesh
 
 FORMAT = "know2vec-index"
-VERSION = 2  # 2: checksums and shapes of the vectors in the manifest
+VERSION = 3  # 3: class knowledge (tokens, mask, pool labels) beside the vectors
 MANIFEST = "index.json"
 VECTORS_DIR = "vectors"
+CLASSES_DIR = "classes"
+CLASS_ARRAYS = ("tokens", "mask", "pool_labels")
 DTYPES = ("float32", "bfloat16")
 # Below this many rows one device answers a search faster than a cross-device gather costs.
 SHARD_MIN_ROWS = 8192
@@ -88,6 +99,28 @@ def _sharded_search_fn(mesh: jax.sharding.Mesh, k_local: int, k: int) -> Callabl
   return jax.jit(fn)
 
 
+@dataclasses.dataclass
+class Matches:
+  """What :meth:`ModelIndex.match` returns for Q queries, best first (k' columns).
+
+  Attributes:
+    ids: per query, the k' model ids.
+    scores: float32 [Q, k'] the retrieval score (:func:`know2vec_jax.classmatch.combine`).
+    agreement, token, vector: float32 [Q, k'] its parts.
+    fit: float32 [Q] the best model's class-level fit score
+      (:func:`know2vec_jax.classmatch.fit_score`).
+    no_fit: bool [Q] the fit score is below the config's ``fit_threshold``: no model of the
+      index fits the query's classes well.
+  """
+  ids: list[list[str]]
+  scores: np.ndarray
+  agreement: np.ndarray
+  token: np.ndarray
+  vector: np.ndarray
+  fit: np.ndarray
+  no_fit: np.ndarray
+
+
 def _json_copy(obj: Any, what: str) -> Any:
   """``obj`` as it reads back from JSON (so a loaded index equals the saved one)."""
   try:
@@ -135,6 +168,7 @@ class ModelIndex:
     self._row: dict[str, int] = {}
     self._meta: list[dict] = []
     self._vectors = np.zeros((0, self._dim), np.float32)
+    self._classes: dict[str, np.ndarray] | None = None  # CLASS_ARRAYS, one row per model
     self._device_state = None  # (vectors on device, num_valid on device, mesh or None)
 
   # ---- read access -------------------------------------------------------------------------
@@ -167,6 +201,23 @@ class ModelIndex:
     view.flags.writeable = False  # writes would bypass the device cache's invalidation
     return view
 
+  @property
+  def has_classes(self) -> bool:
+    """Whether the rows hold class knowledge (so :meth:`match` can score classes)."""
+    return self._classes is not None
+
+  @property
+  def classes(self) -> dict[str, np.ndarray] | None:
+    """The class knowledge (``tokens``, ``mask``, ``pool_labels``, one row per model), read-only
+    views; None when the index holds none."""
+    if self._classes is None:
+      return None
+    out = {}
+    for name, a in self._classes.items():
+      out[name] = a.view()
+      out[name].flags.writeable = False
+    return out
+
   def metadata(self, model_id: str) -> dict:
     """A copy of one model's metadata dict.
 
@@ -195,8 +246,8 @@ class ModelIndex:
 
   # ---- mutation ------------------------------------------------------------------------------
 
-  def add_vectors(self, ids: Sequence[str], vectors, metadata: Sequence[dict] | None = None
-                  ) -> None:
+  def add_vectors(self, ids: Sequence[str], vectors, metadata: Sequence[dict] | None = None,
+                  classes: dict | None = None) -> None:
     """Adds models; their vectors are L2-normalised before they are stored.
 
     Nothing is added unless every row is valid.
@@ -205,9 +256,14 @@ class ModelIndex:
       ids: n new, unique, non-empty model ids.
       vectors: array-like [n, dim] of finite, non-zero vectors.
       metadata: n JSON-serialisable dicts, or None for empty dicts.
+      classes: the models' class knowledge, ``{"tokens": float [n, K_max, D], "mask": [n,
+        K_max], "pool_labels": int [n, N]}`` (what :meth:`know2vec_jax.proxy.Proxy.build_index`
+        gives); required when the index already holds class knowledge, refused when it holds
+        rows without.
 
     Raises:
-      IndexStoreError: wrong shape, NaN/inf or zero vector, duplicate or invalid id, bad metadata.
+      IndexStoreError: wrong shape, NaN/inf or zero vector, duplicate or invalid id, bad metadata,
+        class knowledge missing, unexpected or of another shape.
     """
     if isinstance(ids, str):
       raise IndexStoreError(f"ids must be a list of model ids, got the string {ids!r}")
@@ -253,12 +309,50 @@ class ModelIndex:
       if n == 0:
         raise IndexStoreError(f"vector of {i!r} is zero; it has no direction to normalise")
     unit = (rows / norms[:, None]).astype(np.float32)
+    new_classes = self._check_classes(classes, len(ids))
     self._vectors = np.concatenate([self._vectors, unit], axis=0)
+    if new_classes is not None:
+      self._classes = (new_classes if self._classes is None else
+                       {n: np.concatenate([self._classes[n], new_classes[n]]) for n in CLASS_ARRAYS})
     for i, m in zip(ids, metas):
       self._row[i] = len(self._ids)
       self._ids.append(i)
       self._meta.append(m)
     self._device_state = None
+
+  def _check_classes(self, classes: dict | None, n: int) -> dict | None:
+    """Validated class knowledge of n new rows (None when there is none)."""
+    if classes is None:
+      if self._classes is not None:
+        raise IndexStoreError("this index holds class knowledge for every model; new models need "
+                              "theirs too (add them with Proxy.build_index)")
+      return None
+    if len(self) and self._classes is None:
+      raise IndexStoreError("this index holds models without class knowledge; models with it "
+                            "cannot join them (build a new index with Proxy.build_index)")
+    if not isinstance(classes, dict) or set(classes) != set(CLASS_ARRAYS):
+      raise IndexStoreError(f"classes must be a dict with keys {list(CLASS_ARRAYS)}")
+    tokens = np.asarray(classes["tokens"], np.float32)
+    mask = np.asarray(classes["mask"], np.float32)
+    labels = np.asarray(classes["pool_labels"])
+    if tokens.ndim != 3 or tokens.shape[0] != n or mask.shape != tokens.shape[:2] \
+        or labels.ndim != 2 or labels.shape[0] != n:
+      raise IndexStoreError(f"class knowledge must be tokens [n, K_max, D], mask [n, K_max] and "
+                            f"pool_labels [n, N] for n = {n} models, got {list(tokens.shape)}, "
+                            f"{list(mask.shape)}, {list(labels.shape)}")
+    if self._classes is not None:
+      have = (self._classes["tokens"].shape[1:], self._classes["pool_labels"].shape[1])
+      if (tokens.shape[1:], labels.shape[1]) != have:
+        raise IndexStoreError(f"class knowledge of shape tokens {list(tokens.shape[1:])}, pool "
+                              f"{labels.shape[1]} does not match the index's tokens "
+                              f"{list(have[0])}, pool {have[1]}: it comes from another proxy")
+    if not np.all(np.isfinite(tokens)):
+      raise IndexStoreError("class tokens hold NaN or inf")
+    k = mask.sum(1)
+    if np.any(k < 1) or np.any(labels < 0) or np.any(labels >= np.maximum(k, 1)[:, None]):
+      raise IndexStoreError("class knowledge is inconsistent: every model needs at least one "
+                            "class in its mask and pool labels in 0..K-1")
+    return {"tokens": tokens, "mask": mask, "pool_labels": labels.astype(np.uint8)}
 
   def add(self, model_id: str, vectorize_fn: Callable[..., Any], *args,
           metadata: dict | None = None) -> np.ndarray:
@@ -304,6 +398,8 @@ class ModelIndex:
       return
     keep = [r for r in range(len(self._ids)) if r not in drop]
     self._vectors = self._vectors[keep]
+    if self._classes is not None:
+      self._classes = {n: a[keep] for n, a in self._classes.items()} if keep else None
     self._ids = [self._ids[r] for r in keep]
     self._meta = [self._meta[r] for r in keep]
     self._row = {i: r for r, i in enumerate(self._ids)}
@@ -377,6 +473,67 @@ class ModelIndex:
     assert idx.size == 0 or idx.max() < len(self), "search returned a padding row"
     return scores, [[self._ids[j] for j in row] for row in idx]
 
+  def match(self, queries, classes: classmatch.QueryClasses, k: int = 10,
+            config: classmatch.MatchConfig = classmatch.MatchConfig()) -> Matches:
+    """The k best models per query by vector *and* class-level score (two stages).
+
+    The vector stage ranks every row by q . m and keeps ``config.shortlist`` candidates per query
+    (all rows when the shortlist is 0 or at least the index size); the candidates are scored by
+    :func:`know2vec_jax.classmatch.class_scores` and ranked by
+    :func:`know2vec_jax.classmatch.combine`. With ``config.enabled`` False this is :meth:`search`
+    (the class parts are then zero and no query is flagged).
+
+    Args:
+      queries: float [Q, dim] (or [dim]) query vectors.
+      classes: the same queries' :class:`know2vec_jax.classmatch.QueryClasses`.
+      k: how many models to return per query (at most the shortlist).
+      config: the weights, the shortlist and the no-fit threshold.
+
+    Returns:
+      :class:`Matches`.
+
+    Raises:
+      IndexStoreError: as :meth:`search`; an index without class knowledge; classes for another
+        number of queries or another token size.
+    """
+    q = np.atleast_2d(np.asarray(queries, np.float32))
+    nq = q.shape[0]
+    if not config.enabled:
+      scores, ids = self.search(q, k)
+      zero = np.zeros_like(scores)
+      return Matches(ids, scores, zero, zero, scores, np.zeros(nq, np.float32),
+                     np.zeros(nq, bool))
+    if not self.has_classes:
+      raise IndexStoreError("this index holds no class knowledge (it was not built by "
+                            "Proxy.build_index): search it with vectors alone (match.enabled=false)")
+    if len(classes) != nq:
+      raise IndexStoreError(f"got class descriptions of {len(classes)} queries for {nq} query "
+                            "vectors")
+    if classes.prototypes.shape[-1] != self._classes["tokens"].shape[-1]:
+      raise IndexStoreError(f"query prototypes of size {classes.prototypes.shape[-1]} do not match "
+                            f"the index's class tokens of size {self._classes['tokens'].shape[-1]}")
+    m = len(self)
+    r = m if config.shortlist == 0 else min(config.shortlist, m)
+    if r == m:  # every row is a candidate: score them all, no vector top-k needed
+      self.search(q[:1], 1)  # validates the queries like search does
+      vec = q @ self._vectors.T
+      rows = np.broadcast_to(np.arange(m), (nq, m))
+    else:
+      vec, ids = self.search(q, r)
+      rows = np.asarray([[self._row[i] for i in row] for row in ids])
+    agree, tok = classmatch.class_scores(classes, self._classes["tokens"], self._classes["mask"],
+                                         self._classes["pool_labels"], rows)
+    score = classmatch.combine(agree, tok, vec, config)
+    kk = min(int(k), r)
+    # Best first; equal scores keep the vector stage's order (stable).
+    order = np.argsort(-score, axis=1, kind="stable")[:, :kk]
+    take = lambda a: np.take_along_axis(np.asarray(a, np.float32), order, 1)  # noqa: E731
+    fit = classmatch.fit_score(agree, tok, config)
+    best_fit = take(fit)[:, 0] if kk else np.zeros(nq, np.float32)
+    return Matches([[self._ids[j] for j in row] for row in np.take_along_axis(rows, order, 1)],
+                   take(score), take(agree), take(tok), take(vec), best_fit,
+                   best_fit < config.fit_threshold)
+
   # ---- storage -------------------------------------------------------------------------------
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
@@ -388,11 +545,18 @@ class ModelIndex:
     Returns:
       The absolute path written.
     """
+    classes = None
+    if self._classes is not None:
+      t = self._classes["tokens"]
+      classes = {"max_classes": t.shape[1], "token_dim": t.shape[2],
+                 "pool_size": self._classes["pool_labels"].shape[1]}
     manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
                 "num_vectors": len(self), "vectors_dtype": "float32", "ids": self._ids,
-                "metadata": self._meta}
+                "metadata": self._meta, "classes": classes}
     # orbax cannot save a zero-size array: an empty index is its manifest alone.
     trees = {VECTORS_DIR: {"vectors": np.array(self._vectors)}} if len(self) else {}
+    if classes is not None:
+      trees[CLASSES_DIR] = {n: np.array(a) for n, a in self._classes.items()}
     return storage.save_artifact(path, trees, MANIFEST, manifest)
 
   @classmethod
@@ -426,15 +590,28 @@ class ModelIndex:
       raise IndexStoreError(f"index vector size {dim} does not match the vectorizer's "
                             f"{expected_dim} ({root})")
     vectors = np.zeros((0, dim), np.float32)
+    shapes = manifest.get("classes")
+    classes = None
     if ids:
-      restored = storage.restore_trees(
-          root, manifest, {VECTORS_DIR: {"vectors": np.zeros((len(ids), dim), np.float32)}},
-          "index", IndexStoreError)
+      targets = {VECTORS_DIR: {"vectors": np.zeros((len(ids), dim), np.float32)}}
+      if shapes is not None:
+        try:
+          kmax, d, n = (int(shapes[key]) for key in ("max_classes", "token_dim", "pool_size"))
+        except (KeyError, TypeError, ValueError) as e:
+          raise IndexStoreError(f"{f} is corrupted: bad class-knowledge shapes ({e})") from e
+        m = len(ids)
+        targets[CLASSES_DIR] = {"tokens": np.zeros((m, kmax, d), np.float32),
+                                "mask": np.zeros((m, kmax), np.float32),
+                                "pool_labels": np.zeros((m, n), np.uint8)}
+      restored = storage.restore_trees(root, manifest, targets, "index", IndexStoreError)
       vectors = restored[VECTORS_DIR]["vectors"]
       if not np.all(np.isfinite(vectors)):
         raise IndexStoreError(f"index {root} is corrupted: the vectors hold NaN or inf")
+      if shapes is not None:
+        classes = {n: np.asarray(restored[CLASSES_DIR][n]) for n in CLASS_ARRAYS}
     index = cls(dim, **kwargs)
     index._vectors = np.array(vectors, np.float32)
+    index._classes = classes
     index._ids = list(ids)
     index._row = {i: r for r, i in enumerate(ids)}
     index._meta = metas

@@ -15,9 +15,17 @@ For a model with K output classes the knowledge is a K x K grid of inputs (docs/
   final midpoint x(t) with t = (lo + hi) / 2, stored as ``flip_t``.
 
 The grid is therefore fully described by the pool, each class's anchor indices and the flip
-positions: that compact record is what :class:`KnowledgeStore` keeps (about 2 KB for a 10-way
-model), and :func:`grid_inputs` rebuilds the K x K inputs from it bit for bit. Black-box queries
-per model, exactly::
+positions: that compact record is what :class:`KnowledgeStore` keeps, and :func:`grid_inputs`
+rebuilds the K x K inputs from it bit for bit. The anchor pass sees the model's label for every
+pool image anyway; those labels (one byte per pool image) are kept as ``pool_labels``: they are what
+class-level matching (:mod:`know2vec_jax.classmatch`) reads, at no extra query. The record is
+about 2 KB plus one byte per pool image (11.6 KB for a 10-way model on the 9,600-image demo pool).
+
+Ties in confidence (a black box that returns one-hot labels, or saturated probabilities) are
+broken by a fixed pseudo-random order of the pool (:func:`pool_priority`), never by pool position:
+the pool is stored source by source, so position would pick every anchor from the first source.
+
+Black-box queries per model, exactly::
 
     N_pool + T * K * (K - 1)
 
@@ -69,6 +77,7 @@ class Knowledge:
     anchor_index: int32 [M, K, A]: pool indices of each class's A anchors, best first.
     anchor_fallback: bool [M, K]: the class was never predicted on the pool (see module doc).
     queries: int64 [M]: black-box inputs evaluated per model during extraction.
+    pool_labels: uint8 [M, N]: each model's label (argmax) for every pool image.
   """
   model_ids: list[str]
   inputs: np.ndarray
@@ -76,6 +85,7 @@ class Knowledge:
   anchor_index: np.ndarray
   anchor_fallback: np.ndarray
   queries: np.ndarray
+  pool_labels: np.ndarray
 
   @property
   def k(self) -> int:
@@ -94,6 +104,12 @@ def _margin(logits: np.ndarray) -> np.ndarray:
   return logits - other
 
 
+def pool_priority(n: int) -> np.ndarray:
+  """A fixed pseudo-random rank of each of ``n`` pool positions (a permutation of 0..n-1): the
+  tie-break among equally confident pool images, the same for every model and every run."""
+  return np.random.default_rng(20250101).permutation(n)
+
+
 def find_anchors(group: BlackBoxGroup, pool: np.ndarray, pool_batch: int = 2048,
                  anchors_per_class: int = 1):
   """The ``anchors_per_class`` most confident pool images of every class of every model.
@@ -103,10 +119,15 @@ def find_anchors(group: BlackBoxGroup, pool: np.ndarray, pool_batch: int = 2048,
   a small network calls "certainly c" (and ranks in-domain images above the out-of-domain ones such
   networks are often over-confident on; see ``anchors_per_class`` in :class:`KnowledgeConfig`).
 
+  Equal margins are ordered by :func:`pool_priority` (see the module docstring).
+
   Returns:
-    (anchor_index int32 [M, K, A] best first, anchor_fallback bool [M, K]).
+    (anchor_index int32 [M, K, A] best first, anchor_fallback bool [M, K],
+    pool_labels uint8 [M, N] the label of every pool image).
   """
   m, k, a = group.num_models, group.num_classes, anchors_per_class
+  priority = pool_priority(len(pool))
+  labels = np.zeros((m, len(pool)), np.uint8)
   # Two running top-A lists: among images predicted as c, and (fallback) among all images.
   best = {name: (np.full((m, k, a), -np.inf), np.zeros((m, k, a), np.int64))
           for name in ("own", "any")}
@@ -114,20 +135,22 @@ def find_anchors(group: BlackBoxGroup, pool: np.ndarray, pool_batch: int = 2048,
     logits = group(pool[start:start + pool_batch], validate=False)  # [M, B, K]
     margin = _margin(logits)
     pred = logits.argmax(-1)
+    labels[:, start:start + pred.shape[1]] = pred
     scores = {"own": np.where(pred[..., None] == np.arange(k), margin, -np.inf), "any": margin}
     for name, score in scores.items():
       vals, idx = best[name]
       cand_v = np.concatenate([vals, np.moveaxis(score, 1, 2)], axis=2)  # [M, K, A + B]
       cand_i = np.concatenate([idx, np.broadcast_to(np.arange(start, start + score.shape[1]),
                                                     (m, k, score.shape[1]))], axis=2)
-      order = np.argsort(-cand_v, axis=2, kind="stable")[..., :a]
+      # Highest margin first; among equal margins, the lower pool priority.
+      order = np.lexsort((priority[cand_i], -cand_v), axis=2)[..., :a]
       best[name] = (np.take_along_axis(cand_v, order, 2), np.take_along_axis(cand_i, order, 2))
   own_v, own_i = best["own"]
   fallback = ~np.isfinite(own_v[..., 0])
   # Fewer than A images predicted as c: fill the list from the fallback ranking.
   short = ~np.isfinite(own_v)
   index = np.where(short, best["any"][1], own_i)
-  return index.astype(np.int32), fallback
+  return index.astype(np.int32), fallback, labels
 
 
 def grid_inputs(pool: np.ndarray, anchor_index: np.ndarray, flip_t: np.ndarray) -> np.ndarray:
@@ -169,8 +192,8 @@ def extract_knowledge(group: BlackBoxGroup, pool, config: KnowledgeConfig = Know
     raise ValueError("the probe pool is empty")
   start_queries = group.queries.copy()
   m, k = group.num_models, group.num_classes
-  anchor_index, fallback = find_anchors(group, pool, config.pool_batch,
-                                        config.anchors_per_class)
+  anchor_index, fallback, pool_labels = find_anchors(group, pool, config.pool_batch,
+                                                     config.anchors_per_class)
   anchors = pool[anchor_index[..., 0]]  # [M, K, H, W, C]
   ii, jj = np.nonzero(~np.eye(k, dtype=bool))  # the K(K-1) ordered pairs
   a_i, a_j = anchors[:, ii], anchors[:, jj]  # [M, P, H, W, C]
@@ -187,7 +210,7 @@ def extract_knowledge(group: BlackBoxGroup, pool, config: KnowledgeConfig = Know
   return Knowledge(model_ids=list(group.model_ids),
                    inputs=grid_inputs(pool, anchor_index, flip_t), flip_t=flip_t,
                    anchor_index=anchor_index, anchor_fallback=fallback,
-                   queries=group.queries - start_queries)
+                   queries=group.queries - start_queries, pool_labels=pool_labels)
 
 
 @dataclasses.dataclass
@@ -196,12 +219,14 @@ class KnowledgeRecord:
 
   Attributes:
     anchor_index: int32 [K, A]; flip_t: float32 [K, K]; anchor_fallback: bool [K];
-    queries: the black-box queries its extraction cost.
+    queries: the black-box queries its extraction cost; pool_labels: uint8 [N] its label for
+    every pool image.
   """
   anchor_index: np.ndarray
   flip_t: np.ndarray
   anchor_fallback: np.ndarray
   queries: int
+  pool_labels: np.ndarray
 
   @property
   def k(self) -> int:
@@ -211,8 +236,10 @@ class KnowledgeRecord:
 def store_context(pool: np.ndarray, config: KnowledgeConfig) -> str:
   """What a model's knowledge depends on besides the model: the exact probe pool and the search
   settings (``pool_batch`` only changes how the pool is batched, not the result)."""
+  # v2: pool labels kept, ties broken by pool priority (records of v1 lack the first and may
+  # differ in the second, so they are never reused).
   blob = f"{storage.checksum({'pool': np.asarray(pool)})}|T={config.search_steps}|" \
-         f"A={config.anchors_per_class}"
+         f"A={config.anchors_per_class}|v2"
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -258,7 +285,8 @@ class KnowledgeStore:
                 meta.get("model_id"), meta.get("fingerprint"), meta.get("context")) == (
                 model_id, fingerprint, self.context) else "another model's knowledge")
         rec = KnowledgeRecord(arrays["anchor_index"], arrays["flip_t"],
-                              arrays["anchor_fallback"], int(arrays["queries"]))
+                              arrays["anchor_fallback"], int(arrays["queries"]),
+                              arrays["pool_labels"])
         self._records[(model_id, fingerprint)] = rec
     return rec
 
@@ -271,7 +299,8 @@ class KnowledgeStore:
       storage.save_arrays(self._file(model_id, fingerprint),
                           {"anchor_index": record.anchor_index, "flip_t": record.flip_t,
                            "anchor_fallback": record.anchor_fallback,
-                           "queries": np.asarray(record.queries)},
+                           "queries": np.asarray(record.queries),
+                           "pool_labels": record.pool_labels},
                           {"model_id": model_id, "fingerprint": fingerprint,
                            "context": self.context})
 
@@ -314,7 +343,7 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
       kn = extract_knowledge(sub, pool, config)
       for i, m in enumerate(kn.model_ids):
         recs[m] = KnowledgeRecord(kn.anchor_index[i], kn.flip_t[i], kn.anchor_fallback[i],
-                                  int(kn.queries[i]))
+                                  int(kn.queries[i]), kn.pool_labels[i])
         if store is not None:
           store.put(m, fps[g.model_ids.index(m)], recs[m])
     rows = [recs[m] for m in g.model_ids]
@@ -324,7 +353,8 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
                          inputs=grid_inputs(pool, anchor_index, flip_t), flip_t=flip_t,
                          anchor_index=anchor_index,
                          anchor_fallback=np.stack([r.anchor_fallback for r in rows]),
-                         queries=np.asarray([r.queries for r in rows], np.int64)))
+                         queries=np.asarray([r.queries for r in rows], np.int64),
+                         pool_labels=np.stack([r.pool_labels for r in rows])))
     if progress is not None:
       progress(g.num_models)
   return out

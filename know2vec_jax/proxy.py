@@ -23,10 +23,12 @@ the training models were probed with: its vector is comparable to theirs without
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
 import pathlib
+import time
 from typing import Mapping, Sequence
 
 import jax
@@ -34,18 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from know2vec_jax import classmatch, features, pipeline, storage
 from know2vec_jax import config as config_lib
-from know2vec_jax import features, pipeline, storage
 from know2vec_jax.backbone import Backbone
 from know2vec_jax.blackbox import BlackBoxGroup, InputError, groups_from_zoo
 from know2vec_jax.data import Task
-from know2vec_jax.index import IndexStoreError, ModelIndex
+from know2vec_jax.index import IndexStoreError, Matches, ModelIndex
 from know2vec_jax.knowledge import KnowledgeRecord, KnowledgeStore, store_context
 from know2vec_jax.pipeline import ProxyConfig, proxy_preset  # re-exported: the proxy's config
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
 FORMAT = "know2vec-proxy"
-VERSION = 2  # 2: stored knowledge, one config tree, checksums written by storage
+VERSION = 3  # 3: pool labels in the stored knowledge; class matching and its no-fit threshold
 MANIFEST = "proxy.json"
 TREES = ("backbone", "vectorizer", "pool")  # what the fingerprint covers
 
@@ -244,7 +246,47 @@ class Proxy:
                        progress=progress)
     proxy = cls(cfg, t.backbone, t.vectorizer, t.pool, t.tasks, t.info, t.knowledge)
     proxy._pool_features = t.pool_features
+    if cfg.objective == "retrieve" and cfg.calibration_queries and cfg.match.enabled:
+      proxy._calibrate(t.rows, model_tasks, sorted({g.image_shape for g in groups})[0])
     return proxy
+
+  def _calibrate(self, rows, model_tasks: Mapping[str, Task], image_shape) -> None:
+    """Sets the no-fit threshold from validation queries of the training tasks.
+
+    ``calibration_queries`` queries of ``shots`` images per class are drawn from each training
+    task's train split, outside the probe pool, and ranked against the training models; the
+    threshold is the ``false_alarm`` quantile of their best models' fit scores
+    (:func:`know2vec_jax.classmatch.calibrate_threshold`).
+    """
+    cfg = self.config
+    t0 = time.perf_counter()
+    ids, grids, masks, labels = rows
+    index = ModelIndex(self.embed_dim)
+    vectors, classes = self._index_rows(grids, masks, labels)
+    index.add_vectors(ids, vectors, classes=classes)
+    tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
+    sources = sorted({t.source for t in tasks})
+    in_pool = pipeline.pool_rows(sources, cfg.pool_per_source, cfg.seed, image_shape)
+    queries = []
+    for task in tasks:
+      s = pipeline.LabelledSet.from_task(task, "train", image_shape)
+      keep = ~np.isin(s.index, in_pool[task.source])
+      if np.bincount(s.labels[keep], minlength=s.k).min() == 0:
+        continue  # a class whose every train image is in the pool: no clean validation query
+      s = dataclasses.replace(s, name=s.name + ":calibration", index=s.index[keep],
+                              labels=s.labels[keep])
+      picks, y = pipeline.draw_episodes(s, cfg.calibration_queries, cfg.shots, cfg.seed)
+      queries += [(s.images[p], yy) for p, yy in zip(picks, y)]
+    if not queries:
+      return
+    found = self.search(index, queries, k=1)
+    threshold = classmatch.calibrate_threshold(found.fit, cfg.false_alarm)
+    self.config = dataclasses.replace(cfg, match=dataclasses.replace(cfg.match,
+                                                                     fit_threshold=threshold))
+    self.info["calibration"] = {"queries": len(queries), "threshold": threshold,
+                                "false_alarm": cfg.false_alarm,
+                                "fit_quantiles": np.quantile(found.fit, [0, .02, .05, .5]).tolist(),
+                                "seconds": time.perf_counter() - t0}
 
   # ---- vectorizing models and queries ------------------------------------------------------
 
@@ -289,7 +331,8 @@ class Proxy:
       (model ids [M], grids float32 [M, K_max, K_max, D], masks float32 [M, K_max]).
     """
     kn = self.knowledge_of(groups, cache, progress)
-    return pipeline.knowledge_grids(self.backbone, self.pool_features(), kn, self.max_classes)
+    return pipeline.knowledge_grids(self.backbone, self.pool_features(), kn, self.max_classes,
+                                    cache)
 
   def embed_grids(self, grids, masks, side: str = "models", batch_size: int = 256) -> np.ndarray:
     """Unit vectors [M, E] of padded feature grids (``side``: "models" or "queries")."""
@@ -362,6 +405,23 @@ class Proxy:
     Raises:
       InputError: a bad query (the message says which of them and why).
     """
+    return self.describe_queries(queries, batch_size, classes=False)[0]
+
+  def describe_queries(self, queries: Sequence[tuple], batch_size: int = 64,
+                       classes: bool = True):
+    """Query vectors and class descriptions of many few-shot sets (what retrieval reads).
+
+    Args:
+      queries: (images, labels) pairs, each as :meth:`embed_query` takes them.
+      batch_size: queries per batched call.
+      classes: also locate each query's classes in the probe pool.
+
+    Returns:
+      (vectors float32 [Q, E], :class:`know2vec_jax.classmatch.QueryClasses` or None).
+
+    Raises:
+      InputError: a bad query (the message says which of them and why).
+    """
     checked = []
     for i, (images, labels) in enumerate(queries):
       try:
@@ -370,7 +430,10 @@ class Proxy:
         if len(queries) == 1:
           raise
         raise InputError(f"query {i}: {e}") from e
+    k_max = self.max_classes
     out = np.zeros((len(checked), self.embed_dim), np.float32)
+    protos = np.zeros((len(checked), k_max, self.backbone.dim), np.float32)
+    masks = np.zeros((len(checked), k_max), np.float32)
     by_shape: dict[tuple, list[int]] = {}
     for i, (_, y, k) in enumerate(checked):
       by_shape.setdefault((len(y), k), []).append(i)
@@ -379,10 +442,59 @@ class Proxy:
         part = rows[s:s + batch_size]
         grid = features.query_grid_batch(self.backbone, np.stack([checked[i][0] for i in part]),
                                          np.stack([checked[i][1] for i in part]), k)
-        gp, m = pad_grid(grid, self.max_classes)
-        masks = np.broadcast_to(np.asarray(m), (len(part), self.max_classes))
-        out[part] = self.embed_grids(np.asarray(gp), masks, "queries")
-    return out
+        gp, m = pad_grid(grid, k_max)
+        m = np.broadcast_to(np.asarray(m), (len(part), k_max))
+        out[part] = self.embed_grids(np.asarray(gp), m, "queries")
+        protos[part, :k] = grid[:, np.arange(k), np.arange(k)]
+        masks[part] = m
+    if not classes:
+      return out, None
+    return out, classmatch.query_classes(protos, masks, self.pool_features(),
+                                         self.config.match.neighbours)
+
+  def with_match(self, **changes) -> "Proxy":
+    """The same trained proxy with other retrieval settings (``match.*``: weights, shortlist,
+    threshold); phi, the vectorizers and the pool are shared, so its fingerprint is the same.
+
+    Raises:
+      ConfigError: an unknown field or a bad value.
+    """
+    match = config_lib.override(self.config.match, [f"{k}={v}" for k, v in changes.items()])
+    other = Proxy(dataclasses.replace(self.config, match=match), self.backbone, self.vectorizer,
+                  self.pool, self.tasks, self.info, self.knowledge)
+    other._pool_features = self._pool_features
+    return other
+
+  def search(self, index: ModelIndex, queries: Sequence[tuple], k: int = 10) -> Matches:
+    """Ranks an index's models for many few-shot queries: the aligned vectors' shortlist, then
+    class-level matching (:meth:`ModelIndex.match` with this proxy's ``config.match``).
+
+    Args:
+      index: an index built with this proxy.
+      queries: (images, labels) pairs.
+      k: models per query.
+
+    Returns:
+      :class:`know2vec_jax.index.Matches` (ids, scores and their parts, fit and the no-fit flag
+      per query).
+
+    Raises:
+      InputError: a bad query; ProxyError: an index of another vector size or one that holds no
+        class knowledge while class matching is on.
+    """
+    self.check_index(index)
+    match = self.config.match
+    if match.enabled and not index.has_classes:
+      raise ProxyError("the index holds no class knowledge: rebuild it with this proxy "
+                       "(`know2vec index build`), or query with --set match.enabled=false")
+    vectors, classes = self.describe_queries(queries, classes=match.enabled)
+    if not match.enabled:
+      return index.match(vectors, None, k, match)
+    if classes.prototypes.shape[1] != index.classes["tokens"].shape[1] \
+        or index.classes["pool_labels"].shape[1] != len(self.pool):
+      raise ProxyError("the index's class knowledge was made by another proxy (other probe pool "
+                       "or max_classes); rebuild it with this proxy")
+    return index.match(vectors, classes, k, match)
 
   def predict_accuracy(self, query_vectors, model_vectors) -> np.ndarray:
     """Predicted fine-tune accuracy of each model on each query's task (accuracy head).
@@ -430,8 +542,9 @@ class Proxy:
                             f"{present[0]!r}")
     kn = self.knowledge_of(groups, cache, progress)
     ids, grids, masks = pipeline.knowledge_grids(self.backbone, self.pool_features(), kn,
-                                                 self.max_classes)
-    vectors = self.embed_grids(grids, masks, "models")
+                                                 self.max_classes, cache)
+    vectors, classes = self._index_rows(grids, masks,
+                                        np.concatenate([k.pool_labels for k in kn]))
     metas = []
     for g, k in zip(groups, kn):
       own = getattr(g, "metadata", None)
@@ -448,8 +561,17 @@ class Proxy:
         if metadata is not None:
           meta.update(metadata.get(mid, {}))
         metas.append(meta)
-    index.add_vectors(ids, vectors, metas)
+    index.add_vectors(ids, vectors, metas, classes=classes)
     return index
+
+  def _index_rows(self, grids, masks, pool_labels):
+    """What an index row holds for models with these padded grids: (unit vectors [M, E], class
+    knowledge: tokens = the grids' diagonals (normalised mean phi of each class's anchors), their
+    mask, and the models' pool labels)."""
+    k = grids.shape[1]
+    classes = {"tokens": np.asarray(grids)[:, np.arange(k), np.arange(k)],
+               "mask": np.asarray(masks, np.float32), "pool_labels": np.asarray(pool_labels)}
+    return self.embed_grids(grids, masks, "models"), classes
 
   def check_index(self, index: ModelIndex) -> None:
     """Raises ProxyError when the index's vector size is not this proxy's E."""
@@ -467,7 +589,8 @@ class Proxy:
     n = len(items)
     tree = {"anchor_index": np.zeros((n, k_max, a), np.int32),
             "flip_t": np.zeros((n, k_max, k_max), np.float32),
-            "fallback": np.zeros((n, k_max), np.uint8), "queries": np.zeros((n,), np.int64)}
+            "fallback": np.zeros((n, k_max), np.uint8), "queries": np.zeros((n,), np.int64),
+            "pool_labels": np.zeros((n, len(self.pool)), np.uint8)}
     rows = []
     for i, ((mid, fp), r) in enumerate(items):
       k = r.k
@@ -475,6 +598,7 @@ class Proxy:
       tree["flip_t"][i, :k, :k] = r.flip_t
       tree["fallback"][i, :k] = r.anchor_fallback
       tree["queries"][i] = r.queries
+      tree["pool_labels"][i] = r.pool_labels
       rows.append([mid, fp, k])
     return tree, rows
 
@@ -533,7 +657,8 @@ class Proxy:
       targets["knowledge"] = {"anchor_index": np.zeros((n, k_max, a), np.int32),
                               "flip_t": np.zeros((n, k_max, k_max), np.float32),
                               "fallback": np.zeros((n, k_max), np.uint8),
-                              "queries": np.zeros((n,), np.int64)}
+                              "queries": np.zeros((n,), np.int64),
+                              "pool_labels": np.zeros((n, pool_shape[0]), np.uint8)}
     restored = storage.restore_trees(root, m, targets, "proxy", ProxyError)
     nnx.replace_by_pure_dict(backbone.params, restored["backbone"])
     nnx.replace_by_pure_dict(v_state, restored["vectorizer"])
@@ -544,7 +669,7 @@ class Proxy:
       kn = restored["knowledge"]
       store.put(mid, fp, KnowledgeRecord(kn["anchor_index"][i, :k], kn["flip_t"][i, :k, :k],
                                          kn["fallback"][i, :k].astype(bool),
-                                         int(kn["queries"][i])))
+                                         int(kn["queries"][i]), kn["pool_labels"][i]))
     proxy = cls(cfg, backbone, vectorizer, pool, tasks, m.get("info", {}), store)
     if proxy.fingerprint != m.get("fingerprint"):
       raise ProxyError(f"proxy {root} is corrupted: fingerprint mismatch")
@@ -558,7 +683,7 @@ class Proxy:
 
 
 def query(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -> list[dict]:
-  """Ranks the index's models for a few-shot task.
+  """Ranks the index's models for a few-shot task (:func:`query_result` without the fit flag).
 
   Args:
     proxy: the trained proxy.
@@ -568,24 +693,40 @@ def query(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -> list[
     k: how many models to return.
 
   Returns:
-    One dict per model, best first: ``rank`` (1-based), ``model_id``, ``score`` (cosine of the
-    query and model vectors), ``arch`` and ``task`` (None when the index has no such metadata),
-    then the rest of the model's metadata.
+    One dict per model, best first: ``rank`` (1-based), ``model_id``, ``score`` (the retrieval
+    score, :func:`know2vec_jax.classmatch.combine`), its parts ``agreement``, ``token`` and
+    ``vector`` (the cosine of the query and model vectors), ``arch`` and ``task`` (None when the
+    index has no such metadata), then the rest of the model's metadata.
 
   Raises:
     InputError: a bad query; ProxyError: an index of another vector size, or top models that
     another proxy vectorized (their ``proxy`` fingerprint differs).
   """
-  proxy.check_index(index)
-  q = proxy.embed_query(images, labels)
-  scores, ids = index.search(q, k)
+  return query_result(proxy, index, images, labels, k)["results"]
+
+
+def query_result(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -> dict:
+  """Ranks the index's models for a few-shot task and says whether any of them fits it.
+
+  Returns:
+    ``{"results": rows as :func:`query` gives them, "fit": the best model's class-level fit
+    score, "no_fit": True when it is below the proxy's calibrated threshold (no model of the
+    index fits the query's classes well), "fit_threshold": that threshold}``.
+
+  Raises:
+    As :func:`query`.
+  """
+  found = proxy.search(index, [(images, labels)], k)
   rows = []
-  for r, (mid, s) in enumerate(zip(ids[0], scores[0]), 1):
+  for r, mid in enumerate(found.ids[0]):
     meta = index.metadata(mid)
     fp = meta.get("proxy")
     if fp is not None and fp != proxy.fingerprint:
       raise ProxyError(f"model {mid!r} of the index was vectorized by another proxy ({fp}, this "
                        f"one is {proxy.fingerprint}); rebuild the index with this proxy")
-    rows.append({"rank": r, "model_id": mid, "score": float(s), "arch": meta.pop("arch", None),
+    rows.append({"rank": r + 1, "model_id": mid, "score": float(found.scores[0, r]),
+                 "agreement": float(found.agreement[0, r]), "token": float(found.token[0, r]),
+                 "vector": float(found.vector[0, r]), "arch": meta.pop("arch", None),
                  "task": meta.pop("task", None)} | meta)
-  return rows
+  return {"results": rows, "fit": float(found.fit[0]), "no_fit": bool(found.no_fit[0]),
+          "fit_threshold": proxy.config.match.fit_threshold}

@@ -158,9 +158,10 @@ def read_manifest(path, manifest_name: str, fmt: str, version: int, what: str,
     raise error(f"{f} is corrupted: {e}") from e
   if not isinstance(manifest, dict) or manifest.get("format") != fmt:
     raise error(f"{f} is not a know2vec {what} manifest")
-  if manifest.get("version") != version:
+  readable = version if isinstance(version, tuple) else (version,)
+  if manifest.get("version") not in readable:
     raise error(f"{f} has {what} format version {manifest.get('version')!r}; this know2vec-jax "
-                f"reads version {version}{hint}")
+                f"reads version {' or '.join(map(str, readable))}{hint}")
   return manifest
 
 

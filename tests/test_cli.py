@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from know2vec_jax.cli import main
 
 
@@ -50,18 +52,21 @@ def _one_line_error(capsys, *fragments):
   return err
 
 
-def _image_folder(root, source="digits", classes=(0, 3, 5), per_class=4, split="test"):
-  """A folder of PNGs, one sub-folder per class, from a source's split."""
+def _image_folder(root, source="digits", classes=(0, 3, 5), per_class=4, split="test",
+                  noise=False):
+  """A folder of PNGs, one sub-folder per class, from a source's split (or of uniform noise)."""
   import numpy as np
   from PIL import Image
   from know2vec_jax.data import load_source
   data = load_source(source)
   images, labels = data.split(split)
+  rng = np.random.default_rng(0)
   for c in classes:
     d = root / f"class_{data.class_names[c]}"
     d.mkdir(parents=True)
     for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-      Image.fromarray((images[i, ..., 0] * 255).round().astype(np.uint8)).save(d / f"{j}.png")
+      pixels = rng.random(images.shape[1:3]) if noise else images[i, ..., 0]
+      Image.fromarray((pixels * 255).round().astype(np.uint8)).save(d / f"{j}.png")
   return root
 
 
@@ -115,8 +120,18 @@ def test_train_index_query_commands(tiny_zoo_dir, tmp_path, capsys):
                "4", "--columns", "heldout_accuracy,role"]) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0].startswith("query: digits/3-4-5-8 (3, 4, 5, 8), 20 images; top 4 of 8 models")
-  assert out[1].split() == ["rank", "model_id", "arch", "task", "score", "heldout_accuracy",
-                            "role"] and len(out) == 7
+  assert out[1].split() == ["rank", "model_id", "arch", "task", "score", "agreement", "token",
+                            "vector", "heldout_accuracy", "role"] and len(out) == 8
+  assert out[-1].startswith("fit ")  # a task of the zoo: no NO FIT flag
+  noise = _image_folder(tmp_path / "noise", noise=True)
+  assert main(["query", "--proxy", proxy, "--index", index, "--images", str(noise)]) == 0
+  assert capsys.readouterr().out.splitlines()[-1].startswith("NO FIT: ")
+  assert main(["query", "--proxy", proxy, "--index", index, "--images", str(noise), "--json",
+               "--set", "match.vector_weight=0"]) == 0
+  res = json.loads(capsys.readouterr().out)
+  assert res["no_fit"] is True and res["fit"] < res["fit_threshold"]
+  assert all(r["score"] == pytest.approx(r["agreement"] + 0.25 * r["token"], abs=1e-5)
+             for r in res["results"])
   folder = _image_folder(tmp_path / "mine")
   assert main(["query", "--proxy", proxy, "--index", index, "--images", str(folder), "--json"]
               ) == 0

@@ -11,6 +11,18 @@ from know2vec_jax.proxy import Proxy
 from know2vec_jax.transfer import TransferTarget
 
 
+def _spy_trainings(monkeypatch) -> list:
+  """Records the model ids every ``Proxy.train`` call of the test trains on."""
+  trained = []
+  real = Proxy.train.__func__
+
+  def spy(cls, zoo, cfg=None, **kw):
+    trained.append(list(kw.get("model_ids") or zoo.records))
+    return real(cls, zoo, cfg, **kw)
+  monkeypatch.setattr(Proxy, "train", classmethod(spy))
+  return trained
+
+
 def test_nnr_folds_keep_every_held_out_model_and_task_out_of_training(tiny_zoo):
   zoo = tiny_zoo[0]
   tasks = nnr.zoo_tasks_sorted(zoo)
@@ -32,13 +44,7 @@ def test_nnr_run_trains_each_fold_without_its_held_out_models_and_counts_leep(
     tiny_zoo_dir, tmp_path, monkeypatch):
   """The experiment itself, through Proxy: the models each fold's proxy trains on never include
   that fold's held-out models, and LEEP's forwards per query are what the black boxes counted."""
-  trained = []
-  real = Proxy.train.__func__
-
-  def spy(cls, zoo, cfg=None, **kw):
-    trained.append(list(kw.get("model_ids") or zoo.records))
-    return real(cls, zoo, cfg, **kw)
-  monkeypatch.setattr(Proxy, "train", classmethod(spy))
+  trained = _spy_trainings(monkeypatch)
   cfg = nnr.PRESETS.get("tiny")
   out = nnr.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
   from know2vec_jax.zoo import load_zoo
@@ -48,8 +54,8 @@ def test_nnr_run_trains_each_fold_without_its_held_out_models_and_counts_leep(
   assert len(trained) == cfg.folds
   for fold, ids in enumerate(trained):
     assert not {m for m in ids if fold_of.get(zoo.records[m].task, -1) == fold}
-  assert set(out["summary"]) == {nnr.DEFAULT_VARIANT, "random", "anchor-matching (untrained)",
-                                 "leep"}
+  assert set(out["summary"]) == {nnr.DEFAULT_VARIANT, nnr.VECTORS_ONLY, "random",
+                                 "anchor-matching (untrained)", "leep"}
   # Every query forwards K * shots images through every model: the counters say exactly that.
   ks = [t.k for t in tasks for _ in range(cfg.queries_per_task)]
   want = len(zoo) * cfg.query_shots * np.mean(ks)
@@ -150,7 +156,10 @@ def test_generalise_run_through_the_product_reports_seeds_spread_and_drops(tiny_
   assert sorted(row["perturbations"]) == sorted(cfg.perturbations)
   for e in row["perturbations"].values():
     assert e["drop"] == pytest.approx(row["clean_top1"] - e["top1"])
-  assert set(out["summary"]) == {"seen", "heldout", "perturbations"}
+  assert set(out["summary"]) == {"seen", "heldout", "leave_one_family_out", "perturbations",
+                                 "ood"}
+  ood = out["summary"]["ood"]
+  assert 0 <= ood["false_alarm"] <= 1 and ood["detection"]["noise"] >= 0
   assert set(out["baselines"]) == {"anchor-matching (untrained)", "random"}
   assert (tmp_path / "generalise.json").exists()
 
@@ -164,3 +173,28 @@ def test_generalise_perturbed_queries_change_only_the_images(tiny_zoo):
   for (t, x, y), (t2, x2, y2) in zip(queries, views):
     assert t == t2 and np.array_equal(y, y2) and x.shape == x2.shape
     assert not np.allclose(x, x2)
+
+
+def test_leave_one_family_out_split_keeps_the_family_out_of_training(tiny_zoo, monkeypatch,
+                                                                    tiny_zoo_dir, tmp_path):
+  from experiments import generalise
+  zoo = tiny_zoo[0]
+  for fam in {r.arch for r in zoo.records.values()}:
+    train, held = generalise.family_split(zoo, fam)
+    assert sorted(train + held) == sorted(zoo.records)
+    assert not [m for m in train if zoo.records[m].arch == fam]
+    assert all(zoo.records[m].arch == fam for m in held)
+  excl = generalise.exclusive_tasks(zoo)
+  for fam, tasks in excl.items():
+    for t in tasks:
+      assert {r.arch for r in zoo.records.values() if r.task == t} == {fam}
+  # The run trains each left-out family's proxy without any of its models.
+  trained = _spy_trainings(monkeypatch)
+  cfg = generalise.PRESETS.get("tiny")
+  out = generalise.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
+  lofo = trained[-len(cfg.seeds) * len(cfg.families):]
+  for ids in lofo:
+    assert not [m for m in ids if zoo.records[m].arch in cfg.families]
+  fam = out["summary"]["leave_one_family_out"]
+  assert set(fam) == set(cfg.families) and fam["cnn_s"]["neural"]
+  assert set(out["summary"]["ood"]["detection"]) >= {"noise"}

@@ -263,7 +263,8 @@ def test_saved_index_holds_only_vectors_and_json(tmp_path):
   assert sorted(os.listdir(path)) == ["index.json", "vectors"]
   manifest = json.loads((path / "index.json").read_text())
   assert set(manifest) == {"format", "version", "dim", "num_vectors", "vectors_dtype", "ids",
-                           "metadata", "checksums", "shapes"}
+                           "metadata", "classes", "checksums", "shapes"}
+  assert manifest["classes"] is None  # vectors added alone: no class knowledge
   with ocp.StandardCheckpointer() as ckpt:
     tree = ckpt.metadata(path / "vectors").item_metadata.tree
   assert list(tree) == ["vectors"]  # no parameter trees, just one array

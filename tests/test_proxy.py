@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from know2vec_jax.backbone import BackboneConfig
 from know2vec_jax.blackbox import CallableBlackBox, InputError, groups_from_zoo
 from know2vec_jax.data import few_shot, load_source
 from know2vec_jax.index import ModelIndex
@@ -57,13 +58,18 @@ def test_query_rows(tiny_proxy, tiny_index, tiny_zoo):
   x, y = few_shot(load_source(r.source), r.task, 4, seed=1)
   rows = query(tiny_proxy, tiny_index, x, y, k=5)
   assert [row["rank"] for row in rows] == [1, 2, 3, 4, 5]
-  assert list(rows[0])[:5] == ["rank", "model_id", "score", "arch", "task"]
+  assert list(rows[0])[:8] == ["rank", "model_id", "score", "agreement", "token", "vector",
+                               "arch", "task"]
   q = tiny_proxy.embed_query(x, y)
   assert q.shape == (tiny_proxy.embed_dim,) and abs(np.linalg.norm(q) - 1) < 1e-5
+  match = tiny_proxy.config.match
   for row in rows:
     rec = zoo.records[row["model_id"]]
     v = tiny_index.vectors[tiny_index.ids.index(row["model_id"])]
-    assert row["score"] == pytest.approx(float(q @ v), abs=1e-5)
+    assert row["vector"] == pytest.approx(float(q @ v), abs=1e-5)
+    assert 0 <= row["agreement"] <= 1 and 0 <= row["token"] <= 1
+    assert row["score"] == pytest.approx(row["agreement"] + match.token_weight * row["token"]
+                                         + match.vector_weight * row["vector"], abs=1e-5)
     assert (row["arch"], row["task"], row["k"]) == (rec.arch, rec.task.task_id, rec.k)
     assert row["proxy"] == tiny_proxy.fingerprint
   assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
@@ -125,7 +131,7 @@ def json_keys(path):
 
 def test_presets_and_overrides():
   demo = proxy_preset("demo")
-  assert demo == ProxyConfig()
+  assert demo == ProxyConfig(backbone=BackboneConfig(augment=0.8), episode_augment=0.5)
   full = proxy_preset("full")
   assert full.pool_per_source > demo.pool_per_source and full.episodes > demo.episodes
   with pytest.raises(ConfigError, match="unknown proxy preset 'huge'; choose one of tiny, demo"):

@@ -173,11 +173,26 @@ def test_index_vector_size_does_not_match_the_proxy(tiny_proxy, tiny_proxy_dir, 
   assert main(["query", "--proxy", str(tiny_proxy_dir), "--index", str(path), "--task",
                "digits:0,1"]) == 2
   _one_line(capsys, msg)
+  # Vectors alone (no class knowledge) while the proxy matches classes: told how to rebuild it.
+  bare = ModelIndex(e)
+  bare.add_vectors(["x"], np.ones((1, e)))
+  with pytest.raises(ProxyError, match="the index holds no class knowledge: rebuild it"):
+    query(tiny_proxy, bare, x, y)
   # Same size, another proxy's vectors: refused by the fingerprint each row carries.
+  k_max, d, n = tiny_proxy.max_classes, tiny_proxy.backbone.dim, len(tiny_proxy.pool)
   alien = ModelIndex(e)
-  alien.add_vectors(["x"], np.ones((1, e)), [{"proxy": "0123456789abcdef"}])
+  alien.add_vectors(["x"], np.ones((1, e)), [{"proxy": "0123456789abcdef"}],
+                    classes={"tokens": np.ones((1, k_max, d)), "mask": np.eye(k_max)[:1] + np.eye(
+                        k_max)[1:2], "pool_labels": np.zeros((1, n), np.uint8)})
   with pytest.raises(ProxyError, match="'x' of the index was vectorized by another proxy"):
     query(tiny_proxy, alien, x, y)
+  # Class knowledge of another probe pool: refused before any scoring.
+  other = ModelIndex(e)
+  other.add_vectors(["x"], np.ones((1, e)), classes={
+      "tokens": np.ones((1, k_max, d)), "mask": np.ones((1, k_max)),
+      "pool_labels": np.zeros((1, n + 1), np.uint8)})
+  with pytest.raises(ProxyError, match="class knowledge was made by another proxy"):
+    query(tiny_proxy, other, x, y)
 
 
 def test_truncated_or_corrupted_proxy_file(tiny_proxy_dir, tmp_path):

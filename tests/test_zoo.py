@@ -210,3 +210,55 @@ def test_incomplete_or_corrupted_zoo_is_refused(tiny_zoo_dir, tmp_path):
 def test_unknown_model_id(tiny_zoo):
   with pytest.raises(zoo_lib.ZooError, match="unknown model id 'nope'"):
     tiny_zoo[0].model("nope")
+
+
+def test_varied_preset_design():
+  from know2vec_jax.zoo.specs import ESTIMATOR_FAMILIES, NEURAL_FAMILIES, varied_specs
+  specs = varied_specs()
+  assert specs[:len(demo_specs())] == demo_specs()  # the demo zoo, then the rest
+  archs = collections.Counter(s.arch for s in specs)
+  assert set(archs) == set(NEURAL_FAMILIES) | set(ESTIMATOR_FAMILIES)
+  by_task = collections.defaultdict(set)
+  for s in specs:
+    by_task[s.task].add(s.arch)
+  # Every family has tasks only it has (4 per base dataset), with exactly one model each.
+  for fam in archs:
+    own = [t for t, a in by_task.items() if a == {fam}]
+    assert len(own) >= 12
+    assert all(sum(s.task == t for s in specs) == 1 for t in own)
+  assert varied_specs() == specs
+
+
+def test_estimator_families_train_answer_and_round_trip(tmp_path):
+  """Non-neural families: fitted by the builder, stored as skops bytes, served as black boxes
+  answering logits, probabilities or one-hot labels, loaded back byte for byte."""
+  from know2vec_jax.blackbox import EstimatorGroup, groups_from_zoo
+  from know2vec_jax.zoo.specs import ModelSpec, model_id
+  task = tiny_specs()[0].task
+  specs = [ModelSpec(model_id(a, task), a, task, seed=i, steps=0)
+           for i, a in enumerate(("logreg", "forest", "knn"))]
+  specs.append(dataclasses.replace(specs[0], model_id="logreg.noisy", label_noise=0.5,
+                                   role="label_noise"))
+  zoo, _ = build.build_zoo(specs, progress=False)
+  recs = zoo.records
+  assert all(recs[s.model_id].heldout_accuracy > 0.8 for s in specs[:3])  # chance is 0.25
+  assert recs["logreg.noisy"].heldout_accuracy < recs[specs[0].model_id].heldout_accuracy
+  zoo_lib.save_zoo(zoo, tmp_path / "z")
+  back = zoo_lib.load_zoo(tmp_path / "z")
+  assert set(back.estimators) == {"logreg-k4", "forest-k4", "knn-k4"}
+  for name, est in zoo.estimators.items():
+    assert back.estimators[name].blobs == est.blobs
+    assert back.estimators[name].fingerprints() == est.fingerprints()
+  groups = groups_from_zoo(back)
+  assert all(isinstance(g, EstimatorGroup) for g in groups)
+  x = np.random.default_rng(0).random((6, 28, 28, 1)).astype(np.float32)
+  out = {g.name: g(x) for g in groups}
+  assert out["forest-k4"].min() >= 0 and np.allclose(out["forest-k4"].sum(-1), 1, atol=1e-5)
+  knn = out["knn-k4"]
+  assert set(np.unique(knn)) <= {0.0, 1.0} and np.all(knn.sum(-1) == 1)  # labels only
+  logreg = back.model(specs[0].model_id)
+  np.testing.assert_allclose(out["logreg-k4"][0], logreg.decision_function(x.reshape(6, -1)),
+                             rtol=1e-5)
+  sub = groups_from_zoo(back, model_ids=["logreg.noisy"])
+  assert [g.model_ids for g in sub] == [["logreg.noisy"]]
+  assert sub[0](x).shape == (1, 6, 4) and sub[0].queries.tolist() == [6]

@@ -11,6 +11,7 @@ import numpy as np
 
 from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.data import load_source, task_split
+from know2vec_jax.zoo import estimators as estimators_lib
 from know2vec_jax.zoo import train as train_lib
 from know2vec_jax.zoo.architectures import flops_per_image
 from know2vec_jax.zoo.specs import ModelSpec
@@ -73,6 +74,7 @@ def _noisy_labels(y: np.ndarray, k: int, fraction: float, seed: int) -> np.ndarr
 def check_specs(specs: list[ModelSpec]) -> None:
   """Raises ZooError on an empty zoo, duplicate ids or an unknown architecture."""
   from know2vec_jax.zoo.architectures import ARCHITECTURES
+  known = set(ARCHITECTURES) | set(estimators_lib.FAMILIES)
   if not specs:
     raise ZooError("a zoo needs at least one model spec")
   seen = set()
@@ -80,9 +82,8 @@ def check_specs(specs: list[ModelSpec]) -> None:
     if s.model_id in seen:
       raise ZooError(f"duplicate model id {s.model_id!r}")
     seen.add(s.model_id)
-    if s.arch not in ARCHITECTURES:
-      raise ZooError(f"{s.model_id}: unknown architecture {s.arch!r}; known: "
-                     f"{sorted(ARCHITECTURES)}")
+    if s.arch not in known:
+      raise ZooError(f"{s.model_id}: unknown architecture {s.arch!r}; known: {sorted(known)}")
 
 
 def train_models(specs: list[ModelSpec], pool: ImagePool, stack_spec: train_lib.StackSpec,
@@ -153,8 +154,10 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
   pool = ImagePool(sources, config.image_size, config.channels)
   image_shape = (config.image_size, config.image_size, config.channels)
   groups: dict[str, list[ModelSpec]] = {}
+  fitted: dict[str, list[ModelSpec]] = {}
   for s in specs:
-    groups.setdefault(f"{s.arch}-k{s.k}", []).append(s)
+    (fitted if estimators_lib.is_estimator(s.arch) else groups).setdefault(
+        f"{s.arch}-k{s.k}", []).append(s)
 
   # Progress is counted in training FLOPs (3x the forward pass), so that the bar's rate and ETA
   # hold across families whose step costs differ by 60x.
@@ -163,7 +166,8 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=round(sum(cost(s) for s in specs)), unit="GFLOP", desc="training zoo",
+    bar = tqdm(total=round(sum(cost(s) for g in groups.values() for s in g)), unit="GFLOP",
+               desc="training zoo",
                dynamic_ncols=True)
   stacks, records = {}, {}
   for name, group in groups.items():
@@ -200,10 +204,59 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
           heldout_accuracy=heldout, stack=name, stack_index=row)
   if bar is not None:
     bar.close()
+  estimator_sets = {}
+  for name, group in fitted.items():
+    estimator_sets[name], recs = fit_estimators(name, group, pool, image_shape, config,
+                                                progress=progress)
+    records.update(recs)
   # Records in spec order, whatever the stack grouping.
   records = {s.model_id: records[s.model_id] for s in specs}
   info = dict(seconds=time.perf_counter() - t0, model_steps=int(sum(s.steps for s in specs)),
               strategy=strategy_lib.resolve(config.strategy, allowed=strategy_lib.TRACED),
               backend=jax.default_backend(),
               conv_impl=config.conv_impl, num_models=len(specs))
-  return Zoo(image_shape, stacks, records), info
+  return Zoo(image_shape, stacks, records, estimator_sets), info
+
+
+def fit_estimators(name: str, specs: list[ModelSpec], pool: ImagePool, image_shape,
+                   config: BuildConfig = BuildConfig(), progress: bool = False):
+  """Fits the scikit-learn models of one family and K (:mod:`know2vec_jax.zoo.estimators`).
+
+  Each is fitted on (a seeded subsample of) its task's train split, with the spec's label noise;
+  ``steps`` is not used. Accuracies are measured like the Flax models'.
+
+  Returns:
+    (the :class:`EstimatorSet`, model id -> :class:`ModelRecord`).
+  """
+  images = np.asarray(pool.images)
+  blobs, records = [], {}
+  it = specs
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(specs, desc=f"fitting {name}", unit="model", dynamic_ncols=True)
+  for row, s in enumerate(it):
+    idx, y = pool.task_rows(s, "train")
+    if len(idx) == 0:
+      raise ZooError(f"{s.model_id}: task {s.task.task_id} has no training images")
+    est = estimators_lib.fit(s.arch, images[idx], _noisy_labels(y, s.k, s.label_noise, s.seed),
+                             s.seed)
+    blobs.append(estimators_lib.dumps(est))
+    acc = {}
+    for split in ("test", "train"):
+      idx, y = pool.task_rows(s, split)
+      if split == "train":  # as for the Flax models: a seeded subsample of the train split
+        sub = np.random.default_rng([s.seed, 3]).permutation(len(idx))[:config.train_eval_max]
+        idx, y = idx[sub], y[sub]
+      pred = est.predict(images[idx].reshape(len(idx), -1))
+      acc[split] = float(np.mean(pred == y))
+    data = pool.data[s.task.source]
+    records[s.model_id] = ModelRecord(
+        model_id=s.model_id, arch=s.arch, task=s.task,
+        class_names=tuple(data.class_names[c] for c in s.task.classes), seed=s.seed,
+        steps=s.steps, learning_rate=s.learning_rate, batch_size=s.batch_size,
+        label_noise=s.label_noise, role=s.role, train_accuracy=acc["train"],
+        heldout_accuracy=acc["test"], stack=name, stack_index=row)
+  est_set = estimators_lib.EstimatorSet(name, specs[0].arch, specs[0].k, tuple(image_shape),
+                                        [s.model_id for s in specs], blobs)
+  return est_set, records
+

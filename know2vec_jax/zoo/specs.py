@@ -112,6 +112,57 @@ def demo_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[M
   return specs
 
 
+NEURAL_FAMILIES = ("mlp", "cnn_s", "cnn_l")
+ESTIMATOR_FAMILIES = ("logreg", "forest", "knn")
+
+
+@PRESETS.register("varied")
+def varied_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> list[ModelSpec]:
+  """The demo zoo plus non-neural families and family-exclusive tasks: 615 models, 6 families.
+
+  On top of :func:`demo_specs` (435 models of ``mlp``, ``cnn_s``, ``cnn_l``), per base dataset:
+    - the three scikit-learn families (``logreg``: logits, ``forest``: probabilities, ``knn``:
+      labels only; :mod:`know2vec_jax.zoo.estimators`) on 12 of the demo's 4-way tasks (the first
+      8 plain class sets and the first of each transformed domain): 108 models;
+    - for each of the six families, 4 tasks that only it has (class sets the demo zoo does not
+      use; 2 plain, 2 in a transformed domain), one model each: 72 models. A query of such a task
+      has exactly one right model, of one known family: what leave-one-family-out evaluation
+      asks about (``experiments/generalise.py``).
+
+  Args:
+    seed: as :func:`demo_specs` (its models are exactly the demo zoo's).
+    image_size, channels: the common image format.
+
+  Returns:
+    The model specs, the demo's first.
+  """
+  specs = demo_specs(seed, image_size, channels)
+  rng = np.random.default_rng([seed, 17])
+  domains = ("invert", "rot90", "blur")
+  families = NEURAL_FAMILIES + ESTIMATOR_FAMILIES
+  for b, base in enumerate(("fashion_mnist", "mnist5k", "digits")):
+    data = load_source(base, image_size=image_size, channels=channels)
+    used = [t.classes for t in sample_tasks(data, 4, 32, seed=seed * 1000 + b)]
+    shared = [Task(base, c) for c in used[:8]]
+    shared += [Task(f"{base}+{domains[i // 4]}", used[i]) for i in (0, 4, 8)]
+    shared.append(Task(base, used[8]))
+    for task in shared:
+      for arch in ESTIMATOR_FAMILIES:
+        specs.append(ModelSpec(model_id(arch, task), arch, task, seed=int(rng.integers(2**31)),
+                               steps=0))
+    fresh = [t.classes for t in sample_tasks(data, 4, 32 + 4 * len(families),
+                                             seed=seed * 1000 + 500 + b)
+             if t.classes not in used][:4 * len(families)]
+    for f, arch in enumerate(families):
+      for j in range(4):
+        dom = "" if j < 2 else f"+{domains[(f + j) % 3]}"
+        task = Task(base + dom, fresh[4 * f + j])
+        steps = 0 if arch in ESTIMATOR_FAMILIES else (400 if arch == "mlp" else 300)
+        specs.append(ModelSpec(model_id(arch, task, "x"), arch, task,
+                               seed=int(rng.integers(2**31)), steps=steps))
+  return specs
+
+
 @PRESETS.register("tiny")
 def tiny_specs(seed: int = 0) -> list[ModelSpec]:
   """A zoo small enough for tests: 8 models on the small offline datasets, a few seconds to train.

@@ -119,10 +119,13 @@ def _apply_jit(graphdef, params, images, *, strategy, features):
 
 @dataclasses.dataclass
 class Zoo:
-  """A trained zoo: stacks of weights and one :class:`ModelRecord` per model."""
+  """A trained zoo: stacks of Flax weights, sets of scikit-learn estimators
+  (:class:`know2vec_jax.zoo.estimators.EstimatorSet`) and one :class:`ModelRecord` per model
+  (its ``stack`` names the stack or estimator set holding it)."""
   image_shape: tuple[int, int, int]
   stacks: dict[str, ZooStack]
   records: dict[str, ModelRecord]
+  estimators: dict = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -132,9 +135,12 @@ class Zoo:
       raise ZooError(f"unknown model id {model_id!r} (the zoo holds {len(self.records)} models)")
     return self.records[model_id]
 
-  def model(self, model_id: str) -> nnx.Module:
-    """One zoo model as a standalone NNX module (white-box access, for ground truth)."""
+  def model(self, model_id: str):
+    """One zoo model as a standalone NNX module, or the fitted scikit-learn estimator of a
+    non-neural family (white-box access, for ground truth)."""
     r = self.record(model_id)
+    if r.stack in self.estimators:
+      return self.estimators[r.stack].estimator(r.stack_index)
     return self.stacks[r.stack].model(r.stack_index)
 
   def summary(self) -> list[dict]:

@@ -1,0 +1,258 @@
+"""Class-level matching: a query's classes against each model's classes (docs/design.md,
+"Retrieval").
+
+One aligned vector per model tells tasks apart only as well as the aligner learned to compose
+class sets; on class sets it never trained on, a one-class-swapped twin often scores as high as the
+right model. This module scores a (query, model) pair class by class, with no training, from what
+both sides already hold:
+
+- **agreement** (cross-evaluation on the probe pool): each query class is stood in for by the
+  ``neighbours`` pool images nearest to its prototype in phi; the model's stored label for every
+  pool image (:class:`know2vec_jax.knowledge.KnowledgeRecord`'s ``pool_labels``, recorded during
+  the anchor pass at no extra query) gives a confusion matrix [K_q, K_m]; the best one-to-one
+  assignment of query classes to model classes, divided by K_q, is the fraction of the query's
+  stand-ins the model would label consistently. A model trained on the query's classes scores
+  near 1; a twin with one class swapped sends that class's stand-ins to classes already taken.
+- **token**: the query's class prototypes against the model's class tokens (the normalised mean phi
+  of each class's anchors: the diagonal of its knowledge grid), one-to-one, summed cosine divided by
+  max(K_q, K_m), so classes of a wider model that the query lacks count against it.
+
+The retrieval score is ``agreement + token_weight * token + vector_weight * (q . m)``: the aligned
+vectors keep what the aligner learned about the tasks it saw (their domains above all), the class
+terms carry the composition. The one-to-one assignment is greedy (repeatedly the largest remaining
+entry), jitted and batched over queries and candidates; on the demo zoo's queries it ranked as the
+exact (Hungarian) assignment did (top-1 0.865 vs 0.863).
+
+On a large index the vector stage first keeps a ``shortlist`` of candidates per query (one
+matrix product and a top-k), and only those are matched class by class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from know2vec_jax.config import require
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchConfig:
+  """How retrieval scores a (query, model) pair.
+
+  The defaults were chosen on validation queries of training tasks of the varied zoo
+  (``python -m experiments.generalise --validate``; its docstring records the numbers): top-1 on
+  validation tasks the aligner never saw rose from 0.47 (vectors alone) to 0.84, and 1.00 on
+  training tasks; a larger token weight (0.5, 1) or vector weight (0.5) lost 0.05-0.15 there.
+
+  Attributes:
+    enabled: score with class-level matching (False: the vector cosine q . m alone).
+    neighbours: pool images standing for each query class (nearest to its prototype in phi).
+    token_weight: weight of the token match.
+    vector_weight: weight of the aligned vectors' cosine.
+    shortlist: candidates per query that the vector stage passes on (0: every model). Large, so
+      that every model of a zoo of up to this size is matched class by class: a family the aligner
+      never saw gets vectors that say little (on the varied zoo, held-out ``knn`` models ranked a
+      median 140th by their vectors while their class agreement was 0.99), and a short list of
+      256 left them out.
+    fit_threshold: a query whose best model's class-level score (agreement + token_weight *
+      token) is below this is flagged as fitting no model; set by calibration on validation
+      queries (:func:`calibrate_threshold`). 0 never flags: agreement is >= 0, and so are the
+      token cosines, phi's features being non-negative (ReLU).
+  """
+  enabled: bool = True
+  neighbours: int = 100
+  token_weight: float = 0.25
+  vector_weight: float = 0.25
+  shortlist: int = 4096
+  fit_threshold: float = 0.0
+
+  def __post_init__(self):
+    require(self.neighbours >= 1, f"match neighbours must be >= 1, got {self.neighbours}")
+    require(self.token_weight >= 0 and self.vector_weight >= 0,
+            f"match token_weight and vector_weight must be >= 0, got {self.token_weight}, "
+            f"{self.vector_weight}")
+    require(self.shortlist >= 0, f"match shortlist must be >= 0, got {self.shortlist}")
+
+
+@dataclasses.dataclass
+class QueryClasses:
+  """The class-level description of Q queries (padded to K_max classes).
+
+  Attributes:
+    prototypes: float32 [Q, K_max, D] unit class prototypes (zero rows past a query's K).
+    mask: float32 [Q, K_max] 1 for the query's classes.
+    anchors: int32 [Q, K_max, n] pool indices standing for each class (nearest first).
+  """
+  prototypes: np.ndarray
+  mask: np.ndarray
+  anchors: np.ndarray
+
+  def __len__(self) -> int:
+    return self.prototypes.shape[0]
+
+  def take(self, rows) -> "QueryClasses":
+    """The queries at ``rows``."""
+    return QueryClasses(self.prototypes[rows], self.mask[rows], self.anchors[rows])
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _nearest(prototypes, pool_features, n: int):
+  sim = jnp.einsum("qkd,nd->qkn", prototypes, pool_features)
+  return jax.lax.top_k(sim, n)[1].astype(jnp.int32)
+
+
+def query_classes(prototypes, mask, pool_features, neighbours: int) -> QueryClasses:
+  """Locates every query class in the probe pool.
+
+  Args:
+    prototypes: float [Q, K_max, D] unit class prototypes (the query grids' diagonals).
+    mask: float [Q, K_max].
+    pool_features: float32 [N, D] phi of the probe pool.
+    neighbours: n, pool images per class (at most N).
+
+  Returns:
+    The :class:`QueryClasses`.
+  """
+  prototypes = np.asarray(prototypes, np.float32)
+  n = min(int(neighbours), len(pool_features))
+  anchors = np.asarray(_nearest(jnp.asarray(prototypes), jnp.asarray(pool_features), n))
+  return QueryClasses(prototypes, np.asarray(mask, np.float32), anchors)
+
+
+def greedy_assignment(scores, row_mask, col_mask):
+  """Sum of a greedy one-to-one assignment (jittable, batched over leading axes).
+
+  Repeatedly takes the largest entry among rows and columns not yet used, min(valid rows, valid
+  columns) times.
+
+  Args:
+    scores: float [..., R, C].
+    row_mask, col_mask: bool [..., R] / [..., C], the valid rows and columns.
+
+  Returns:
+    float [...]: the summed scores of the assigned pairs.
+  """
+  r, c = scores.shape[-2:]
+  valid = row_mask[..., :, None] & col_mask[..., None, :]
+  s = jnp.where(valid, scores, -jnp.inf)
+  rows, cols = jnp.arange(r), jnp.arange(c)
+
+  def step(_, carry):
+    s, total = carry
+    flat = s.reshape(s.shape[:-2] + (r * c,))
+    at = jnp.argmax(flat, axis=-1)
+    best = jnp.take_along_axis(flat, at[..., None], axis=-1)[..., 0]
+    total = total + jnp.where(jnp.isfinite(best), best, 0.0)
+    used = ((rows == (at // c)[..., None])[..., :, None]
+            | (cols == (at % c)[..., None])[..., None, :])
+    return jnp.where(used, -jnp.inf, s), total
+
+  _, total = jax.lax.fori_loop(0, min(r, c), step, (s, jnp.zeros(scores.shape[:-2])))
+  return total
+
+
+@jax.jit
+def _class_scores(prototypes, q_mask, anchors, tokens, t_mask, labels, rows):
+  """prototypes [Q, Kq, D], q_mask [Q, Kq], anchors [Q, Kq, n]; the U candidate models' tokens
+  [U, Km, D], t_mask [U, Km] and pool labels [U, N]; each query's candidates ``rows`` [Q, R]
+  (indices into U) -> (agreement, token) [Q, R]."""
+  km = tokens.shape[-2]
+  qm = q_mask > 0
+  tm = t_mask[rows] > 0  # [Q, R, Km]
+  kq = jnp.maximum(q_mask.sum(-1), 1.0)[:, None]  # [Q, 1]
+  # Each candidate's labels on each query class's stand-ins: [Q, R, Kq, n].
+  got = labels[rows[:, :, None, None], anchors[:, None, :, :]]
+  # Counts by comparison in the labels' own dtype (10x faster on CPU than a float one-hot).
+  hits = (got[..., None] == jnp.arange(km, dtype=labels.dtype)).sum(-2, dtype=jnp.int32)
+  confusion = hits.astype(jnp.float32) / anchors.shape[-1]  # [Q, R, Kq, Km]
+  agreement = greedy_assignment(confusion, qm[:, None], tm) / kq
+  # Prototype-token cosines against the U candidates once, then per query's candidates: cheaper
+  # than gathering [Q, R, Km, D] tokens when candidates repeat across queries.
+  sim = jnp.einsum("qkd,ujd->qukj", prototypes, tokens)
+  sim = jnp.take_along_axis(sim, rows[:, :, None, None], axis=1)  # [Q, R, Kq, Km]
+  token = greedy_assignment(sim, qm[:, None], tm) / jnp.maximum(kq, tm.sum(-1))
+  return agreement, token
+
+
+def _bucket(n: int) -> int:
+  """``n`` rounded up to a power of two (at least 8): few distinct shapes, few compilations."""
+  return max(8, 1 << (int(n) - 1).bit_length())
+
+
+def class_scores(query: QueryClasses, tokens, token_mask, pool_labels, rows=None,
+                 chunk: int = 32):
+  """Class-level scores of candidate models for each query.
+
+  Args:
+    query: Q queries (:func:`query_classes`).
+    tokens: float32 [M, K_max, D] every model's unit class tokens.
+    token_mask: float32 [M, K_max].
+    pool_labels: uint8 [M, N] every model's label for each pool image.
+    rows: int [Q, R] the candidate models of each query (default: all M for every query).
+    chunk: queries per jitted call.
+
+  Returns:
+    (agreement float32 [Q, R], token float32 [Q, R]).
+  """
+  q = len(query)
+  tokens = np.asarray(tokens, np.float32)
+  token_mask = np.asarray(token_mask, np.float32)
+  pool_labels = np.asarray(pool_labels)
+  m = tokens.shape[0]
+  rows = np.broadcast_to(np.arange(m), (q, m)) if rows is None else np.asarray(rows)
+  agree = np.zeros(rows.shape, np.float32)
+  tok = np.zeros(rows.shape, np.float32)
+  if q == 0 or rows.shape[1] == 0:
+    return agree, tok
+  # Queries of one class count run together, trimmed to it (a 4-way query padded to 10 classes
+  # would gather and compare 2.5x the labels); models are trimmed to the widest one.
+  km = max(int(token_mask.sum(-1).max()), 1)
+  k_of = query.mask.sum(-1).astype(int)
+  for kq in np.unique(k_of):
+    members = np.flatnonzero(k_of == kq)
+    for s in range(0, len(members), chunk):
+      part = members[s:s + chunk]
+      pad = np.concatenate([part, np.full(chunk - len(part), part[-1])])  # one shape per chunk
+      uniq, inv = np.unique(rows[pad], return_inverse=True)
+      u = _bucket(len(uniq))
+      take = np.concatenate([uniq, np.full(u - len(uniq), uniq[0])])
+      kk = max(int(kq), 1)
+      a, t = _class_scores(jnp.asarray(query.prototypes[pad, :kk]),
+                           jnp.asarray(query.mask[pad, :kk]), jnp.asarray(query.anchors[pad, :kk]),
+                           jnp.asarray(tokens[take, :km]), jnp.asarray(token_mask[take, :km]),
+                           jnp.asarray(pool_labels[take]),
+                           jnp.asarray(inv.reshape(len(pad), -1), jnp.int32))
+      agree[part], tok[part] = np.asarray(a)[:len(part)], np.asarray(t)[:len(part)]
+  return agree, tok
+
+
+def combine(agreement, token, vector, config: MatchConfig):
+  """The retrieval score ``agreement + token_weight * token + vector_weight * vector``."""
+  return agreement + config.token_weight * token + config.vector_weight * vector
+
+
+def fit_score(agreement, token, config: MatchConfig):
+  """The class-level part of the score (no aligned vector): how well a model fits a query's
+  classes, comparable across seen and unseen tasks, and what the no-fit flag thresholds."""
+  return agreement + config.token_weight * token
+
+
+def calibrate_threshold(best_fit_scores, false_alarm: float = 0.02) -> float:
+  """The no-fit threshold that flags at most ``false_alarm`` of in-distribution validation
+  queries: the ``false_alarm`` quantile of their best models' :func:`fit_score`.
+
+  Args:
+    best_fit_scores: float [V] the best model's fit score of each validation query.
+    false_alarm: the share of such queries allowed to be flagged.
+
+  Returns:
+    The threshold (a float).
+  """
+  x = np.asarray(best_fit_scores, np.float64)
+  if x.size == 0:
+    raise ValueError("no validation scores to calibrate the no-fit threshold on")
+  return float(np.quantile(x, false_alarm, method="lower"))

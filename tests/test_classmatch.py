@@ -1,0 +1,222 @@
+"""Class-level matching: the greedy assignment, the class scores, the index's two-stage search,
+retrieval that needs the classes (a class-blind scorer cannot pass), label-only black boxes and
+the no-fit flag."""
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from know2vec_jax import classmatch
+from know2vec_jax.blackbox import CallableBlackBox
+from know2vec_jax.classmatch import MatchConfig, QueryClasses
+from know2vec_jax.data import load_source, make_task, task_images
+from know2vec_jax.index import IndexStoreError, ModelIndex
+from know2vec_jax.knowledge import find_anchors, pool_priority
+
+
+def test_greedy_assignment_is_one_to_one_and_exact_on_clear_matches():
+  rng = np.random.default_rng(0)
+  for r, c in [(3, 3), (4, 6), (5, 2)]:
+    for _ in range(20):
+      s = rng.random((r, c)).astype(np.float32)
+      got = float(classmatch.greedy_assignment(s, np.ones(r, bool), np.ones(c, bool)))
+      rows, cols = linear_sum_assignment(-s)
+      best = float(s[rows, cols].sum())
+      assert got <= best + 1e-5  # a one-to-one assignment can never beat the optimum
+      # ... and it is one: brute force over injective maps finds a match with that sum.
+      maps = itertools.permutations(range(c), r) if r <= c else (
+          itertools.permutations(range(r), c))
+      sums = {round(float(s[np.arange(r), list(m)].sum() if r <= c else
+                          s[list(m), np.arange(c)].sum()), 4) for m in maps}
+      assert round(got, 4) in sums
+      # A near-permutation (what a model of the query's own classes gives) is solved exactly.
+      perm = rng.permutation(c)[:min(r, c)]
+      clear = 0.05 * s
+      clear[np.arange(min(r, c)), perm] += 1.0
+      g = float(classmatch.greedy_assignment(clear, np.ones(r, bool), np.ones(c, bool)))
+      rows, cols = linear_sum_assignment(-clear)
+      assert g == pytest.approx(float(clear[rows, cols].sum()), abs=1e-5)
+  # Masked rows and columns take no part.
+  s = np.eye(4, dtype=np.float32)
+  got = classmatch.greedy_assignment(s, np.array([1, 1, 0, 0], bool), np.ones(4, bool))
+  assert float(got) == pytest.approx(2.0)
+
+
+def _synthetic(n_pool=200, d=16, k_max=4, seed=0):
+  """Pool features in 8 clusters; cluster 3 looks like cluster 2 (as a boot looks like a
+  sneaker), so a model without class 3 labels its images as class 2."""
+  rng = np.random.default_rng(seed)
+  centres = np.linalg.qr(rng.standard_normal((d, 8)))[0].T  # 8 orthonormal directions
+  centres[3] = (centres[2] + 1.2 * centres[3]) / np.linalg.norm(centres[2] + 1.2 * centres[3])
+  cluster = rng.integers(0, 8, n_pool)
+  pool = centres[cluster] + 0.05 * rng.standard_normal((n_pool, d))
+  pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+  return centres.astype(np.float32), cluster, pool.astype(np.float32)
+
+
+def _model(centres, cluster, classes, k_max=4):
+  """A model of ``classes`` (cluster ids): labels each pool image by its nearest class."""
+  toks = np.zeros((k_max, centres.shape[1]), np.float32)
+  toks[:len(classes)] = centres[list(classes)]
+  sim = centres[cluster] @ centres[list(classes)].T + 1e-3 * np.arange(len(classes))
+  mask = np.zeros(k_max, np.float32)
+  mask[:len(classes)] = 1
+  return toks, mask, sim.argmax(1).astype(np.uint8)
+
+
+def test_class_scores_prefer_the_exact_class_set_over_a_one_class_swapped_twin():
+  centres, cluster, pool = _synthetic()
+  models = [(0, 1, 2, 3), (0, 1, 2, 4), (4, 5, 6, 7), (0, 1)]
+  toks, masks, labels = map(np.stack, zip(*[_model(centres, cluster, m) for m in models]))
+  q = np.zeros((1, 4, centres.shape[1]), np.float32)
+  q[0] = centres[[2, 0, 3, 1]]  # the query's class order is its own
+  query = classmatch.query_classes(q, np.ones((1, 4)), pool, neighbours=10)
+  agree, tok = classmatch.class_scores(query, toks, masks, labels)
+  assert agree[0, 0] == pytest.approx(1.0) and tok[0, 0] == pytest.approx(1.0, abs=1e-5)
+  assert agree[0, 1] == pytest.approx(0.75)  # class 3's stand-ins go to class 2, taken
+  assert tok[0, 1] < 0.9
+  assert agree[0, 3] == pytest.approx(0.5)  # a 2-way model covers 2 of the 4 classes
+  combined = classmatch.combine(agree, tok, np.zeros_like(agree), MatchConfig())
+  assert np.argmax(combined[0]) == 0
+  # Candidate rows: the same numbers for the rows asked about.
+  a2, t2 = classmatch.class_scores(query, toks, masks, labels, rows=np.array([[2, 0]]))
+  np.testing.assert_allclose(a2[0], agree[0, [2, 0]])
+  np.testing.assert_allclose(t2[0], tok[0, [2, 0]], atol=1e-6)
+
+
+def _class_index(dim=8, m=6, k_max=4, d=16, n=50, seed=0):
+  rng = np.random.default_rng(seed)
+  idx = ModelIndex(dim)
+  classes = {"tokens": rng.random((m, k_max, d)), "mask": np.ones((m, k_max)),
+             "pool_labels": rng.integers(0, k_max, (m, n)).astype(np.uint8)}
+  idx.add_vectors([f"m{i}" for i in range(m)], rng.standard_normal((m, dim)),
+                  [{"i": i} for i in range(m)], classes=classes)
+  return idx, classes
+
+
+def test_index_keeps_class_knowledge_through_add_remove_save_and_load(tmp_path):
+  idx, classes = _class_index()
+  assert idx.has_classes
+  idx.remove(["m1"])
+  np.testing.assert_array_equal(idx.classes["pool_labels"],
+                                np.delete(classes["pool_labels"], 1, axis=0))
+  back = ModelIndex.load(idx.save(tmp_path / "idx"))
+  assert back.ids == idx.ids and back.has_classes
+  for name in ("tokens", "mask", "pool_labels"):
+    np.testing.assert_array_equal(back.classes[name], idx.classes[name])
+    assert back.classes[name].dtype == idx.classes[name].dtype
+  # Rows hold class knowledge all or none; another proxy's shapes are refused.
+  with pytest.raises(IndexStoreError, match="new models need theirs too"):
+    back.add_vectors(["x"], np.ones((1, 8)))
+  bare = ModelIndex(8)
+  bare.add_vectors(["y"], np.ones((1, 8)))
+  with pytest.raises(IndexStoreError, match="models without class knowledge"):
+    bare.add_vectors(["x"], np.ones((1, 8)), classes={k: v[:1] for k, v in classes.items()})
+  wrong = {k: v[:1] for k, v in classes.items()} | {"pool_labels": np.zeros((1, 7), np.uint8)}
+  with pytest.raises(IndexStoreError, match="comes from another proxy"):
+    back.add_vectors(["x"], np.ones((1, 8)), classes=wrong)
+  bad = {k: v[:1] for k, v in classes.items()} | {"pool_labels": np.full((1, 50), 9, np.uint8)}
+  with pytest.raises(IndexStoreError, match="pool labels in 0..K-1"):
+    back.add_vectors(["x"], np.ones((1, 8)), classes=bad)
+  assert len(back) == 5  # nothing was added by the refused calls
+
+
+def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
+  idx, classes = _class_index(m=40, seed=3)
+  rng = np.random.default_rng(4)
+  q = rng.standard_normal((3, 8)).astype(np.float32)
+  qc = QueryClasses(rng.random((3, 4, 16)).astype(np.float32), np.ones((3, 4), np.float32),
+                    rng.integers(0, 50, (3, 4, 5)).astype(np.int32))
+  full = idx.match(q, qc, 40, MatchConfig(shortlist=0))
+  # Every row scored: the combined score of each row, best first.
+  agree, tok = classmatch.class_scores(qc, classes["tokens"], classes["mask"],
+                                       classes["pool_labels"])
+  unit = idx.vectors
+  cfg = MatchConfig()
+  want = agree + cfg.token_weight * tok + cfg.vector_weight * (q @ unit.T)
+  for i in range(3):
+    got = dict(zip(full.ids[i], full.scores[i]))
+    for j, mid in enumerate(idx.ids):
+      assert got[mid] == pytest.approx(want[i, j], abs=1e-5)
+    assert np.all(np.diff(full.scores[i]) <= 1e-6)
+  # A shortlist of 10 rescored: its rows' scores equal the full scores of the same rows.
+  short = idx.match(q, qc, 5, MatchConfig(shortlist=10))
+  vec_top = idx.search(q, 10)[1]
+  for i in range(3):
+    assert set(short.ids[i]) <= set(vec_top[i])
+    got = dict(zip(full.ids[i], full.scores[i]))
+    for mid, s in zip(short.ids[i], short.scores[i]):
+      assert s == pytest.approx(got[mid], abs=1e-5)
+  # Vectors alone when matching is off; no class knowledge: a clear error.
+  off = idx.match(q, None, 5, MatchConfig(enabled=False))
+  assert off.ids == idx.search(q, 5)[1]
+  bare = ModelIndex(8)
+  bare.add_vectors(["y"], np.ones((1, 8)))
+  with pytest.raises(IndexStoreError, match="holds no class knowledge"):
+    bare.match(q, qc, 1)
+
+
+def _nearest_mean_box(data, task, model_id, labels_only=False):
+  x, y = task_images(data, task, "train")
+  means = np.stack([x[y == c].mean(0) for c in range(task.k)])
+
+  def fn(images):
+    logits = -((images[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4))
+    return np.eye(task.k, dtype=np.float32)[logits.argmax(1)] if labels_only else logits
+  return CallableBlackBox(fn, task.k, (28, 28, 1), model_id=model_id)
+
+
+def test_retrieval_tells_a_class_set_from_its_one_class_swapped_twin(tiny_proxy, tiny_index):
+  """Two black boxes of the same domain differ by one class; each one's query must find it
+  first. A class-blind scorer gives the twins one score and so fails one of the two queries."""
+  from know2vec_jax.data import few_shot
+  digits = load_source("digits")
+  a, b = make_task(digits, ["0", "1", "2", "6"]), make_task(digits, ["0", "1", "2", "9"])
+  idx = tiny_proxy.build_index([_nearest_mean_box(digits, a, "twin-a"),
+                                _nearest_mean_box(digits, b, "twin-b")],
+                               {"twin-a": {"task": a.task_id}, "twin-b": {"task": b.task_id}})
+  for task, want in ((a, "twin-a"), (b, "twin-b")):
+    for seed in range(3):
+      x, y = few_shot(digits, task, 5, seed=seed, split="test")
+      found = tiny_proxy.search(idx, [(x, y)], k=2)
+      assert found.ids[0][0] == want
+      assert found.scores[0, 0] > found.scores[0, 1]
+
+
+def test_label_only_black_box_anchors_come_from_the_whole_pool_and_it_is_found(tiny_proxy):
+  digits = load_source("digits")
+  task = make_task(digits, ["3", "4", "5", "8"])
+  box = _nearest_mean_box(digits, task, "labels-only", labels_only=True)
+  # Every margin is 1: anchors follow the pool's fixed priority, not its (source-sorted) order.
+  index, fallback, labels = find_anchors(box, tiny_proxy.pool, 512, 4)
+  assert not fallback.any()
+  prio = pool_priority(len(tiny_proxy.pool))
+  for c in range(task.k):
+    cand = np.flatnonzero(labels[0] == c)
+    np.testing.assert_array_equal(index[0, c], cand[np.argsort(prio[cand])][:4])
+  assert len({i // (len(tiny_proxy.pool) // 3) for i in index[0].ravel()}) > 1  # several sources
+  from know2vec_jax.data import few_shot
+  idx = tiny_proxy.build_index([box, _nearest_mean_box(digits, make_task(
+      digits, ["3", "4", "5", "9"]), "twin")])
+  x, y = few_shot(digits, task, 5, seed=0, split="test")
+  assert tiny_proxy.search(idx, [(x, y)], k=1).ids[0] == ["labels-only"]
+
+
+def test_no_fit_flag_fires_on_noise_and_not_on_a_task_of_the_zoo(tiny_proxy, tiny_index,
+                                                                   tiny_zoo):
+  from know2vec_jax.data import few_shot
+  from know2vec_jax.proxy import query_result
+  assert tiny_proxy.config.match.fit_threshold > 0  # calibrated when it was trained
+  assert tiny_proxy.info["calibration"]["queries"] > 0
+  r = next(r for r in tiny_zoo[0].records.values() if r.k == 4)
+  x, y = few_shot(load_source(r.source), r.task, 5, seed=3, split="test")
+  fits = query_result(tiny_proxy, tiny_index, x, y, k=3)
+  assert not fits["no_fit"] and fits["fit"] >= fits["fit_threshold"]
+  noise = np.random.default_rng(0).random(x.shape).astype(np.float32)
+  none = query_result(tiny_proxy, tiny_index, noise, y, k=3)
+  assert none["no_fit"] and none["fit"] < none["fit_threshold"]
+  # Never flags with the threshold at 0.
+  assert not query_result(tiny_proxy.with_match(fit_threshold=0.0), tiny_index, noise, y,
+                          k=3)["no_fit"]
