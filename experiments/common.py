@@ -35,12 +35,14 @@ def add_config_arguments(p: argparse.ArgumentParser, presets: config_lib.Presets
 
 
 def add_run_arguments(p: argparse.ArgumentParser, out_help: str, cache_help: str,
-                      quick: str | None = None) -> None:
+                      quick: str | None = None, zoo: str = "demo") -> None:
   """The arguments every experiment shares: ``--zoo``, ``--out``, ``--cache``, ``--quiet`` and,
-  where the experiment has a quick preset, ``--quick`` (``quick``: its help)."""
+  where the experiment has a quick preset, ``--quick`` (``quick``: its help); ``zoo``: the zoo
+  preset the experiment is designed for (its default directory is ``artifacts/zoo-<zoo>``)."""
   if quick is not None:
     p.add_argument("--quick", action="store_true", help=quick)
-  p.add_argument("--zoo", default="artifacts/zoo-demo", help="the zoo directory (demo preset)")
+  p.add_argument("--zoo", default=f"artifacts/zoo-{zoo}",
+                 help=f"the zoo directory ({zoo} preset: know2vec zoo build --preset {zoo})")
   p.add_argument("--out", default=None, help=out_help)
   p.add_argument("--cache", default="artifacts/cache", help=cache_help)
   p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -2,9 +2,9 @@
 queries that fit no model, over several aligner seeds, against random, untrained anchor matching
 and LEEP.
 
-Command:   python -m experiments.generalise --zoo artifacts/zoo-varied   (everything below)
-           python -m experiments.generalise --zoo artifacts/zoo-varied --quick
-           python -m experiments.generalise --zoo artifacts/zoo-varied --validate   (selection)
+Command:   python -m experiments.generalise              (everything below; --zoo artifacts/zoo-varied)
+           python -m experiments.generalise --quick
+           python -m experiments.generalise --validate   (model selection)
            (the zoo: ``know2vec zoo build --preset varied --zoo artifacts/zoo-varied``, 615
            models of 6 families, 3 of them scikit-learn estimators)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
@@ -670,7 +670,7 @@ def main(argv=None):
   add_run_arguments(p, "results JSON (default experiments/results/generalise.json, "
                     "generalise-quick.json with --quick)",
                     "cache of derived artifacts (knowledge, backbone, episodes)",
-                    quick="the 'quick' preset")
+                    quick="the 'quick' preset", zoo="varied")
   p.add_argument("--validate", action="store_true",
                  help="model selection on validation queries carved from fold 0's training tasks")
   args = p.parse_args(argv)
