@@ -59,7 +59,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   mask[:, :CLASSES] = 1
   tokens = rng.random((NUM_MODELS, k_max, d), dtype=np.float32) * mask[..., None]
   classes = {"tokens": tokens / np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-6),
-             "mask": mask, "pool_labels": rng.integers(0, CLASSES, (NUM_MODELS, POOL), np.uint8)}
+             "mask": mask, "pool_labels": rng.integers(0, CLASSES, (NUM_MODELS, POOL), np.uint8),
+             "hub": -np.sort(-rng.random((NUM_MODELS, 32), dtype=np.float32), axis=1)}
   index.add_vectors([f"m{i}" for i in range(NUM_MODELS)], vecs,
                     [{"arch": ("mlp", "cnn_s", "cnn_l")[i % 3], "task": f"t{i % 500}"}
                      for i in range(NUM_MODELS)], classes=classes)

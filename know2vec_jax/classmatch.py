@@ -58,6 +58,17 @@ class MatchConfig:
       never saw gets vectors that say little (on the varied zoo, held-out ``knn`` models ranked a
       median 140th by their vectors while their class agreement was 0.99), and a short list of
       256 left them out.
+    hub_k: correct each model's cosine q . m by its hub offset h(m), the mean of its ``hub_k``
+      highest cosines to the proxy's reference queries
+      (:meth:`know2vec_jax.index.ModelIndex.hub_offsets`; 0: raw cosines). Vectors of a family
+      the aligner never saw sit apart from every query (on the varied zoo, trained without
+      ``knn``: h = 0.48 for its models against 0.83-0.90 for the others): raw, their cosine ranks
+      them down whatever their class agreement.
+    hub_floor: how the offset corrects: None subtracts it (q . m - h(m), cross-domain
+      similarity local scaling); a number lifts only the models below it (q . m +
+      max(0, hub_floor - h(m))), so models whose vectors sit where the aligner's training models
+      do keep their raw cosines. The proxy sets it after training to the median h of its
+      training models.
     fit_threshold: a query whose best model's class-level score (agreement + token_weight *
       token) is below this is flagged as fitting no model; set by calibration on validation
       queries (:func:`calibrate_threshold`). 0 never flags: agreement is >= 0, and so are the
@@ -66,8 +77,10 @@ class MatchConfig:
   enabled: bool = True
   neighbours: int = 100
   token_weight: float = 0.25
-  vector_weight: float = 0.25
+  vector_weight: float = 0.1
   shortlist: int = 4096
+  hub_k: int = 1
+  hub_floor: float | None = None
   fit_threshold: float = 0.0
 
   def __post_init__(self):
@@ -76,6 +89,7 @@ class MatchConfig:
             f"match token_weight and vector_weight must be >= 0, got {self.token_weight}, "
             f"{self.vector_weight}")
     require(self.shortlist >= 0, f"match shortlist must be >= 0, got {self.shortlist}")
+    require(self.hub_k >= 0, f"match hub_k must be >= 0, got {self.hub_k}")
 
 
 @dataclasses.dataclass

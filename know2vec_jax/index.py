@@ -6,7 +6,11 @@ JSON-serialisable metadata dict, keyed by a unique string model id. Search is ma
 
 An index built by a proxy also holds each model's **class knowledge**: its class tokens
 [K_max, D] (mean phi of each class's anchors), their mask, and its label for every image of the
-proxy's probe pool (uint8 [N]). :meth:`ModelIndex.match` then ranks in two stages: the vector
+proxy's probe pool (uint8 [N]), and its H highest cosines to the proxy's reference queries
+(float32 [H], best first: how close the model's vector ever comes to a query, which
+:class:`know2vec_jax.classmatch.MatchConfig`'s ``hub_k`` subtracts from its cosine, so that
+models whose vectors sit apart, e.g. of a family the aligner never saw, are not ranked down for
+it). :meth:`ModelIndex.match` then ranks in two stages: the vector
 stage keeps a shortlist per query, and class-level matching (:mod:`know2vec_jax.classmatch`)
 scores it. Rows hold class knowledge all or none.
 
@@ -16,7 +20,8 @@ Layout of an index directory::
                  the class-knowledge shapes (or null), the checksum and shape of every array
     vectors/     orbax checkpoint of {"vectors": float32 [M, dim]} (absent when M == 0)
     classes/     orbax checkpoint of {"tokens": float32 [M, K_max, D], "mask": float32
-                 [M, K_max], "pool_labels": uint8 [M, N]} (only with class knowledge)
+                 [M, K_max], "pool_labels": uint8 [M, N], "hub": float32 [M, H]} (only with class
+                 knowledge)
 
 An index is written into a sibling temporary directory with the manifest last, then renamed into
 place, so an interrupted save leaves any previous index at that path intact and loadable.
@@ -41,11 +46,11 @@ from know2vec_jax import classmatch, storage
 from know2vec_jax.mesh import data_mesh
 
 FORMAT = "know2vec-index"
-VERSION = 3  # 3: class knowledge (tokens, mask, pool labels) beside the vectors
+VERSION = 4  # 3: class knowledge (tokens, mask, pool labels) beside the vectors; 4: hub cosines
 MANIFEST = "index.json"
 VECTORS_DIR = "vectors"
 CLASSES_DIR = "classes"
-CLASS_ARRAYS = ("tokens", "mask", "pool_labels")
+CLASS_ARRAYS = ("tokens", "mask", "pool_labels", "hub")
 DTYPES = ("float32", "bfloat16")
 # Below this many rows one device answers a search faster than a cross-device gather costs.
 SHARD_MIN_ROWS = 8192
@@ -257,7 +262,7 @@ class ModelIndex:
       vectors: array-like [n, dim] of finite, non-zero vectors.
       metadata: n JSON-serialisable dicts, or None for empty dicts.
       classes: the models' class knowledge, ``{"tokens": float [n, K_max, D], "mask": [n,
-        K_max], "pool_labels": int [n, N]}`` (what :meth:`know2vec_jax.proxy.Proxy.build_index`
+        K_max], "pool_labels": int [n, N], "hub": float [n, H]}`` (what :meth:`know2vec_jax.proxy.Proxy.build_index`
         gives); required when the index already holds class knowledge, refused when it holds
         rows without.
 
@@ -335,24 +340,28 @@ class ModelIndex:
     tokens = np.asarray(classes["tokens"], np.float32)
     mask = np.asarray(classes["mask"], np.float32)
     labels = np.asarray(classes["pool_labels"])
+    hub = np.asarray(classes["hub"], np.float32)
     if tokens.ndim != 3 or tokens.shape[0] != n or mask.shape != tokens.shape[:2] \
-        or labels.ndim != 2 or labels.shape[0] != n:
-      raise IndexStoreError(f"class knowledge must be tokens [n, K_max, D], mask [n, K_max] and "
-                            f"pool_labels [n, N] for n = {n} models, got {list(tokens.shape)}, "
-                            f"{list(mask.shape)}, {list(labels.shape)}")
+        or labels.ndim != 2 or labels.shape[0] != n or hub.ndim != 2 or hub.shape[0] != n:
+      raise IndexStoreError(f"class knowledge must be tokens [n, K_max, D], mask [n, K_max], "
+                            f"pool_labels [n, N] and hub [n, H] for n = {n} models, got "
+                            f"{list(tokens.shape)}, {list(mask.shape)}, {list(labels.shape)}, "
+                            f"{list(hub.shape)}")
     if self._classes is not None:
-      have = (self._classes["tokens"].shape[1:], self._classes["pool_labels"].shape[1])
-      if (tokens.shape[1:], labels.shape[1]) != have:
+      have = (self._classes["tokens"].shape[1:], self._classes["pool_labels"].shape[1],
+              self._classes["hub"].shape[1])
+      if (tokens.shape[1:], labels.shape[1], hub.shape[1]) != have:
         raise IndexStoreError(f"class knowledge of shape tokens {list(tokens.shape[1:])}, pool "
-                              f"{labels.shape[1]} does not match the index's tokens "
-                              f"{list(have[0])}, pool {have[1]}: it comes from another proxy")
-    if not np.all(np.isfinite(tokens)):
-      raise IndexStoreError("class tokens hold NaN or inf")
+                              f"{labels.shape[1]}, hub {hub.shape[1]} does not match the index's "
+                              f"tokens {list(have[0])}, pool {have[1]}, hub {have[2]}: it comes "
+                              "from another proxy")
+    if not np.all(np.isfinite(tokens)) or not np.all(np.isfinite(hub)):
+      raise IndexStoreError("class tokens or hub cosines hold NaN or inf")
     k = mask.sum(1)
     if np.any(k < 1) or np.any(labels < 0) or np.any(labels >= np.maximum(k, 1)[:, None]):
       raise IndexStoreError("class knowledge is inconsistent: every model needs at least one "
                             "class in its mask and pool labels in 0..K-1")
-    return {"tokens": tokens, "mask": mask, "pool_labels": labels.astype(np.uint8)}
+    return {"tokens": tokens, "mask": mask, "pool_labels": labels.astype(np.uint8), "hub": hub}
 
   def add(self, model_id: str, vectorize_fn: Callable[..., Any], *args,
           metadata: dict | None = None) -> np.ndarray:
@@ -477,7 +486,9 @@ class ModelIndex:
             config: classmatch.MatchConfig = classmatch.MatchConfig()) -> Matches:
     """The k best models per query by vector *and* class-level score (two stages).
 
-    The vector stage ranks every row by q . m and keeps ``config.shortlist`` candidates per query
+    The vector stage ranks every row by q . m (corrected by the model's hub offset,
+    :meth:`hub_offsets`, when ``config.hub_k`` is set, as ``config.hub_floor`` says: the
+    returned ``vector`` part is then the corrected cosine) and keeps ``config.shortlist`` candidates per query
     (all rows when the shortlist is 0 or at least the index size); the candidates are scored by
     :func:`know2vec_jax.classmatch.class_scores` and ranked by
     :func:`know2vec_jax.classmatch.combine`. With ``config.enabled`` False this is :meth:`search`
@@ -514,10 +525,20 @@ class ModelIndex:
                             f"the index's class tokens of size {self._classes['tokens'].shape[-1]}")
     m = len(self)
     r = m if config.shortlist == 0 else min(config.shortlist, m)
-    if r == m:  # every row is a candidate: score them all, no vector top-k needed
+    hub = self.hub_offsets(config.hub_k)
+    if r == m or hub is not None:
       self.search(q[:1], 1)  # validates the queries like search does
       vec = q @ self._vectors.T
-      rows = np.broadcast_to(np.arange(m), (nq, m))
+      if hub is not None:  # each model's cosine relative to how close it ever comes to a query
+        vec = vec - hub if config.hub_floor is None else vec + np.maximum(
+            0.0, config.hub_floor - hub)
+      if r == m:  # every row is a candidate: score them all, no vector top-k needed
+        rows = np.broadcast_to(np.arange(m), (nq, m))
+      else:  # the shortlist by centred cosine, so that no family is cut for where it sits
+        rows = np.argpartition(-vec, r - 1, axis=1)[:, :r]
+        rows = np.take_along_axis(rows, np.argsort(-np.take_along_axis(vec, rows, 1), 1,
+                                                   kind="stable"), 1)
+        vec = np.take_along_axis(vec, rows, 1)
     else:
       vec, ids = self.search(q, r)
       rows = np.asarray([[self._row[i] for i in row] for row in ids])
@@ -534,6 +555,24 @@ class ModelIndex:
                    take(score), take(agree), take(tok), take(vec), best_fit,
                    best_fit < config.fit_threshold)
 
+  def hub_offsets(self, k: int) -> np.ndarray | None:
+    """Each model's mean of its ``k`` highest cosines to the proxy's reference queries
+    (float32 [M]), what centred retrieval subtracts from q . m; None when ``k`` is 0.
+
+    This is the hubness correction of cross-domain similarity local scaling (CSLS; Conneau et
+    al., "Word translation without parallel data", ICLR 2018), on the model side: a model whose
+    vector sits close to many queries (a hub) is not preferred for it, and one whose vector sits
+    apart from every query the aligner was trained on is not penalised for it.
+    """
+    if not k:
+      return None
+    if self._classes is None:
+      raise IndexStoreError("hub correction needs the class knowledge of an index built by "
+                            "Proxy.build_index")
+    hub = self._classes["hub"]
+    return hub[:, :min(int(k), hub.shape[1])].mean(1) if hub.shape[1] else np.zeros(len(self),
+                                                                                     np.float32)
+
   # ---- storage -------------------------------------------------------------------------------
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
@@ -549,7 +588,8 @@ class ModelIndex:
     if self._classes is not None:
       t = self._classes["tokens"]
       classes = {"max_classes": t.shape[1], "token_dim": t.shape[2],
-                 "pool_size": self._classes["pool_labels"].shape[1]}
+                 "pool_size": self._classes["pool_labels"].shape[1],
+                 "hub_depth": self._classes["hub"].shape[1]}
     manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
                 "num_vectors": len(self), "vectors_dtype": "float32", "ids": self._ids,
                 "metadata": self._meta, "classes": classes}
@@ -596,13 +636,15 @@ class ModelIndex:
       targets = {VECTORS_DIR: {"vectors": np.zeros((len(ids), dim), np.float32)}}
       if shapes is not None:
         try:
-          kmax, d, n = (int(shapes[key]) for key in ("max_classes", "token_dim", "pool_size"))
+          kmax, d, n, h = (int(shapes[key]) for key in ("max_classes", "token_dim", "pool_size",
+                                                         "hub_depth"))
         except (KeyError, TypeError, ValueError) as e:
           raise IndexStoreError(f"{f} is corrupted: bad class-knowledge shapes ({e})") from e
         m = len(ids)
         targets[CLASSES_DIR] = {"tokens": np.zeros((m, kmax, d), np.float32),
                                 "mask": np.zeros((m, kmax), np.float32),
-                                "pool_labels": np.zeros((m, n), np.uint8)}
+                                "pool_labels": np.zeros((m, n), np.uint8),
+                                "hub": np.zeros((m, h), np.float32)}
       restored = storage.restore_trees(root, manifest, targets, "index", IndexStoreError)
       vectors = restored[VECTORS_DIR]["vectors"]
       if not np.all(np.isfinite(vectors)):

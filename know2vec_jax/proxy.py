@@ -16,6 +16,8 @@ Layout of a saved proxy directory (written atomically and checksummed, like ever
     pool/          orbax checkpoint of the probe pool {"images": float32 [N, H, W, C]}
     knowledge/     orbax checkpoint of the compact knowledge of the probed models (anchor indices,
                    boundary positions, never-predicted flags; about 2 KB per model)
+    reference/     orbax checkpoint of {"vectors": float32 [R, E]}: the query vectors of the
+                   validation queries drawn after training (absent when R == 0)
 
 The pool is stored with the proxy so that a black box added later is probed with exactly the images
 the training models were probed with: its vector is comparable to theirs without retraining.
@@ -47,9 +49,11 @@ from know2vec_jax.pipeline import ProxyConfig, proxy_preset  # re-exported: the 
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
 FORMAT = "know2vec-proxy"
-VERSION = 3  # 3: pool labels in the stored knowledge; class matching and its no-fit threshold
+VERSION = 4  # 3: pool labels in the stored knowledge; class matching and its no-fit threshold;
+# 4: reference query vectors (the index's hub cosines)
 MANIFEST = "proxy.json"
 TREES = ("backbone", "vectorizer", "pool")  # what the fingerprint covers
+HUB_DEPTH = 32  # reference cosines kept per index row (the most ``match.hub_k`` can average)
 
 
 class ProxyError(ValueError):
@@ -104,12 +108,13 @@ class Proxy:
   ``vectorizer.embed_queries`` can be used inside other JAX code), ``pool`` (float32
   [N, H, W, C]), ``tasks`` (one dict per training task or target), ``info`` (training facts:
   seconds per stage, final losses), ``knowledge`` (the :class:`KnowledgeStore` of every model it
-  has probed).
+  has probed), ``reference`` (float32 [R, E]: query vectors of validation queries of the training
+  tasks, against which every index row records how close its vector comes to a query).
   """
 
   def __init__(self, config: ProxyConfig, backbone: Backbone, vectorizer: Know2Vec,
                pool: np.ndarray, tasks: list[dict], info: dict | None = None,
-               knowledge: KnowledgeStore | None = None):
+               knowledge: KnowledgeStore | None = None, reference: np.ndarray | None = None):
     self.config = config
     self.backbone = backbone
     self.vectorizer = vectorizer
@@ -119,6 +124,8 @@ class Proxy:
     self.knowledge = knowledge or KnowledgeStore(store_context(self.pool, config.knowledge))
     self._graphdef, self._state = nnx.split(vectorizer)
     self._pool_features = None
+    self.reference = (np.zeros((0, self.embed_dim), np.float32) if reference is None
+                      else np.asarray(reference, np.float32))
 
   # ---- properties --------------------------------------------------------------------------
 
@@ -246,24 +253,25 @@ class Proxy:
                        progress=progress)
     proxy = cls(cfg, t.backbone, t.vectorizer, t.pool, t.tasks, t.info, t.knowledge)
     proxy._pool_features = t.pool_features
-    if cfg.objective == "retrieve" and cfg.calibration_queries and cfg.match.enabled:
-      proxy._calibrate(t.rows, model_tasks, sorted({g.image_shape for g in groups})[0])
+    if cfg.objective == "retrieve" and cfg.calibration_queries:
+      t0 = time.perf_counter()
+      queries = proxy._validation_queries(t.rows[0], model_tasks,
+                                          sorted({g.image_shape for g in groups})[0])
+      if queries:
+        proxy.reference = proxy.embed_queries(queries)
+        if cfg.match.hub_k and cfg.match.hub_floor is None and cfg.calibrate_hub_floor:
+          proxy._set_hub_floor(t.rows)
+        if cfg.match.enabled:
+          proxy._calibrate(t.rows, queries)
+        proxy.info.setdefault("calibration", {}).update(
+            {"queries": len(queries), "seconds": time.perf_counter() - t0})
     return proxy
 
-  def _calibrate(self, rows, model_tasks: Mapping[str, Task], image_shape) -> None:
-    """Sets the no-fit threshold from validation queries of the training tasks.
-
-    ``calibration_queries`` queries of ``shots`` images per class are drawn from each training
-    task's train split, outside the probe pool, and ranked against the training models; the
-    threshold is the ``false_alarm`` quantile of their best models' fit scores
-    (:func:`know2vec_jax.classmatch.calibrate_threshold`).
-    """
+  def _validation_queries(self, ids, model_tasks: Mapping[str, Task], image_shape) -> list:
+    """``calibration_queries`` queries of ``shots`` images per class from each training task's
+    train split, outside the probe pool: queries like a user's, of tasks the proxy knows, that
+    no training step saw."""
     cfg = self.config
-    t0 = time.perf_counter()
-    ids, grids, masks, labels = rows
-    index = ModelIndex(self.embed_dim)
-    vectors, classes = self._index_rows(grids, masks, labels)
-    index.add_vectors(ids, vectors, classes=classes)
     tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
     sources = sorted({t.source for t in tasks})
     in_pool = pipeline.pool_rows(sources, cfg.pool_per_source, cfg.seed, image_shape)
@@ -277,16 +285,35 @@ class Proxy:
                               labels=s.labels[keep])
       picks, y = pipeline.draw_episodes(s, cfg.calibration_queries, cfg.shots, cfg.seed)
       queries += [(s.images[p], yy) for p, yy in zip(picks, y)]
-    if not queries:
-      return
+    return queries
+
+  def _set_hub_floor(self, rows) -> None:
+    """``match.hub_floor``: the median hub offset of the training models (their vectors' mean
+    top-``hub_k`` cosine to the reference queries)."""
+    ids, grids, masks, labels = rows
+    vectors, classes = self._index_rows(grids, masks, labels)
+    k = min(self.config.match.hub_k, classes["hub"].shape[1])
+    floor = float(np.median(classes["hub"][:, :k].mean(1)))
+    self.config = dataclasses.replace(self.config, match=dataclasses.replace(
+        self.config.match, hub_floor=floor))
+    self.info["hub_floor"] = floor
+
+  def _calibrate(self, rows, queries) -> None:
+    """Sets the no-fit threshold from validation queries of the training tasks
+    (:meth:`_validation_queries`), ranked against the training models: the ``false_alarm``
+    quantile of their best models' fit scores (:func:`know2vec_jax.classmatch.calibrate_threshold`).
+    """
+    cfg = self.config
+    ids, grids, masks, labels = rows
+    index = ModelIndex(self.embed_dim)
+    vectors, classes = self._index_rows(grids, masks, labels)
+    index.add_vectors(ids, vectors, classes=classes)
     found = self.search(index, queries, k=1)
     threshold = classmatch.calibrate_threshold(found.fit, cfg.false_alarm)
     self.config = dataclasses.replace(cfg, match=dataclasses.replace(cfg.match,
                                                                      fit_threshold=threshold))
-    self.info["calibration"] = {"queries": len(queries), "threshold": threshold,
-                                "false_alarm": cfg.false_alarm,
-                                "fit_quantiles": np.quantile(found.fit, [0, .02, .05, .5]).tolist(),
-                                "seconds": time.perf_counter() - t0}
+    self.info["calibration"] = {"threshold": threshold, "false_alarm": cfg.false_alarm,
+                                "fit_quantiles": np.quantile(found.fit, [0, .02, .05, .5]).tolist()}
 
   # ---- vectorizing models and queries ------------------------------------------------------
 
@@ -461,7 +488,7 @@ class Proxy:
     """
     match = config_lib.override(self.config.match, [f"{k}={v}" for k, v in changes.items()])
     other = Proxy(dataclasses.replace(self.config, match=match), self.backbone, self.vectorizer,
-                  self.pool, self.tasks, self.info, self.knowledge)
+                  self.pool, self.tasks, self.info, self.knowledge, self.reference)
     other._pool_features = self._pool_features
     return other
 
@@ -567,11 +594,16 @@ class Proxy:
   def _index_rows(self, grids, masks, pool_labels):
     """What an index row holds for models with these padded grids: (unit vectors [M, E], class
     knowledge: tokens = the grids' diagonals (normalised mean phi of each class's anchors), their
-    mask, and the models' pool labels)."""
+    mask, the models' pool labels, and each model's ``HUB_DEPTH`` highest cosines to the reference
+    queries, best first)."""
     k = grids.shape[1]
+    vectors = self.embed_grids(grids, masks, "models")
+    depth = min(HUB_DEPTH, len(self.reference))
+    hub = -np.sort(-(vectors @ self.reference.T), axis=1)[:, :depth]
     classes = {"tokens": np.asarray(grids)[:, np.arange(k), np.arange(k)],
-               "mask": np.asarray(masks, np.float32), "pool_labels": np.asarray(pool_labels)}
-    return self.embed_grids(grids, masks, "models"), classes
+               "mask": np.asarray(masks, np.float32), "pool_labels": np.asarray(pool_labels),
+               "hub": hub.astype(np.float32)}
+    return vectors, classes
 
   def check_index(self, index: ModelIndex) -> None:
     """Raises ProxyError when the index's vector size is not this proxy's E."""
@@ -613,6 +645,8 @@ class Proxy:
     know, rows = self._knowledge_tree()
     if rows:  # orbax cannot write zero-size arrays
       trees["knowledge"] = know
+    if len(self.reference):
+      trees["reference"] = {"vectors": self.reference}
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
         "config": config_lib.to_dict(self.config),
@@ -622,6 +656,7 @@ class Proxy:
                        "num_tasks": int(self.vectorizer.task_head.out_features),
                        "accuracy_head": self.has_accuracy_head},
         "pool_shape": list(self.pool.shape), "tasks": self.tasks, "knowledge": rows,
+        "reference": len(self.reference),
         "info": storage.json_ready(self.info),
     }
     return storage.save_artifact(path, trees, MANIFEST, manifest)
@@ -646,6 +681,7 @@ class Proxy:
                             accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0))
       pool_shape = tuple(int(d) for d in m["pool_shape"])
       tasks, rows = list(m["tasks"]), [(str(i), str(f), int(k)) for i, f, k in m["knowledge"]]
+      n_ref = int(m["reference"])
     except (KeyError, TypeError, ValueError) as e:
       raise ProxyError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
     _, v_state = nnx.split(vectorizer)
@@ -659,6 +695,8 @@ class Proxy:
                               "fallback": np.zeros((n, k_max), np.uint8),
                               "queries": np.zeros((n,), np.int64),
                               "pool_labels": np.zeros((n, pool_shape[0]), np.uint8)}
+    if n_ref:
+      targets["reference"] = {"vectors": np.zeros((n_ref, cfg.vectorizer.embed_dim), np.float32)}
     restored = storage.restore_trees(root, m, targets, "proxy", ProxyError)
     nnx.replace_by_pure_dict(backbone.params, restored["backbone"])
     nnx.replace_by_pure_dict(v_state, restored["vectorizer"])
@@ -670,7 +708,8 @@ class Proxy:
       store.put(mid, fp, KnowledgeRecord(kn["anchor_index"][i, :k], kn["flip_t"][i, :k, :k],
                                          kn["fallback"][i, :k].astype(bool),
                                          int(kn["queries"][i]), kn["pool_labels"][i]))
-    proxy = cls(cfg, backbone, vectorizer, pool, tasks, m.get("info", {}), store)
+    proxy = cls(cfg, backbone, vectorizer, pool, tasks, m.get("info", {}), store,
+                restored["reference"]["vectors"] if n_ref else None)
     if proxy.fingerprint != m.get("fingerprint"):
       raise ProxyError(f"proxy {root} is corrupted: fingerprint mismatch")
     return proxy

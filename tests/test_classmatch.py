@@ -13,6 +13,7 @@ from know2vec_jax.blackbox import CallableBlackBox
 from know2vec_jax.classmatch import MatchConfig, QueryClasses
 from know2vec_jax.data import load_source, make_task, task_images
 from know2vec_jax.index import IndexStoreError, ModelIndex
+from know2vec_jax import knowledge as knowledge_lib
 from know2vec_jax.knowledge import find_anchors, pool_priority
 
 
@@ -90,7 +91,8 @@ def _class_index(dim=8, m=6, k_max=4, d=16, n=50, seed=0):
   rng = np.random.default_rng(seed)
   idx = ModelIndex(dim)
   classes = {"tokens": rng.random((m, k_max, d)), "mask": np.ones((m, k_max)),
-             "pool_labels": rng.integers(0, k_max, (m, n)).astype(np.uint8)}
+             "pool_labels": rng.integers(0, k_max, (m, n)).astype(np.uint8),
+             "hub": -np.sort(-rng.random((m, 6)), axis=1)}
   idx.add_vectors([f"m{i}" for i in range(m)], rng.standard_normal((m, dim)),
                   [{"i": i} for i in range(m)], classes=classes)
   return idx, classes
@@ -104,7 +106,7 @@ def test_index_keeps_class_knowledge_through_add_remove_save_and_load(tmp_path):
                                 np.delete(classes["pool_labels"], 1, axis=0))
   back = ModelIndex.load(idx.save(tmp_path / "idx"))
   assert back.ids == idx.ids and back.has_classes
-  for name in ("tokens", "mask", "pool_labels"):
+  for name in ("tokens", "mask", "pool_labels", "hub"):
     np.testing.assert_array_equal(back.classes[name], idx.classes[name])
     assert back.classes[name].dtype == idx.classes[name].dtype
   # Rows hold class knowledge all or none; another proxy's shapes are refused.
@@ -117,6 +119,9 @@ def test_index_keeps_class_knowledge_through_add_remove_save_and_load(tmp_path):
   wrong = {k: v[:1] for k, v in classes.items()} | {"pool_labels": np.zeros((1, 7), np.uint8)}
   with pytest.raises(IndexStoreError, match="comes from another proxy"):
     back.add_vectors(["x"], np.ones((1, 8)), classes=wrong)
+  deep = {k: v[:1] for k, v in classes.items()} | {"hub": np.zeros((1, 9), np.float32)}
+  with pytest.raises(IndexStoreError, match="comes from another proxy"):
+    back.add_vectors(["x"], np.ones((1, 8)), classes=deep)
   bad = {k: v[:1] for k, v in classes.items()} | {"pool_labels": np.full((1, 50), 9, np.uint8)}
   with pytest.raises(IndexStoreError, match="pool labels in 0..K-1"):
     back.add_vectors(["x"], np.ones((1, 8)), classes=bad)
@@ -129,7 +134,7 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
   q = rng.standard_normal((3, 8)).astype(np.float32)
   qc = QueryClasses(rng.random((3, 4, 16)).astype(np.float32), np.ones((3, 4), np.float32),
                     rng.integers(0, 50, (3, 4, 5)).astype(np.int32))
-  full = idx.match(q, qc, 40, MatchConfig(shortlist=0))
+  full = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=0))
   # Every row scored: the combined score of each row, best first.
   agree, tok = classmatch.class_scores(qc, classes["tokens"], classes["mask"],
                                        classes["pool_labels"])
@@ -142,13 +147,26 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
       assert got[mid] == pytest.approx(want[i, j], abs=1e-5)
     assert np.all(np.diff(full.scores[i]) <= 1e-6)
   # A shortlist of 10 rescored: its rows' scores equal the full scores of the same rows.
-  short = idx.match(q, qc, 5, MatchConfig(shortlist=10))
+  short = idx.match(q, qc, 5, MatchConfig(shortlist=10, hub_k=0))
   vec_top = idx.search(q, 10)[1]
   for i in range(3):
     assert set(short.ids[i]) <= set(vec_top[i])
     got = dict(zip(full.ids[i], full.scores[i]))
     for mid, s in zip(short.ids[i], short.scores[i]):
       assert s == pytest.approx(got[mid], abs=1e-5)
+  # Hub-centred: every row's cosine minus the mean of its hub_k highest reference cosines, and
+  # the shortlist taken by that centred cosine.
+  centred = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=2))
+  hub = classes["hub"][:, :2].mean(1)
+  want_c = agree + cfg.token_weight * tok + cfg.vector_weight * (q @ unit.T - hub)
+  for i in range(3):
+    got = dict(zip(centred.ids[i], centred.scores[i]))
+    for j, mid in enumerate(idx.ids):
+      assert got[mid] == pytest.approx(want_c[i, j], abs=1e-5)
+  short_c = idx.match(q, qc, 10, MatchConfig(shortlist=10, hub_k=2))
+  for i in range(3):
+    top = {idx.ids[j] for j in np.argsort(-(q[i] @ unit.T - hub))[:10]}
+    assert set(short_c.ids[i]) == top
   # Vectors alone when matching is off; no class knowledge: a clear error.
   off = idx.match(q, None, 5, MatchConfig(enabled=False))
   assert off.ids == idx.search(q, 5)[1]
@@ -189,14 +207,31 @@ def test_label_only_black_box_anchors_come_from_the_whole_pool_and_it_is_found(t
   digits = load_source("digits")
   task = make_task(digits, ["3", "4", "5", "8"])
   box = _nearest_mean_box(digits, task, "labels-only", labels_only=True)
-  # Every margin is 1: anchors follow the pool's fixed priority, not its (source-sorted) order.
-  index, fallback, labels = find_anchors(box, tiny_proxy.pool, 512, 4)
-  assert not fallback.any()
-  prio = pool_priority(len(tiny_proxy.pool))
+  # Every margin is 1: the model needs the tie-break. Without stability views anchors follow the
+  # pool's fixed priority, not its (source-sorted) order.
+  pool = tiny_proxy.pool
+  index, fallback, labels, tied = find_anchors(box, pool, 512, 4)
+  assert not fallback.any() and not tied.any()
+  prio = pool_priority(len(pool))
   for c in range(task.k):
     cand = np.flatnonzero(labels[0] == c)
     np.testing.assert_array_equal(index[0, c], cand[np.argsort(prio[cand])][:4])
-  assert len({i // (len(tiny_proxy.pool) // 3) for i in index[0].ravel()}) > 1  # several sources
+  assert len({i // (len(pool) // 3) for i in index[0].ravel()}) > 1  # several sources
+  # With stability views: the most stable images first (priority among equals), at N * V
+  # extra queries; a logit black box of the same task has no ties and pays nothing extra.
+  before = box.queries.copy()
+  index, _, labels, tied = find_anchors(box, pool, 512, 4, stability_views=3)
+  assert tied.tolist() == [True]
+  assert int(box.queries[0] - before[0]) == len(pool) * 4
+  stab = knowledge_lib._stability(box, pool, labels, 3, 0.35, 512)[0]
+  for c in range(task.k):
+    cand = np.flatnonzero(labels[0] == c)
+    want = cand[np.lexsort((prio[cand], -stab[cand]))][:4]
+    np.testing.assert_array_equal(index[0, c], want)
+  assert stab[index[0, :, 0]].min() >= np.median(stab)
+  logit_box = _nearest_mean_box(digits, task, "logits")
+  _, _, _, tied = find_anchors(logit_box, pool, 512, 4, stability_views=3)
+  assert not tied.any() and int(logit_box.queries[0]) == len(pool)
   from know2vec_jax.data import few_shot
   idx = tiny_proxy.build_index([box, _nearest_mean_box(digits, make_task(
       digits, ["3", "4", "5", "9"]), "twin")])

@@ -198,3 +198,25 @@ def test_leave_one_family_out_split_keeps_the_family_out_of_training(tiny_zoo, m
   fam = out["summary"]["leave_one_family_out"]
   assert set(fam) == set(cfg.families) and fam["cnn_s"]["neural"]
   assert set(out["summary"]["ood"]["detection"]) >= {"noise"}
+
+
+def test_validation_family_split_turns_shared_tasks_into_the_familys_own(tiny_zoo):
+  """Model selection's leave-one-family-out: the drawn tasks are training tasks the family shares
+  with another family; neither the family nor any model of those tasks trains, and in the index
+  each drawn task has the family's models alone."""
+  from experiments import generalise
+  zoo = tiny_zoo[0]
+  tasks = sorted({r.task for r in zoo.records.values()}, key=lambda t: t.task_id)
+  archs = {t: {r.arch for r in zoo.records.values() if r.task == t} for t in tasks}
+  checked = 0
+  for fam in sorted({r.arch for r in zoo.records.values()}):
+    drawn, train, index = generalise.validation_family_split(zoo, fam, tasks, 12, seed=0)
+    assert all(fam in archs[t] and len(archs[t]) > 1 for t in drawn)
+    assert not [m for m in train if zoo.records[m].arch == fam or zoo.records[m].task in drawn]
+    assert set(train) <= set(index)
+    for t in drawn:
+      assert {zoo.records[m].arch for m in index if zoo.records[m].task == t} == {fam}
+    checked += len(drawn)
+    # Only the tasks of the pool it is given are drawn.
+    assert generalise.validation_family_split(zoo, fam, [], 12, seed=0)[0] == []
+  assert checked > 0

@@ -25,6 +25,33 @@ def test_query_count_follows_the_formula(tiny_zoo, pool):
       assert np.all(kn.queries == want) and np.all(g.queries == want)
 
 
+def test_label_only_black_box_pays_the_stability_views_and_ties_are_detected(pool):
+  """One-hot answers tie every margin: the stability pass runs (N * V more queries, in the
+  formula); a black box whose margins all differ does not need it."""
+  from know2vec_jax.knowledge import needs_tie_break
+  w = np.random.default_rng(0).standard_normal((pool[0].size, 3)).astype(np.float32)
+
+  def logits(x):
+    return x.reshape(len(x), -1) @ w
+
+  onehot = CallableBlackBox(lambda x: np.eye(3, dtype=np.float32)[logits(x).argmax(1)], 3,
+                            pool.shape[1:])
+  graded = CallableBlackBox(logits, 3, pool.shape[1:])
+  cfg = KnowledgeConfig(search_steps=2, anchors_per_class=4, stability_views=3)
+  kn = extract_knowledge(onehot, pool, cfg)
+  assert kn.queries.tolist() == [expected_queries(len(pool), 3, 2, 3)] == \
+      onehot.queries.tolist()
+  kn = extract_knowledge(graded, pool, cfg)
+  assert kn.queries.tolist() == [expected_queries(len(pool), 3, 2)] == graded.queries.tolist()
+  margins = np.array([[[1.0, -1.0], [1.0, -1.0], [0.5, -0.5]]], np.float32)  # [1, 3, 2]
+  labels = np.zeros((1, 3), np.uint8)
+  assert needs_tie_break(margins, labels, 1).tolist() == [True]  # 1st and 2nd of class 0 tie
+  margins[0, 1, 0] = 0.9
+  assert needs_tie_break(margins, labels, 1).tolist() == [False]
+  with pytest.raises(ValueError, match="stability_step in"):
+    KnowledgeConfig(stability_step=1.5)
+
+
 def test_anchors_and_boundaries_are_what_the_model_says(tiny_zoo, pool):
   zoo, _ = tiny_zoo
   steps = 7

@@ -63,10 +63,19 @@ def test_query_rows(tiny_proxy, tiny_index, tiny_zoo):
   q = tiny_proxy.embed_query(x, y)
   assert q.shape == (tiny_proxy.embed_dim,) and abs(np.linalg.norm(q) - 1) < 1e-5
   match = tiny_proxy.config.match
+  assert match.hub_k >= 1 and len(tiny_proxy.reference) >= match.hub_k
+  hub = tiny_index.hub_offsets(match.hub_k)
   for row in rows:
     rec = zoo.records[row["model_id"]]
-    v = tiny_index.vectors[tiny_index.ids.index(row["model_id"])]
-    assert row["vector"] == pytest.approx(float(q @ v), abs=1e-5)
+    j = tiny_index.ids.index(row["model_id"])
+    v = tiny_index.vectors[j]
+    # The vector part is the cosine minus the model's mean top-hub_k cosine to the reference
+    # queries, which the index row stores best first.
+    ref_cos = np.sort(tiny_proxy.reference @ v)[::-1]
+    np.testing.assert_allclose(tiny_index.classes["hub"][j], ref_cos[:tiny_index.classes[
+        "hub"].shape[1]], atol=1e-5)
+    assert hub[j] == pytest.approx(float(ref_cos[:match.hub_k].mean()), abs=1e-5)
+    assert row["vector"] == pytest.approx(float(q @ v) - hub[j], abs=1e-5)
     assert 0 <= row["agreement"] <= 1 and 0 <= row["token"] <= 1
     assert row["score"] == pytest.approx(row["agreement"] + match.token_weight * row["token"]
                                          + match.vector_weight * row["vector"], abs=1e-5)
@@ -111,7 +120,9 @@ def test_save_load_round_trip(tiny_proxy, tiny_proxy_dir, tiny_zoo):
   x, y = few_shot(load_source(r.source), r.task, 3, seed=0)
   np.testing.assert_array_equal(back.embed_query(x, y), tiny_proxy.embed_query(x, y))
   assert json_keys(tiny_proxy_dir) == {"proxy.json", "backbone", "vectorizer", "pool",
-                                       "knowledge"}
+                                       "knowledge", "reference"}
+  assert len(back.reference) > 0
+  np.testing.assert_array_equal(back.reference, tiny_proxy.reference)
   assert len(back.knowledge) == len(tiny_proxy.knowledge) > 0
   _same_knowledge(back, tiny_proxy)
 

@@ -183,14 +183,15 @@ def test_index_vector_size_does_not_match_the_proxy(tiny_proxy, tiny_proxy_dir, 
   alien = ModelIndex(e)
   alien.add_vectors(["x"], np.ones((1, e)), [{"proxy": "0123456789abcdef"}],
                     classes={"tokens": np.ones((1, k_max, d)), "mask": np.eye(k_max)[:1] + np.eye(
-                        k_max)[1:2], "pool_labels": np.zeros((1, n), np.uint8)})
+                        k_max)[1:2], "pool_labels": np.zeros((1, n), np.uint8),
+                    "hub": np.zeros((1, 4), np.float32)})
   with pytest.raises(ProxyError, match="'x' of the index was vectorized by another proxy"):
     query(tiny_proxy, alien, x, y)
   # Class knowledge of another probe pool: refused before any scoring.
   other = ModelIndex(e)
   other.add_vectors(["x"], np.ones((1, e)), classes={
       "tokens": np.ones((1, k_max, d)), "mask": np.ones((1, k_max)),
-      "pool_labels": np.zeros((1, n + 1), np.uint8)})
+      "pool_labels": np.zeros((1, n + 1), np.uint8), "hub": np.zeros((1, 4), np.float32)})
   with pytest.raises(ProxyError, match="class knowledge was made by another proxy"):
     query(tiny_proxy, other, x, y)
 
