@@ -64,11 +64,9 @@ class MatchConfig:
       the aligner never saw sit apart from every query (on the varied zoo, trained without
       ``knn``: h = 0.48 for its models against 0.83-0.90 for the others): raw, their cosine ranks
       them down whatever their class agreement.
-    hub_floor: how the offset corrects: None subtracts it (q . m - h(m), cross-domain
-      similarity local scaling); a number lifts only the models below it (q . m +
-      max(0, hub_floor - h(m))), so models whose vectors sit where the aligner's training models
-      do keep their raw cosines. The proxy sets it after training to the median h of its
-      training models.
+    hub_scale: lambda in q . m - lambda * h(m): 1 is cross-domain similarity local scaling on
+      the model side; smaller keeps more of the raw cosine, which tells the tasks the aligner
+      trained on apart best.
     fit_threshold: a query whose best model's class-level score (agreement + token_weight *
       token) is below this is flagged as fitting no model; set by calibration on validation
       queries (:func:`calibrate_threshold`). 0 never flags: agreement is >= 0, and so are the
@@ -80,7 +78,7 @@ class MatchConfig:
   vector_weight: float = 0.1
   shortlist: int = 4096
   hub_k: int = 1
-  hub_floor: float | None = None
+  hub_scale: float = 1.0
   fit_threshold: float = 0.0
 
   def __post_init__(self):
@@ -90,6 +88,8 @@ class MatchConfig:
             f"{self.vector_weight}")
     require(self.shortlist >= 0, f"match shortlist must be >= 0, got {self.shortlist}")
     require(self.hub_k >= 0, f"match hub_k must be >= 0, got {self.hub_k}")
+    require(0.0 <= self.hub_scale <= 1.0, f"match hub_scale must be in [0, 1], got "
+            f"{self.hub_scale}")
 
 
 @dataclasses.dataclass

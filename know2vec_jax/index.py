@@ -487,7 +487,7 @@ class ModelIndex:
     """The k best models per query by vector *and* class-level score (two stages).
 
     The vector stage ranks every row by q . m (corrected by the model's hub offset,
-    :meth:`hub_offsets`, when ``config.hub_k`` is set, as ``config.hub_floor`` says: the
+    :meth:`hub_offsets`, times ``config.hub_scale``, when ``config.hub_k`` is set: the
     returned ``vector`` part is then the corrected cosine) and keeps ``config.shortlist`` candidates per query
     (all rows when the shortlist is 0 or at least the index size); the candidates are scored by
     :func:`know2vec_jax.classmatch.class_scores` and ranked by
@@ -530,8 +530,7 @@ class ModelIndex:
       self.search(q[:1], 1)  # validates the queries like search does
       vec = q @ self._vectors.T
       if hub is not None:  # each model's cosine relative to how close it ever comes to a query
-        vec = vec - hub if config.hub_floor is None else vec + np.maximum(
-            0.0, config.hub_floor - hub)
+        vec = vec - config.hub_scale * hub
       if r == m:  # every row is a candidate: score them all, no vector top-k needed
         rows = np.broadcast_to(np.arange(m), (nq, m))
       else:  # the shortlist by centred cosine, so that no family is cut for where it sits

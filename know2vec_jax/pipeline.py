@@ -68,9 +68,6 @@ class ProxyConfig:
     calibration_queries: validation queries per training task (train-split images outside the
       probe pool) on which the no-fit threshold is calibrated after training (0: no flag).
     false_alarm: the share of those validation queries the no-fit flag may fire on.
-    calibrate_hub_floor: after training, set ``match.hub_floor`` to the median hub offset of the
-      training models (their vectors' top cosines to those validation queries); False leaves it
-      as configured (None: the offset is subtracted, :class:`MatchConfig`).
     max_classes: K_max, the most classes a model or query may have.
     strategy: model-axis strategy for probing zoo stacks (:mod:`know2vec_jax.strategy`).
     seed: probe-pool and episode sampling.
@@ -89,7 +86,6 @@ class ProxyConfig:
   match: MatchConfig = MatchConfig()
   calibration_queries: int = 2
   false_alarm: float = 0.02
-  calibrate_hub_floor: bool = False
   max_classes: int = 10
   strategy: str = "auto"
   seed: int = 0

@@ -259,8 +259,6 @@ class Proxy:
                                           sorted({g.image_shape for g in groups})[0])
       if queries:
         proxy.reference = proxy.embed_queries(queries)
-        if cfg.match.hub_k and cfg.match.hub_floor is None and cfg.calibrate_hub_floor:
-          proxy._set_hub_floor(t.rows)
         if cfg.match.enabled:
           proxy._calibrate(t.rows, queries)
         proxy.info.setdefault("calibration", {}).update(
@@ -286,17 +284,6 @@ class Proxy:
       picks, y = pipeline.draw_episodes(s, cfg.calibration_queries, cfg.shots, cfg.seed)
       queries += [(s.images[p], yy) for p, yy in zip(picks, y)]
     return queries
-
-  def _set_hub_floor(self, rows) -> None:
-    """``match.hub_floor``: the median hub offset of the training models (their vectors' mean
-    top-``hub_k`` cosine to the reference queries)."""
-    ids, grids, masks, labels = rows
-    vectors, classes = self._index_rows(grids, masks, labels)
-    k = min(self.config.match.hub_k, classes["hub"].shape[1])
-    floor = float(np.median(classes["hub"][:, :k].mean(1)))
-    self.config = dataclasses.replace(self.config, match=dataclasses.replace(
-        self.config.match, hub_floor=floor))
-    self.info["hub_floor"] = floor
 
   def _calibrate(self, rows, queries) -> None:
     """Sets the no-fit threshold from validation queries of the training tasks

@@ -156,14 +156,19 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
       assert s == pytest.approx(got[mid], abs=1e-5)
   # Hub-centred: every row's cosine minus the mean of its hub_k highest reference cosines, and
   # the shortlist taken by that centred cosine.
-  centred = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=2))
+  centred = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=2, hub_scale=1.0))
   hub = classes["hub"][:, :2].mean(1)
   want_c = agree + cfg.token_weight * tok + cfg.vector_weight * (q @ unit.T - hub)
   for i in range(3):
     got = dict(zip(centred.ids[i], centred.scores[i]))
     for j, mid in enumerate(idx.ids):
       assert got[mid] == pytest.approx(want_c[i, j], abs=1e-5)
-  short_c = idx.match(q, qc, 10, MatchConfig(shortlist=10, hub_k=2))
+  half = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=2, hub_scale=0.5))
+  want_h = agree + cfg.token_weight * tok + cfg.vector_weight * (q @ unit.T - 0.5 * hub)
+  for i in range(3):
+    got = dict(zip(half.ids[i], half.scores[i]))
+    assert all(got[mid] == pytest.approx(want_h[i, j], abs=1e-5) for j, mid in enumerate(idx.ids))
+  short_c = idx.match(q, qc, 10, MatchConfig(shortlist=10, hub_k=2, hub_scale=1.0))
   for i in range(3):
     top = {idx.ids[j] for j in np.argsort(-(q[i] @ unit.T - hub))[:10]}
     assert set(short_c.ids[i]) == top

@@ -69,13 +69,13 @@ def test_query_rows(tiny_proxy, tiny_index, tiny_zoo):
     rec = zoo.records[row["model_id"]]
     j = tiny_index.ids.index(row["model_id"])
     v = tiny_index.vectors[j]
-    # The vector part is the cosine minus the model's mean top-hub_k cosine to the reference
-    # queries, which the index row stores best first.
+    # The vector part is the cosine minus (hub_scale times) the model's mean top-hub_k cosine to
+    # the reference queries, which the index row stores best first.
     ref_cos = np.sort(tiny_proxy.reference @ v)[::-1]
     np.testing.assert_allclose(tiny_index.classes["hub"][j], ref_cos[:tiny_index.classes[
         "hub"].shape[1]], atol=1e-5)
     assert hub[j] == pytest.approx(float(ref_cos[:match.hub_k].mean()), abs=1e-5)
-    assert row["vector"] == pytest.approx(float(q @ v) - hub[j], abs=1e-5)
+    assert row["vector"] == pytest.approx(float(q @ v) - match.hub_scale * hub[j], abs=1e-5)
     assert 0 <= row["agreement"] <= 1 and 0 <= row["token"] <= 1
     assert row["score"] == pytest.approx(row["agreement"] + match.token_weight * row["token"]
                                          + match.vector_weight * row["vector"], abs=1e-5)
