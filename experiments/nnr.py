@@ -10,7 +10,8 @@ Expected:  EXPECTED_NUMBERS below (experiments/results/nnr.json, figure nnr.png)
 
 Everything runs through the product: a fold is ``Proxy.train(zoo, cfg, model_ids=<the fold's
 training models>)``, its held-out models join afterwards through ``Proxy.build_index`` (no
-retraining), and queries are ``Proxy.embed_query`` + ``ModelIndex.search``; baselines are scored by
+retraining), and queries are ranked by ``Proxy.search`` (the aligned vectors, then class-level
+matching; the "vectors only" row is the same proxy with matching off); baselines are scored by
 :mod:`know2vec_jax.baselines`. One :class:`know2vec_jax.pipeline.Cache` shares the knowledge,
 phi and episodes across folds and variants, so each model is probed once per knowledge config.
 
