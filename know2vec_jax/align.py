@@ -269,7 +269,9 @@ class TransferObjective:
                   "accuracy_mae": jnp.mean(jnp.abs(pred - acc))}
 
 
-OBJECTIVES = {"retrieve": RankingObjective, "transfer": TransferObjective}
+# The aligner's two losses, by the proxy objective that trains with each ("both" trains the
+# ranking loss, then an accuracy head on the frozen vectors: know2vec_jax.selection).
+OBJECTIVES = {"retrieve": RankingObjective, "finetune": TransferObjective}
 
 
 def make_optimizer(cfg: AlignConfig) -> optax.GradientTransformation:

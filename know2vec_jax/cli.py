@@ -247,18 +247,18 @@ def _cmd_train(args) -> int:
   from know2vec_jax import proxy as proxy_lib
   from know2vec_jax.pipeline import Cache
   from know2vec_jax.zoo import load_zoo
-  cfg = config_lib.override(proxy_lib.proxy_preset(args.preset), args.set)
+  overrides = list(args.set) + ([f"objective={args.objective}"] if args.objective else [])
+  cfg = config_lib.override(proxy_lib.proxy_preset(args.preset), overrides)
   out = _check_new_artifact(args.out, args.force, proxy_lib.MANIFEST, "proxy")
   zoo = load_zoo(args.zoo)
-  if cfg.objective != "retrieve":
-    raise CommandError(f"`know2vec train` trains the 'retrieve' objective; objective="
-                       f"{cfg.objective!r} needs measured fine-tune accuracies (see "
-                       "`know2vec eval sfmte`)")
   if not args.quiet:
-    print(f"training a {args.preset!r} proxy on {len(zoo)} models of {args.zoo} -> {out}",
-          file=sys.stderr)
+    what = {"retrieve": "", "both": f", then fine-tune labels on {cfg.selection.targets} "
+            "targets drawn from its train splits and the accuracy head",
+            "finetune": f", supervised by fine-tune labels on {cfg.selection.targets} targets"}
+    print(f"training a {args.preset!r} proxy ({cfg.objective}) on {len(zoo)} models of "
+          f"{args.zoo}{what[cfg.objective]} -> {out}", file=sys.stderr)
   proxy = proxy_lib.Proxy.train(zoo, cfg, cache=Cache(args.cache) if args.cache else None,
-                                progress=not args.quiet)
+                                zoo_dir=args.zoo, progress=not args.quiet)
   path = proxy.save(out)
   info = proxy.info
   s = info["seconds"]
@@ -272,6 +272,15 @@ def _cmd_train(args) -> int:
           f"loss {info['align_final'].get('loss', float('nan')):.3f}\n"
           f"{s['total']:.0f} s (knowledge {s['knowledge']:.0f} s, backbone {s['backbone']:.0f} s, "
           f"grids {s['grids']:.0f} s, aligner {s['align']:.0f} s)")
+  sel = info.get("selection")
+  if sel:
+    text += (f"\naccuracy head: {sel['targets']} fine-tune targets x {sel['models']} models, "
+             f"fitted in {sel['seconds']:.0f} s")
+    val = sel.get("validation")
+    if val:
+      text += (f"; on {len(val['targets'])} held-out targets mean abs. error {val['head_mae']:.3f}"
+               f" (constant {val['constant_mae']:.3f}), weighted tau {val['head_tau']:.3f} "
+               f"(query-blind prior {val['prior_tau']:.3f})")
   cal = info.get("calibration")
   if cal:
     text += (f"\nno-fit threshold {cal['threshold']:.3f} (calibrated on {cal['queries']} "
@@ -429,6 +438,30 @@ def _cmd_query(args) -> int:
   return 0
 
 
+def _cmd_select(args) -> int:
+  from know2vec_jax.proxy import Proxy
+  if args.k < 1:
+    raise CommandError(f"-k must be >= 1, got {args.k}")
+  proxy = Proxy.load(args.proxy)
+  if not proxy.has_accuracy_head:
+    raise CommandError(f"proxy {args.proxy} has no accuracy head (it was trained with objective "
+                       f"{proxy.config.objective!r}); train one with `know2vec train --objective "
+                       "both`")
+  index = proxy.load_index(args.index)
+  images, labels, desc = _query_images(args, proxy)
+  rows = proxy.select(images, labels, index, k=args.k)
+  extra = _split_list(args.columns) or []
+  head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
+          f"{desc['num_images']} images; top {len(rows)} of {len(index)} models by predicted "
+          "fine-tune accuracy")
+  cols = [("rank", ""), ("model_id", ""), ("arch", ""), ("task", ""),
+          ("predicted_accuracy", ".3f")]
+  cols += [(c, ".3f" if any(isinstance(r.get(c), float) for r in rows) else "")
+           for c in extra if c not in dict(cols)]
+  _print({"query": desc, "results": rows}, args.json, head + "\n" + _fmt_table(rows, cols))
+  return 0
+
+
 def _match_override(item: str) -> tuple[str, str]:
   """``match.KEY=VALUE`` (or ``KEY=VALUE``) -> (KEY, VALUE) for :meth:`Proxy.with_match`."""
   key, sep, value = item.partition("=")
@@ -529,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--cache", default=None,
                  help="a cache directory shared with other proxies and experiments (knowledge, "
                  "backbone, episodes)")
+  t.add_argument("--objective", default=None, choices=["retrieve", "finetune", "both"],
+                 help="retrieve: rank the models of the query's task first (the preset's "
+                 "default); both: also fit an accuracy head for `know2vec select` on fine-tune "
+                 "accuracies measured on targets drawn from the zoo (white-box; cached with "
+                 "--cache); finetune: train the vectors on those accuracies alone")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field (repeatable)")
   t.add_argument("--force", action="store_true", help="replace an existing proxy")
@@ -594,6 +632,30 @@ def build_parser() -> argparse.ArgumentParser:
                  "match.vector_weight=0, match.shortlist=0, match.enabled=false (repeatable)")
   q.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
 
+  sl = sub.add_parser(
+      "select", help="rank the index's models by predicted fine-tune accuracy",
+      description="Embeds a few-shot labelled image set with the proxy and ranks every model of "
+      "the index by the accuracy it is predicted to reach after fine-tuning on that task (the "
+      "proxy's accuracy head: `know2vec train --objective both`). Zero zoo forwards; the same "
+      "index as `know2vec query`. --json carries the predicted accuracies.")
+  sl.add_argument("--proxy", required=True, help="a proxy trained with --objective both")
+  sl.add_argument("--index", required=True, help="an index built with that proxy")
+  ssrc = sl.add_mutually_exclusive_group(required=True)
+  ssrc.add_argument("--images", default=None,
+                    help="a folder with one sub-folder of images per class (every image is used)")
+  ssrc.add_argument("--task", default=None, metavar="SOURCE:C1,C2,...",
+                    help="a task of a source: SHOTS images per class drawn from its SPLIT split")
+  sl.add_argument("--shots", type=int, default=10, help="images per class for --task "
+                  "(default 10)")
+  sl.add_argument("--seed", type=int, default=0, help="which images for --task (default 0)")
+  sl.add_argument("--split", default="test", choices=["train", "test"],
+                  help="split for --task (default test)")
+  sl.add_argument("--data-dir", default=None, help="where --task's source files are")
+  sl.add_argument("-k", type=int, default=10, help="how many models (default 10)")
+  sl.add_argument("--columns", default=None,
+                  help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
+  sl.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
+
   e = sub.add_parser("eval", help="run an experiment: " + ", ".join(EXPERIMENTS) +
                      " (arguments passed on)",
                      description="Runs experiments.<EXPERIMENT>.main with the remaining "
@@ -653,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage mistake (2, its one line already printed)
       return int(e.code or 0)
     return {"data": _cmd_data, "zoo": _cmd_zoo, "train": _cmd_train, "index": _cmd_index,
-            "query": _cmd_query, "eval": _cmd_eval}[args.command](args)
+            "query": _cmd_query, "select": _cmd_select, "eval": _cmd_eval}[args.command](args)
   except (CommandError, ConfigError, DataError, ZooError, ProxyError, IndexStoreError, InputError,
           BlackBoxError, BackboneError, KnowledgeError, PipelineError, TransferError,
           OSError) as e:

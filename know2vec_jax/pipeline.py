@@ -27,7 +27,7 @@ import numpy as np
 
 from know2vec_jax import config as config_lib
 from know2vec_jax import features, storage
-from know2vec_jax.align import (OBJECTIVES, AlignConfig, AlignData, RankingObjective, Trainer,
+from know2vec_jax.align import (AlignConfig, AlignData, RankingObjective, Trainer,
                                 TransferData, TransferObjective)
 from know2vec_jax.backbone import Backbone, BackboneConfig, augment, train_backbone
 from know2vec_jax.blackbox import BlackBoxGroup
@@ -36,8 +36,13 @@ from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task, load_source, stable_seed, task_split
 from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, group_knowledge,
                                     store_context)
+from know2vec_jax.selection import SelectionConfig
 from know2vec_jax.strategy import STRATEGIES
+from know2vec_jax.transfer import FinetuneConfig, TransferTarget, ground_truth, target_data
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
+
+
+PROXY_OBJECTIVES = ("retrieve", "finetune", "both")
 
 
 class PipelineError(ValueError):
@@ -55,9 +60,15 @@ class ProxyConfig:
       means the training models' sources).
     vectorizer: the Know2Vec encoders (default: attention, one shared encoder).
     objective: ``"retrieve"`` (rank the models of a query's task first; supervised by each
-      model's training task) or ``"transfer"`` (rank by measured fine-tune accuracy; supervised by
-      :class:`know2vec_jax.pipeline.TransferLabels`).
-    ranking, transfer: the two objectives' loss settings.
+      model's training task), ``"finetune"`` (rank by measured fine-tune accuracy, with an
+      accuracy head, trained jointly; supervised by :class:`TransferLabels`) or ``"both"``
+      (``"retrieve"``, then an accuracy head fitted on the frozen vectors from
+      :class:`TransferLabels`: one index serves retrieval and selection). ``"transfer"`` is read
+      as ``"finetune"`` (its earlier name).
+    ranking, transfer: the two aligner losses' settings (``transfer``: the ``"finetune"``
+      objective's).
+    selection: how the product measures fine-tune labels on targets drawn from the zoo, and how
+      the ``"both"`` objective's accuracy head is fitted (:mod:`know2vec_jax.selection`).
     align: the aligner's optimisation.
     episodes, shots: query episodes per training task (or target) and images per class in each.
     episode_augment: the share of query episodes shown as nuisance views (shifted, rotated,
@@ -79,6 +90,7 @@ class ProxyConfig:
   objective: str = "retrieve"
   ranking: RankingObjective = RankingObjective()
   transfer: TransferObjective = TransferObjective()
+  selection: SelectionConfig = SelectionConfig()
   align: AlignConfig = AlignConfig()
   episodes: int = 32
   shots: int = 5
@@ -100,15 +112,22 @@ class ProxyConfig:
             f"{self.calibration_queries}")
     require(0.0 <= self.false_alarm < 1.0, f"false_alarm must be in [0, 1), got "
             f"{self.false_alarm}")
-    require(self.objective in OBJECTIVES, f"objective must be one of {tuple(OBJECTIVES)}, got "
-            f"{self.objective!r}")
+    if self.objective == "transfer":  # the earlier name of "finetune" (saved configs)
+      object.__setattr__(self, "objective", "finetune")
+    require(self.objective in PROXY_OBJECTIVES, f"objective must be one of {PROXY_OBJECTIVES}, "
+            f"got {self.objective!r}")
     require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
             f"{self.strategy!r}")
 
   @property
   def loss(self) -> RankingObjective | TransferObjective:
     """The settings of the chosen objective."""
-    return self.ranking if self.objective == "retrieve" else self.transfer
+    return self.transfer if self.objective == "finetune" else self.ranking
+
+  @property
+  def needs_labels(self) -> bool:
+    """Whether training needs measured fine-tune accuracies (:class:`TransferLabels`)."""
+    return self.objective in ("finetune", "both")
 
 
 PRESETS: Presets[ProxyConfig] = Presets("proxy")
@@ -209,6 +228,18 @@ class LabelledSet:
     data = load_source(task.source, image_size=image_shape[0], channels=image_shape[2])
     idx, y = task_split(data, task, split)
     return cls(f"{task.task_id}:{split}", data.split(split)[0], idx, y.astype(np.int32), task.k)
+
+  @classmethod
+  def from_target(cls, target: TransferTarget, finetune: FinetuneConfig,
+                  image_shape=(28, 28, 1)) -> "LabelledSet":
+    """A fine-tune target's shot pool (the images its measured runs train on): where the query
+    episodes that stand for the target are drawn."""
+    td = target_data(target, finetune.shots, finetune.test_per_class, image_shape[0],
+                     image_shape[2])
+    index = np.concatenate(td.pool)
+    return cls(f"{target.name}:{target.task.task_id}:{target.split}:"
+               f"{finetune.shots}x{finetune.test_per_class}", td.images, index,
+               td.labels[index].astype(np.int32), target.k)
 
 
 def draw_episodes(s: LabelledSet, episodes: int, shots: int, seed: int):
@@ -428,6 +459,37 @@ class TransferLabels:
       raise PipelineError(f"accuracy must have shape [targets, models] = "
                           f"{[len(self.targets), len(self.model_ids)]}, got "
                           f"{list(self.accuracy.shape)}")
+
+
+def finetune_labels(zoo, model_ids: Sequence[str], targets: Sequence[TransferTarget],
+                    finetune: FinetuneConfig, zoo_dir=None, cache: "Cache | None" = None,
+                    progress: bool = True) -> TransferLabels:
+  """Measured fine-tune accuracies of zoo models on training targets: the product's labels.
+
+  Every model in ``model_ids`` is fine-tuned on every target (:func:`know2vec_jax.transfer.
+  ground_truth`, white-box; ``finetune.runs`` runs averaged). Results are cached under
+  ``cache.path / "finetune"`` when both ``cache`` and ``zoo_dir`` (whose manifest keys the
+  entries) are given.
+
+  Args:
+    zoo: the zoo.
+    model_ids: fine-tunable models (:func:`know2vec_jax.selection.finetunable`).
+    targets: the training targets (:func:`know2vec_jax.selection.draw_targets`).
+    finetune: the measuring protocol.
+    zoo_dir: the directory the zoo was loaded from (for the cache key).
+    cache: the derived-artifact cache.
+    progress: a tqdm bar over (model, run) fine-tunes.
+
+  Returns:
+    :class:`TransferLabels` whose targets are the targets' shot pools.
+  """
+  if not model_ids:
+    raise PipelineError("no fine-tunable (neural) model to measure fine-tune accuracies of")
+  where = cache.path / "finetune" if cache is not None and zoo_dir is not None else None
+  gt = ground_truth(zoo, zoo_dir, list(model_ids), targets, finetune, cache_dir=where,
+                    progress=progress)
+  sets = [LabelledSet.from_target(t, finetune, zoo.image_shape) for t in targets]
+  return TransferLabels(sets, list(model_ids), np.stack([gt[t.name].mean(0) for t in targets]))
 
 
 def retrieval_data(ids: Sequence[str], grids, masks, model_tasks: Mapping[str, Task],

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from know2vec_jax import classmatch, features, pipeline, storage
+from know2vec_jax import classmatch, features, pipeline, selection, storage
 from know2vec_jax import config as config_lib
 from know2vec_jax.backbone import Backbone
 from know2vec_jax.blackbox import BlackBoxGroup, InputError, groups_from_zoo
@@ -173,25 +173,36 @@ class Proxy:
   @classmethod
   def train(cls, zoo, cfg: ProxyConfig | None = None, *, model_ids: Sequence[str] | None = None,
             transfer: pipeline.TransferLabels | None = None,
-            cache: pipeline.Cache | None = None, progress: bool = True) -> "Proxy":
+            cache: pipeline.Cache | None = None, zoo_dir=None,
+            exclude_targets: Sequence[Task] = (), progress: bool = True) -> "Proxy":
     """Trains a proxy on (some of) a zoo's models, seen only through black-box calls.
 
     The records give each model's training task (the retrieval objective's supervision) and the
-    sources of the probe pool; the weights stay behind :func:`groups_from_zoo`.
+    sources of the probe pool; the weights stay behind :func:`groups_from_zoo`. The
+    ``"finetune"`` and ``"both"`` objectives also need measured fine-tune accuracies: unless
+    ``transfer`` gives them, the product measures them itself (white-box, the zoo's weights):
+    ``cfg.selection.targets`` training targets drawn from the zoo's train splits
+    (:func:`know2vec_jax.selection.draw_targets`), every fine-tunable model fine-tuned on each
+    (:func:`know2vec_jax.pipeline.finetune_labels`, cached under ``cache`` when ``zoo_dir`` is
+    given).
 
     Args:
       zoo: a :class:`know2vec_jax.zoo.Zoo`.
       cfg: the config (default: the ``demo`` preset).
       model_ids: train on these models only (default: all).
-      transfer: the fine-tune selection objective's labels (``cfg.objective == "transfer"``).
-      cache: share knowledge, phi and episodes with other proxies through this cache.
+      transfer: measured fine-tune accuracies for the ``"finetune"`` / ``"both"`` objectives
+        (default: measured here).
+      cache: share knowledge, phi, episodes and fine-tune labels through this cache.
+      zoo_dir: the directory ``zoo`` was loaded from (keys the cached fine-tune labels).
+      exclude_targets: tasks the drawn training targets must not equal (an evaluation's).
       progress: tqdm bars on the long steps.
 
     Returns:
       The trained proxy.
 
     Raises:
-      ProxyError: see :meth:`fit`.
+      ProxyError: see :meth:`fit`; also a zoo without fine-tunable models for an objective that
+        needs labels.
     """
     cfg = cfg or proxy_preset("demo")
     ids = list(zoo.records) if model_ids is None else list(model_ids)
@@ -199,8 +210,34 @@ class Proxy:
       raise ProxyError("the zoo holds no models" if model_ids is None else
                        "model_ids names no model")
     groups = groups_from_zoo(zoo, strategy=cfg.strategy, model_ids=ids)
+    if cfg.needs_labels and transfer is None:
+      transfer = cls.measure_labels(zoo, cfg, ids, cache=cache, zoo_dir=zoo_dir,
+                                    exclude_targets=exclude_targets, progress=progress)
     return cls.fit(groups, zoo_tasks(zoo, ids), cfg, transfer=transfer, cache=cache,
                    progress=progress)
+
+  @staticmethod
+  def measure_labels(zoo, cfg: ProxyConfig, model_ids: Sequence[str] | None = None, *,
+                     cache: pipeline.Cache | None = None, zoo_dir=None,
+                     exclude_targets: Sequence[Task] = (),
+                     progress: bool = True) -> pipeline.TransferLabels:
+    """The fine-tune labels :meth:`train` measures: ``cfg.selection.targets`` targets drawn from
+    the zoo's train splits, every fine-tunable model of ``model_ids`` fine-tuned on each.
+
+    Raises:
+      ProxyError: no fine-tunable model among ``model_ids``.
+    """
+    sel = cfg.selection
+    ids = selection.finetunable(zoo, model_ids)
+    if not ids:
+      raise ProxyError(f"objective {cfg.objective!r} needs fine-tune accuracies, and none of "
+                       "the models is a network that can be fine-tuned")
+    try:
+      targets = selection.draw_targets(zoo_tasks(zoo, model_ids).values(), sel.targets, sel.ks,
+                                       sel.seed, exclude_targets, cfg.max_classes)
+    except ValueError as e:
+      raise ProxyError(str(e)) from e
+    return pipeline.finetune_labels(zoo, ids, targets, sel.finetune, zoo_dir, cache, progress)
 
   @classmethod
   def fit(cls, groups: Sequence[BlackBoxGroup], model_tasks: Mapping[str, Task],
@@ -216,7 +253,7 @@ class Proxy:
       groups: the black boxes (:func:`groups_from_zoo`, :class:`CallableBlackBox`, ...).
       model_tasks: model id -> the :class:`Task` it was trained on, for every black box.
       cfg: the config (default: the ``demo`` preset).
-      transfer: labels of the ``"transfer"`` objective.
+      transfer: measured fine-tune accuracies (the ``"finetune"`` and ``"both"`` objectives).
       cache: a :class:`know2vec_jax.pipeline.Cache` to share derived artifacts through.
       progress: tqdm bars.
 
@@ -242,18 +279,23 @@ class Proxy:
     if cfg.align.batch_size % jax.device_count():
       raise ProxyError(f"align.batch_size={cfg.align.batch_size} must be divisible by the "
                        f"{jax.device_count()} devices")
-    if (cfg.objective == "transfer") != (transfer is not None):
-      raise ProxyError("the 'transfer' objective trains on TransferLabels (measured fine-tune "
-                       "accuracies), and only it does")
+    if cfg.needs_labels != (transfer is not None):
+      raise ProxyError(f"objective {cfg.objective!r} " + (
+          "trains on TransferLabels (measured fine-tune accuracies): pass transfer=, or use "
+          "Proxy.train, which measures them" if cfg.needs_labels else
+          "takes no TransferLabels (the 'finetune' and 'both' objectives do)"))
     image_shape = groups[0].image_shape
     if image_shape[0] != image_shape[1] or any(g.image_shape != image_shape for g in groups):
       raise ProxyError(f"black boxes must all take one square image shape, got "
                        f"{sorted({g.image_shape for g in groups})}")
-    t = pipeline.train(groups, model_tasks, cfg, transfer=transfer, cache=cache,
-                       progress=progress)
+    joint = cfg.objective == "finetune"
+    t = pipeline.train(groups, model_tasks, cfg, transfer=transfer if joint else None,
+                       cache=cache, progress=progress)
     proxy = cls(cfg, t.backbone, t.vectorizer, t.pool, t.tasks, t.info, t.knowledge)
     proxy._pool_features = t.pool_features
-    if cfg.objective == "retrieve" and cfg.calibration_queries:
+    if cfg.objective == "both":
+      proxy._fit_selection_head(t.rows, transfer, cache)
+    if cfg.objective != "finetune" and cfg.calibration_queries:
       t0 = time.perf_counter()
       queries = proxy._validation_queries(t.rows[0], model_tasks,
                                           sorted({g.image_shape for g in groups})[0])
@@ -264,6 +306,35 @@ class Proxy:
         proxy.info.setdefault("calibration", {}).update(
             {"queries": len(queries), "seconds": time.perf_counter() - t0})
     return proxy
+
+  def _fit_selection_head(self, rows, labels: pipeline.TransferLabels,
+                          cache: pipeline.Cache | None) -> None:
+    """The ``"both"`` objective's second stage: an accuracy head on the frozen vectors."""
+    t0 = time.perf_counter()
+    sel = self.config.selection
+    ids, grids, masks = rows[0], rows[1], rows[2]
+    row = {m: i for i, m in enumerate(ids)}
+    missing = [m for m in labels.model_ids if m not in row]
+    if missing:
+      raise ProxyError(f"fine-tune accuracy is given for model {missing[0]!r}, which is not "
+                       "among the black boxes")
+    order = np.asarray([row[m] for m in labels.model_ids])
+    m_vec = self.embed_grids(grids[order], masks[order])
+    ep, ep_mask = pipeline.episode_grids(self.backbone, labels.targets, sel.episodes, sel.shots,
+                                         self.config.seed, self.max_classes, cache)
+    t, e = ep.shape[:2]
+    q_vec = self.embed_grids(ep.reshape((t * e,) + ep.shape[2:]),
+                             np.repeat(ep_mask, e, axis=0), side="queries")
+    head, info = selection.fit_head(q_vec, np.repeat(np.arange(t), e), m_vec, labels.accuracy,
+                                    sel, self.vectorizer_config.hidden)
+    self.vectorizer.accuracy_head = nnx.data(head)  # was a static None
+    self._graphdef, self._state = nnx.split(self.vectorizer)
+    for name in ("_trees", "fingerprint"):  # cached from the retrieval-only state
+      self.__dict__.pop(name, None)
+    info["seconds"] = time.perf_counter() - t0
+    info["target_names"] = [s.name for s in labels.targets]
+    self.info["selection"] = info
+    self.info.setdefault("seconds", {})["selection_head"] = info["seconds"]
 
   def _validation_queries(self, ids, model_tasks: Mapping[str, Task], image_shape) -> list:
     """``calibration_queries`` queries of ``shots`` images per class from each training task's
@@ -521,13 +592,59 @@ class Proxy:
       float32 [Q, M] in [0, 1].
 
     Raises:
-      ProxyError: a proxy trained without the ``"transfer"`` objective.
+      ProxyError: a proxy trained without an accuracy head (objective ``"retrieve"``).
     """
-    if not self.has_accuracy_head:
-      raise ProxyError("this proxy has no accuracy head: train it with objective='transfer'")
+    self._require_head()
     q = jnp.asarray(np.atleast_2d(np.asarray(query_vectors, np.float32)))
     return np.asarray(_predict(self._graphdef, self._state, q,
                                jnp.asarray(np.asarray(model_vectors, np.float32))))
+
+  def _require_head(self) -> None:
+    if not self.has_accuracy_head:
+      raise ProxyError("this proxy has no accuracy head: train it with objective 'both' or "
+                       "'finetune' (`know2vec train --objective both`)")
+
+  def select(self, images, labels, index: ModelIndex, k: int = 10) -> list[dict]:
+    """Ranks the index's models by predicted fine-tune accuracy on a few-shot task.
+
+    The query is embedded exactly as for retrieval; the accuracy head scores it against every
+    row of the index (the same vectors retrieval searches: one index serves both).
+
+    Args:
+      images: float32 [N, H, W, C] in [0, 1], the task's labelled shots.
+      labels: int [N] in 0..K-1.
+      index: an index built with this proxy.
+      k: how many models to return.
+
+    Returns:
+      One dict per model, best first: ``rank`` (1-based), ``model_id``, ``predicted_accuracy``
+      (in [0, 1]), ``arch`` and ``task`` (None when the index has no such metadata), then the
+      rest of the model's metadata.
+
+    Raises:
+      InputError: a bad query; ProxyError: a proxy without an accuracy head, an empty index, an
+      index of another vector size, or rows another proxy vectorized.
+    """
+    self._require_head()
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ProxyError(f"k must be a positive integer, got {k!r}")
+    self.check_index(index)
+    if len(index) == 0:
+      raise ProxyError("the index is empty: add models with `know2vec index add`")
+    q = self.embed_query(images, labels)
+    pred = self.predict_accuracy(q[None], index.vectors)[0]
+    ids = index.ids
+    order = np.argsort(-pred, kind="stable")[:min(int(k), len(ids))]
+    rows = []
+    for r, i in enumerate(order):
+      meta = index.metadata(ids[i])
+      fp = meta.get("proxy")
+      if fp is not None and fp != self.fingerprint:
+        raise ProxyError(f"model {ids[i]!r} of the index was vectorized by another proxy ({fp}, "
+                         f"this one is {self.fingerprint}); rebuild the index with this proxy")
+      rows.append({"rank": r + 1, "model_id": ids[i], "predicted_accuracy": float(pred[i]),
+                   "arch": meta.pop("arch", None), "task": meta.pop("task", None)} | meta)
+    return rows
 
   def build_index(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
                   metadata: Mapping[str, dict] | None = None, index: ModelIndex | None = None,

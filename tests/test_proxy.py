@@ -15,7 +15,9 @@ from know2vec_jax.data import few_shot, load_source
 from know2vec_jax.index import ModelIndex
 from know2vec_jax.knowledge import expected_queries
 from know2vec_jax.config import ConfigError, from_dict, override, to_dict
-from know2vec_jax.proxy import Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata
+from know2vec_jax.pipeline import TransferLabels
+from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata,
+                                zoo_tasks)
 
 
 def test_training_covers_every_task_with_the_documented_budget(tiny_proxy, tiny_zoo):
@@ -185,8 +187,16 @@ def test_train_refuses_impossible_configs(tiny_zoo):
     Proxy.train(zoo, cfg, progress=False)
   with pytest.raises(ConfigError, match="pool_per_source must be >= 1"):
     ProxyConfig(pool_per_source=0)
-  with pytest.raises(ProxyError, match="the 'transfer' objective trains on TransferLabels"):
-    Proxy.train(zoo, override(proxy_preset("tiny"), ["objective=transfer"]), progress=False)
+  # "transfer" is the earlier name of "finetune"; its labels are needed (Proxy.train measures
+  # them, Proxy.fit takes them) and the retrieval objective refuses them.
+  assert override(proxy_preset("tiny"), ["objective=transfer"]).objective == "finetune"
+  groups, tasks = groups_from_zoo(zoo), zoo_tasks(zoo)
+  with pytest.raises(ProxyError, match="objective 'finetune' trains on TransferLabels"):
+    Proxy.fit(groups, tasks, override(proxy_preset("tiny"), ["objective=finetune"]),
+              progress=False)
+  labels = TransferLabels([], [], np.zeros((0, 0)))
+  with pytest.raises(ProxyError, match="objective 'retrieve' takes no TransferLabels"):
+    Proxy.fit(groups, tasks, proxy_preset("tiny"), transfer=labels, progress=False)
 
 
 def readme_python_example() -> str:
