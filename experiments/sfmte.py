@@ -1,47 +1,69 @@
-"""SF-MTE (source-free model transferability estimation) on a structured subset of the demo zoo.
+"""SF-MTE (source-free model transferability estimation): two benchmarks on the demo zoo.
 
-Command:   python -m experiments.sfmte                 (ground truth, baselines, Know2Vec, figure)
+Command:   python -m experiments.sfmte                 (both benchmarks, 3 training seeds, figures)
+           python -m experiments.sfmte --quick         (the query-dependent benchmark, one seed)
            python -m experiments.sfmte --ground-truth  (only compute and cache the ground truth)
            python -m experiments.sfmte --validate [--set KEY=VALUE]   (model selection)
-           python -m experiments.sfmte --compare-train-labels   (linear vs full labels, training
-                                                                 targets only)
+           python -m experiments.sfmte --compare-train-labels   (capacity benchmark: linear vs
+                                                                 full labels, training targets)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
 Runtime:   EXPECTED_RUNTIME below.
-Expected:  EXPECTED_NUMBERS below (experiments/results/sfmte.json, figure sfmte_tau.png).
-           ``--preset linear-labels`` trains on cheap linear-probe labels of 48 targets instead.
+Expected:  EXPECTED_NUMBERS below (experiments/results/sfmte.json, figures
+           sfmte_query_dependent.png and sfmte_capacity.png).
 
-Everything runs through the product: Know2Vec is ``Proxy.train(zoo, cfg, model_ids=<the subset>,
-transfer=TransferLabels(...))`` (the ``"transfer"`` objective), the zoo's vectors come from
-``Proxy.build_index`` (the knowledge stored at training: no second probe), a query is
-``Proxy.embed_query`` and the accuracy head is ``Proxy.predict_accuracy``; every baseline is scored
-by :mod:`know2vec_jax.baselines`, on logits from the zoo's black boxes (whose counters give the
-forwards per query) and, for the white-box ones, the same models' penultimate features.
+Everything runs through the product: Know2Vec is ``Proxy.train(zoo, cfg, model_ids=<the
+benchmark's models>, transfer=TransferLabels(...))``; ``know2vec-both`` is what ``know2vec train
+--objective both`` trains and ``know2vec select`` ranks by (the retrieval proxy, then an accuracy
+head on its frozen vectors), the other variants train the vectors on the labels themselves
+(objective ``"finetune"``). The zoo's vectors come from ``Proxy.build_index`` (the knowledge
+stored at training: no second probe), a query is ``Proxy.embed_query`` and the accuracy head is
+``Proxy.predict_accuracy`` (what ``Proxy.select`` sorts). Every baseline is scored by
+:mod:`know2vec_jax.baselines`, on logits from the zoo's black boxes (whose counters give the
+forwards per query) and, for the white-box ones, the same models' penultimate features. Every
+learned method is trained with each of ``seeds`` and reported as the mean with its spread.
+
+Benchmarks:
+- ``query_dependent``: the best model depends on the target. Zoo: :func:`matched`, the demo
+  zoo's 120 models of one architecture and budget (mlp, 400 steps, 4-way) that differ by what
+  they were trained on (12 sources: 3 datasets x 4 domains, 3-30 class sets each). Evaluation
+  targets (:func:`query_dependent_targets`): 2 per source, K in {3, 4, 5}, test splits. Protocol:
+  frozen body + a new linear head, 100 steps, 10 shots per class, 6 runs (:data:`QD_GT`). Why
+  this protocol: the full 30-step fine-tune on 50 shots washes pre-training out (measured on 24
+  matched models and 3 targets: the top eight models within 0.01 at 0.94-0.95 whatever they were
+  trained on), while the frozen body keeps it (the target's own dataset on top, spread 0.6-0.98).
+  Training targets: 24 drawn by the product (:func:`know2vec_jax.selection.draw_targets`) with
+  the same protocol on 2 runs.
+- ``capacity``: :func:`sfmte_models`, 114 models of the demo zoo that keep its variety: per base
+  dataset six plain 4-way tasks and one task in each transformed domain (mlp, cnn_s, cnn_l each),
+  two 2-way tasks (mlp, cnn_s) and every 10-way model, plus two deliberately weak 4-way models.
+  Evaluation targets (:data:`EVAL_TARGETS`): fine-grained class sets, domains no zoo model saw and
+  K from 2 to 10, test splits; full fine-tune ground truth (``FinetuneConfig()``: new head, 30
+  Adam steps, 50 shots per class, 6 runs, up to 300 test images per class). Training targets
+  (:func:`training_targets`): 24 random tasks of the zoo's own domains, train splits, the same
+  full fine-tune on 3 runs and 100 test images per class. On this zoo most of the ranking is
+  capacity and training quality, the same for every target. The cheaper frozen-body linear probe
+  (``--preset linear-labels``) ranks this zoo unlike the full fine-tune: on the training targets
+  alone, weighted tau between the two labels was 0.41 on average (``--compare-train-labels``).
 
 Protocol (nothing is tuned on the evaluation targets):
-- Zoo: :func:`sfmte_models`, 114 models of the demo zoo that keep its variety: per base dataset six
-  plain 4-way tasks and one task in each transformed domain (mlp, cnn_s, cnn_l each), two 2-way
-  tasks (mlp, cnn_s) and every 10-way model, plus two deliberately weak 4-way models.
-- Evaluation targets (:data:`EVAL_TARGETS`): tasks no zoo model and no part of the proxy was
-  trained on, drawn from the sources' *test* splits (images the backbone never saw): fine-grained
-  class sets, domains no zoo model saw (flipped, low-contrast, combined transforms) and K from 2
-  to 10. Their ground truth is the full fine-tune (``transfer.FinetuneConfig()``: new head, 30
-  Adam steps, 50 shots per class, 6 runs resampling seed and shots together, up to 300 test images
-  per class). Targets whose mean ground truth exceeds 0.95 or whose spread across the zoo is
-  <= 0.015 are dropped as saturated and listed. (The anchor-matching baseline, new here, reads
-  the proxy's knowledge grids: no zoo forward at query time either.)
-- Training targets (:func:`training_targets`): 24 random tasks from the sources' *train* splits in
-  the zoo's own domains, disjoint from the evaluation targets; their label is the same full
-  fine-tune with fewer runs and test images (3 runs, 100 per class). The cheaper frozen-body linear
-  probe (``--preset linear-labels``) ranks the zoo unlike the full fine-tune: measured on the 24
-  training targets alone, weighted tau between the two labels is 0.41 on average, and the
-  query-blind prior built from the other targets' linear labels ranks a target's full fine-tune
-  at 0.36 against 0.71 for one built from full labels (``--compare-train-labels``).
-- Query: one draw of 50 shots per class of the target (run 0's training sample). Every method
-  sees those same images. Know2Vec needs no zoo forward pass at query time; LEEP, NCE, N-LEEP,
-  LogME and H-score forward the query through every zoo model.
+- The leak rule, as code (:func:`know2vec_jax.transfer.leaks`, tested over these lists): no
+  evaluation target shares its dataset and class set with a benchmark model or a training
+  target, in any domain. The capacity list's three violations (Fashion-MNIST shirt vs t-shirt,
+  which two zoo models were trained on, and the two 10-way targets, whose classes every 10-way
+  Fashion-MNIST model has) are dropped and listed (``dropped_leaking``).
+- Targets whose mean ground truth exceeds 0.95 or whose spread across the zoo is <= 0.015 are
+  dropped as saturated and listed.
+- Query: one draw of the protocol's shots per class of the target (run 0's training sample).
+  Every method sees those same images. Know2Vec needs no zoo forward at query time; LEEP, NCE,
+  N-LEEP, LogME and H-score forward the query through every zoo model.
 - Scores: weighted Kendall's tau against the mean fine-tune accuracy (== scipy's weightedtau),
-  Pearson, Spearman, top-1 regret; the per-target noise ceiling is the split-half weighted tau of
-  the ground truth's runs.
+  Spearman, top-1 regret, the accuracy head's mean absolute error. ``ceiling``: the expected tau
+  of the true accuracies against the 6-run mean (:func:`know2vec_jax.transfer.noise_ceiling`,
+  the split-half tau corrected to the full mean; conservative by up to a few hundredths for
+  weighted tau); ``split-half agreement`` is the uncorrected tau between two 3-run means (what
+  the earlier tables called the noise ceiling: no bound, as the prior exceeded it). ``prior`` is
+  the query-blind prior from the other evaluation targets, ``prior (training targets)`` the one
+  a user could build from the training labels.
 """
 
 from __future__ import annotations
@@ -64,15 +86,20 @@ from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task
 from know2vec_jax.metrics import ranking_report, weighted_tau
 from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, draw_episodes
-from know2vec_jax.proxy import Proxy, ProxyConfig
-from know2vec_jax.transfer import (FinetuneConfig, TransferTarget, ground_truth, noise_ceiling,
-                                   run_sample, target_data)
+from know2vec_jax.proxy import Proxy, ProxyConfig, proxy_preset
+from know2vec_jax.selection import draw_targets
+from know2vec_jax.transfer import (FinetuneConfig, TransferTarget, ground_truth, leak_key, leaks,
+                                   noise_ceiling, run_sample, split_half)
 from know2vec_jax.zoo import load_zoo
 
-# Each variant is a set of overrides of the proxy config.
+# Each variant is a proxy config: the preset it starts from and its overrides. "both" is the
+# product's `know2vec train --objective both` (the retrieval proxy plus an accuracy head on its
+# frozen vectors, what `know2vec select` ranks by); the other two train the vectors themselves
+# on the fine-tune labels (objective "finetune").
 VARIANTS = {
-    "know2vec-attention-shared": (),
-    "know2vec-lstm": ("vectorizer.variant=lstm", "vectorizer.shared=false"),
+    "know2vec-both": ("demo", ("objective=both",)),
+    "know2vec-attention-shared": ("sfmte", ()),
+    "know2vec-lstm": ("sfmte", ("vectorizer.variant=lstm", "vectorizer.shared=false")),
 }
 DEFAULT_VARIANT = "know2vec-attention-shared"
 
@@ -142,11 +169,11 @@ def training_targets(zoo, count: int = 48, seed: int = 0,
                      exclude: tuple[TransferTarget, ...] = EVAL_TARGETS) -> list[TransferTarget]:
   """Random tasks for the aligner, from *train* splits, in the zoo's own domains.
 
-  Disjoint from ``exclude`` (no evaluation target's source and class set) and from the domains only
-  evaluation targets use. K is drawn from {2, 3, 4, 5, 10}; base datasets and domains in turn.
+  Disjoint from ``exclude`` by the leak rule (no evaluation target's dataset and class set, in any
+  domain: :func:`know2vec_jax.transfer.leaks`) and from the domains only evaluation targets use. K is drawn from {2, 3, 4, 5, 10}; base datasets and domains in turn.
   """
   rng = np.random.default_rng(seed)
-  banned = {(t.task.source, tuple(sorted(t.task.classes))) for t in exclude}
+  banned = {leak_key(t.task) for t in exclude}  # the leak rule: any domain
   out, seen = [], set()
   bases = ("fashion_mnist", "mnist5k", "digits")
   domains = ("", "+invert", "+rot90", "+blur")
@@ -157,12 +184,62 @@ def training_targets(zoo, count: int = 48, seed: int = 0,
     k = int(rng.choice([2, 3, 4, 4, 5, 10]))
     classes = tuple(sorted(rng.choice(10, size=k, replace=False).tolist()))
     key = (base + dom, classes)
-    if key in banned or key in seen:
+    if (base, classes) in banned or key in seen:
       continue
     seen.add(key)
     out.append(TransferTarget(f"train-{len(out):02d}-{base}{dom}-{'-'.join(map(str, classes))}",
                               Task(base + dom, classes), split="train", kind="training"))
   return out
+
+
+# ---- the query-dependent benchmark ----------------------------------------------------------
+
+# Sources of the demo zoo: 3 datasets x 4 domains.
+QD_SOURCES = tuple(f"{b}{d}" for b in ("fashion_mnist", "mnist5k", "digits")
+                   for d in ("", "+invert", "+rot90", "+blur"))
+
+
+def matched(rec) -> bool:
+  """The query-dependent zoo: one architecture and one training budget (mlp, 400 steps, no
+  deliberate weakness) on 4-way tasks, so models differ by what they were trained on only
+  (dataset x domain x class set). Works on zoo records and on model specs alike."""
+  return rec.arch == "mlp" and rec.task.k == 4 and rec.role == "normal" and rec.steps == 400
+
+
+def query_dependent_models(zoo) -> list[str]:
+  """The demo zoo's :func:`matched` models (120: every source, 3-30 class sets each)."""
+  return [m for m, r in zoo.records.items() if matched(r)]
+
+
+def query_dependent_targets(zoo_tasks, per_source: int = 2, seed: int = 0
+                            ) -> tuple[TransferTarget, ...]:
+  """Evaluation targets spread over every source of the zoo: ``per_source`` per source (test
+  splits), K in {3, 4, 5}, class sets that no zoo model's task shares in any domain (the leak
+  rule). Deterministic in the zoo's tasks and ``seed``."""
+  banned = {leak_key(t) for t in zoo_tasks}
+  rng = np.random.default_rng(seed)
+  out, seen = [], set()
+  for src in QD_SOURCES:
+    base = src.split("+")[0]
+    drawn = 0
+    while drawn < per_source:
+      k = int(rng.choice([3, 4, 5]))
+      classes = tuple(sorted(int(c) for c in rng.choice(10, size=k, replace=False)))
+      if (base, classes) in banned or (base, classes) in seen:
+        continue
+      seen.add((base, classes))  # one domain per class set: targets stay distinct tasks
+      drawn += 1
+      out.append(TransferTarget(f"qd-{src}-{'-'.join(map(str, classes))}", Task(src, classes),
+                                kind="query-dependent"))
+  return tuple(out)
+
+
+def query_dependent_training(zoo_tasks, evaluation, count: int, seed: int):
+  """Training targets of the query-dependent benchmark: drawn by the product
+  (:func:`know2vec_jax.selection.draw_targets`) from the zoo's sources and class counts, away from
+  every evaluation target's dataset and class set in any domain."""
+  return draw_targets(zoo_tasks, count, (3, 4, 5), seed, [t.task for t in evaluation],
+                      any_domain=True)
 
 
 # Training-target labels. "linear" (frozen body + new head, 6 runs) is cheap; "full" is the
@@ -173,40 +250,82 @@ TRAIN_LABELS = {
     "full": FinetuneConfig(runs=3, test_per_class=100),
 }
 
+# The query-dependent benchmark's protocol: frozen body + a new linear head (100 steps) on 10
+# shots per class. Measured on 24 matched models and 3 train-split targets before choosing it
+# (full fine-tune, 50 shots: the top eight models of every target within 0.01 of each other at
+# 0.94-0.95, whatever their pre-training; frozen body, 20 and 5 shots: the target's own dataset
+# on top each time, spread 0.6-0.98). 6 runs for evaluation, 2 for training labels.
+QD_GT = {
+    "eval": FinetuneConfig(mode="linear", steps=100, shots=10, runs=6),
+    "train": FinetuneConfig(mode="linear", steps=100, shots=10, runs=2, test_per_class=100),
+}
+
 
 def _sfmte_proxy() -> ProxyConfig:
-  # The transfer objective on 8 query episodes of 50 shots per class (the size of the user's
-  # query here) per training target; 1,000 steps of batch 16.
-  return ProxyConfig(objective="transfer", episodes=8, shots=50,
+  # The "finetune" objective on 8 query episodes of 50 shots per class (the size of the user's
+  # query here; a benchmark sets its own) per training target; 1,000 steps of batch 16.
+  return ProxyConfig(objective="finetune", episodes=8, shots=50,
                      align=AlignConfig(steps=1000, batch_size=16, warmup_steps=50))
 
 
+def variant_proxy(name: str, shots: int, seed: int) -> ProxyConfig:
+  """The proxy config of a variant for a benchmark whose queries have ``shots`` per class."""
+  start, overrides = VARIANTS[name]
+  base = _sfmte_proxy() if start == "sfmte" else proxy_preset(start)
+  extra = (f"shots={shots}" if start == "sfmte" else f"selection.shots={shots}",
+           f"align.seed={seed}", f"selection.seed={seed}")
+  return config_lib.override(base, list(overrides) + list(extra))
+
+
 @dataclasses.dataclass(frozen=True)
-class SFMTEConfig:
-  """The SF-MTE experiment.
+class BenchmarkConfig:
+  """One SF-MTE benchmark's protocol.
 
   Attributes:
-    proxy: the proxy every variant starts from (the ``"transfer"`` objective; its overrides in
-      :data:`VARIANTS`).
     eval_gt, train_gt: how the evaluation and training targets' fine-tune accuracy is measured.
     train_targets: how many training targets.
-    variants: the Know2Vec variants to train.
-    baselines: the registry baselines to score.
-    seed: training targets, random scores.
+    variants: the Know2Vec variants (:data:`VARIANTS`).
   """
-  proxy: ProxyConfig = _sfmte_proxy()
   eval_gt: FinetuneConfig = FinetuneConfig()
   train_gt: FinetuneConfig = TRAIN_LABELS["full"]
   train_targets: int = 24
-  variants: tuple[str, ...] = tuple(VARIANTS)
-  baselines: tuple[str, ...] = tuple(BASELINES)
-  seed: int = 0
+  variants: tuple[str, ...] = ("know2vec-attention-shared", "know2vec-lstm")
 
   def __post_init__(self):
     # --validate holds out a quarter of the training targets; the aligner needs several.
     require(self.train_targets >= 4, f"train_targets must be at least 4, got "
             f"{self.train_targets}")
     require_known(self.variants, VARIANTS, "variant(s)")
+
+
+BENCHMARKS = ("query_dependent", "capacity")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFMTEConfig:
+  """The SF-MTE experiment: two benchmarks on the demo zoo.
+
+  Attributes:
+    benchmarks: which to run (:data:`BENCHMARKS`).
+    query_dependent: models of one architecture and budget trained on different data; targets
+      spread over the zoo's sources, so the best model depends on the target.
+    capacity: the 114-model structured subset (three families, K = 2/4/10, weak models), whose
+      ranking is mostly capacity and training quality.
+    seeds: training seeds of every learned method (its figure is the mean over them).
+    baselines: the registry baselines to score.
+    seed: random scores, the targets' draws.
+  """
+  benchmarks: tuple[str, ...] = BENCHMARKS
+  query_dependent: BenchmarkConfig = BenchmarkConfig(
+      QD_GT["eval"], QD_GT["train"], 24, ("know2vec-both", "know2vec-attention-shared"))
+  capacity: BenchmarkConfig = BenchmarkConfig()
+  seeds: tuple[int, ...] = (0, 1, 2)
+  baselines: tuple[str, ...] = tuple(BASELINES)
+  seed: int = 0
+
+  def __post_init__(self):
+    require_known(self.benchmarks, BENCHMARKS, "benchmark(s)")
+    require(len(self.seeds) >= 1, "seeds must name at least one seed")
     require_known(self.baselines, BASELINES, "baseline(s)")
 
 
@@ -215,46 +334,68 @@ PRESETS: Presets[SFMTEConfig] = Presets("sfmte")
 
 @PRESETS.register("full")
 def _full() -> SFMTEConfig:
-  """Full fine-tune labels on 24 training targets (the README table)."""
+  """Both benchmarks, 3 training seeds (the README tables)."""
   return SFMTEConfig()
+
+
+@PRESETS.register("quick")
+def _quick() -> SFMTEConfig:
+  """The query-dependent benchmark only, one seed."""
+  return SFMTEConfig(benchmarks=("query_dependent",), seeds=(0,))
 
 
 @PRESETS.register("linear-labels")
 def _linear() -> SFMTEConfig:
-  """Cheap linear-probe labels on 48 training targets."""
-  return SFMTEConfig(train_gt=TRAIN_LABELS["linear"], train_targets=48)
+  """The capacity benchmark on cheap linear-probe labels of 48 training targets."""
+  return SFMTEConfig(benchmarks=("capacity",),
+                     capacity=BenchmarkConfig(train_gt=TRAIN_LABELS["linear"], train_targets=48))
 
 
-def compute_ground_truth(cfg: SFMTEConfig, zoo, zoo_dir: str, cache_dir: str,
+def benchmark_setup(name: str, cfg: SFMTEConfig, zoo) -> dict:
+  """A benchmark's models, evaluation targets (leaking ones removed and listed), training
+  targets and protocol."""
+  bcfg = getattr(cfg, name)
+  if name == "capacity":
+    ids = sfmte_models(zoo)
+    candidates = EVAL_TARGETS
+  else:
+    ids = query_dependent_models(zoo)
+    candidates = query_dependent_targets([zoo.records[m].task for m in ids], seed=cfg.seed)
+  tasks = [zoo.records[m].task for m in ids]
+  ev = [t for t in candidates if not leaks([t.task], tasks)]
+  if name == "capacity":
+    train = training_targets(zoo, bcfg.train_targets, cfg.seed, tuple(ev))
+  else:
+    train = query_dependent_training(tasks, ev, bcfg.train_targets, cfg.seed + 1)
+  problems = leaks([t.task for t in ev], tasks, [t.task for t in train])
+  if problems:  # by construction none; a changed list must not slip through
+    raise ValueError("; ".join(problems))
+  return {"name": name, "config": bcfg, "ids": ids, "eval_targets": ev, "train_targets": train,
+          "dropped_leaking": [t.name for t in candidates if t not in ev]}
+
+
+def compute_ground_truth(setup: dict, zoo, zoo_dir: str, cache_dir: str,
                          progress: bool = True) -> dict:
-  """Ground truth of the evaluation targets and the training targets (cached on disk)."""
-  ids = sfmte_models(zoo)
+  """Ground truth of a benchmark's evaluation and training targets (cached on disk)."""
+  bcfg, ids = setup["config"], setup["ids"]
   where = pathlib.Path(cache_dir) / "ground-truth"
   t = time.perf_counter()
-  ev = ground_truth(zoo, zoo_dir, ids, EVAL_TARGETS, cfg.eval_gt, cache_dir=where,
+  ev = ground_truth(zoo, zoo_dir, ids, setup["eval_targets"], bcfg.eval_gt, cache_dir=where,
                     progress=progress)
   t_eval = time.perf_counter() - t
   t = time.perf_counter()
-  train = training_targets(zoo, cfg.train_targets, cfg.seed)
-  tr = ground_truth(zoo, zoo_dir, ids, train, cfg.train_gt, cache_dir=where, progress=progress)
+  tr = ground_truth(zoo, zoo_dir, ids, setup["train_targets"], bcfg.train_gt, cache_dir=where,
+                    progress=progress)
   t_train = time.perf_counter() - t
-  return {"ids": ids, "eval": ev, "train": tr, "train_targets": train,
+  return {"ids": ids, "eval": ev, "train": tr, "train_targets": setup["train_targets"],
           "seconds": (t_eval, t_train)}
 
 
-def target_set(target: TransferTarget, gt: FinetuneConfig) -> LabelledSet:
-  """A training target's shot pool (what its ground-truth runs draw from) as a labelled set."""
-  td = target_data(target, gt.shots, gt.test_per_class)
-  index = np.concatenate(td.pool)
-  return LabelledSet(f"{target.name}:{target.task.task_id}:{target.split}:"
-                     f"{gt.shots}x{gt.test_per_class}", td.images, index, td.labels[index],
-                     target.k)
-
-
-def transfer_labels(cfg: SFMTEConfig, gt: dict, targets=None) -> TransferLabels:
-  """The transfer objective's supervision: training targets' shot pools and mean accuracies."""
+def transfer_labels(bcfg: BenchmarkConfig, gt: dict, targets=None) -> TransferLabels:
+  """The fine-tune labels: training targets' shot pools and mean accuracies."""
   targets = gt["train_targets"] if targets is None else targets
-  return TransferLabels([target_set(t, cfg.train_gt) for t in targets], list(gt["ids"]),
+  return TransferLabels([LabelledSet.from_target(t, bcfg.train_gt) for t in targets],
+                        list(gt["ids"]),
                         np.stack([gt["train"][t.name].mean(0) for t in targets]))
 
 
@@ -272,13 +413,13 @@ def compare_train_labels(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str,
                          progress: bool = True) -> dict:
   """Training targets only: does the cheap linear-probe label rank the zoo like the full fine-tune?
 
-  Computes (or loads) both labels on the first ``cfg.train_targets`` training targets and reports
+  Computes (or loads) both labels on the capacity benchmark's training targets and reports
   the weighted tau between them per target, and how well a leave-one-out prior built from each kind
   of label ranks a target's full fine-tune. No evaluation target is read.
   """
   zoo = load_zoo(zoo_dir)
-  ids = sfmte_models(zoo)
-  targets = training_targets(zoo, cfg.train_targets, cfg.seed)
+  setup = benchmark_setup("capacity", cfg, zoo)
+  ids, targets = setup["ids"], setup["train_targets"]
   acc = {}
   for kind in ("linear", "full"):
     gt = ground_truth(zoo, zoo_dir, ids, targets, TRAIN_LABELS[kind],
@@ -345,55 +486,59 @@ def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, se
   return scores, costs
 
 
-def run(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, out: str | None, figure: str | None,
-        progress: bool = True) -> dict:
-  """Runs the experiment; writes ``out`` (JSON) and ``figure`` when given."""
+def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
+                  progress: bool = True) -> dict:
+  """One benchmark: ground truth, every Know2Vec variant over ``cfg.seeds``, every baseline."""
   t_start = time.perf_counter()
-  zoo = load_zoo(zoo_dir)
-  cache = Cache(cache_dir)
-  gt = compute_ground_truth(cfg, zoo, zoo_dir, cache_dir, progress=progress)
+  setup = benchmark_setup(name, cfg, zoo)
+  bcfg = setup["config"]
+  gt = compute_ground_truth(setup, zoo, zoo_dir, str(cache.path), progress=progress)
   ids = gt["ids"]
 
   # Evaluation targets: drop the saturated ones (decided on the ground truth alone).
   gt_mean = {n: a.mean(0) for n, a in gt["eval"].items()}
-  kept = [t for t in EVAL_TARGETS
+  targets = setup["eval_targets"]
+  kept = [t for t in targets
           if gt_mean[t.name].mean() <= 0.95 and gt_mean[t.name].std() > 0.015]
-  dropped = [t.name for t in EVAL_TARGETS if t not in kept]
-  labels = transfer_labels(cfg, gt)
+  dropped = [t.name for t in targets if t not in kept]
+  labels = transfer_labels(bcfg, gt)
   tr_acc = labels.accuracy
 
   # Queries: run 0's training sample of every evaluation target.
-  queries = {t.name: run_sample(t, cfg.eval_gt, 0) for t in kept}
-  scores, costs, predicted = {}, {}, {}
+  queries = {t.name: run_sample(t, bcfg.eval_gt, 0) for t in kept}
+  scores, costs, predicted, info = {}, {}, {}, {}
   proxy = None
-  for name in cfg.variants:
-    pcfg = config_lib.override(cfg.proxy, VARIANTS[name])
-    proxy = Proxy.train(zoo, pcfg, model_ids=ids, transfer=labels, cache=cache,
-                        progress=progress)
-    groups = groups_from_zoo(zoo, model_ids=ids, strategy=pcfg.strategy)
-    index = proxy.build_index(groups, cache=cache)  # the stored knowledge: nothing is probed
-    pos = np.asarray([index.ids.index(m) for m in ids])
-    mv = index.vectors[pos]
-    for t in kept:  # warm-up: compile once per query shape
-      proxy.embed_query(*queries[t.name])
-    head = f"{name} (accuracy head)"
-    qcost = []
-    for t in kept:  # timed: images -> phi -> query vector -> scores over the zoo
-      t0 = time.perf_counter()
-      q = proxy.embed_query(*queries[t.name])
-      scores.setdefault(name, {})[t.name] = mv @ q
-      qcost.append(time.perf_counter() - t0)
-      pred = proxy.predict_accuracy(q, mv)[0]
-      scores.setdefault(head, {})[t.name] = pred
-      predicted.setdefault(name, {})[t.name] = pred
-    for n in (name, head):
-      costs[n] = {"forwards_per_query": 0, "query_seconds": float(np.mean(qcost)),
-                  "train_s": proxy.info["seconds"]["total"]}
+  for variant in bcfg.variants:
+    for seed in cfg.seeds:
+      pcfg = variant_proxy(variant, bcfg.eval_gt.shots, seed)
+      proxy = Proxy.train(zoo, pcfg, model_ids=ids, transfer=labels, cache=cache,
+                          progress=progress)
+      groups = groups_from_zoo(zoo, model_ids=ids, strategy=pcfg.strategy)
+      index = proxy.build_index(groups, cache=cache)  # the stored knowledge: nothing is probed
+      pos = np.asarray([index.ids.index(m) for m in ids])
+      mv = index.vectors[pos]
+      for t in kept:  # warm-up: compile once per query shape
+        proxy.predict_accuracy(proxy.embed_query(*queries[t.name]), mv)
+      head = f"{variant} (accuracy head)"
+      qcost = []
+      for t in kept:  # timed: images -> phi -> query vector -> predicted accuracy of the zoo
+        t0 = time.perf_counter()
+        q = proxy.embed_query(*queries[t.name])
+        pred = proxy.predict_accuracy(q, mv)[0]
+        qcost.append(time.perf_counter() - t0)
+        scores.setdefault(head, {}).setdefault(t.name, []).append(pred)
+        predicted.setdefault(head, {}).setdefault(t.name, []).append(pred)
+        if variant != "know2vec-both":  # its vectors are the retrieval ones: q.m is retrieval
+          scores.setdefault(f"{variant} (q.m)", {}).setdefault(t.name, []).append(mv @ q)
+      for n in (head, f"{variant} (q.m)"):
+        costs.setdefault(n, []).append({"forwards": 0, "seconds": float(np.mean(qcost))})
+      info.setdefault(variant, []).append({"seed": seed, "train_s": proxy.info["seconds"]["total"],
+                                           "selection": proxy.info.get("selection")})
 
-  # Baselines: the same query images, through the black boxes (and white-box features).
-  groups = groups_from_zoo(zoo, model_ids=ids, strategy=cfg.proxy.strategy)
+  # Baselines: the same query images, through the black boxes (and white-box features). The
+  # anchor-matching baseline reads the last proxy's knowledge grids (no zoo call).
+  groups = groups_from_zoo(zoo, model_ids=ids, strategy="auto")
   _, m_grid, m_mask = proxy.model_grids(groups, cache=cache)
-  per = {}
   eval_acc = np.stack([gt_mean[t.name] for t in kept])
   for i, t in enumerate(kept):
     x, y = queries[t.name]
@@ -403,55 +548,89 @@ def run(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, out: str | None, figure:
                                cfg.seed + i, dict(query_grid=qg, query_mask=qm,
                                                   model_grids=m_grid, model_masks=m_mask))
     for b in sc:
-      scores.setdefault(b, {})[t.name] = sc[b]
-      per.setdefault(b, []).append(cost[b])
+      scores.setdefault(b, {})[t.name] = [sc[b]]
+      costs.setdefault(b, []).append(cost[b])
     r = run_baseline("prior", ground_truth_other_targets=tr_acc)
-    scores.setdefault("prior (training targets)", {})[t.name] = r.scores
-    per.setdefault("prior (training targets)", []).append({"forwards": 0, "seconds": r.seconds})
-  for b, cs in per.items():
-    costs[b] = {"forwards_per_query": float(np.mean([c["forwards"] for c in cs])),
-                "query_seconds": float(np.mean([c["seconds"] for c in cs]))}
+    scores.setdefault("prior (training targets)", {})[t.name] = [r.scores]
+    costs.setdefault("prior (training targets)", []).append({"forwards": 0,
+                                                             "seconds": r.seconds})
 
-  # Reports.
+  # Reports: a learned method's number is the mean over its seeds, with their spread.
   per_target, summary = {}, {}
   for method, by_t in scores.items():
-    per_target[method] = {n: ranking_report(gt_mean[n], s) for n, s in by_t.items()}
-    rep = per_target[method].values()
+    n_seeds = len(next(iter(by_t.values())))
+    reps = [{n: ranking_report(gt_mean[n], s[j]) for n, s in by_t.items()}
+            for j in range(n_seeds)]
+    per_target[method] = {n: {k: float(np.mean([r[n][k] for r in reps])) for k in reps[0][n]}
+                          for n in by_t}
+    taus = [np.mean([r[n]["weighted_tau"] for n in r]) for r in reps]
+    regrets = [np.mean([r[n]["top1_regret"] for n in r]) for r in reps]
+    cs = costs[method]
     summary[method] = {
-        "mean_tau": float(np.mean([r["weighted_tau"] for r in rep])),
-        "mean_pearson": float(np.mean([r["pearson"] for r in rep])),
-        "mean_spearman": float(np.mean([r["spearman"] for r in rep])),
-        "mean_regret": float(np.mean([r["top1_regret"] for r in rep])),
-        "query_seconds": costs[method]["query_seconds"],
-        "forward_passes_per_query": costs[method]["forwards_per_query"]}
+        "mean_tau": float(np.mean(taus)), "tau_spread": float(np.std(taus)),
+        "seeds": n_seeds,
+        "mean_spearman": float(np.mean([np.mean([r[n]["spearman"] for n in r]) for r in reps])),
+        "mean_regret": float(np.mean(regrets)),
+        "forwards_per_query": float(np.mean([c["forwards"] for c in cs])),
+        "query_seconds": float(np.mean([c["seconds"] for c in cs]))}
   ceilings = {t.name: noise_ceiling(gt["eval"][t.name], weighted_tau) for t in kept}
-  summary["noise ceiling"] = {"mean_tau": float(np.mean(list(ceilings.values())))}
-  mae = {name: {n: float(np.mean(np.abs(p - gt_mean[n]))) for n, p in by_t.items()}
-         for name, by_t in predicted.items()}
-  res = {
+  halves = {t.name: split_half(gt["eval"][t.name], weighted_tau) for t in kept}
+  summary["ceiling"] = {"mean_tau": float(np.mean(list(ceilings.values())))}
+  summary["split-half agreement"] = {"mean_tau": float(np.mean(list(halves.values())))}
+  mae = {}
+  for name_, by_t in predicted.items():
+    per_seed = [float(np.mean([np.mean(np.abs(p[j] - gt_mean[n])) for n, p in by_t.items()]))
+                for j in range(len(next(iter(by_t.values()))))]
+    mae[name_] = {"mean": float(np.mean(per_seed)), "spread": float(np.std(per_seed)),
+                  "per_target": {n: float(np.mean([np.mean(np.abs(q - gt_mean[n])) for q in p]))
+                                 for n, p in by_t.items()}}
+    summary[name_]["accuracy_mae"] = mae[name_]["mean"]
+  return {
       "summary": summary,
       "per_target": per_target,
-      "noise_ceiling": ceilings,
-      "accuracy_head_mae": {k: {"mean": float(np.mean(list(v.values())))} | v
-                            for k, v in mae.items()},
+      "ceiling": ceilings,
+      "split_half": halves,
+      "accuracy_head_mae": mae,
       "targets": {t.name: t.to_json() | {
           "gt_mean": float(gt_mean[t.name].mean()), "gt_std": float(gt_mean[t.name].std()),
           "gt_min": float(gt_mean[t.name].min()), "gt_max": float(gt_mean[t.name].max())}
-          for t in EVAL_TARGETS},
+          for t in targets},
       "dropped_saturated": dropped,
+      "dropped_leaking": setup["dropped_leaking"],
       "training_targets": [t.name for t in gt["train_targets"]],
       "num_models": len(ids), "model_ids": ids,
       "ground_truth_seconds": {"eval": gt["seconds"][0], "train": gt["seconds"][1]},
-      "costs": costs,
-      "config": config_lib.to_dict(cfg),
-      "seconds": time.perf_counter() - t_start, "backend": jax.default_backend(),
+      "proxies": info,
+      "seconds": time.perf_counter() - t_start,
   }
+
+
+def run(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, out: str | None, figure: str | None,
+        progress: bool = True) -> dict:
+  """Runs the configured benchmarks; writes ``out`` (JSON; the other benchmarks' entries of an
+  existing file are kept) and one figure per benchmark (``figure`` with the benchmark's name)."""
+  zoo = load_zoo(zoo_dir)
+  cache = Cache(cache_dir)
+  res = {"summary": {}, "benchmarks": {}}
+  if out is not None and pathlib.Path(out).exists():
+    old = json.loads(pathlib.Path(out).read_text())
+    if "benchmarks" in old:  # an earlier single-benchmark file is replaced whole
+      res = old
+  for name in cfg.benchmarks:
+    b = run_benchmark(name, cfg, zoo, zoo_dir, cache, progress)
+    res["summary"][name] = b["summary"]
+    res["benchmarks"][name] = b
+    if figure is not None:
+      stem = pathlib.Path(figure)
+      plot(b, str(stem.with_name(f"{stem.stem}_{name}{stem.suffix}")), name)
+  res["config"] = config_lib.to_dict(cfg)
+  res["backend"] = jax.default_backend()
   if out is not None:
     path = pathlib.Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1))
-  if figure is not None:
-    plot(res, figure)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)  # atomic: an interrupted run leaves the previous results whole
   return res
 
 
@@ -459,72 +638,77 @@ def validate(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, progress: bool = Tr
   """Model selection on training targets only: a quarter of them become validation targets."""
   zoo = load_zoo(zoo_dir)
   cache = Cache(cache_dir)
-  gt = compute_ground_truth(cfg, zoo, zoo_dir, cache_dir, progress=progress)
-  train = gt["train_targets"]
-  order = np.random.default_rng(cfg.seed + 3).permutation(len(train))
-  val, inner = order[:len(order) // 4], order[len(order) // 4:]
-  labels = transfer_labels(cfg, gt, [train[i] for i in inner])
-  acc = transfer_labels(cfg, gt).accuracy
-  prior = run_baseline("prior", ground_truth_other_targets=acc[inner]).scores
   out = {}
-  for name in cfg.variants:
-    pcfg = config_lib.override(cfg.proxy, VARIANTS[name])
-    proxy = Proxy.train(zoo, pcfg, model_ids=gt["ids"], transfer=labels, cache=cache,
-                        progress=progress)
-    index = proxy.build_index(groups_from_zoo(zoo, model_ids=gt["ids"]), cache=cache)
-    mv = index.vectors[np.asarray([index.ids.index(m) for m in gt["ids"]])]
-    taus, head_taus, maes = [], [], []
-    for v in val:
-      s = target_set(train[v], cfg.train_gt)
-      picks, y = draw_episodes(s, 1, cfg.train_gt.shots, cfg.seed)
-      q = proxy.embed_query(s.images[picks[0]], y[0])
-      pred = proxy.predict_accuracy(q, mv)[0]
-      taus.append(weighted_tau(acc[v], mv @ q))
-      head_taus.append(weighted_tau(acc[v], pred))
-      maes.append(float(np.mean(np.abs(pred - acc[v]))))
-    out[name] = {"mean_tau": float(np.mean(taus)),
-                 "mean_tau_accuracy_head": float(np.mean(head_taus)),
-                 "accuracy_mae": float(np.mean(maes)),
-                 "prior_mean_tau": float(np.mean([weighted_tau(acc[v], prior) for v in val]))}
-    print(name, out[name], flush=True)
+  for bench in cfg.benchmarks:
+    setup = benchmark_setup(bench, cfg, zoo)
+    bcfg = setup["config"]
+    gt = compute_ground_truth(setup, zoo, zoo_dir, cache_dir, progress=progress)
+    train = gt["train_targets"]
+    order = np.random.default_rng(cfg.seed + 3).permutation(len(train))
+    val, inner = order[:len(order) // 4], order[len(order) // 4:]
+    labels = transfer_labels(bcfg, gt, [train[i] for i in inner])
+    acc = transfer_labels(bcfg, gt).accuracy
+    prior = run_baseline("prior", ground_truth_other_targets=acc[inner]).scores
+    for name in bcfg.variants:
+      pcfg = variant_proxy(name, bcfg.eval_gt.shots, cfg.seeds[0])
+      proxy = Proxy.train(zoo, pcfg, model_ids=gt["ids"], transfer=labels, cache=cache,
+                          progress=progress)
+      index = proxy.build_index(groups_from_zoo(zoo, model_ids=gt["ids"]), cache=cache)
+      mv = index.vectors[np.asarray([index.ids.index(m) for m in gt["ids"]])]
+      taus, head_taus, maes = [], [], []
+      for v in val:
+        s = LabelledSet.from_target(train[v], bcfg.train_gt)
+        picks, y = draw_episodes(s, 1, bcfg.eval_gt.shots, cfg.seed)
+        q = proxy.embed_query(s.images[picks[0]], y[0])
+        pred = proxy.predict_accuracy(q, mv)[0]
+        taus.append(weighted_tau(acc[v], mv @ q))
+        head_taus.append(weighted_tau(acc[v], pred))
+        maes.append(float(np.mean(np.abs(pred - acc[v]))))
+      out[f"{bench}/{name}"] = {
+          "mean_tau": float(np.mean(taus)), "mean_tau_accuracy_head": float(np.mean(head_taus)),
+          "accuracy_mae": float(np.mean(maes)),
+          "prior_mean_tau": float(np.mean([weighted_tau(acc[v], prior) for v in val]))}
+      print(bench, name, out[f"{bench}/{name}"], flush=True)
   return {"validation": out, "config": config_lib.to_dict(cfg)}
 
 
-def plot(out: dict, path: str) -> None:
-  """Bar chart: weighted tau per evaluation target per method, with the noise ceiling."""
+def plot(out: dict, path: str, name: str) -> None:
+  """Bar chart: weighted tau per evaluation target per method, with the ceiling."""
   plt = pyplot()
   if plt is None:
     return
   methods = [m for m in out["summary"] if m in out["per_target"]]
-  targets = list(out["noise_ceiling"])
-  fig, ax = plt.subplots(figsize=(max(10, 1.1 * len(targets)) + 3, 5))
+  targets = list(out["ceiling"])
+  fig, ax = plt.subplots(figsize=(max(10, 0.6 * len(targets)) + 3, 5))
   width = 0.8 / len(methods)
   for j, m in enumerate(methods):
     vals = [out["per_target"][m][t]["weighted_tau"] for t in targets]
     ax.bar(np.arange(len(targets)) + j * width - 0.4 + width / 2, vals, width,
            color=plt.cm.tab20(j % 20), label=f"{m} ({out['summary'][m]['mean_tau']:.2f})")
-  ax.scatter(np.arange(len(targets)), [out["noise_ceiling"][t] for t in targets], marker="_",
-             s=600, color="black", label="noise ceiling", zorder=5)
-  ax.set_xticks(np.arange(len(targets)), targets, rotation=35, ha="right", fontsize=8)
+  ax.scatter(np.arange(len(targets)), [out["ceiling"][t] for t in targets], marker="_",
+             s=300, color="black", label="ceiling", zorder=5)
+  ax.set_xticks(np.arange(len(targets)), targets, rotation=45, ha="right", fontsize=6)
   ax.set_ylabel("weighted Kendall tau vs fine-tune accuracy")
   ax.axhline(0, color="grey", lw=0.5)
   ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-  ax.set_title("SF-MTE: ranking the zoo per target (legend: mean tau)")
+  ax.set_title(f"SF-MTE, {name} benchmark: ranking the zoo per target (legend: mean tau)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def format_table(out: dict) -> str:
-  lines = ["| method | mean weighted tau | mean Spearman | mean top-1 regret | zoo forwards / "
-           "query | query s |", "|---|---|---|---|---|---|"]
-  for m, s in sorted(out["summary"].items(), key=lambda kv: -kv[1]["mean_tau"]):
+def format_table(summary: dict) -> str:
+  lines = ["| method | mean weighted tau | spread | mean Spearman | mean top-1 regret | "
+           "zoo forwards / query | query s | accuracy MAE |", "|---|---|---|---|---|---|---|---|"]
+  for m, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean_tau"]):
     if "mean_regret" not in s:
-      lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | |")
+      lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | | | |")
       continue
-    lines.append(f"| {m} | {s['mean_tau']:.3f} | {s['mean_spearman']:.3f} | "
-                 f"{s['mean_regret']:.3f} | {s['forward_passes_per_query']:,.0f} | "
-                 f"{s['query_seconds']:.3f} |")
+    mae = f"{s['accuracy_mae']:.3f}" if "accuracy_mae" in s else ""
+    spread = f"± {s['tau_spread']:.3f} ({s['seeds']} seeds)" if s["seeds"] > 1 else ""
+    lines.append(f"| {m} | {s['mean_tau']:.3f} | {spread} | {s['mean_spearman']:.3f} | "
+                 f"{s['mean_regret']:.3f} | {s['forwards_per_query']:,.0f} | "
+                 f"{s['query_seconds']:.3f} | {mae} |")
   return "\n".join(lines)
 
 
@@ -532,37 +716,48 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_config_arguments(p, PRESETS, "full")
   add_run_arguments(p, "results JSON (default experiments/results/sfmte.json)",
-                    "cache of derived artifacts (ground truth, knowledge, backbone, episodes)")
-  p.add_argument("--figure", default="experiments/results/sfmte_tau.png", help="the figure")
+                    "cache of derived artifacts (ground truth, knowledge, backbone, episodes)",
+                    quick="the query-dependent benchmark only, one training seed "
+                    "(= --preset quick)")
+  p.add_argument("--figure", default="experiments/results/sfmte.png",
+                 help="the figures (one per benchmark: sfmte_<benchmark>.png)")
   p.add_argument("--ground-truth", action="store_true", help="only compute the ground truth")
   p.add_argument("--compare-train-labels", action="store_true",
-                 help="on the training targets only: weighted tau between linear-probe and full "
-                      "fine-tune labels")
+                 help="capacity benchmark, training targets only: weighted tau between "
+                      "linear-probe and full fine-tune labels")
   p.add_argument("--validate", action="store_true",
                  help="model selection on validation targets carved from the training targets")
   args = p.parse_args(argv)
-  args.out = args.out or "experiments/results/sfmte.json"
+  if args.quick:
+    args.preset = "quick"
+  args.out = args.out or ("experiments/results/sfmte-quick.json" if args.quick
+                          else "experiments/results/sfmte.json")
   cfg = config_from_args(p, PRESETS, args)
   progress = not args.quiet
   if args.compare_train_labels:
     print(json.dumps(compare_train_labels(cfg, args.zoo, args.cache, progress), indent=1))
     return
   if args.ground_truth:
-    gt = compute_ground_truth(cfg, load_zoo(args.zoo), args.zoo, args.cache, progress)
-    for name, acc in gt["eval"].items():
-      m = acc.mean(0)
-      print(f"{name:34s} mean {m.mean():.3f} std {m.std():.3f} min {m.min():.3f} "
-            f"max {m.max():.3f} ceiling {noise_ceiling(acc, weighted_tau):.3f}")
-    print(f"eval {gt['seconds'][0]:.0f} s, train {gt['seconds'][1]:.0f} s")
+    zoo = load_zoo(args.zoo)
+    for bench in cfg.benchmarks:
+      gt = compute_ground_truth(benchmark_setup(bench, cfg, zoo), zoo, args.zoo, args.cache,
+                                progress)
+      for name, acc in gt["eval"].items():
+        m = acc.mean(0)
+        print(f"{bench:16s} {name:40s} mean {m.mean():.3f} std {m.std():.3f} min "
+              f"{m.min():.3f} max {m.max():.3f} ceiling {noise_ceiling(acc, weighted_tau):.3f}")
+      print(f"{bench}: eval {gt['seconds'][0]:.0f} s, train {gt['seconds'][1]:.0f} s")
     return
   if args.validate:
     print(json.dumps(validate(cfg, args.zoo, args.cache, progress), indent=1))
     return
   out = run(cfg, args.zoo, args.cache, args.out, args.figure, progress)
-  print(format_table(out))
-  print(f"\ndropped as saturated: {out['dropped_saturated'] or 'none'}; "
-        f"{len(out['noise_ceiling'])} targets, {out['num_models']} models; "
-        f"{out['seconds']:.0f} s")
+  for bench in cfg.benchmarks:
+    b = out["benchmarks"][bench]
+    print(f"\n{bench}: {len(b['ceiling'])} targets, {b['num_models']} models; dropped as "
+          f"saturated: {b['dropped_saturated'] or 'none'}; as leaking: "
+          f"{b['dropped_leaking'] or 'none'}; {b['seconds']:.0f} s")
+    print(format_table(b["summary"]))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ The public API, re-exported here (see the README for a walk-through):
 - index: :class:`ModelIndex`
 - pipeline (black boxes -> training data, shared by the proxy and every experiment):
   :func:`probe_pool`, :class:`Cache`, :class:`LabelledSet`, :class:`TransferLabels`
-- proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`
+- proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`;
+  fine-tune selection (``Proxy.select``): :class:`SelectionConfig`, :func:`draw_targets`,
+  :func:`fit_head`, :func:`finetunable`, :func:`finetune_labels`
 - configs: :func:`override` (dotted ``key=value``), :func:`to_dict`, :func:`from_dict`,
   :class:`Presets`
 - transferability: :func:`finetune_accuracy`, :func:`ground_truth`, :class:`TransferTarget`,
@@ -39,12 +41,14 @@ from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, 
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
                                   spearman, top1_regret, weighted_tau)
-from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, probe_pool
+from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, finetune_labels, probe_pool
 from know2vec_jax.probe import stack_logits
 from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata,
                                 zoo_tasks)
+from know2vec_jax.selection import SelectionConfig, draw_targets, finetunable, fit_head
 from know2vec_jax.transfer import (FinetuneConfig, TransferError, TransferTarget,
-                                   finetune_accuracy, ground_truth, noise_ceiling, run_sample)
+                                   finetune_accuracy, ground_truth, noise_ceiling, run_sample,
+                                   split_half)
 from know2vec_jax.vectorizers import (AccuracyHead, Know2Vec, ModelVectorizer, QueryVectorizer,
                                       VectorizerConfig, pad_grid)
 from know2vec_jax.zoo import (BuildConfig, ModelSpec, Zoo, ZooError, build_zoo, load_zoo,

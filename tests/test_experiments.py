@@ -8,7 +8,7 @@ from experiments import nnr, sfmte
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.data import Task
 from know2vec_jax.proxy import Proxy
-from know2vec_jax.transfer import TransferTarget
+from know2vec_jax.transfer import TransferTarget, leak_key, leaks
 
 
 def _spy_trainings(monkeypatch) -> list:
@@ -100,16 +100,53 @@ def test_sfmte_leave_one_out_prior_never_reads_the_target_it_ranks():
   assert not np.array_equal(sfmte.loo_prior(acc, 0), sfmte.loo_prior(changed, 0))
 
 
-def test_sfmte_training_and_evaluation_targets_are_disjoint():
-  train = sfmte.training_targets(None, count=48, seed=0)
-  ev = sfmte.EVAL_TARGETS
-  key = lambda t: (t.task.source, tuple(sorted(t.task.classes)))  # noqa: E731
-  assert not {key(t) for t in train} & {key(t) for t in ev}
-  assert len({key(t) for t in train}) == len(train)
+def _demo_zoo_records():
+  """The demo zoo's records as its specs define them (no training): what the benchmarks read."""
+  import types
+
+  from know2vec_jax.zoo import ModelRecord, preset_specs
+  recs = {}
+  for s in preset_specs("demo"):
+    recs[s.model_id] = ModelRecord(s.model_id, s.arch, s.task, (), s.seed, s.steps,
+                                   s.learning_rate, s.batch_size, s.label_noise, s.role, 0.0,
+                                   0.0, "", 0)
+  return types.SimpleNamespace(records=recs)
+
+
+@pytest.mark.parametrize("bench", sfmte.BENCHMARKS)
+def test_sfmte_targets_obey_the_leak_rule(bench):
+  # Over the experiment's actual lists: no evaluation target shares (dataset, class set) with a
+  # model of the benchmark's zoo or a training target, in any domain.
+  zoo = _demo_zoo_records()
+  setup = sfmte.benchmark_setup(bench, sfmte.PRESETS.get("full"), zoo)
+  ev, train = setup["eval_targets"], setup["train_targets"]
+  tasks = [zoo.records[m].task for m in setup["ids"]]
+  assert leaks([t.task for t in ev], tasks, [t.task for t in train]) == []
+  assert len(ev) >= 10 and len(train) == getattr(sfmte.PRESETS.get("full"), bench).train_targets
   assert {t.split for t in train} == {"train"} and {t.split for t in ev} == {"test"}
-  # Training targets stay in the zoo's own domains; evaluation targets may not.
-  assert {t.task.source.split("+", 1)[-1] for t in train if "+" in t.task.source} <= {
-      "invert", "rot90", "blur"}
+  if bench == "capacity":
+    # The original list had three leaking targets; they are dropped and named.
+    assert set(setup["dropped_leaking"]) == {"fashion-shirt-tshirt", "fashion-flip-10",
+                                             "fashion-lowcontrast-10"}
+    # Training targets stay in the zoo's own domains; evaluation targets may not.
+    assert {t.task.source.split("+", 1)[-1] for t in train if "+" in t.task.source} <= {
+        "invert", "rot90", "blur"}
+  else:
+    # Matched models (one architecture and budget) and targets in every source of the zoo.
+    recs = [zoo.records[m] for m in setup["ids"]]
+    assert len(recs) == 120 and {(r.arch, r.steps, r.k) for r in recs} == {("mlp", 400, 4)}
+    assert {t.task.source for t in ev} == set(sfmte.QD_SOURCES)
+    assert len({leak_key(t.task) for t in ev}) == len(ev)  # one domain per class set
+  # The rule itself catches what it is for: a zoo model's classes in another domain.
+  first = ev[0].task
+  assert leaks([first], [Task(first.source.split("+")[0] + "+invert", first.classes[::-1])])
+
+
+def test_leak_rule_catches_training_targets_in_other_domains():
+  ev = [Task("fashion_mnist+flip", (0, 2, 4))]
+  assert leaks(ev, training=[Task("fashion_mnist", (4, 2, 0))])
+  assert not leaks(ev, training=[Task("mnist5k", (0, 2, 4))])
+  assert not leaks(ev, [Task("fashion_mnist", (0, 2, 4, 6))])
 
 
 def test_sfmte_baseline_costs_are_the_black_boxes_counts(tiny_zoo):
