@@ -154,8 +154,8 @@ def test_every_command_has_help(capsys):
   for name, p in sub.choices.items():
     nested = [a for a in p._actions if a.dest == "action"]
     commands += [[name, a] for a in nested[0].choices] if nested else [[name]]
-  assert {c[0] for c in commands if c} == {"data", "zoo", "train", "index", "query", "eval",
-                                           "bench"}
+  assert {c[0] for c in commands if c} == {"data", "zoo", "train", "index", "query", "select",
+                                           "eval", "bench"}
   for cmd in commands:
     try:
       code = main(cmd + ["--help"])  # `bench` forwards --help and returns its status
@@ -179,7 +179,7 @@ def test_eval_and_bench_forward_or_say_why(capsys, monkeypatch, tmp_path):
   for exp in ("nnr", "sfmte", "generalise"):  # a missing zoo is one line too
     assert main(["eval", exp, "--zoo", str(tmp_path / "nozoo")]) == 2
     _one_line_error(capsys, "no zoo at", "know2vec zoo build")
-  assert main(["eval", "sfmte", "--set", "train_targets=0"]) == 2
+  assert main(["eval", "sfmte", "--set", "capacity.train_targets=0"]) == 2
   assert "train_targets must be at least 4, got 0" in capsys.readouterr().err
   # An experiment's unknown key or bad value fails before any work (no zoo is even read).
   assert main(["eval", "nnr", "--zoo", str(tmp_path / "nozoo"), "--set",
