@@ -104,18 +104,18 @@ VARIANTS = {
 DEFAULT_VARIANT = "know2vec-attention-shared"
 
 EXPECTED_RUNTIME = (
-    "ground truth once, then cached: 46 min from an empty cache in the latest run (32 min on a "
-    "less loaded machine: evaluation targets 15.3 min, training targets 16.4 min); the rest "
-    "9.4 min (two proxy trainings of 2-3 min each, the baselines' zoo forwards and white-box "
-    "SVDs most of the rest)")
+    "query_dependent (--quick runs it with one seed): ground truth 5.5 min from an empty cache "
+    "(24 evaluation targets 92 s, 96 training targets about 4 min), then cached; 6 proxy "
+    "trainings and the baselines 6.4 min. capacity: ground truth 46 min from an empty cache "
+    "(full fine-tunes of 114 models), six proxy trainings of 1-3 min")
 EXPECTED_NUMBERS = (
-    "14 targets, none saturated, 114 models. Mean weighted tau: noise ceiling 0.80; query-blind "
-    "prior (other evaluation targets) 0.77; Know2Vec lstm ranked by its accuracy head 0.75, "
-    "attention-shared by its accuracy head 0.74, lstm 0.72, attention-shared (q.m) 0.65; prior "
-    "from the training targets 0.75; H-score with shrinkage on features (white-box) 0.70, H-score "
-    "on features 0.62, LogME on features 0.48; NCE 0.36, LEEP 0.31; anchor matching 0.10; random "
-    "0.01. Accuracy head mean absolute error 0.22 (attention) and 0.18 (lstm). Baselines forward "
-    "25,650 images per query (114 models x 225 images on average)")
+    "query_dependent: 24 targets, 120 models, none saturated or leaking. Mean weighted tau: "
+    "ceiling 0.933, split-half agreement 0.867; LogME on features (white-box, 5,100 forwards) "
+    "0.670; know2vec-attention-shared q.m 0.668 +- 0.006 (0 forwards); know2vec-both accuracy "
+    "head 0.585 +- 0.007 (MAE 0.092); H-score shrinkage on logits 0.578; attention-shared accuracy "
+    "head 0.512 +- 0.021 (MAE 0.081); LEEP 0.493; anchor matching 0.353; prior 0.140 (from the "
+    "training targets 0.149); random -0.05. capacity (previous run, 14 targets before the leak "
+    "rule): prior 0.77, Know2Vec accuracy heads 0.74-0.75, split-half agreement 0.80")
 
 # Fashion-MNIST: 0 t-shirt/top, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt,
 # 7 sneaker, 8 bag, 9 ankle boot.
