@@ -496,6 +496,28 @@ def _cmd_eval(args) -> int:
 
 # ---- the parser ----------------------------------------------------------------------------------
 
+def _add_query_arguments(p: argparse.ArgumentParser, proxy_help: str, shots: int) -> None:
+  """What `query` and `select` share: the proxy, the index, the few-shot task and the output."""
+  p.add_argument("--proxy", required=True, help=proxy_help)
+  p.add_argument("--index", required=True, help="an index built with that proxy")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--images", default=None,
+                   help="a folder with one sub-folder of images per class (every image is used)")
+  src.add_argument("--task", default=None, metavar="SOURCE:C1,C2,...",
+                   help="a task of a source: SHOTS images per class drawn from its SPLIT split "
+                   "(e.g. digits+invert:0,1,2,3 or fashion_mnist:trouser,bag)")
+  p.add_argument("--shots", type=int, default=shots,
+                 help=f"images per class for --task (default {shots})")
+  p.add_argument("--seed", type=int, default=0, help="which images for --task (default 0)")
+  p.add_argument("--split", default="test", choices=["train", "test"],
+                 help="split for --task (default test: images no zoo model trained on)")
+  p.add_argument("--data-dir", default=None, help="where --task's source files are")
+  p.add_argument("-k", type=int, default=10, help="how many models (default 10)")
+  p.add_argument("--columns", default=None,
+                 help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
+  p.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="know2vec", description=(
       "Know2Vec model retrieval in JAX: vectorize a model zoo from black-box calls and retrieve "
@@ -611,26 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
       "architecture, task, score with its parts (agreement, token, vector cosine) and any "
       "--columns from the models' index metadata; then whether any model fits the query's "
       "classes (the no-fit flag; --json carries fit, no_fit and fit_threshold).")
-  q.add_argument("--proxy", required=True, help="the trained proxy directory")
-  q.add_argument("--index", required=True, help="an index built with that proxy")
-  src = q.add_mutually_exclusive_group(required=True)
-  src.add_argument("--images", default=None,
-                   help="a folder with one sub-folder of images per class (every image is used)")
-  src.add_argument("--task", default=None, metavar="SOURCE:C1,C2,...",
-                   help="a task of a source: SHOTS images per class drawn from its SPLIT split "
-                   "(e.g. digits+invert:0,1,2,3 or fashion_mnist:trouser,bag)")
-  q.add_argument("--shots", type=int, default=5, help="images per class for --task (default 5)")
-  q.add_argument("--seed", type=int, default=0, help="which images for --task (default 0)")
-  q.add_argument("--split", default="test", choices=["train", "test"],
-                 help="split for --task (default test: images no zoo model trained on)")
-  q.add_argument("--data-dir", default=None, help="where --task's source files are")
-  q.add_argument("-k", type=int, default=10, help="how many models (default 10)")
-  q.add_argument("--columns", default=None,
-                 help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
+  _add_query_arguments(q, "the trained proxy directory", shots=5)
   q.add_argument("--set", action="append", default=[], metavar="match.KEY=VALUE",
                  help="change a retrieval setting of the proxy for this query, e.g. "
                  "match.vector_weight=0, match.shortlist=0, match.enabled=false (repeatable)")
-  q.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
 
   sl = sub.add_parser(
       "select", help="rank the index's models by predicted fine-tune accuracy",
@@ -638,23 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
       "the index by the accuracy it is predicted to reach after fine-tuning on that task (the "
       "proxy's accuracy head: `know2vec train --objective both`). Zero zoo forwards; the same "
       "index as `know2vec query`. --json carries the predicted accuracies.")
-  sl.add_argument("--proxy", required=True, help="a proxy trained with --objective both")
-  sl.add_argument("--index", required=True, help="an index built with that proxy")
-  ssrc = sl.add_mutually_exclusive_group(required=True)
-  ssrc.add_argument("--images", default=None,
-                    help="a folder with one sub-folder of images per class (every image is used)")
-  ssrc.add_argument("--task", default=None, metavar="SOURCE:C1,C2,...",
-                    help="a task of a source: SHOTS images per class drawn from its SPLIT split")
-  sl.add_argument("--shots", type=int, default=10, help="images per class for --task "
-                  "(default 10)")
-  sl.add_argument("--seed", type=int, default=0, help="which images for --task (default 0)")
-  sl.add_argument("--split", default="test", choices=["train", "test"],
-                  help="split for --task (default test)")
-  sl.add_argument("--data-dir", default=None, help="where --task's source files are")
-  sl.add_argument("-k", type=int, default=10, help="how many models (default 10)")
-  sl.add_argument("--columns", default=None,
-                  help="extra comma-separated metadata columns, e.g. heldout_accuracy,role")
-  sl.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
+  _add_query_arguments(sl, "a proxy trained with --objective both", shots=10)
 
   e = sub.add_parser("eval", help="run an experiment: " + ", ".join(EXPERIMENTS) +
                      " (arguments passed on)",

@@ -635,16 +635,8 @@ class Proxy:
     pred = self.predict_accuracy(q[None], index.vectors)[0]
     ids = index.ids
     order = np.argsort(-pred, kind="stable")[:min(int(k), len(ids))]
-    rows = []
-    for r, i in enumerate(order):
-      meta = index.metadata(ids[i])
-      fp = meta.get("proxy")
-      if fp is not None and fp != self.fingerprint:
-        raise ProxyError(f"model {ids[i]!r} of the index was vectorized by another proxy ({fp}, "
-                         f"this one is {self.fingerprint}); rebuild the index with this proxy")
-      rows.append({"rank": r + 1, "model_id": ids[i], "predicted_accuracy": float(pred[i]),
-                   "arch": meta.pop("arch", None), "task": meta.pop("task", None)} | meta)
-    return rows
+    return [_result_row(self, index, ids[i], r, {"predicted_accuracy": float(pred[i])})
+            for r, i in enumerate(order)]
 
   def build_index(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
                   metadata: Mapping[str, dict] | None = None, index: ModelIndex | None = None,
@@ -825,6 +817,18 @@ class Proxy:
     return index
 
 
+def _result_row(proxy: Proxy, index: ModelIndex, model_id: str, rank: int, scores: dict) -> dict:
+  """One ranked row: rank, id, ``scores``, arch, task, then the model's other metadata; refuses a
+  row another proxy vectorized (ProxyError)."""
+  meta = index.metadata(model_id)
+  fp = meta.get("proxy")
+  if fp is not None and fp != proxy.fingerprint:
+    raise ProxyError(f"model {model_id!r} of the index was vectorized by another proxy ({fp}, "
+                     f"this one is {proxy.fingerprint}); rebuild the index with this proxy")
+  return ({"rank": rank + 1, "model_id": model_id} | scores |
+          {"arch": meta.pop("arch", None), "task": meta.pop("task", None)} | meta)
+
+
 def query(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -> list[dict]:
   """Ranks the index's models for a few-shot task (:func:`query_result` without the fit flag).
 
@@ -860,16 +864,9 @@ def query_result(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -
     As :func:`query`.
   """
   found = proxy.search(index, [(images, labels)], k)
-  rows = []
-  for r, mid in enumerate(found.ids[0]):
-    meta = index.metadata(mid)
-    fp = meta.get("proxy")
-    if fp is not None and fp != proxy.fingerprint:
-      raise ProxyError(f"model {mid!r} of the index was vectorized by another proxy ({fp}, this "
-                       f"one is {proxy.fingerprint}); rebuild the index with this proxy")
-    rows.append({"rank": r + 1, "model_id": mid, "score": float(found.scores[0, r]),
-                 "agreement": float(found.agreement[0, r]), "token": float(found.token[0, r]),
-                 "vector": float(found.vector[0, r]), "arch": meta.pop("arch", None),
-                 "task": meta.pop("task", None)} | meta)
+  rows = [_result_row(proxy, index, mid, r, {
+      "score": float(found.scores[0, r]), "agreement": float(found.agreement[0, r]),
+      "token": float(found.token[0, r]), "vector": float(found.vector[0, r])})
+      for r, mid in enumerate(found.ids[0])]
   return {"results": rows, "fit": float(found.fit[0]), "no_fit": bool(found.no_fit[0]),
           "fit_threshold": proxy.config.match.fit_threshold}
