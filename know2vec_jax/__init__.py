@@ -3,14 +3,16 @@
 The public API, re-exported here (see the README for a walk-through):
 
 - data: :func:`load_source`, :func:`sample_tasks`, :class:`Task`, :func:`few_shot`
-- zoo: :func:`build_zoo`, :func:`save_zoo`, :func:`load_zoo`, :func:`preset_specs`
+- zoo: :func:`build_zoo`, :func:`build_zoo_to` (across processes), :func:`save_zoo`, :func:`load_zoo`, :func:`preset_specs`
 - black boxes: :class:`CallableBlackBox`, :func:`groups_from_zoo`
 - knowledge: :func:`extract_knowledge`, :class:`KnowledgeConfig`
 - backbone: :class:`Backbone`, :func:`train_backbone`
 - vectorizers (Flax NNX): :class:`ModelVectorizer`, :class:`QueryVectorizer`, :class:`Know2Vec`
 - aligner: :class:`Trainer`, :class:`AlignConfig`, :class:`RankingObjective`,
   :class:`TransferObjective`, :func:`train_step`, :func:`ranking_loss`
-- index: :class:`ModelIndex`
+- index: :class:`ModelIndex` (storage ``float32 | bfloat16 | int8``, :func:`quantize_int8`);
+  retrieval settings :class:`MatchConfig` (:mod:`know2vec_jax.classmatch`)
+- multi-process stages: :mod:`know2vec_jax.distributed` (``initialize``, the work split)
 - pipeline (black boxes -> training data, shared by the proxy and every experiment):
   :func:`probe_pool`, :class:`Cache`, :class:`LabelledSet`, :class:`TransferLabels`
 - proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`;
@@ -35,9 +37,11 @@ from know2vec_jax.config import ConfigError, Presets, from_dict, override, to_di
 from know2vec_jax.data import (DataError, SourceData, Task, few_shot, list_sources, load_source,
                                make_task, sample_tasks, task_images, task_split)
 from know2vec_jax.features import anchor_features, check_query, knowledge_features, query_grid
-from know2vec_jax.index import IndexStoreError, ModelIndex
+from know2vec_jax.index import IndexStoreError, ModelIndex, quantize_int8
 from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, expected_queries,
                                     extract_knowledge, grid_inputs)
+from know2vec_jax import classmatch, distributed
+from know2vec_jax.classmatch import MatchConfig
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
                                   spearman, top1_regret, weighted_tau)
@@ -51,7 +55,7 @@ from know2vec_jax.transfer import (FinetuneConfig, TransferError, TransferTarget
                                    split_half)
 from know2vec_jax.vectorizers import (AccuracyHead, Know2Vec, ModelVectorizer, QueryVectorizer,
                                       VectorizerConfig, pad_grid)
-from know2vec_jax.zoo import (BuildConfig, ModelSpec, Zoo, ZooError, build_zoo, load_zoo,
-                              make_model, preset_specs, save_zoo)
+from know2vec_jax.zoo import (BuildConfig, ModelSpec, Zoo, ZooError, build_zoo, build_zoo_to,
+                              load_zoo, make_model, preset_specs, save_zoo)
 
 __version__ = "0.1.0"

@@ -19,7 +19,16 @@ both sides already hold:
 
 The retrieval score is ``agreement + token_weight * token + vector_weight * (q . m)``: the aligned
 vectors keep what the aligner learned about the tasks it saw (their domains above all), the class
-terms carry the composition. The one-to-one assignment is greedy (repeatedly the largest remaining
+terms carry the composition.
+
+**Familiar queries.** The small vector weight and the hub correction (``hub_k``) serve queries of
+tasks the aligner never saw and models of families it never saw; on a query of a task it *did*
+train on they let the class terms prefer a near-twin (the same classes in another domain, three
+classes of four shared) that the aligned vectors tell apart. A query is *familiar* when it sits
+as close to the proxy's reference queries (validation queries of its training tasks) as almost
+no reference query sits to another task's (:func:`calibrate_familiar`) and the model its vector
+prefers fits its classes about as well as any (:func:`familiar`); a familiar query weighs the
+vectors more and corrects them less (``familiar_*`` settings). The one-to-one assignment is greedy (repeatedly the largest remaining
 entry), jitted and batched over queries and candidates; on the demo zoo's queries it ranked as the
 exact (Hungarian) assignment did (top-1 0.865 vs 0.863).
 
@@ -71,6 +80,23 @@ class MatchConfig:
       token) is below this is flagged as fitting no model; set by calibration on validation
       queries (:func:`calibrate_threshold`). 0 never flags: agreement is >= 0, and so are the
       token cosines, phi's features being non-negative (ReLU).
+    familiar_threshold: a query whose familiarity (its highest cosine to the proxy's reference
+      queries, :func:`familiarity`) is at least this, and that passes ``familiar_fit_gap``, is
+      *familiar*: it looks like a query of a task the aligner trained on, and is scored with
+      ``familiar_hub_scale`` and ``familiar_vector_weight`` instead of ``hub_scale`` and
+      ``vector_weight`` (:func:`familiar`). Set by calibration on the reference queries
+      (:func:`calibrate_familiar`); None: no query is familiar.
+    familiar_quantile: the calibration's share of reference queries whose nearest reference
+      query of *another* task stays under the threshold (what an unseen task's query looks
+      like); 0 turns the gate off (no threshold is calibrated).
+    familiar_fit_gap: a familiar query must also have its aligned vector's favourite model fit
+      its classes within this of the best-fitting model (:func:`fit_score`): the vectors and the
+      class terms agree on what the query is.
+    familiar_hub_scale, familiar_vector_weight: the vector term of a familiar query. Where the
+      query is of a task the aligner trained on, its aligned vectors tell that task's models
+      from near-twins (the same classes in another domain, three classes of four shared) better
+      than the untrained class terms do, and the hub correction, which keeps foreign families
+      in reach of unseen queries, only blurs that.
   """
   enabled: bool = True
   neighbours: int = 100
@@ -80,6 +106,11 @@ class MatchConfig:
   hub_k: int = 1
   hub_scale: float = 1.0
   fit_threshold: float = 0.0
+  familiar_threshold: float | None = None
+  familiar_quantile: float = 0.98
+  familiar_fit_gap: float = 0.1
+  familiar_hub_scale: float = 0.5
+  familiar_vector_weight: float = 0.5
 
   def __post_init__(self):
     require(self.neighbours >= 1, f"match neighbours must be >= 1, got {self.neighbours}")
@@ -90,6 +121,14 @@ class MatchConfig:
     require(self.hub_k >= 0, f"match hub_k must be >= 0, got {self.hub_k}")
     require(0.0 <= self.hub_scale <= 1.0, f"match hub_scale must be in [0, 1], got "
             f"{self.hub_scale}")
+    require(0.0 <= self.familiar_hub_scale <= 1.0, f"match familiar_hub_scale must be in [0, 1], "
+            f"got {self.familiar_hub_scale}")
+    require(self.familiar_vector_weight >= 0, f"match familiar_vector_weight must be >= 0, got "
+            f"{self.familiar_vector_weight}")
+    require(0.0 <= self.familiar_quantile < 1.0, f"match familiar_quantile must be in [0, 1), got "
+            f"{self.familiar_quantile}")
+    require(self.familiar_fit_gap >= 0, f"match familiar_fit_gap must be >= 0, got "
+            f"{self.familiar_fit_gap}")
 
 
 @dataclasses.dataclass
@@ -100,17 +139,21 @@ class QueryClasses:
     prototypes: float32 [Q, K_max, D] unit class prototypes (zero rows past a query's K).
     mask: float32 [Q, K_max] 1 for the query's classes.
     anchors: int32 [Q, K_max, n] pool indices standing for each class (nearest first).
+    familiarity: float32 [Q] each query's highest cosine to the proxy's reference queries
+      (:func:`familiarity`), or None (a proxy without reference queries).
   """
   prototypes: np.ndarray
   mask: np.ndarray
   anchors: np.ndarray
+  familiarity: np.ndarray | None = None
 
   def __len__(self) -> int:
     return self.prototypes.shape[0]
 
   def take(self, rows) -> "QueryClasses":
     """The queries at ``rows``."""
-    return QueryClasses(self.prototypes[rows], self.mask[rows], self.anchors[rows])
+    fam = None if self.familiarity is None else self.familiarity[rows]
+    return QueryClasses(self.prototypes[rows], self.mask[rows], self.anchors[rows], fam)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -244,9 +287,107 @@ def class_scores(query: QueryClasses, tokens, token_mask, pool_labels, rows=None
   return agree, tok
 
 
-def combine(agreement, token, vector, config: MatchConfig):
-  """The retrieval score ``agreement + token_weight * token + vector_weight * vector``."""
-  return agreement + config.token_weight * token + config.vector_weight * vector
+def combine(agreement, token, vector, config: MatchConfig, vector_weight=None):
+  """The retrieval score ``agreement + token_weight * token + vector_weight * vector``.
+
+  ``vector_weight``: float [Q, 1] per query (familiar queries weigh their vectors by
+  ``familiar_vector_weight``, :func:`vector_terms`); default the config's."""
+  w = config.vector_weight if vector_weight is None else vector_weight
+  return agreement + config.token_weight * token + w * vector
+
+
+def familiarity(query_vectors, reference) -> np.ndarray | None:
+  """Each query's highest cosine to the reference queries (float32 [Q]); None without them.
+
+  Args:
+    query_vectors: float [Q, E] unit query vectors.
+    reference: float [R, E] the proxy's reference query vectors (validation queries of its
+      training tasks).
+  """
+  reference = np.asarray(reference, np.float32)
+  if reference.shape[0] == 0:
+    return None
+  return (np.asarray(query_vectors, np.float32) @ reference.T).max(1)
+
+
+def familiar(classes: "QueryClasses | None", config: MatchConfig, fit=None,
+             cosine=None) -> np.ndarray | None:
+  """bool [Q]: which queries the familiar-task gate scores with the familiar settings; None
+  when the gate is off or the queries carry no familiarity.
+
+  A query is familiar when its familiarity reaches ``familiar_threshold`` and, given the
+  candidates' fit scores and raw cosines, the model its aligned vector prefers fits its classes
+  within ``familiar_fit_gap`` of the best-fitting candidate: the vectors and the classes agree.
+
+  Args:
+    classes: the queries' :class:`QueryClasses` (their ``familiarity``).
+    config: the thresholds.
+    fit: float [Q, R] the candidates' :func:`fit_score` (optional).
+    cosine: float [Q, R] the candidates' raw cosines q . m (optional, with ``fit``).
+  """
+  if config.familiar_threshold is None or classes is None or classes.familiarity is None:
+    return None
+  gate = np.asarray(classes.familiarity) >= config.familiar_threshold
+  if fit is not None and cosine is not None and np.shape(fit)[1]:
+    fit = np.asarray(fit)
+    preferred = np.take_along_axis(fit, np.argmax(cosine, axis=1)[:, None], 1)[:, 0]
+    gate &= fit.max(1) - preferred <= config.familiar_fit_gap
+  return gate
+
+
+def vector_terms(gate: np.ndarray | None, config: MatchConfig) -> tuple:
+  """(hub scale, vector weight) per query, float32 [Q, 1] each, or the config's scalars when
+  ``gate`` (:func:`familiar`) is None."""
+  if gate is None:
+    return config.hub_scale, config.vector_weight
+  g = np.asarray(gate, bool)[:, None]
+  return (np.where(g, config.familiar_hub_scale, config.hub_scale).astype(np.float32),
+          np.where(g, config.familiar_vector_weight, config.vector_weight).astype(np.float32))
+
+
+def familiar_threshold(other_task, quantile: float) -> float:
+  """The ``quantile`` quantile of reference queries' highest cosines to other tasks' reference
+  queries (:func:`calibrate_familiar`'s ``other_task``): the familiar-task threshold."""
+  return float(np.quantile(np.asarray(other_task, np.float64), quantile, method="higher"))
+
+
+def calibrate_familiar(reference, tasks, quantile: float) -> dict:
+  """The familiar-task threshold from the reference queries alone.
+
+  A query of a task the aligner trained on has that task's reference queries nearby; a query of
+  another task has only other tasks' reference queries. Each reference query's highest cosine
+  to reference queries of *other* tasks stands for an unseen task's familiarity; the threshold
+  is its ``quantile`` quantile, so about ``1 - quantile`` of such queries would pass as familiar.
+  Each reference query's highest cosine to the *same* task's other reference queries, reported
+  beside it, says how many seen-task queries pass (``seen_pass``).
+
+  Args:
+    reference: float [R, E] the reference query vectors.
+    tasks: int [R] each reference query's task.
+    quantile: in [0, 1).
+
+  Returns:
+    {"threshold": float, "other_task": [R] cosines, "same_task": [R'] cosines (queries with a
+    second query of their task), "seen_pass": the share of same-task cosines >= threshold}.
+
+  Raises:
+    ValueError: fewer than two tasks, or no task with two reference queries.
+  """
+  ref = np.asarray(reference, np.float32)
+  tasks = np.asarray(tasks)
+  if len(np.unique(tasks)) < 2:
+    raise ValueError("familiar-task calibration needs reference queries of at least two tasks")
+  sim = ref @ ref.T
+  same = tasks[:, None] == tasks[None, :]
+  other = np.where(same, -np.inf, sim).max(1)
+  np.fill_diagonal(same, False)
+  has_twin = same.any(1)
+  if not has_twin.any():
+    raise ValueError("familiar-task calibration needs two reference queries of some task")
+  mine = np.where(same, sim, -np.inf).max(1)[has_twin]
+  threshold = familiar_threshold(other, quantile)
+  return {"threshold": threshold, "other_task": other.tolist(), "same_task": mine.tolist(),
+          "seen_pass": float(np.mean(mine >= threshold))}
 
 
 def fit_score(agreement, token, config: MatchConfig):

@@ -8,7 +8,7 @@
     know2vec zoo show  MODEL_ID            one model's metadata
     know2vec zoo summary [--zoo DIR]       the per-source/architecture accuracy table
     know2vec train --zoo Z --out PROXY     train a Know2Vec proxy on a zoo (black-box access only)
-    know2vec index build|add|remove|info   the retrieval index of a zoo
+    know2vec index build|add|remove|info|convert   the retrieval index of a zoo
     know2vec query --proxy P --index I ..  rank the index's models for a few-shot task
     know2vec eval nnr|sfmte|generalise|latency  run an experiment (the ``experiments`` package)
     know2vec bench [args]                  run the benchmark suite (the ``benchmarks`` package)
@@ -37,6 +37,10 @@ DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ("agreement", "token", "vector")
 # `know2vec eval NAME` runs experiments.NAME.main: the experiments and benchmarks are packages of
 # the distribution (pyproject.toml), importable wherever know2vec-jax is installed.
 EXPERIMENTS = ("nnr", "sfmte", "generalise", "latency")
+# `know2vec index build|convert --storage`: index.STORAGES and index.RESCORE, named here so that
+# building the parser imports no JAX.
+INDEX_STORAGES = ("float32", "bfloat16", "int8")
+INDEX_RESCORE = 4
 
 
 class CommandError(ValueError):
@@ -180,6 +184,7 @@ def write_grid(src, classes, out, per_class: int = 8, split: str = "train", seed
 def _cmd_zoo(args) -> int:
   from know2vec_jax import zoo as zoo_lib
   if args.action == "build":
+    _launch(args)
     specs = zoo_lib.preset_specs(args.preset, seed=args.seed)
     cfg = zoo_lib.BuildConfig(strategy=args.strategy, conv_impl=args.conv_impl,
                               chunk_size=args.chunk_size)
@@ -190,10 +195,11 @@ def _cmd_zoo(args) -> int:
     else:
       print(f"building the {args.preset!r} zoo: {len(specs)} models -> {args.zoo}",
             file=sys.stderr)
-      zoo, info = zoo_lib.build_zoo(specs, cfg, progress=not args.quiet)
-      info["preset"] = args.preset
-      zoo_lib.save_zoo(zoo, args.zoo, info)
-    _print_summary(zoo, info, args.json)
+      from know2vec_jax.zoo.build import build_zoo_to  # one process or several
+      zoo, info = build_zoo_to(args.zoo, specs, cfg, progress=not args.quiet,
+                               build_info={"preset": args.preset})
+    if zoo is not None:  # across processes, process 0 reports
+      _print_summary(zoo, info, args.json)
     return 0
   if args.action == "summary":
     zoo = zoo_lib.load_zoo(args.zoo)
@@ -247,6 +253,7 @@ def _cmd_train(args) -> int:
   from know2vec_jax import proxy as proxy_lib
   from know2vec_jax.pipeline import Cache
   from know2vec_jax.zoo import load_zoo
+  distributed = _launch(args)
   overrides = list(args.set) + ([f"objective={args.objective}"] if args.objective else [])
   cfg = config_lib.override(proxy_lib.proxy_preset(args.preset), overrides)
   out = _check_new_artifact(args.out, args.force, proxy_lib.MANIFEST, "proxy")
@@ -259,7 +266,9 @@ def _cmd_train(args) -> int:
           f"{args.zoo}{what[cfg.objective]} -> {out}", file=sys.stderr)
   proxy = proxy_lib.Proxy.train(zoo, cfg, cache=Cache(args.cache) if args.cache else None,
                                 zoo_dir=args.zoo, progress=not args.quiet)
-  path = proxy.save(out)
+  path = distributed.on_writer("proxy", lambda: proxy.save(out))  # process 0 writes
+  if not distributed.is_writer():
+    return 0
   info = proxy.info
   s = info["seconds"]
   result = {"path": str(path), "fingerprint": proxy.fingerprint, "preset": args.preset,
@@ -311,6 +320,7 @@ def _index_summary(index, path) -> dict:
   metas = [index.metadata(m) for m in index.ids]
   root = pathlib.Path(path).expanduser().absolute()
   return {"path": str(root), "models": len(index), "dim": index.dim,
+          "storage": index.storage, "rescore": index.rescore,
           "bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
           "archs": dict(Counter(m.get("arch", "?") for m in metas)),
           "tasks": len({m["task"] for m in metas if "task" in m}),
@@ -324,8 +334,18 @@ def _cmd_index(args) -> int:
   from know2vec_jax.index import IndexStoreError, ModelIndex
   from know2vec_jax.proxy import Proxy, zoo_metadata
   from know2vec_jax.zoo import load_zoo
-  if args.action in ("remove", "info"):
+  if getattr(args, "rescore", None) is not None and args.rescore < 1:  # before any loading
+    raise CommandError(f"--rescore must be a positive int, got {args.rescore}")
+  if args.action in ("remove", "info", "convert"):
     index = ModelIndex.load(args.index)
+    if args.action == "convert":
+      before = index.storage
+      index.set_storage(args.storage, args.rescore)
+      index.save(args.index)
+      _print(_index_summary(index, args.index) | {"converted_from": before}, args.json,
+             f"{args.index}: storage {before} -> {index.storage} (rescore {index.rescore}); "
+             f"{len(index)} models, float32 rows unchanged")
+      return 0
     if args.action == "remove":
       missing = [m for m in args.ids if m not in index]
       if missing:
@@ -346,9 +366,12 @@ def _cmd_index(args) -> int:
     _print(info, args.json, text)
     return 0
   if args.action == "build":
+    distributed = _launch(args)
     out = _check_new_artifact(args.out, args.force, "index.json", "index")
   proxy = Proxy.load(args.proxy)
-  index = None if args.action == "build" else proxy.load_index(args.index)
+  # A new index is made here, in the asked storage type, and filled by the proxy.
+  index = (ModelIndex(proxy.embed_dim, storage=args.storage, rescore=args.rescore)
+           if args.action == "build" else proxy.load_index(args.index))
   zoo = load_zoo(args.zoo)
   ids = _split_list(args.models)
   if args.action == "add" and args.skip_existing:
@@ -361,7 +384,13 @@ def _cmd_index(args) -> int:
   index = proxy.build_index(groups, zoo_metadata(zoo, [m for g in groups for m in g.model_ids]),
                             index=index, progress=not args.quiet)
   probed = int(sum((g.queries > 0).sum() for g in groups))
-  path = index.save(out if args.action == "build" else args.index)
+  if args.action == "build":  # across processes, each probed a share and process 0 writes
+    probed = distributed.total(probed)
+    path = distributed.on_writer("index", lambda: index.save(out))
+    if not distributed.is_writer():
+      return 0
+  else:
+    path = index.save(args.index)
   added = [m for g in groups for m in g.model_ids]
   info = _index_summary(index, path) | {"added": added}
   info["probed"] = probed  # models whose knowledge was not already known to the proxy
@@ -432,8 +461,10 @@ def _cmd_query(args) -> int:
            "classes")
   else:
     fit = f"fit {res['fit']:.3f} (threshold {res['fit_threshold']:.3f})"
+  if res["familiar"]:
+    fit += "; the query looks like a task the proxy trained on"
   _print({"query": desc, "results": rows, "fit": res["fit"], "no_fit": res["no_fit"],
-          "fit_threshold": res["fit_threshold"]}, args.json,
+          "fit_threshold": res["fit_threshold"], "familiar": res["familiar"]}, args.json,
          head + "\n" + query_table(rows, extra) + "\n" + fit)
   return 0
 
@@ -518,6 +549,31 @@ def _add_query_arguments(p: argparse.ArgumentParser, proxy_help: str, shots: int
   p.add_argument("--json", action="store_true", help="JSON output (every metadata field)")
 
 
+def _add_launch_arguments(parser) -> None:
+  """The multi-process launch options (`zoo build`, `train`, `index build`)."""
+  g = parser.add_argument_group(
+      "several processes", "run this command on every process of a multi-host job, the same "
+      "arguments on each but --process-id (the output must be on a filesystem all hosts share)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="process 0's address and a free port; 'auto' detects a Cloud TPU, SLURM or "
+                 "Open MPI job")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                 help="processes in the job")
+  g.add_argument("--process-id", type=int, default=None, metavar="I",
+                 help="this process's id, 0..N-1")
+  g.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+                 help="how long to wait for the coordinator and every process (default 300)")
+
+
+def _launch(args):
+  """Joins the multi-process run the launch options describe (nothing for one process); returns
+  the :mod:`know2vec_jax.distributed` module."""
+  from know2vec_jax import distributed
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                         timeout=args.coordinator_timeout)
+  return distributed
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="know2vec", description=(
       "Know2Vec model retrieval in JAX: vectorize a model zoo from black-box calls and retrieve "
@@ -557,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
   zb.add_argument("--chunk-size", type=int, default=16, help="models per jitted training call")
   zb.add_argument("--force", action="store_true", help="rebuild even if the zoo exists")
   zb.add_argument("--quiet", action="store_true", help="no progress bar")
+  _add_launch_arguments(zb)
   for sp, hlp in ((zb, "build"), (zsub.add_parser("list", help="one line per model"), "list"),
                   (zsub.add_parser("show", help="one model's metadata"), "show"),
                   (zsub.add_parser("summary", help="accuracy table of a stored zoo"), "summary")):
@@ -594,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--force", action="store_true", help="replace an existing proxy")
   t.add_argument("--quiet", action="store_true", help="no progress bars")
   t.add_argument("--json", action="store_true", help="JSON output (the training facts)")
+  _add_launch_arguments(t)
 
   i = sub.add_parser("index", help="build and edit the retrieval index of a zoo")
   isub = i.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -612,6 +670,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "proxy's config)")
   ib.add_argument("--out", required=True, help="the index directory to write")
   ib.add_argument("--force", action="store_true", help="replace an existing index")
+  _add_launch_arguments(ib)
+  ic = isub.add_parser("convert", help="change an index's storage type",
+                       description="Rewrites an index (atomically) with another storage type for "
+                       "its searched copy; the float32 vectors are kept, so any type converts to "
+                       "any other without loss.")
+  ic.add_argument("--index", required=True, help="the index to convert")
+  for sp in (ib, ic):
+    sp.add_argument("--storage", choices=list(INDEX_STORAGES), required=sp is ic,
+                    default=None if sp is ic else "float32",
+                    help="what a search reads: float32 (exact), bfloat16 (2 bytes per value) or "
+                    "int8 (1 byte and a scale per row); compressed types re-score a shortlist "
+                    "exactly in float32")
+    sp.add_argument("--rescore", type=int, default=None if sp is ic else INDEX_RESCORE,
+                    help="compressed storage: re-score this many times k rows per query"
+                    + (" (default: keep)" if sp is ic else " (default %(default)s)"))
   ia.add_argument("--index", required=True, help="the index to update (rewritten atomically)")
   ia.add_argument("--skip-existing", action="store_true",
                   help="skip models already in the index instead of failing")
@@ -621,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
   ii = isub.add_parser("info", help="summary of an index")
   ii.add_argument("--index", required=True, help="the index directory")
   ii.add_argument("--ids", dest="ids_only", action="store_true", help="also list the model ids")
-  for sp in (ib, ia, ir, ii):
+  for sp in (ib, ia, ir, ii, ic):
     sp.add_argument("--json", action="store_true", help="JSON output")
     if sp in (ib, ia):
       sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -690,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
   from know2vec_jax.blackbox import BlackBoxError, InputError
   from know2vec_jax.config import ConfigError
   from know2vec_jax.data import DataError
+  from know2vec_jax.distributed import DistributedError
   from know2vec_jax.index import IndexStoreError
   from know2vec_jax.knowledge import KnowledgeError
   from know2vec_jax.pipeline import PipelineError
@@ -708,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             "query": _cmd_query, "select": _cmd_select, "eval": _cmd_eval}[args.command](args)
   except (CommandError, ConfigError, DataError, ZooError, ProxyError, IndexStoreError, InputError,
           BlackBoxError, BackboneError, KnowledgeError, PipelineError, TransferError,
-          OSError) as e:
+          DistributedError, OSError) as e:
     # One line: orbax and OS messages can span several.
     msg = " ".join(str(e).split())
     print(f"know2vec: error: {msg[:600]}", file=sys.stderr)

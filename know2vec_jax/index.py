@@ -4,6 +4,22 @@ Each model of the zoo is one row: a unit vector of size ``dim`` (from the model 
 JSON-serialisable metadata dict, keyed by a unique string model id. Search is maximum inner product
 (cosine, since rows are unit vectors) with ``jax.lax.top_k``; rows can be sharded across devices.
 
+The float32 rows are the source of truth (saved bit for bit). What a search reads on the device is
+a copy in the index's **storage** type (the ``storage`` argument, recorded in the manifest):
+
+- ``float32``: the rows themselves (4 bytes per value); scores are exact.
+- ``bfloat16``: 2 bytes per value.
+- ``int8``: 1 byte per value plus a float32 scale per row (symmetric per-row quantisation,
+  :func:`quantize_int8`); the query is quantised the same way and the product is int8 x int8
+  with int32 accumulation.
+
+A compressed search is two-stage, as faiss's ``IndexRefine`` and ScaNN's reordering: the device
+keeps the ``rescore * k`` best rows by the compressed score, and those are re-scored exactly in
+float32 from the host's float32 rows. The returned scores are therefore exact float32 cosines, and
+the top k equals the exact search's except where a true top-k row scored outside the shortlist.
+The cost is the host float32 copy (``M * dim * 4`` bytes, which the index keeps anyway) and a
+gather of ``Q * rescore * k`` rows per search; the device holds only the compact copy.
+
 An index built by a proxy also holds each model's **class knowledge**: its class tokens
 [K_max, D] (mean phi of each class's anchors), their mask, and its label for every image of the
 proxy's probe pool (uint8 [N]), and its H highest cosines to the proxy's reference queries
@@ -18,7 +34,8 @@ Layout of an index directory::
 
     index.json   manifest: format, version, dim, ids (row order), one metadata dict per model,
                  the class-knowledge shapes (or null), the checksum and shape of every array
-    vectors/     orbax checkpoint of {"vectors": float32 [M, dim]} (absent when M == 0)
+    vectors/     orbax checkpoint of {"vectors": float32 [M, dim]} (absent when M == 0), whatever
+                 the storage type (the compact copy is derived from it when searched)
     classes/     orbax checkpoint of {"tokens": float32 [M, K_max, D], "mask": float32
                  [M, K_max], "pool_labels": uint8 [M, N], "hub": float32 [M, H]} (only with class
                  knowledge)
@@ -42,51 +59,195 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from know2vec_jax import classmatch, storage
+from know2vec_jax import classmatch
+from know2vec_jax import storage as storage_io
 from know2vec_jax.mesh import data_mesh
 
 FORMAT = "know2vec-index"
-VERSION = 4  # 3: class knowledge (tokens, mask, pool labels) beside the vectors; 4: hub cosines
+# 3: class knowledge (tokens, mask, pool labels) beside the vectors; 4: hub cosines; 5: the
+# storage type and rescore depth in the manifest (a version 4 index reads as float32 storage).
+VERSION = 5
+READABLE_VERSIONS = (4, 5)
 MANIFEST = "index.json"
 VECTORS_DIR = "vectors"
 CLASSES_DIR = "classes"
 CLASS_ARRAYS = ("tokens", "mask", "pool_labels", "hub")
-DTYPES = ("float32", "bfloat16")
+STORAGES = ("float32", "bfloat16", "int8")
+DTYPES = STORAGES  # the earlier name (storage was the ``dtype`` argument)
+# A compressed search re-scores this many times k rows exactly, unless told otherwise: on random
+# unit vectors (the hardest case: no cluster structure separates the top rows) recall@10 against
+# exact float32 search is >= 0.99 at 10^6 rows of 256 values (benchmarks/retrieval.py).
+RESCORE = 4
 # Below this many rows one device answers a search faster than a cross-device gather costs.
 SHARD_MIN_ROWS = 8192
+# Fewest query rows of an int8 product (see _compact_queries).
+INT8_MIN_QUERIES = 4
+# Rows validated per step: bounds the float64 temporaries of a large batch (64 MiB at dim 128).
+_CHUNK_ROWS = 1 << 16
+# Rows quantised per step: a block of a few MiB stays in cache through the in-place steps.
+_QUANT_ROWS = 4096
 
 
 class IndexStoreError(ValueError):
   """An index operation that cannot be done (bad vectors, ids or files); the message says why."""
 
 
-def _dot_scores(queries: jax.Array, vectors: jax.Array) -> jax.Array:
-  """[Q, E] x [M, E] -> [Q, M] float32 scores, in the vectors' dtype with float32 accumulation."""
-  return jax.lax.dot_general(queries.astype(vectors.dtype), vectors, (((1,), (1,)), ((), ())),
+def quantize_int8(x) -> tuple[np.ndarray, np.ndarray]:
+  """Symmetric per-row int8 quantisation: ``x[i] ~= codes[i] * scales[i]``.
+
+  Each row's scale is its largest magnitude / 127, so every row uses the whole code range
+  whatever its norm. A zero row (or one whose scale underflows float32) gets scale 0 and zero
+  codes: it decodes to zeros, never to NaN.
+
+  Args:
+    x: finite float array [n, d].
+
+  Returns:
+    ``(codes, scales)``: int8 [n, d] in -127..127 and float32 [n] >= 0.
+  """
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise IndexStoreError(f"int8 quantisation takes a matrix [n, d], got shape {list(x.shape)}")
+  if not np.issubdtype(x.dtype, np.floating):
+    x = x.astype(np.float64)
+  codes = np.empty(x.shape, np.int8)
+  scales = np.empty(x.shape[0], np.float32)
+  step = _QUANT_ROWS
+  for start in range(0, x.shape[0], step):
+    # In the input's own precision: dividing by the row's peak first (never multiplying by
+    # 127 / peak, which overflows for a tiny row) keeps every ratio in [-1, 1]. Small blocks,
+    # in place: the work stays in cache.
+    rows = x[start:start + step]
+    if rows.shape[1]:
+      peak = np.abs(np.maximum(rows.max(axis=1, keepdims=True),
+                               -rows.min(axis=1, keepdims=True)))
+    else:
+      peak = np.zeros((len(rows), 1), rows.dtype)
+    ratio = np.divide(rows, peak, out=np.zeros(rows.shape, rows.dtype), where=peak > 0)
+    scale64 = peak[:, 0].astype(np.float64) / 127.0
+    if np.any(scale64 > np.finfo(np.float32).max):
+      row = start + int(np.argmax(scale64))
+      raise IndexStoreError(f"row {row} has values up to {peak.max():.3g}: its int8 scale does "
+                            "not fit in float32")
+    scale = scale64.astype(np.float32)
+    ratio *= 127
+    block = codes[start:start + step]
+    np.rint(ratio, out=ratio)
+    block[...] = ratio
+    # A row whose scale underflowed float32 decodes to zero: say so in its codes too.
+    block[scale == 0] = 0
+    scales[start:start + step] = scale
+  return codes, scales
+
+
+def _int8_device_layout(x: np.ndarray, m_pad: int, columns: bool
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """The int8 codes and scales of ``x`` [m, d], padded with zero rows to ``m_pad``: codes
+  [m_pad, d], or [d, m_pad] with ``columns``. Written block by block into the final array, so a
+  large index needs no second full-size copy of its codes."""
+  m, d = x.shape
+  codes = np.zeros((d, m_pad) if columns else (m_pad, d), np.int8)
+  scales = np.zeros(m_pad, np.float32)
+  for start in range(0, m, _CHUNK_ROWS):
+    block, scale = quantize_int8(x[start:start + _CHUNK_ROWS])
+    if columns:
+      codes[:, start:start + len(block)] = block.T
+    else:
+      codes[start:start + len(block)] = block
+    scales[start:start + len(block)] = scale
+  return codes, scales
+
+
+def _compact_queries(q: np.ndarray, storage: str) -> np.ndarray:
+  """Queries [Q, E] as the compressed search reads them.
+
+  Only each query's ranking of the rows matters before the exact re-scoring, and that ranking
+  does not depend on the query's scale: every query is divided by its largest magnitude (a zero
+  query stays zero, a tiny one does not vanish in bfloat16), and for int8 rounded to codes
+  (x 127). Fewer than ``INT8_MIN_QUERIES`` int8 queries are padded with zero rows to that many:
+  XLA:CPU lowers a one-row int8 product to a matrix-vector loop about 10x slower than its matrix
+  kernel, which is fastest from 3-4 rows (measured on a 2-core x86-64 CPU).
+  """
+  peak = np.abs(q).max(axis=1, keepdims=True)
+  unit = np.divide(q, peak, out=np.zeros_like(q), where=peak > 0)
+  if storage != "int8":
+    return unit
+  codes = np.rint(unit * 127).astype(np.int8)
+  if len(codes) < INT8_MIN_QUERIES:
+    codes = np.concatenate([codes, np.zeros((INT8_MIN_QUERIES - len(codes), q.shape[1]),
+                                            np.int8)])
+  return codes
+
+
+def _kernel(storage: str, platform: str) -> str:
+  """The score kernel of a storage type on a platform: ``storage``, or ``int8_cols`` for int8 on
+  CPU, whose codes are laid out [dim, M] (XLA:CPU's int8 product contracting the major axis
+  took 0.7-0.8x the CPU time of the [M, dim] layout; other backends keep rows contiguous, the
+  layout their int8 matrix units read without a transpose)."""
+  return "int8_cols" if storage == "int8" and platform == "cpu" else storage
+
+
+def _scores(queries: jax.Array, arrays: tuple, kernel: str) -> jax.Array:
+  """[Q, E] x rows [M, E] -> [Q, M] float32 scores, read from the device copy ``arrays``
+  (:func:`_kernel` names the layout).
+
+  float32 and bfloat16: one product in the rows' dtype with float32 accumulation; one bfloat16
+  query is instead a fused convert-multiply-reduce over the rows (XLA:CPU's bfloat16
+  matrix-vector product is several times slower than float32's; the fused loop reads the
+  2-byte rows once, measured 1.2-1.3x faster than float32's product). int8: int8 codes x int8
+  query codes with int32 accumulation (exact: at most 127 * 127 * E), times each row's scale;
+  the query's own scale is left out (it does not change a query's ranking).
+  """
+  dims = (((1,), (1,)), ((), ()))
+  if kernel in ("int8", "int8_cols"):
+    codes, scales = arrays  # codes [M, E], or [E, M] for int8_cols
+    if kernel == "int8_cols":
+      dims = (((1,), (0,)), ((), ()))
+    dots = jax.lax.dot_general(queries, codes, dims, preferred_element_type=jnp.int32)
+    return dots.astype(jnp.float32) * scales[None, :]
+  (vectors,) = arrays
+  if vectors.dtype == jnp.bfloat16 and queries.shape[0] == 1:
+    return jnp.sum(vectors.astype(jnp.float32) * queries.astype(jnp.float32), axis=1)[None]
+  return jax.lax.dot_general(queries.astype(vectors.dtype), vectors, dims,
                              preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _search_single(queries: jax.Array, vectors: jax.Array, num_valid: jax.Array, k: int):
-  """Top-k of one device's rows; columns at or past ``num_valid`` are padding and score -inf."""
-  scores = _dot_scores(queries, vectors)
+@functools.partial(jax.jit, static_argnames=("k", "kernel", "num_queries"))
+def _search_single(queries: jax.Array, arrays: tuple, num_valid: jax.Array, k: int,
+                   kernel: str, num_queries: int):
+  """Top-k of one device's rows for the first ``num_queries`` queries (the rest are padding);
+  columns at or past ``num_valid`` are padding and score -inf."""
+  scores = _scores(queries, arrays, kernel)[:num_queries]
   col = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
   scores = jnp.where(col < num_valid, scores, -jnp.inf)
   return jax.lax.top_k(scores, k)
 
 
+def _row_specs(kernel: str) -> tuple:
+  """How each device array of a kernel is sharded: along its rows axis."""
+  if kernel == "int8_cols":
+    return PartitionSpec(None, "data"), PartitionSpec("data")
+  if kernel == "int8":
+    return PartitionSpec("data", None), PartitionSpec("data")
+  return (PartitionSpec("data", None),)
+
+
 @functools.lru_cache(maxsize=64)
-def _sharded_search_fn(mesh: jax.sharding.Mesh, k_local: int, k: int) -> Callable:
-  """A jitted search over rows sharded on the mesh's ``data`` axis (one compile per mesh and k).
+def _sharded_search_fn(mesh: jax.sharding.Mesh, k_local: int, k: int, kernel: str = "float32",
+                       num_queries: int | None = None) -> Callable:
+  """A jitted search over rows sharded on the mesh's ``data`` axis (one compile per mesh, k and
+  kernel, :func:`_kernel`).
 
   Each device takes the top ``k_local`` of its own rows, the candidates (n * k_local per query,
   not the whole [Q, M] score matrix) are gathered, and a second top_k picks the global best. Ties
   resolve as in one device's top_k: candidates are gathered in shard order, each shard's in row
-  order, and top_k prefers the earlier position, so the lower row index wins.
+  order, and top_k prefers the earlier position, so the lower row index wins. The mesh may span
+  the devices of several processes: the rows are sharded over all of them and the result is
+  replicated on each.
   """
-  def local(queries, vectors, num_valid):
-    rows = vectors.shape[0]
-    scores = _dot_scores(queries, vectors)
+  def local(queries, arrays, num_valid):
+    rows = arrays[-1].shape[0]  # the vectors [rows, E], or the int8 scales [rows]
+    scores = _scores(queries, arrays, kernel)[:num_queries]
     offset = jax.lax.axis_index("data") * rows
     col = offset + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
     scores = jnp.where(col < num_valid, scores, -jnp.inf)
@@ -96,7 +257,7 @@ def _sharded_search_fn(mesh: jax.sharding.Mesh, k_local: int, k: int) -> Callabl
     top, pos = jax.lax.top_k(vals, k)
     return top, jnp.take_along_axis(idx, pos, axis=1)
 
-  spec_rows = PartitionSpec("data", None)
+  spec_rows = _row_specs(kernel)
   # The final top_k runs redundantly on every device, so the outputs are replicated and unvarying
   # along "data"; check_vma cannot see that through top_k of gathered values.
   fn = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), spec_rows, PartitionSpec()),
@@ -116,6 +277,8 @@ class Matches:
       (:func:`know2vec_jax.classmatch.fit_score`).
     no_fit: bool [Q] the fit score is below the config's ``fit_threshold``: no model of the
       index fits the query's classes well.
+    familiar: bool [Q] the query looks like one of a task the proxy trained on and was scored
+      with the config's familiar settings (:func:`know2vec_jax.classmatch.familiar`).
   """
   ids: list[list[str]]
   scores: np.ndarray
@@ -124,6 +287,36 @@ class Matches:
   vector: np.ndarray
   fit: np.ndarray
   no_fit: np.ndarray
+  familiar: np.ndarray
+
+
+def _storage_name(value: Any) -> str:
+  """A storage type's canonical name ("float32", "bfloat16" or "int8"); IndexStoreError if none."""
+  try:
+    name = jnp.dtype(value).name
+  except TypeError:
+    name = None
+  if name not in STORAGES:
+    raise IndexStoreError(f"unknown index storage {value!r}; use one of {', '.join(STORAGES)} "
+                          "(the dtype of the searched copy)")
+  return name
+
+
+def _storage_arg(storage: Any, dtype: Any) -> str | None:
+  """The storage type named by ``storage`` or by its earlier name ``dtype`` (None if neither)."""
+  if storage is not None and dtype is not None and _storage_name(storage) != _storage_name(dtype):
+    raise IndexStoreError(f"storage={storage!r} and dtype={dtype!r} (its earlier name) disagree; "
+                          "pass storage alone")
+  value = storage if storage is not None else dtype
+  return None if value is None else _storage_name(value)
+
+
+def _rescore_depth(value: Any) -> int:
+  """A valid ``rescore`` factor (a positive int); IndexStoreError if not."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise IndexStoreError(f"rescore must be a positive int (the shortlist is rescore * k rows), "
+                          f"got {value!r}")
+  return int(value)
 
 
 def _json_copy(obj: Any, what: str) -> Any:
@@ -138,35 +331,38 @@ class ModelIndex:
   """Unit vectors [M, dim] (float32) plus one metadata dict per model, keyed by model id.
 
   Rows keep insertion order. The host copy is the source of truth (float32, saved bit for bit);
-  searches use a cached device copy, optionally in bfloat16 and sharded across devices, that is
-  rebuilt only after :meth:`add_vectors` or :meth:`remove`.
+  searches use a cached device copy in the index's storage type (float32, bfloat16 or int8; see
+  the module docstring), sharded across devices, that is rebuilt only after :meth:`add_vectors`,
+  :meth:`remove` or :meth:`set_storage`.
   """
 
-  def __init__(self, dim: int, *, dtype: str = "float32",
+  def __init__(self, dim: int, *, storage: str | None = None, rescore: int = RESCORE,
                devices: Sequence[jax.Device] | None = None,
-               shard_min_rows: int = SHARD_MIN_ROWS):
+               shard_min_rows: int = SHARD_MIN_ROWS, dtype: str | None = None):
     """Creates an empty index.
 
     Args:
       dim: vector size E (the model vectorizer's output size).
-      dtype: "float32" or "bfloat16": the dtype of the device copy searched (scores are always
-        accumulated in float32). The stored, saved vectors are float32 either way.
-      devices: devices to search on; default ``jax.devices()``. With more than one, rows are
-        sharded across them once the index holds ``shard_min_rows`` rows.
+      storage: what the device copy searched holds: "float32" (default; exact), "bfloat16"
+        (2 bytes per value) or "int8" (1 byte per value and a scale per row). The stored, saved
+        vectors are float32 whatever the storage; scores are always returned in float32, exact
+        (compressed storage re-scores its shortlist from the float32 rows).
+      rescore: for compressed storage, how many times k rows per query the compressed stage
+        keeps for exact re-scoring (faiss's ``k_factor``; ignored for float32).
+      devices: devices to search on; default ``jax.devices()`` (those of every process). With
+        more than one, rows are sharded across them once the index holds ``shard_min_rows`` rows.
       shard_min_rows: the number of rows from which a multi-device search is sharded.
+      dtype: the earlier name of ``storage`` (either may be given; not both with different
+        values).
     """
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
       raise IndexStoreError(f"index vector size must be a positive int, got {dim!r}")
-    try:
-      dtype_name = jnp.dtype(dtype).name
-    except TypeError as e:
-      raise IndexStoreError(f"unknown index dtype {dtype!r}; use one of {DTYPES}") from e
-    if dtype_name not in DTYPES:
-      raise IndexStoreError(f"unsupported index dtype {dtype_name!r}; use one of {DTYPES}")
+    storage = _storage_arg(storage, dtype) or "float32"
     if devices is not None and len(devices) == 0:
       raise IndexStoreError("devices must name at least one device (or be None for all)")
     self._dim = int(dim)
-    self._dtype = dtype_name
+    self._storage = storage
+    self._rescore = _rescore_depth(rescore)
     self._devices = tuple(devices) if devices is not None else None
     self._shard_min_rows = int(shard_min_rows)
     self._ids: list[str] = []
@@ -174,7 +370,8 @@ class ModelIndex:
     self._meta: list[dict] = []
     self._vectors = np.zeros((0, self._dim), np.float32)
     self._classes: dict[str, np.ndarray] | None = None  # CLASS_ARRAYS, one row per model
-    self._device_state = None  # (vectors on device, num_valid on device, mesh or None)
+    # (device arrays: (vectors,) or (int8 codes, scales); num_valid on device; mesh or None)
+    self._device_state = None
 
   # ---- read access -------------------------------------------------------------------------
 
@@ -184,9 +381,38 @@ class ModelIndex:
     return self._dim
 
   @property
+  def storage(self) -> str:
+    """What the searched device copy holds: "float32", "bfloat16" or "int8"."""
+    return self._storage
+
+  @property
   def dtype(self) -> str:
-    """The dtype of the searched device copy ("float32" or "bfloat16")."""
-    return self._dtype
+    """The earlier name of :attr:`storage`."""
+    return self._storage
+
+  @property
+  def rescore(self) -> int:
+    """For compressed storage, the shortlist a search re-scores exactly, in multiples of k."""
+    return self._rescore
+
+  def set_storage(self, storage: str, rescore: int | None = None) -> None:
+    """Changes the storage type (and optionally the rescore depth) of the searched copy.
+
+    The float32 rows are kept, so this converts in either direction without loss; the device
+    copy is rebuilt at the next search, and the next :meth:`save` records the new type.
+
+    Args:
+      storage: "float32", "bfloat16" or "int8".
+      rescore: a new rescore factor; None keeps the current one.
+
+    Raises:
+      IndexStoreError: an unknown storage type or a rescore factor that is not a positive int.
+    """
+    storage = _storage_name(storage)
+    self._rescore = _rescore_depth(rescore) if rescore is not None else self._rescore
+    if storage != self._storage:
+      self._storage = storage
+      self._device_state = None
 
   @property
   def ids(self) -> list[str]:
@@ -303,19 +529,27 @@ class ModelIndex:
           raise IndexStoreError(f"metadata of {i!r} must be a dict, got {type(m).__name__}")
       metas = [_json_copy(m, f"metadata of {i!r}") for i, m in zip(ids, metas)]
     # float64 for the checks and the norm: a float32 square could overflow, and a value that is
-    # finite in float64 may not be in float32.
-    rows = arr.astype(np.float64)
+    # finite in float64 may not be in float32. In chunks of rows, so that a large batch needs no
+    # float64 copy of the whole of it; every row is checked for finite values before any norm.
     f32_max = float(np.finfo(np.float32).max)
-    for i, row in zip(ids, rows):
-      if not np.all(np.isfinite(row)) or np.any(np.abs(row) > f32_max):
-        raise IndexStoreError(f"vector of {i!r} has non-finite values (NaN or inf)")
-    norms = np.linalg.norm(rows, axis=1)
-    for i, n in zip(ids, norms):
-      if n == 0:
-        raise IndexStoreError(f"vector of {i!r} is zero; it has no direction to normalise")
-    unit = (rows / norms[:, None]).astype(np.float32)
+    for start in range(0, len(ids), _CHUNK_ROWS):
+      rows = arr[start:start + _CHUNK_ROWS].astype(np.float64)
+      bad = np.flatnonzero(~np.all(np.isfinite(rows) & (np.abs(rows) <= f32_max), axis=1))
+      if bad.size:
+        raise IndexStoreError(f"vector of {ids[start + bad[0]]!r} has non-finite values (NaN or "
+                              "inf)")
+    unit = np.empty((len(ids), self._dim), np.float32)
+    for start in range(0, len(ids), _CHUNK_ROWS):
+      rows = arr[start:start + _CHUNK_ROWS].astype(np.float64)
+      norms = np.linalg.norm(rows, axis=1)
+      zero = np.flatnonzero(norms == 0)
+      if zero.size:
+        raise IndexStoreError(f"vector of {ids[start + zero[0]]!r} is zero; it has no direction "
+                              "to normalise")
+      unit[start:start + _CHUNK_ROWS] = rows / norms[:, None]
     new_classes = self._check_classes(classes, len(ids))
-    self._vectors = np.concatenate([self._vectors, unit], axis=0)
+    self._vectors = (unit if not len(self) else
+                     np.concatenate([self._vectors, unit], axis=0))
     if new_classes is not None:
       self._classes = (new_classes if self._classes is None else
                        {n: np.concatenate([self._classes[n], new_classes[n]]) for n in CLASS_ARRAYS})
@@ -417,31 +651,65 @@ class ModelIndex:
   # ---- search --------------------------------------------------------------------------------
 
   def _place(self):
-    """Copies the vectors to the device(s) once; reused by every search until the next change."""
+    """Copies the vectors, in the storage type, to the device(s) once; reused by every search
+    until the next change."""
     devices = self._devices or tuple(jax.devices())
     m = len(self)
     n = self.num_shards
-    host = self._vectors.astype(jnp.dtype(self._dtype))
+    kernel = self._kernel()
+    # Sharded rows are padded to a multiple of the device count; padded rows are masked to -inf
+    # before top_k.
+    m_pad = math.ceil(m / n) * n
+    if self._storage == "int8":
+      host = _int8_device_layout(self._vectors, m_pad, kernel == "int8_cols")
+    else:
+      host = (self._vectors.astype(jnp.dtype(self._storage), copy=False),)
+      if m_pad > m:
+        host = (np.concatenate([host[0], np.zeros((m_pad - m, self._dim), host[0].dtype)]),)
     if n > 1:
+      # One mesh over the devices of every process: device_put places each process's own shards.
       mesh = data_mesh(devices=devices)
-      # Pad to a multiple of the device count; padded rows are masked to -inf before top_k.
-      m_pad = math.ceil(m / n) * n
-      host = np.concatenate([host, np.zeros((m_pad - m, self._dim), host.dtype)], axis=0)
-      vectors = jax.device_put(host, NamedSharding(mesh, PartitionSpec("data", None)))
+      arrays = tuple(jax.device_put(a, NamedSharding(mesh, spec))
+                     for a, spec in zip(host, _row_specs(kernel)))
       num_valid = jax.device_put(np.int32(m), NamedSharding(mesh, PartitionSpec()))
     else:
       mesh = None
-      vectors = jax.device_put(host, devices[0])
-      num_valid = jax.device_put(np.int32(m), devices[0])
-    self._device_state = (vectors, num_valid, mesh)
+      # This process's own device: another process's is not addressable from here.
+      device = next((d for d in devices if d.process_index == jax.process_index()), devices[0])
+      arrays = tuple(jax.device_put(a, device) for a in host)
+      num_valid = jax.device_put(np.int32(m), device)
+    self._device_state = (arrays, num_valid, mesh)
     return self._device_state
 
-  def search(self, queries, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
+  def _kernel(self) -> str:
+    """The score kernel for this storage on the search devices' platform (:func:`_kernel`)."""
+    return _kernel(self._storage, (self._devices or jax.devices())[0].platform)
+
+  def _rescore_exact(self, q: np.ndarray, rows: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's shortlist ``rows`` [Q, R] by exact score, from the float32 rows.
+
+    Each score is the float32 rounding of the dot product accumulated in float64; equal scores
+    resolve to the lower row index, as the float32 search's top_k does.
+    """
+    cand = self._vectors[rows].astype(np.float64)  # [Q, R, E]: Q * R rows gathered, not M
+    exact = np.matmul(cand, q.astype(np.float64)[:, :, None])[..., 0].astype(np.float32)
+    order = np.lexsort((rows, -exact), axis=1)[:, :k]
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
+
+  def search(self, queries, k: int = 10, *, rescore: int | None = None
+             ) -> tuple[np.ndarray, list[list[str]]]:
     """The k best models per query by dot product (cosine for unit queries), best first.
+
+    With float32 storage the device search is exact. With bfloat16 or int8 storage the device
+    keeps each query's ``rescore * k`` best rows by the compressed score, and those are re-scored
+    exactly from the float32 rows: the scores returned are exact float32 dot products, and a row
+    is missed only when its compressed score fell outside the shortlist.
 
     Args:
       queries: float [dim] (one query) or [Q, dim], finite.
       k: how many models to return per query; k' = min(k, len(self)) are returned.
+      rescore: the shortlist factor for this call (default: the index's :attr:`rescore`).
 
     Returns:
       ``(scores, ids)``: float32 scores [Q, k'] (Q = 1 for a 1-D query), descending along each
@@ -449,10 +717,11 @@ class ModelIndex:
       earlier-added model.
 
     Raises:
-      IndexStoreError: wrong query shape, non-finite query, k < 1.
+      IndexStoreError: wrong query shape, non-finite query, k < 1, rescore < 1.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
       raise IndexStoreError(f"k must be a positive int, got {k!r}")
+    depth = self._rescore if rescore is None else _rescore_depth(rescore)
     try:
       q = np.asarray(queries, dtype=np.float32)
     except Exception as e:
@@ -466,20 +735,27 @@ class ModelIndex:
     if bad.size:
       raise IndexStoreError(f"query {int(bad[0])} has non-finite values (NaN or inf)")
     kk = min(int(k), len(self))
-    if kk == 0 or q.shape[0] == 0:
-      return np.zeros((q.shape[0], kk), np.float32), [[] for _ in range(q.shape[0])]
-    vectors, num_valid, mesh = self._device_state or self._place()
+    nq = q.shape[0]
+    if kk == 0 or nq == 0:
+      return np.zeros((nq, kk), np.float32), [[] for _ in range(nq)]
+    exact = self._storage == "float32"
+    r = kk if exact else min(kk * depth, len(self))  # the device's shortlist per query
+    arrays, num_valid, mesh = self._device_state or self._place()
+    q_host = q if exact else _compact_queries(q, self._storage)
+    kernel = self._kernel()
     if mesh is None:
-      q_dev = jax.device_put(q, next(iter(vectors.devices())))
-      scores, idx = _search_single(q_dev, vectors, num_valid, kk)
+      q_dev = jax.device_put(q_host, next(iter(arrays[0].devices())))
+      scores, idx = _search_single(q_dev, arrays, num_valid, r, kernel, nq)
     else:
-      rows_per_shard = vectors.shape[0] // mesh.size
-      fn = _sharded_search_fn(mesh, min(kk, rows_per_shard), kk)
-      q_dev = jax.device_put(q, NamedSharding(mesh, PartitionSpec()))
-      scores, idx = fn(q_dev, vectors, num_valid)
+      rows_per_shard = arrays[-1].shape[0] // mesh.size
+      fn = _sharded_search_fn(mesh, min(r, rows_per_shard), r, kernel, nq)
+      q_dev = jax.device_put(q_host, NamedSharding(mesh, PartitionSpec()))
+      scores, idx = fn(q_dev, arrays, num_valid)
     scores, idx = np.asarray(scores), np.asarray(idx)
-    # Padding scores -inf and so can never outrank one of the kk real rows; this guards the logic.
+    # Padding scores -inf and so can never outrank one of the r real rows; this guards the logic.
     assert idx.size == 0 or idx.max() < len(self), "search returned a padding row"
+    if not exact:
+      scores, idx = self._rescore_exact(q, idx, kk)
     return scores, [[self._ids[j] for j in row] for row in idx]
 
   def match(self, queries, classes: classmatch.QueryClasses, k: int = 10,
@@ -487,7 +763,8 @@ class ModelIndex:
     """The k best models per query by vector *and* class-level score (two stages).
 
     The vector stage ranks every row by q . m (corrected by the model's hub offset,
-    :meth:`hub_offsets`, times ``config.hub_scale``, when ``config.hub_k`` is set: the
+    :meth:`hub_offsets`, times ``config.hub_scale`` (``familiar_hub_scale`` for a familiar
+    query, :func:`know2vec_jax.classmatch.familiar`), when ``config.hub_k`` is set: the
     returned ``vector`` part is then the corrected cosine) and keeps ``config.shortlist`` candidates per query
     (all rows when the shortlist is 0 or at least the index size); the candidates are scored by
     :func:`know2vec_jax.classmatch.class_scores` and ranked by
@@ -513,7 +790,7 @@ class ModelIndex:
       scores, ids = self.search(q, k)
       zero = np.zeros_like(scores)
       return Matches(ids, scores, zero, zero, scores, np.zeros(nq, np.float32),
-                     np.zeros(nq, bool))
+                     np.zeros(nq, bool), np.zeros(nq, bool))
     if not self.has_classes:
       raise IndexStoreError("this index holds no class knowledge (it was not built by "
                             "Proxy.build_index): search it with vectors alone (match.enabled=false)")
@@ -528,31 +805,35 @@ class ModelIndex:
     hub = self.hub_offsets(config.hub_k)
     if r == m or hub is not None:
       self.search(q[:1], 1)  # validates the queries like search does
-      vec = q @ self._vectors.T
-      if hub is not None:  # each model's cosine relative to how close it ever comes to a query
-        vec = vec - config.hub_scale * hub
+      raw = q @ self._vectors.T
       if r == m:  # every row is a candidate: score them all, no vector top-k needed
         rows = np.broadcast_to(np.arange(m), (nq, m))
       else:  # the shortlist by centred cosine, so that no family is cut for where it sits
+        vec = raw - config.hub_scale * hub if hub is not None else raw
         rows = np.argpartition(-vec, r - 1, axis=1)[:, :r]
         rows = np.take_along_axis(rows, np.argsort(-np.take_along_axis(vec, rows, 1), 1,
                                                    kind="stable"), 1)
-        vec = np.take_along_axis(vec, rows, 1)
+        raw = np.take_along_axis(raw, rows, 1)
     else:
-      vec, ids = self.search(q, r)
+      raw, ids = self.search(q, r)
       rows = np.asarray([[self._row[i] for i in row] for row in ids])
     agree, tok = classmatch.class_scores(classes, self._classes["tokens"], self._classes["mask"],
                                          self._classes["pool_labels"], rows)
-    score = classmatch.combine(agree, tok, vec, config)
+    fit = classmatch.fit_score(agree, tok, config)
+    gate = classmatch.familiar(classes, config, fit, raw)
+    hub_scale, weight = classmatch.vector_terms(gate, config)
+    # Each model's cosine relative to how close it ever comes to a query (hub correction).
+    vec = raw - hub_scale * hub[rows] if hub is not None else raw
+    score = classmatch.combine(agree, tok, vec, config, weight)
     kk = min(int(k), r)
     # Best first; equal scores keep the vector stage's order (stable).
     order = np.argsort(-score, axis=1, kind="stable")[:, :kk]
     take = lambda a: np.take_along_axis(np.asarray(a, np.float32), order, 1)  # noqa: E731
-    fit = classmatch.fit_score(agree, tok, config)
     best_fit = take(fit)[:, 0] if kk else np.zeros(nq, np.float32)
     return Matches([[self._ids[j] for j in row] for row in np.take_along_axis(rows, order, 1)],
                    take(score), take(agree), take(tok), take(vec), best_fit,
-                   best_fit < config.fit_threshold)
+                   best_fit < config.fit_threshold,
+                   np.zeros(nq, bool) if gate is None else gate)
 
   def hub_offsets(self, k: int) -> np.ndarray | None:
     """Each model's mean of its ``k`` highest cosines to the proxy's reference queries
@@ -577,6 +858,9 @@ class ModelIndex:
   def save(self, path: str | os.PathLike) -> pathlib.Path:
     """Writes the index atomically (vectors with orbax-checkpoint, the rest as JSON).
 
+    The float32 rows are written whatever the storage type; the manifest records the storage
+    type and the rescore factor, which :meth:`load` restores.
+
     Args:
       path: the index directory (created, or replaced once the new index is complete).
 
@@ -590,34 +874,56 @@ class ModelIndex:
                  "pool_size": self._classes["pool_labels"].shape[1],
                  "hub_depth": self._classes["hub"].shape[1]}
     manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
-                "num_vectors": len(self), "vectors_dtype": "float32", "ids": self._ids,
-                "metadata": self._meta, "classes": classes}
+                "num_vectors": len(self), "vectors_dtype": "float32", "storage": self._storage,
+                "rescore": self._rescore, "ids": self._ids, "metadata": self._meta,
+                "classes": classes}
     # orbax cannot save a zero-size array: an empty index is its manifest alone.
     trees = {VECTORS_DIR: {"vectors": np.array(self._vectors)}} if len(self) else {}
     if classes is not None:
       trees[CLASSES_DIR] = {n: np.array(a) for n, a in self._classes.items()}
-    return storage.save_artifact(path, trees, MANIFEST, manifest)
+    return storage_io.save_artifact(path, trees, MANIFEST, manifest)
 
   @classmethod
-  def load(cls, path: str | os.PathLike, expected_dim: int | None = None, **kwargs
-           ) -> "ModelIndex":
-    """Loads a saved index, bit for bit.
+  def load(cls, path: str | os.PathLike, expected_dim: int | None = None,
+           storage: str | None = None, **kwargs) -> "ModelIndex":
+    """Loads a saved index, bit for bit, with the storage type and rescore factor it was saved
+    with (an index of format version 4, which recorded none, loads as float32).
 
     Args:
       path: the index directory.
       expected_dim: if given, the vector size the index must have (the vectorizer's).
-      **kwargs: passed to the constructor (``dtype``, ``devices``, ``shard_min_rows``).
+      storage: if given, the storage type the index must have ("float32", "bfloat16" or
+        "int8"; ``dtype`` is accepted as its earlier name). To change an index's type, load it
+        without this and call :meth:`set_storage`.
+      **kwargs: passed to the constructor (``rescore`` overrides the saved factor; ``devices``,
+        ``shard_min_rows``).
 
     Returns:
       The :class:`ModelIndex`.
 
     Raises:
-      IndexStoreError: missing, incomplete or corrupted index, or a vector size other than
-        ``expected_dim``.
+      IndexStoreError: missing, incomplete or corrupted index, a vector size other than
+        ``expected_dim``, or a storage type other than ``storage``.
     """
+    expected = _storage_arg(storage, kwargs.pop("dtype", None))
     root = pathlib.Path(path).expanduser().absolute()
     f = root / MANIFEST
-    manifest = storage.read_manifest(root, MANIFEST, FORMAT, VERSION, "index", IndexStoreError)
+    manifest = storage_io.read_manifest(root, MANIFEST, FORMAT, READABLE_VERSIONS, "index",
+                                        IndexStoreError)
+    if manifest["version"] < 5:  # before the storage type was recorded: float32 only
+      saved, depth = "float32", RESCORE
+    else:
+      saved, depth = manifest.get("storage"), manifest.get("rescore")
+      try:
+        saved, depth = _storage_name(saved), _rescore_depth(depth)
+      except IndexStoreError as e:
+        raise IndexStoreError(f"{f} is corrupted: storage {saved!r} or rescore {depth!r} is "
+                              "invalid") from e
+    if expected is not None and expected != saved:
+      raise IndexStoreError(f"index {root} stores {saved} vectors, not the {expected} expected "
+                            f"here; load it without storage=, call set_storage({expected!r}) "
+                            f"and save it (or `know2vec index convert --storage {expected}`)")
+    kwargs.setdefault("rescore", depth)
     dim, ids, metas = manifest.get("dim"), manifest.get("ids"), manifest.get("metadata")
     if (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0
         or not isinstance(ids, list) or not isinstance(metas, list)
@@ -644,14 +950,14 @@ class ModelIndex:
                                 "mask": np.zeros((m, kmax), np.float32),
                                 "pool_labels": np.zeros((m, n), np.uint8),
                                 "hub": np.zeros((m, h), np.float32)}
-      restored = storage.restore_trees(root, manifest, targets, "index", IndexStoreError)
+      restored = storage_io.restore_trees(root, manifest, targets, "index", IndexStoreError)
       vectors = restored[VECTORS_DIR]["vectors"]
       if not np.all(np.isfinite(vectors)):
         raise IndexStoreError(f"index {root} is corrupted: the vectors hold NaN or inf")
       if shapes is not None:
         classes = {n: np.asarray(restored[CLASSES_DIR][n]) for n in CLASS_ARRAYS}
-    index = cls(dim, **kwargs)
-    index._vectors = np.array(vectors, np.float32)
+    index = cls(dim, storage=saved, **kwargs)
+    index._vectors = np.ascontiguousarray(vectors, np.float32)
     index._classes = classes
     index._ids = list(ids)
     index._row = {i: r for r, i in enumerate(ids)}

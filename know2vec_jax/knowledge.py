@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pathlib
 from typing import Sequence
 
 import numpy as np
 
-from know2vec_jax import storage
+from know2vec_jax import distributed, storage
 from know2vec_jax.blackbox import BlackBoxGroup, check_images
 from know2vec_jax.config import require
 
@@ -371,11 +372,13 @@ class KnowledgeStore:
     return rec
 
   def put(self, model_id: str, fingerprint: str | None, record: KnowledgeRecord) -> None:
-    """Stores a model's knowledge (in memory, and on disk when the store has a path)."""
+    """Stores a model's knowledge (in memory, and on disk when the store has a path: written by
+    process 0 alone in a multi-process run)."""
     if fingerprint is None:
       return
     self._records[(model_id, fingerprint)] = record
-    if self.path is not None:
+    # Across processes every process holds every record; one of them writes the shared files.
+    if self.path is not None and distributed.is_writer():
       storage.save_arrays(self._file(model_id, fingerprint),
                           {"anchor_index": record.anchor_index, "flip_t": record.flip_t,
                            "anchor_fallback": record.anchor_fallback,
@@ -395,7 +398,12 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
 
   Only the models the store lacks are probed (a stack with some of its models stored is probed
   as the sub-group of the others, counted on the group's own query counters); what is extracted
-  is put into the store.
+  is put into the store. In a multi-process run (``jax.process_count() > 1``) every process
+  calls this with the same groups; the models to probe are split across the processes and every
+  process returns every model's knowledge, equal to one process's bit for bit where the black
+  boxes answer each model independently of the others in its call (the ``map`` and ``loop``
+  strategies; see :func:`_extract_across_processes`). Query counters count this process's
+  calls only.
 
   Args:
     groups: black-box groups.
@@ -412,6 +420,11 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
   if store is not None and store.context != store_context(pool, config):
     raise KnowledgeError("the knowledge store was made for another probe pool or knowledge "
                          "config")
+  groups = list(groups)
+  # Across processes, the models are probed once, split over the processes, and every process
+  # receives every record; one process probes as it always has.
+  shared = (_extract_across_processes(groups, pool, config, store)
+            if distributed.process_count() > 1 else None)
   out = []
   for g in groups:
     fps = g.fingerprints
@@ -419,11 +432,16 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
             for m, fp in zip(g.model_ids, fps)}
     missing = [m for m in g.model_ids if recs[m] is None]
     if missing:
-      sub = g if len(missing) == g.num_models else g.subset(missing)
-      kn = extract_knowledge(sub, pool, config)
-      for i, m in enumerate(kn.model_ids):
-        recs[m] = KnowledgeRecord(kn.anchor_index[i], kn.flip_t[i], kn.anchor_fallback[i],
-                                  int(kn.queries[i]), kn.pool_labels[i])
+      if shared is not None:
+        found = [(m, shared[m]) for m in missing]
+      else:
+        sub = g if len(missing) == g.num_models else g.subset(missing)
+        kn = extract_knowledge(sub, pool, config)
+        found = [(m, KnowledgeRecord(kn.anchor_index[i], kn.flip_t[i], kn.anchor_fallback[i],
+                                     int(kn.queries[i]), kn.pool_labels[i]))
+                 for i, m in enumerate(kn.model_ids)]
+      for m, rec in found:
+        recs[m] = rec
         if store is not None:
           store.put(m, fps[g.model_ids.index(m)], recs[m])
     rows = [recs[m] for m in g.model_ids]
@@ -438,3 +456,68 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
     if progress is not None:
       progress(g.num_models)
   return out
+
+
+_RECORD_ARRAYS = ("anchor_index", "flip_t", "anchor_fallback", "queries", "pool_labels")
+
+
+def _extract_across_processes(groups: list[BlackBoxGroup], pool: np.ndarray,
+                              config: KnowledgeConfig, store: KnowledgeStore | None
+                              ) -> dict[str, KnowledgeRecord]:
+  """The knowledge of every model some process's ``store`` lacks, extracted once across the
+  processes of a multi-process run and given to every process (docs/design.md, "Multi-process
+  stages").
+
+  Every process holds the same black boxes. The models to probe are those any process lacks;
+  each stack's share of them is split into contiguous slices, one per process
+  (:func:`know2vec_jax.distributed.shard`: models of a stack cost the same, so every process
+  gets an equal share of every stack). Each process extracts its slices as one sub-group per
+  stack, exactly as one process extracts a whole stack, and the records are exchanged as
+  checksummed parts.
+
+  Returns:
+    model id -> record, for every model that was probed.
+
+  Raises:
+    KnowledgeError: processes given different black boxes, or a part that is damaged or lacks
+      a model.
+  """
+  ids = [m for g in groups for m in g.model_ids]
+  fps = [fp for g in groups for fp in g.fingerprints]
+  sig = hashlib.sha256(json.dumps([ids, fps]).encode()).digest()[:16]
+  sigs = distributed.allgather(np.frombuffer(sig, np.uint8))
+  if not (sigs == sigs[0]).all():
+    raise KnowledgeError("the processes were given different black boxes (model ids or "
+                         "fingerprints differ); every process must hold the same zoo")
+  have = np.asarray([store is not None and store.get(m, fp) is not None
+                     for m, fp in zip(ids, fps)], np.uint8)
+  need = dict(zip(ids, distributed.allgather(have).min(axis=0) == 0))
+
+  def extract_share() -> bytes:
+    arrays, parts = {}, []
+    for gi, g in enumerate(groups):
+      todo = [m for m in g.model_ids if need[m]]
+      share = todo[distributed.shard(len(todo))]
+      if not share:
+        continue
+      kn = extract_knowledge(g if len(share) == g.num_models else g.subset(share), pool, config)
+      for name in _RECORD_ARRAYS:
+        arrays[f"{gi}/{name}"] = getattr(kn, name)
+      parts.append([gi, list(kn.model_ids)])
+    return storage.pack_arrays(arrays, {"groups": parts})
+
+  blob = distributed.local_step("knowledge extraction", extract_share)
+  got = {}
+  for p, part in enumerate(distributed.allgather_bytes(blob)):
+    arrays, meta = storage.unpack_arrays(part, f"the knowledge part of process {p}",
+                                         KnowledgeError)
+    for gi, mids in meta.get("groups", []):
+      a = {name: arrays[f"{gi}/{name}"] for name in _RECORD_ARRAYS}
+      for i, m in enumerate(mids):
+        got[m] = KnowledgeRecord(a["anchor_index"][i], a["flip_t"][i], a["anchor_fallback"][i],
+                                 int(a["queries"][i]), a["pool_labels"][i])
+  lost = [m for m in ids if need[m] and m not in got]
+  if lost:
+    raise KnowledgeError(f"no process returned the knowledge of model {lost[0]!r} "
+                         f"({len(lost)} missing)")
+  return got

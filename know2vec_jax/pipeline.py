@@ -513,8 +513,9 @@ def transfer_data(ids: Sequence[str], grids, masks, labels: TransferLabels, epis
 
 
 def bar(total: int, desc: str, progress: bool):
-  """A tqdm bar over models, or None when ``progress`` is off."""
-  if not progress:
+  """A tqdm bar over models, or None when ``progress`` is off (and on every process but 0 of a
+  multi-process run, whose processes move through the same models together)."""
+  if not progress or jax.process_index() != 0:
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, desc=desc, unit="model", dynamic_ncols=True)

@@ -297,11 +297,12 @@ class Proxy:
       proxy._fit_selection_head(t.rows, transfer, cache)
     if cfg.objective != "finetune" and cfg.calibration_queries:
       t0 = time.perf_counter()
-      queries = proxy._validation_queries(t.rows[0], model_tasks,
-                                          sorted({g.image_shape for g in groups})[0])
+      queries, q_tasks = proxy._validation_queries(t.rows[0], model_tasks,
+                                                   sorted({g.image_shape for g in groups})[0])
       if queries:
         proxy.reference = proxy.embed_queries(queries)
         if cfg.match.enabled:
+          proxy._calibrate_familiar(q_tasks)
           proxy._calibrate(t.rows, queries)
         proxy.info.setdefault("calibration", {}).update(
             {"queries": len(queries), "seconds": time.perf_counter() - t0})
@@ -336,16 +337,16 @@ class Proxy:
     self.info["selection"] = info
     self.info.setdefault("seconds", {})["selection_head"] = info["seconds"]
 
-  def _validation_queries(self, ids, model_tasks: Mapping[str, Task], image_shape) -> list:
+  def _validation_queries(self, ids, model_tasks: Mapping[str, Task], image_shape) -> tuple:
     """``calibration_queries`` queries of ``shots`` images per class from each training task's
     train split, outside the probe pool: queries like a user's, of tasks the proxy knows, that
-    no training step saw."""
+    no training step saw. Returns (the (images, labels) queries, int [R] each one's task)."""
     cfg = self.config
     tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
     sources = sorted({t.source for t in tasks})
     in_pool = pipeline.pool_rows(sources, cfg.pool_per_source, cfg.seed, image_shape)
-    queries = []
-    for task in tasks:
+    queries, q_tasks = [], []
+    for task_no, task in enumerate(tasks):
       s = pipeline.LabelledSet.from_task(task, "train", image_shape)
       keep = ~np.isin(s.index, in_pool[task.source])
       if np.bincount(s.labels[keep], minlength=s.k).min() == 0:
@@ -354,7 +355,28 @@ class Proxy:
                               labels=s.labels[keep])
       picks, y = pipeline.draw_episodes(s, cfg.calibration_queries, cfg.shots, cfg.seed)
       queries += [(s.images[p], yy) for p, yy in zip(picks, y)]
-    return queries
+      q_tasks += [task_no] * len(y)
+    return queries, np.asarray(q_tasks, np.int64)
+
+  def _calibrate_familiar(self, q_tasks) -> None:
+    """Records how close the reference queries come to their own and to other tasks'
+    (:func:`know2vec_jax.classmatch.calibrate_familiar`, in ``info["familiar"]``) and, with a
+    ``familiar_quantile`` above 0, sets the familiar-task threshold from it; fewer than two
+    reference tasks leave the gate off."""
+    match = self.config.match
+    try:
+      cal = classmatch.calibrate_familiar(self.reference, q_tasks, match.familiar_quantile)
+    except ValueError as e:
+      self.info["familiar"] = {"threshold": None, "why": str(e)}
+      return
+    if match.familiar_quantile:
+      self.config = dataclasses.replace(self.config, match=dataclasses.replace(
+          match, familiar_threshold=cal["threshold"]))
+    self.info["familiar"] = {
+        "threshold": cal["threshold"] if match.familiar_quantile else None,
+        "quantile": match.familiar_quantile, "seen_pass": cal["seen_pass"],
+        "other_task": [round(x, 5) for x in cal["other_task"]],
+        "same_task": [round(x, 5) for x in cal["same_task"]]}
 
   def _calibrate(self, rows, queries) -> None:
     """Sets the no-fit threshold from validation queries of the training tasks
@@ -534,17 +556,39 @@ class Proxy:
         masks[part] = m
     if not classes:
       return out, None
-    return out, classmatch.query_classes(protos, masks, self.pool_features(),
-                                         self.config.match.neighbours)
+    found = classmatch.query_classes(protos, masks, self.pool_features(),
+                                     self.config.match.neighbours)
+    found.familiarity = classmatch.familiarity(out, self.reference)
+    return out, found
 
-  def with_match(self, **changes) -> "Proxy":
-    """The same trained proxy with other retrieval settings (``match.*``: weights, shortlist,
-    threshold); phi, the vectorizers and the pool are shared, so its fingerprint is the same.
+  def match_config(self, overrides: Sequence[str] = ()) -> classmatch.MatchConfig:
+    """This proxy's retrieval settings with ``overrides`` ("key=value", ``MatchConfig`` fields).
+
+    A new ``familiar_quantile`` without an explicit ``familiar_threshold`` re-derives the
+    threshold from the reference queries' statistics recorded at training
+    (:func:`know2vec_jax.classmatch.familiar_threshold`): the gate is tuned without retraining.
 
     Raises:
       ConfigError: an unknown field or a bad value.
     """
-    match = config_lib.override(self.config.match, [f"{k}={v}" for k, v in changes.items()])
+    match = config_lib.override(self.config.match, overrides)
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if "familiar_quantile" in keys and "familiar_threshold" not in keys:
+      other = self.info.get("familiar", {}).get("other_task")
+      threshold = (classmatch.familiar_threshold(other, match.familiar_quantile)
+                   if other and match.familiar_quantile else None)
+      match = dataclasses.replace(match, familiar_threshold=threshold)
+    return match
+
+  def with_match(self, **changes) -> "Proxy":
+    """The same trained proxy with other retrieval settings (``match.*``: weights, shortlist,
+    thresholds; :meth:`match_config`); phi, the vectorizers and the pool are shared, so its
+    fingerprint is the same.
+
+    Raises:
+      ConfigError: an unknown field or a bad value.
+    """
+    match = self.match_config([f"{k}={v}" for k, v in changes.items()])
     other = Proxy(dataclasses.replace(self.config, match=match), self.backbone, self.vectorizer,
                   self.pool, self.tasks, self.info, self.knowledge, self.reference)
     other._pool_features = self._pool_features
@@ -858,7 +902,9 @@ def query_result(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -
   Returns:
     ``{"results": rows as :func:`query` gives them, "fit": the best model's class-level fit
     score, "no_fit": True when it is below the proxy's calibrated threshold (no model of the
-    index fits the query's classes well), "fit_threshold": that threshold}``.
+    index fits the query's classes well), "fit_threshold": that threshold, "familiar": True
+    when the query looks like one of a task the proxy trained on (scored with the familiar
+    settings, :class:`know2vec_jax.classmatch.MatchConfig`)}``.
 
   Raises:
     As :func:`query`.
@@ -869,4 +915,5 @@ def query_result(proxy: Proxy, index: ModelIndex, images, labels, k: int = 10) -
       "token": float(found.token[0, r]), "vector": float(found.vector[0, r])})
       for r, mid in enumerate(found.ids[0])]
   return {"results": rows, "fit": float(found.fit[0]), "no_fit": bool(found.no_fit[0]),
-          "fit_threshold": proxy.config.match.fit_threshold}
+          "fit_threshold": proxy.config.match.fit_threshold,
+          "familiar": bool(found.familiar[0])}

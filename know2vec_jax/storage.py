@@ -9,7 +9,9 @@ Two kinds of storage, both all-or-nothing and both verified on load:
   shapes, dtypes or checksum differ from what the manifest recorded.
 - **Array files** (caches: knowledge, query episodes, fine-tune ground truth): one ``.npz`` with
   its metadata and checksum inside, written through a temporary file and renamed
-  (:func:`save_arrays`, :func:`load_arrays`).
+  (:func:`save_arrays`, :func:`load_arrays`). The same bytes in memory (:func:`pack_arrays`,
+  :func:`unpack_arrays`) carry a process's part of a multi-process stage to the other processes
+  (:mod:`know2vec_jax.distributed`).
 
 An interrupted write never leaves a path that loads as complete, and whatever was stored at the
 path before stays intact until its replacement is complete.
@@ -18,6 +20,7 @@ path before stays intact until its replacement is complete.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -52,6 +55,21 @@ def checksum(tree) -> str:
 def _shapes(tree) -> dict:
   return {jax.tree_util.keystr(p): [str(np.asarray(a).dtype), list(np.shape(a))]
           for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  """orbax's checkpointer for this process's own reads and writes.
+
+  In a multi-process run orbax would treat every save and restore as one collective operation
+  of all processes (barriers between them); here an artifact is written by process 0 alone and
+  read by each process on its own, so each process is its own primary host with no one to wait
+  for.
+  """
+  if jax.process_count() == 1:
+    return ocp.StandardCheckpointer()
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"know2vec-{me}"))
 
 
 def json_ready(obj):
@@ -105,8 +123,18 @@ def save_artifact(path, trees: Mapping[str, object], manifest_name: str, manifes
 
   Returns:
     The absolute path written.
+
+  Raises:
+    RuntimeError: a process other than 0 of a multi-process run (orbax writes host arrays from
+      process 0 only; each process's own part is an array file, :func:`save_arrays`).
   """
   target = pathlib.Path(path).expanduser().absolute()
+  if trees and jax.process_count() > 1 and jax.process_index() != 0:
+    # orbax writes host (numpy) arrays from process 0 only: another process's save would leave
+    # a manifest without its data.
+    raise RuntimeError(f"process {jax.process_index()} cannot write the artifact {target}: in a "
+                       "multi-process run artifacts are written by process 0 "
+                       "(know2vec_jax.distributed.on_writer)")
   target.parent.mkdir(parents=True, exist_ok=True)
   staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
   staging.mkdir()
@@ -115,7 +143,7 @@ def save_artifact(path, trees: Mapping[str, object], manifest_name: str, manifes
     manifest = dict(manifest, checksums={rel: checksum(t) for rel, t in host.items()},
                     shapes={rel: _shapes(t) for rel, t in host.items()})
     if host:
-      with ocp.StandardCheckpointer() as ckpt:
+      with _checkpointer() as ckpt:
         for rel, tree in host.items():
           ckpt.save(staging / rel, tree)
         ckpt.wait_until_finished()
@@ -189,7 +217,7 @@ def restore_trees(path, manifest: dict, targets: Mapping[str, object], what: str
   if not isinstance(sums, dict):
     raise error(f"{root} is corrupted: its manifest records no checksums")
   out = {}
-  with ocp.StandardCheckpointer() as ckpt:
+  with _checkpointer() as ckpt:
     for rel, target in targets.items():
       ckpt_dir = root / rel
       if not ckpt_dir.is_dir():
@@ -234,6 +262,50 @@ def save_arrays(path, arrays: Mapping[str, np.ndarray], meta: dict | None = None
     tmp.unlink(missing_ok=True)
     raise
   return path
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> bytes:
+  """A dict of arrays plus JSON metadata as the bytes of one ``.npz`` with its checksum inside
+  (what :func:`save_arrays` writes), for sending a part to other processes.
+
+  Args:
+    arrays: name -> array (names must not start with ``__``).
+    meta: JSON-serialisable metadata.
+
+  Returns:
+    The bytes; :func:`unpack_arrays` reads and verifies them.
+  """
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  header = {"meta": meta or {}, "checksum": checksum(arrays)}
+  buf = io.BytesIO()
+  np.savez(buf, __header__=np.asarray(json.dumps(header)), **arrays)
+  return buf.getvalue()
+
+
+def unpack_arrays(blob: bytes, what: str, error: type[Exception] = ValueError
+                  ) -> tuple[dict[str, np.ndarray], dict]:
+  """Reads :func:`pack_arrays` bytes and verifies their checksum.
+
+  Args:
+    blob: the bytes.
+    what: names the blob in messages (e.g. "the knowledge part of process 1").
+    error: the exception class to raise.
+
+  Returns:
+    (arrays, metadata).
+
+  Raises:
+    ``error``: truncated, unreadable or tampered bytes.
+  """
+  try:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+    header = json.loads(str(arrays.pop("__header__")))
+  except Exception as e:  # zip, CRC, JSON or key errors: all mean damaged bytes
+    raise error(f"{what} is unreadable: {type(e).__name__}: {e}") from None
+  if checksum(arrays) != header.get("checksum"):
+    raise error(f"{what} is corrupted: its arrays do not match the recorded checksum")
+  return arrays, header.get("meta", {})
 
 
 def load_arrays(path, error: type[Exception] = ValueError,

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from know2vec_jax import storage
+from know2vec_jax import distributed, storage
 from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.data import DataError, Task, load_source, stable_seed, task_split
 from know2vec_jax.zoo import train as train_lib
@@ -453,8 +453,8 @@ def _linear_rows(graphdef, params, heads, keys, lr, images, n_images, train_idx,
 
 
 def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget,
-                      cfg: FinetuneConfig = FinetuneConfig(), progress: Callable | None = None
-                      ) -> np.ndarray:
+                      cfg: FinetuneConfig = FinetuneConfig(), progress: Callable | None = None,
+                      only_chunks: Callable[[int], bool] | None = None) -> np.ndarray:
   """Measured accuracy of every model after fine-tuning on the target, per run.
 
   Every target runs at the shapes its protocol shares with all targets of the zoo: the head at
@@ -471,6 +471,10 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
     target: the target task.
     cfg: the fine-tuning protocol.
     progress: optional callable(rows_done) called after each jitted chunk.
+    only_chunks: run only the jitted chunks whose number it accepts (chunks numbered as
+      :func:`chunk_plan` lists them); the cells of the others stay 0. Each chunk is computed
+      exactly as in a full call, so the cells it fills are the same bit for bit: how
+      :func:`ground_truth` splits the fine-tunes across processes.
 
   Returns:
     float32 [runs, M] test accuracies; average over axis 0 for the ground truth.
@@ -497,11 +501,13 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
   lr = cfg.learning_rate * (10.0 if cfg.mode == "linear" else 1.0)
   out = np.zeros((cfg.runs, len(model_ids)), np.float32)
   col = {m: i for i, m in enumerate(model_ids)}
-  by_stack: dict[str, list[str]] = {}
-  for m in model_ids:
-    by_stack.setdefault(zoo.records[m].stack, []).append(m)
-  for stack_name, mids in sorted(by_stack.items()):
+  first_chunk = 0  # the number of the stack's first chunk (chunk_plan's order)
+  for stack_name, mids in _by_stack(zoo, model_ids):
     stack = zoo.stacks[stack_name]
+    chunk_no, first_chunk = first_chunk, first_chunk + _num_chunks(len(mids), cfg)
+
+    def wanted(start: int, first: int = chunk_no) -> bool:  # the chunk beginning at row start
+      return only_chunks is None or only_chunks(first + start // cfg.chunk_size)
     graphdef = dataclasses.replace(stack.spec, num_classes=kpad).graphdef()
     # Same head initialisation and batch order for every model of a run (common random
     # numbers); a different one per run.
@@ -509,10 +515,12 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
                                 _head_seeds(cfg, range(cfg.runs), target, stack.spec.arch), kpad)
     if cfg.mode == "linear":
       _linear_stack(out, col, stack, graphdef, mids, kernel, bias, pt, shared, lr, target, cfg,
-                    strategy, progress)
+                    strategy, progress, wanted)
       continue
     rows = [(m, r) for r in range(cfg.runs) for m in mids]
     for start in range(0, len(rows), cfg.chunk_size):
+      if not wanted(start):
+        continue
       chunk = rows[start:start + cfg.chunk_size]
       pad = cfg.chunk_size - len(chunk) if len(rows) > cfg.chunk_size else 0
       chunk_p = chunk + [chunk[-1]] * pad  # fixed shapes: one compilation per stack
@@ -533,12 +541,51 @@ def finetune_accuracy(zoo: Zoo, model_ids: Sequence[str], target: TransferTarget
   return out
 
 
+def _by_stack(zoo: Zoo, model_ids: Sequence[str]) -> list[tuple[str, list[str]]]:
+  """The requested models by stack, stacks in name order (the order chunks are numbered in)."""
+  by_stack: dict[str, list[str]] = {}
+  for m in model_ids:
+    by_stack.setdefault(zoo.records[m].stack, []).append(m)
+  return sorted(by_stack.items())
+
+
+def _num_chunks(models: int, cfg: FinetuneConfig) -> int:
+  """Jitted chunks of one stack: ``"full"`` chunks (model, run) rows, ``"linear"`` models."""
+  rows = models if cfg.mode == "linear" else models * cfg.runs
+  return -(-rows // cfg.chunk_size)
+
+
+def chunk_plan(zoo: Zoo, model_ids: Sequence[str], cfg: FinetuneConfig) -> list[dict]:
+  """The jitted chunks :func:`finetune_accuracy` runs for one target, in their order.
+
+  Returns:
+    One dict per chunk: ``stack``, ``runs`` (the (model, run) fine-tunes it measures) and
+    ``cost`` (its padded rows x the architecture's forward FLOPs per image: what it takes,
+    relative to the others).
+  """
+  from know2vec_jax.zoo.architectures import flops_per_image
+  plan = []
+  for stack_name, mids in _by_stack(zoo, model_ids):
+    spec = zoo.stacks[stack_name].spec
+    per_row = flops_per_image(spec.arch, spec.num_classes, zoo.image_shape)
+    rows = len(mids) if cfg.mode == "linear" else len(mids) * cfg.runs
+    per = cfg.runs if cfg.mode == "linear" else 1  # fine-tunes per row
+    for start in range(0, rows, cfg.chunk_size):
+      real = min(cfg.chunk_size, rows - start)
+      padded = cfg.chunk_size if rows > cfg.chunk_size else real
+      plan.append({"stack": stack_name, "runs": real * per, "cost": float(padded * per_row)})
+  return plan
+
+
 def _linear_stack(out, col, stack, graphdef, mids, kernel, bias, pt, shared, lr, target, cfg,
-                  strategy, progress):
-  """``mode="linear"`` for the models ``mids`` of one stack (fills ``out`` in place)."""
+                  strategy, progress, wanted=lambda start: True):
+  """``mode="linear"`` for the models ``mids`` of one stack (fills ``out`` in place; only the
+  chunks ``wanted(first row)`` accepts)."""
   keys = _batch_keys(cfg, np.arange(cfg.runs), target)
   row = {m: i for i, m in enumerate(stack.model_ids)}
   for start in range(0, len(mids), cfg.chunk_size):
+    if not wanted(start):
+      continue
     chunk = mids[start:start + cfg.chunk_size]
     pad = cfg.chunk_size - len(chunk) if len(mids) > cfg.chunk_size else 0
     chunk_p = chunk + [chunk[-1]] * pad
@@ -586,7 +633,10 @@ def ground_truth(zoo: Zoo, zoo_dir, model_ids: Sequence[str], targets: Sequence[
   field that changes the numbers (not the chunking or the execution strategy, which do not), so a
   rebuilt zoo or a changed protocol never reuses stale numbers. Files are written atomically.
   Every target of a protocol runs at the same padded shapes (:func:`finetune_accuracy`), so the
-  fine-tunes compile once per architecture, not once per target.
+  fine-tunes compile once per architecture, not once per target. In a multi-process run
+  (``jax.process_count() > 1``) every process calls this with the same arguments; the jitted
+  chunks are split across the processes and every process returns every accuracy, equal to one
+  process's bit for bit (:func:`_ground_truth_across_processes`); process 0 writes the cache.
 
   Args:
     zoo, zoo_dir: the zoo and the directory it was loaded from (its manifest keys the cache;
@@ -627,6 +677,9 @@ def ground_truth(zoo: Zoo, zoo_dir, model_ids: Sequence[str], targets: Sequence[
       out[t.name] = storage.load_arrays(path, TransferError, check=check)[0]["accuracy"]
     else:
       todo.append((t, path))
+  if distributed.process_count() > 1:
+    return _ground_truth_across_processes(zoo, zoo_dir, model_ids, targets, cfg, cache, out,
+                                          progress)
   bar = None
   if progress and todo:
     from tqdm.auto import tqdm
@@ -641,6 +694,59 @@ def ground_truth(zoo: Zoo, zoo_dir, model_ids: Sequence[str], targets: Sequence[
     out[t.name] = acc
   if bar is not None:
     bar.close()
+  return {t.name: out[t.name] for t in targets}
+
+
+def _ground_truth_across_processes(zoo: Zoo, zoo_dir, model_ids: Sequence[str],
+                                   targets: Sequence[TransferTarget], cfg: FinetuneConfig,
+                                   cache: pathlib.Path | None, out: dict,
+                                   progress: bool) -> dict[str, np.ndarray]:
+  """:func:`ground_truth` in a multi-process run (docs/design.md, "Multi-process stages").
+
+  The targets some process found no cached result for are computed once: their jitted chunks
+  (:func:`chunk_plan`, every target's) are assigned to the processes by cost
+  (:func:`know2vec_jax.distributed.assign`); each process runs its chunks exactly as one process
+  runs them (same shapes, seeds and padding, so the same accuracies bit for bit), the results
+  are exchanged (each cell is filled by exactly one process, the others hold 0, so the sum is
+  exact) and process 0 writes the cache files.
+  """
+  lacking = distributed.allgather(np.asarray([t.name not in out for t in targets], np.uint8))
+  todo = [t for t, lack in zip(targets, lacking.max(axis=0)) if lack]
+  if not todo:
+    return {t.name: out[t.name] for t in targets}
+  plan = chunk_plan(zoo, model_ids, cfg)
+  units = [(ti, u) for ti in range(len(todo)) for u in range(len(plan))]
+  owner = distributed.assign([plan[u]["cost"] for _, u in units], distributed.process_count())
+  me = distributed.process_index()
+  mine = {ti: {u for (tj, u), p in zip(units, owner) if tj == ti and p == me}
+          for ti in range(len(todo))}
+
+  def run_share() -> np.ndarray:
+    acc = np.zeros((len(todo), cfg.runs, len(model_ids)), np.float32)
+    bar = None
+    if progress and distributed.is_writer():
+      from tqdm.auto import tqdm
+      bar = tqdm(total=sum(plan[u]["runs"] for us in mine.values() for u in us),
+                 desc=f"ground truth (process 0 of {distributed.process_count()})", unit="run")
+    for ti, t in enumerate(todo):
+      if mine[ti]:
+        acc[ti] = finetune_accuracy(zoo, model_ids, t, cfg, progress=bar.update if bar else None,
+                                    only_chunks=mine[ti].__contains__)
+    if bar is not None:
+      bar.close()
+    return acc
+
+  acc = distributed.local_step("the fine-tune ground truth", run_share)
+  acc = distributed.allgather(acc).sum(axis=0, dtype=np.float32)
+  out.update({t.name: acc[ti] for ti, t in enumerate(todo)})
+
+  def write():
+    for ti, t in enumerate(todo):
+      storage.save_arrays(cache / f"{t.name}-{_cache_key(zoo_dir, model_ids, t, cfg)}.npz",
+                          {"accuracy": acc[ti]}, {"model_ids": list(model_ids),
+                                                  "target": t.to_json()})
+  if cache is not None:
+    distributed.on_writer("ground-truth cache", write)
   return {t.name: out[t.name] for t in targets}
 
 

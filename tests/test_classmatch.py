@@ -2,6 +2,7 @@
 retrieval that needs the classes (a class-blind scorer cannot pass), label-only black boxes and
 the no-fit flag."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -179,6 +180,75 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
   bare.add_vectors(["y"], np.ones((1, 8)))
   with pytest.raises(IndexStoreError, match="holds no class knowledge"):
     bare.match(q, qc, 1)
+
+
+def test_familiar_gate_scores_familiar_queries_with_their_own_settings():
+  idx, classes = _class_index(m=40, seed=5)
+  rng = np.random.default_rng(6)
+  q = rng.standard_normal((4, 8)).astype(np.float32)
+  base = QueryClasses(rng.random((4, 4, 16)).astype(np.float32), np.ones((4, 4), np.float32),
+                      rng.integers(0, 50, (4, 4, 5)).astype(np.int32))
+  qc = QueryClasses(base.prototypes, base.mask, base.anchors,
+                    np.array([0.9, 0.2, 0.75, 0.5], np.float32))
+  gate = MatchConfig(shortlist=0, hub_k=1, hub_scale=1.0, vector_weight=0.1,
+                     familiar_threshold=0.7, familiar_fit_gap=10.0, familiar_hub_scale=0.0,
+                     familiar_vector_weight=0.5)
+  got = idx.match(q, qc, 40, gate)
+  assert got.familiar.tolist() == [True, False, True, False]
+  # The fit-gap condition: familiar only where the vectors' favourite model fits the query's
+  # classes within the gap of the best-fitting model.
+  agree, tok = classmatch.class_scores(qc, classes["tokens"], classes["mask"],
+                                       classes["pool_labels"])
+  fit = classmatch.fit_score(agree, tok, gate)
+  gap = fit.max(1) - fit[np.arange(4), np.argmax(q @ idx.vectors.T, axis=1)]
+  for g in (0.0, float(np.median(gap)), 10.0):
+    tight = idx.match(q, qc, 40, dataclasses.replace(gate, familiar_fit_gap=g))
+    assert tight.familiar.tolist() == ((gap <= g) & np.array([1, 0, 1, 0], bool)).tolist()
+  # Each query ranks exactly as under the settings its familiarity selects.
+  as_familiar = idx.match(q, base, 40, MatchConfig(shortlist=0, hub_k=1, hub_scale=0.0,
+                                                    vector_weight=0.5))
+  as_unfamiliar = idx.match(q, base, 40, MatchConfig(shortlist=0, hub_k=1, hub_scale=1.0,
+                                                      vector_weight=0.1))
+  for i, fam in enumerate(got.familiar):
+    want = as_familiar if fam else as_unfamiliar
+    assert got.ids[i] == want.ids[i]
+    np.testing.assert_allclose(got.scores[i], want.scores[i], atol=1e-6)
+  assert not as_familiar.familiar.any()  # no familiarity, no gate
+  # No threshold (the gate off) or no familiarity: the plain settings for every query.
+  off = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=1, familiar_threshold=None))
+  assert not off.familiar.any() and off.ids == as_unfamiliar.ids
+  assert qc.take([2, 0]).familiarity.tolist() == pytest.approx([0.75, 0.9])
+
+
+def test_familiar_calibration_separates_seen_tasks_from_other_tasks():
+  """Reference queries of 30 tasks, 2 each, scattered round their task's direction: a query's
+  own task's other reference is nearer than any other task's, and the threshold (a quantile of
+  the nearest other-task cosines) passes what the calibration reports."""
+  rng = np.random.default_rng(0)
+  centres = rng.standard_normal((30, 32))
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  tasks = np.repeat(np.arange(30), 2)
+  ref = centres[tasks] + 0.1 * rng.standard_normal((60, 32))
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  cal = classmatch.calibrate_familiar(ref, tasks, 0.95)
+  other, same = np.asarray(cal["other_task"]), np.asarray(cal["same_task"])
+  assert len(other) == 60 and len(same) == 60
+  assert same.min() > other.max()  # well-separated tasks: every seen query passes
+  assert cal["seen_pass"] == 1.0 and np.mean(other >= cal["threshold"]) <= 0.05 + 1 / 60
+  # Queries of a seen task are familiar, of a new task are not.
+  new = rng.standard_normal((5, 32))
+  new /= np.linalg.norm(new, axis=1, keepdims=True)
+  seen = centres[:5] + 0.1 * rng.standard_normal((5, 32))
+  seen /= np.linalg.norm(seen, axis=1, keepdims=True)
+  assert (classmatch.familiarity(seen, ref) >= cal["threshold"]).all()
+  assert (classmatch.familiarity(new, ref) < cal["threshold"]).all()
+  assert classmatch.familiarity(seen, np.zeros((0, 32))) is None
+  with pytest.raises(ValueError, match="at least two tasks"):
+    classmatch.calibrate_familiar(ref[:2], tasks[:2], 0.9)
+  with pytest.raises(ValueError, match="two reference queries of some task"):
+    classmatch.calibrate_familiar(ref[::2], tasks[::2], 0.9)
+  with pytest.raises(Exception, match="familiar_quantile"):
+    MatchConfig(familiar_quantile=1.0)
 
 
 def _nearest_mean_box(data, task, model_id, labels_only=False):

@@ -1,4 +1,5 @@
-"""ModelIndex: exact top-k search (1 device and sharded), mutation, errors, atomic storage."""
+"""ModelIndex: exact top-k search (1 device and sharded), compressed storage (bfloat16, int8)
+with exact re-scoring, mutation, errors, atomic storage."""
 
 import json
 import os
@@ -9,8 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from know2vec_jax import storage
-from know2vec_jax.index import IndexStoreError, ModelIndex
+from know2vec_jax import cli, index, storage
+from know2vec_jax.index import IndexStoreError, ModelIndex, quantize_int8
 
 E = 16
 # conftest forces 8 CPU devices; on a machine whose default backend has fewer, skip the sharded
@@ -97,8 +98,8 @@ def test_one_vs_eight_devices_identical():
   for idx in (one, eight):
     idx.add_vectors(ids, vecs)
   assert one.num_shards == 1 and eight.num_shards == 8
-  placed = eight._device_state or eight._place()
-  assert len(placed[0].sharding.device_set) == 8 and placed[0].shape[0] == 1008
+  (vectors,), _, _ = eight._device_state or eight._place()
+  assert len(vectors.sharding.device_set) == 8 and vectors.shape[0] == 1008
   for k in (1, 7, 200):
     s1, i1 = one.search(q, k)
     s8, i8 = eight.search(q, k)
@@ -126,6 +127,206 @@ def test_bfloat16_device_copy_scores_in_float32():
   np.testing.assert_allclose(s16, s32, atol=2e-2)
   assert [r[0] for r in i16] == [r[0] for r in i32]
   assert idx16.vectors.dtype == np.float32  # the stored copy stays float32
+  assert idx16.storage == "bfloat16"  # ``dtype`` is the earlier name of ``storage``
+
+
+def _unit_data(m, dim, seed):
+  rng = np.random.default_rng(seed)
+  ids = [f"m{i:05d}" for i in range(m)]
+  q = rng.standard_normal((24, dim)).astype(np.float32)
+  return ids, rng.standard_normal((m, dim)).astype(np.float32), q / np.linalg.norm(q, axis=1,
+                                                                                   keepdims=True)
+
+
+def _recall(found, exact):
+  return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact)])
+
+
+COMPRESSED = ["bfloat16", "int8"]
+
+
+@pytest.mark.parametrize("storage", COMPRESSED)
+def test_compressed_search_recall_and_exact_scores(storage):
+  ids, vecs, q = _unit_data(4000, 64, seed=10)
+  exact = ModelIndex(64, **_one_device())
+  compact = ModelIndex(64, storage=storage, **_one_device())
+  for idx in (exact, compact):
+    idx.add_vectors(ids, vecs)
+  s32, i32 = exact.search(q, 10)
+  s, got = compact.search(q, 10)
+  # The device searched the compact copy, not the float32 rows.
+  arrays = compact._device_state[0]
+  # On CPU the int8 codes are laid out [dim, M] (index._kernel says why).
+  want = (64, 4000) if compact._kernel() == "int8_cols" else (4000, 64)
+  assert arrays[0].dtype == np.dtype(storage) and arrays[0].shape == want
+  if storage == "int8":
+    assert arrays[1].dtype == np.float32 and arrays[1].shape == (4000,)  # one scale per row
+  assert _recall(got, i32) >= 0.99
+  # Every returned score is the exact float32 cosine of that row (the compressed scores are off
+  # by ~1e-3 for int8 and ~1e-2 for bfloat16), best first.
+  row_of = {i: r for r, i in enumerate(ids)}
+  rows = np.array([[row_of[i] for i in r] for r in got])
+  ref = np.einsum("qe,qre->qr", q.astype(np.float64), compact.vectors[rows].astype(np.float64))
+  assert s.dtype == np.float32
+  np.testing.assert_allclose(s, ref, rtol=0, atol=1.2e-7)
+  assert np.all(np.diff(s, axis=1) <= 0)
+  same = [a == b for a, b in zip(got, i32)]
+  np.testing.assert_allclose(s[same], s32[same], rtol=0, atol=1e-6)
+  # A single query takes the same path as a batch (int8 pads it to two rows on the device).
+  s1, one = compact.search(q[3], 10)
+  assert one == [got[3]] and np.array_equal(s1[0], s[3])
+
+
+def test_shortlist_depth_changes_recall_not_exactness():
+  # Few dimensions, many rows: int8 scores blur the top of the ranking, and only a deeper
+  # shortlist recovers it; the scores returned are exact whatever the depth.
+  ids, vecs, q = _unit_data(6000, 8, seed=11)
+  exact = ModelIndex(8, **_one_device())
+  compact = ModelIndex(8, storage="int8", rescore=1, **_one_device())
+  for idx in (exact, compact):
+    idx.add_vectors(ids, vecs)
+  _, i32 = exact.search(q, 10)
+  shallow = _recall(compact.search(q, 10)[1], i32)
+  deep = _recall(compact.search(q, 10, rescore=16)[1], i32)
+  assert shallow < 0.99 and deep == 1.0 and compact.rescore == 1
+
+
+@needs8
+@pytest.mark.parametrize("storage", ["float32"] + COMPRESSED)
+def test_compressed_one_vs_eight_devices_identical(storage):
+  ids, vecs, q = _unit_data(1001, E, seed=12)  # not a multiple of 8: padded rows
+  one = ModelIndex(E, storage=storage, **_one_device())
+  eight = ModelIndex(E, storage=storage, devices=jax.devices()[:8], shard_min_rows=1)
+  for idx in (one, eight):
+    idx.add_vectors(ids, vecs)
+  assert one.num_shards == 1 and eight.num_shards == 8
+  arrays = (eight._device_state or eight._place())[0]
+  assert all(len(a.sharding.device_set) == 8 for a in arrays)
+  assert arrays[-1].shape[0] == 1008 and arrays[0].size == 1008 * E
+  if storage == "int8":  # codes sharded along the rows axis, whichever the layout
+    assert all(s.data.size == 126 * E for s in arrays[0].addressable_shards)
+  for k in (1, 7, 200):
+    s1, i1 = one.search(q, k)
+    s8, i8 = eight.search(q, k)
+    assert i1 == i8
+    if storage == "float32":  # XLA's float32 products may round differently per shard shape
+      np.testing.assert_allclose(s1, s8, rtol=1e-6, atol=1e-6)
+    else:  # the same shortlist, re-scored on the host: bit for bit
+      np.testing.assert_array_equal(s1, s8)
+
+
+def test_set_storage_converts_both_ways_and_rebuilds_the_device_copy():
+  idx = _index(500, **_one_device())
+  q = np.random.default_rng(13).standard_normal((5, E)).astype(np.float32)
+  before = idx.search(q, 5)
+  rows = idx.vectors.copy()
+  idx.set_storage("int8", rescore=8)
+  assert idx.storage == "int8" and idx.rescore == 8 and idx._device_state is None
+  assert idx.search(q, 5)[1] == before[1]
+  assert idx._device_state[0][0].dtype == np.int8
+  idx.set_storage("float32")
+  assert idx.search(q, 5)[1] == before[1] and idx.rescore == 8
+  assert idx.vectors.tobytes() == rows.tobytes()  # the float32 rows never change
+
+
+def test_int8_quantisation_of_zero_tiny_and_huge_rows():
+  x = np.array([[0.0, 0.0, 0.0, 0.0],            # zero: no direction
+                [1e-40, -3e-41, 0.0, 1e-45],     # float32 subnormals
+                [0.5, -0.25, 0.125, 1.0],
+                [1e-30, 2e-30, -4e-30, 0.0]], np.float32)
+  codes, scales = quantize_int8(x)
+  assert codes.dtype == np.int8 and scales.dtype == np.float32 and np.all(np.isfinite(scales))
+  assert np.all(codes[0] == 0) and scales[0] == 0
+  assert np.abs(codes).max() <= 127 and np.all(np.abs(codes[1:]).max(axis=1) == 127)
+  decoded = codes.astype(np.float64) * scales[:, None]
+  np.testing.assert_allclose(decoded[2:], x[2:], rtol=0, atol=0.5 * scales[2:, None].max())
+  np.testing.assert_allclose(decoded[1], x[1], rtol=0, atol=1e-42)
+  big = quantize_int8(np.array([[1e30, -5e29]]))  # float64: no overflow to inf
+  assert big[0].tolist() == [[127, -64]] and big[1][0] == np.float32(1e30 / 127)
+  with pytest.raises(IndexStoreError, match="row 1 has values up to 1e\\+300: its int8 scale"):
+    quantize_int8(np.array([[1.0, 2.0], [1e300, -5e299]]))
+  with pytest.raises(IndexStoreError, match=r"matrix \[n, d\], got shape \[4\]"):
+    quantize_int8(np.ones(4))
+  # Through the index: tiny-norm rows are normalised, zero and tiny queries give no NaN.
+  idx = ModelIndex(4, storage="int8", **_one_device())
+  idx.add_vectors(["tiny", "plain", "small"], x[1:])
+  for query in (np.zeros(4, np.float32), np.full(4, 1e-39, np.float32), x[2]):
+    scores, ids = idx.search(query, 3)
+    assert np.all(np.isfinite(scores)) and sorted(ids[0]) == ["plain", "small", "tiny"]
+  assert idx.search(x[2], 1)[1] == [["plain"]]
+  assert idx.search(np.zeros(4), 3)[1] == [["tiny", "plain", "small"]]  # ties: insertion order
+
+
+def test_storage_argument_errors():
+  for bad in ("float16", "int4", "fp8", 3):
+    with pytest.raises(IndexStoreError, match="unknown index storage .*float32, bfloat16, int8"):
+      ModelIndex(E, storage=bad)
+  with pytest.raises(IndexStoreError, match="storage='int8' and dtype='bfloat16'"):
+    ModelIndex(E, storage="int8", dtype="bfloat16")
+  assert ModelIndex(E, storage="int8", dtype=np.int8).storage == "int8"
+  assert ModelIndex(E, storage=np.float32).storage == "float32"
+  for bad in (0, -2, True, 2.5):
+    with pytest.raises(IndexStoreError, match="rescore must be a positive int"):
+      ModelIndex(E, storage="int8", rescore=bad)
+  idx = _index(20, storage="int8")
+  with pytest.raises(IndexStoreError, match="rescore must be a positive int"):
+    idx.search(np.ones(E), 3, rescore=0)
+  with pytest.raises(IndexStoreError, match="unknown index storage 'int16'"):
+    idx.set_storage("int16")
+  assert idx.storage == "int8"
+
+
+def test_save_load_records_the_storage_type(tmp_path):
+  idx = _index(300, storage="int8", rescore=3, **_one_device())
+  q = np.random.default_rng(14).standard_normal((4, E)).astype(np.float32)
+  path = idx.save(tmp_path / "idx")
+  manifest = json.loads((path / "index.json").read_text())
+  assert manifest["storage"] == "int8" and manifest["rescore"] == 3
+  assert manifest["vectors_dtype"] == "float32" and manifest["version"] == 5
+  for back in (ModelIndex.load(path, **_one_device()),
+               ModelIndex.load(path, storage="int8", **_one_device())):
+    assert back.storage == "int8" and back.rescore == 3
+    assert back.vectors.tobytes() == idx.vectors.tobytes()
+    assert back.search(q, 5)[1] == idx.search(q, 5)[1]
+  assert ModelIndex.load(path, rescore=9).rescore == 9
+  # The caller expects another storage type: one line naming both, before any array is read.
+  for kwargs, want in (({"storage": "float32"}, "float32"), ({"dtype": "bfloat16"}, "bfloat16")):
+    with pytest.raises(IndexStoreError) as err:
+      ModelIndex.load(path, **kwargs)
+    msg = str(err.value)
+    assert "\n" not in msg and f"stores int8 vectors, not the {want} expected" in msg
+  with pytest.raises(IndexStoreError, match="unknown index storage 'float8'"):
+    ModelIndex.load(path, storage="float8")
+  # A version-4 index (no storage recorded) loads as float32; a bad recorded type is corruption.
+  text = (path / "index.json").read_text()
+  old = json.loads(text)
+  del old["storage"], old["rescore"]
+  (path / "index.json").write_text(json.dumps(old | {"version": 4}))
+  v4 = ModelIndex.load(path)
+  assert v4.storage == "float32" and v4.rescore == index.RESCORE
+  with pytest.raises(IndexStoreError, match="stores float32 vectors, not the int8"):
+    ModelIndex.load(path, storage="int8")
+  (path / "index.json").write_text(json.dumps(json.loads(text) | {"storage": "int3"}))
+  with pytest.raises(IndexStoreError, match="corrupted: storage 'int3'"):
+    ModelIndex.load(path)
+
+
+def test_cli_index_convert_and_info(tmp_path, capsys):
+  assert cli.INDEX_STORAGES == index.STORAGES and cli.INDEX_RESCORE == index.RESCORE
+  path = str(_index(40).save(tmp_path / "idx"))
+  assert cli.main(["index", "convert", "--index", path, "--storage", "int8", "--rescore", "6",
+                   "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["storage"] == "int8" and out["rescore"] == 6 and out["converted_from"] == "float32"
+  back = ModelIndex.load(path, storage="int8")
+  assert back.rescore == 6 and len(back) == 40
+  assert cli.main(["index", "info", "--index", path]) == 0
+  assert "storage: int8" in capsys.readouterr().out
+  assert cli.main(["index", "convert", "--index", path, "--storage", "int8", "--rescore",
+                   "0"]) == 2
+  assert "--rescore must be a positive int" in capsys.readouterr().err
+  assert cli.main(["index", "convert", "--index", path, "--storage", "int4"]) == 2
+  assert "invalid choice: 'int4'" in capsys.readouterr().err
 
 
 @needs8
@@ -262,8 +463,9 @@ def test_saved_index_holds_only_vectors_and_json(tmp_path):
   path = idx.save(tmp_path / "idx")
   assert sorted(os.listdir(path)) == ["index.json", "vectors"]
   manifest = json.loads((path / "index.json").read_text())
-  assert set(manifest) == {"format", "version", "dim", "num_vectors", "vectors_dtype", "ids",
-                           "metadata", "classes", "checksums", "shapes"}
+  assert set(manifest) == {"format", "version", "dim", "num_vectors", "vectors_dtype", "storage",
+                           "rescore", "ids", "metadata", "classes", "checksums", "shapes"}
+  assert manifest["storage"] == "float32" and manifest["version"] == index.VERSION
   assert manifest["classes"] is None  # vectors added alone: no class knowledge
   with ocp.StandardCheckpointer() as ckpt:
     tree = ckpt.metadata(path / "vectors").item_metadata.tree

@@ -16,8 +16,8 @@ from know2vec_jax.index import ModelIndex
 from know2vec_jax.knowledge import expected_queries
 from know2vec_jax.config import ConfigError, from_dict, override, to_dict
 from know2vec_jax.pipeline import TransferLabels
-from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata,
-                                zoo_tasks)
+from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, query_result,
+                                zoo_metadata, zoo_tasks)
 
 
 def test_training_covers_every_task_with_the_documented_budget(tiny_proxy, tiny_zoo):
@@ -59,6 +59,8 @@ def test_query_rows(tiny_proxy, tiny_index, tiny_zoo):
   r = next(iter(zoo.records.values()))
   x, y = few_shot(load_source(r.source), r.task, 4, seed=1)
   rows = query(tiny_proxy, tiny_index, x, y, k=5)
+  res = query_result(tiny_proxy, tiny_index, x, y, k=5)
+  assert res["results"] == rows
   assert [row["rank"] for row in rows] == [1, 2, 3, 4, 5]
   assert list(rows[0])[:8] == ["rank", "model_id", "score", "agreement", "token", "vector",
                                "arch", "task"]
@@ -67,6 +69,9 @@ def test_query_rows(tiny_proxy, tiny_index, tiny_zoo):
   match = tiny_proxy.config.match
   assert match.hub_k >= 1 and len(tiny_proxy.reference) >= match.hub_k
   hub = tiny_index.hub_offsets(match.hub_k)
+  # A familiar query (of a task the proxy trained on) is scored with the familiar settings.
+  hub_scale, weight = ((match.familiar_hub_scale, match.familiar_vector_weight) if res["familiar"]
+                       else (match.hub_scale, match.vector_weight))
   for row in rows:
     rec = zoo.records[row["model_id"]]
     j = tiny_index.ids.index(row["model_id"])
@@ -77,10 +82,10 @@ def test_query_rows(tiny_proxy, tiny_index, tiny_zoo):
     np.testing.assert_allclose(tiny_index.classes["hub"][j], ref_cos[:tiny_index.classes[
         "hub"].shape[1]], atol=1e-5)
     assert hub[j] == pytest.approx(float(ref_cos[:match.hub_k].mean()), abs=1e-5)
-    assert row["vector"] == pytest.approx(float(q @ v) - match.hub_scale * hub[j], abs=1e-5)
+    assert row["vector"] == pytest.approx(float(q @ v) - hub_scale * hub[j], abs=1e-5)
     assert 0 <= row["agreement"] <= 1 and 0 <= row["token"] <= 1
     assert row["score"] == pytest.approx(row["agreement"] + match.token_weight * row["token"]
-                                         + match.vector_weight * row["vector"], abs=1e-5)
+                                         + weight * row["vector"], abs=1e-5)
     assert (row["arch"], row["task"], row["k"]) == (rec.arch, rec.task.task_id, rec.k)
     assert row["proxy"] == tiny_proxy.fingerprint
   assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))

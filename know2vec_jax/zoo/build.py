@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import pathlib
+import shutil
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from know2vec_jax import distributed
 from know2vec_jax import strategy as strategy_lib
 from know2vec_jax.data import load_source, task_split
 from know2vec_jax.zoo import estimators as estimators_lib
+from know2vec_jax.zoo import store as store_lib
 from know2vec_jax.zoo import train as train_lib
 from know2vec_jax.zoo.architectures import flops_per_image
 from know2vec_jax.zoo.specs import ModelSpec
@@ -152,17 +159,8 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
   t0 = time.perf_counter()
   sources = sorted({s.task.source for s in specs})
   pool = ImagePool(sources, config.image_size, config.channels)
-  image_shape = (config.image_size, config.image_size, config.channels)
-  groups: dict[str, list[ModelSpec]] = {}
-  fitted: dict[str, list[ModelSpec]] = {}
-  for s in specs:
-    (fitted if estimators_lib.is_estimator(s.arch) else groups).setdefault(
-        f"{s.arch}-k{s.k}", []).append(s)
-
-  # Progress is counted in training FLOPs (3x the forward pass), so that the bar's rate and ETA
-  # hold across families whose step costs differ by 60x.
-  def cost(s: ModelSpec) -> float:
-    return 3e-9 * flops_per_image(s.arch, s.k, image_shape) * s.batch_size * max(s.steps, 1)
+  image_shape, groups, fitted = _plan(specs, config)
+  cost = functools.partial(_cost, image_shape=image_shape)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -171,37 +169,21 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
                dynamic_ncols=True)
   stacks, records = {}, {}
   for name, group in groups.items():
-    stack_spec = train_lib.StackSpec(group[0].arch, group[0].k, image_shape, config.conv_impl)
-    # Budgets sorted within a stack so that, under vmap, models of similar length share a chunk.
-    order = sorted(range(len(group)), key=lambda i: (group[i].batch_size, group[i].steps))
+    stack_spec = _stack_spec(group, image_shape, config)
+    order, chunks = _stack_chunks(group, config.chunk_size)
     chunk_params, by_id = [], {}
-    for c0 in range(0, len(order), config.chunk_size):
-      chunk = [group[i] for i in order[c0:c0 + config.chunk_size]]
-      real = len(chunk)
-      pad = [dataclasses.replace(chunk[0], steps=0)] * (config.chunk_size - real)
+    for c0, chunk in zip(range(0, len(order), config.chunk_size), chunks):
       if bar is not None:
-        bar.set_postfix_str(f"{name} models {c0 + 1}-{c0 + real}/{len(group)}")
-      params, heldout, train_acc, _ = train_models(chunk + pad, pool, stack_spec, config)
-      chunk_params.append(jax.tree.map(lambda a: a[:real], params))
-      for j, s in enumerate(chunk):
-        by_id[s.model_id] = (s, float(heldout[j]), float(train_acc[j]))
+        bar.set_postfix_str(f"{name} models {c0 + 1}-{c0 + len(chunk)}/{len(group)}")
+      params, accs = _train_chunk(chunk, pool, stack_spec, config)
+      chunk_params.append(params)
+      by_id |= accs
       if bar is not None:
         bar.update(round(sum(cost(s) for s in chunk)))
-    params = jax.tree.map(lambda *a: jnp.concatenate(a), *chunk_params)
-    # Rows of the stored stack follow the spec order, not the training order.
-    trained_order = [group[i].model_id for i in order]
-    perm = np.asarray([trained_order.index(s.model_id) for s in group])
-    params = jax.tree.map(lambda a: a[perm], params)
-    stacks[name] = ZooStack(name, stack_spec, [s.model_id for s in group], params)
+    stacks[name] = ZooStack(name, stack_spec, [s.model_id for s in group],
+                            _spec_order(group, order, chunk_params))
     for row, s in enumerate(group):
-      _, heldout, train_acc = by_id[s.model_id]
-      data = pool.data[s.task.source]
-      records[s.model_id] = ModelRecord(
-          model_id=s.model_id, arch=s.arch, task=s.task,
-          class_names=tuple(data.class_names[c] for c in s.task.classes), seed=s.seed,
-          steps=s.steps, learning_rate=s.learning_rate, batch_size=s.batch_size,
-          label_noise=s.label_noise, role=s.role, train_accuracy=train_acc,
-          heldout_accuracy=heldout, stack=name, stack_index=row)
+      records[s.model_id] = _record(s, pool, name, row, *by_id[s.model_id])
   if bar is not None:
     bar.close()
   estimator_sets = {}
@@ -216,6 +198,237 @@ def build_zoo(specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
               backend=jax.default_backend(),
               conv_impl=config.conv_impl, num_models=len(specs))
   return Zoo(image_shape, stacks, records, estimator_sets), info
+
+
+def _plan(specs: list[ModelSpec], config: BuildConfig):
+  """(image shape, network specs by stack name, estimator specs by set name), in spec order."""
+  image_shape = (config.image_size, config.image_size, config.channels)
+  groups: dict[str, list[ModelSpec]] = {}
+  fitted: dict[str, list[ModelSpec]] = {}
+  for s in specs:
+    (fitted if estimators_lib.is_estimator(s.arch) else groups).setdefault(
+        f"{s.arch}-k{s.k}", []).append(s)
+  return image_shape, groups, fitted
+
+
+def _cost(s: ModelSpec, image_shape) -> float:
+  """A network's training GFLOPs (3x the forward pass): progress and the split across processes
+  are counted in them, because step costs differ by 60x across families."""
+  return 3e-9 * flops_per_image(s.arch, s.k, image_shape) * s.batch_size * max(s.steps, 1)
+
+
+def _stack_spec(group: list[ModelSpec], image_shape, config: BuildConfig) -> train_lib.StackSpec:
+  return train_lib.StackSpec(group[0].arch, group[0].k, image_shape, config.conv_impl)
+
+
+def _stack_chunks(group: list[ModelSpec], chunk_size: int):
+  """(training order of the stack's models, its chunks of specs in that order)."""
+  # Budgets sorted within a stack so that, under vmap, models of similar length share a chunk.
+  order = sorted(range(len(group)), key=lambda i: (group[i].batch_size, group[i].steps))
+  return order, [[group[i] for i in order[c0:c0 + chunk_size]]
+                 for c0 in range(0, len(order), chunk_size)]
+
+
+def _train_chunk(chunk: list[ModelSpec], pool: ImagePool, stack_spec, config: BuildConfig):
+  """One jitted training call: (params of the chunk's models [real, ...], model id ->
+  (held-out accuracy, train accuracy)). The chunk is padded with zero-step copies to
+  ``config.chunk_size``, so its result does not depend on which other chunks are trained."""
+  real = len(chunk)
+  pad = [dataclasses.replace(chunk[0], steps=0)] * (config.chunk_size - real)
+  params, heldout, train_acc, _ = train_models(chunk + pad, pool, stack_spec, config)
+  return (jax.tree.map(lambda a: a[:real], params),
+          {s.model_id: (float(heldout[j]), float(train_acc[j])) for j, s in enumerate(chunk)})
+
+
+def _spec_order(group: list[ModelSpec], order: list[int], chunk_params: list):
+  """The chunks' parameters concatenated, rows in spec order (the stored stack's order), not
+  the training order."""
+  params = jax.tree.map(lambda *a: jnp.concatenate(a), *chunk_params)
+  trained_order = [group[i].model_id for i in order]
+  perm = np.asarray([trained_order.index(s.model_id) for s in group])
+  return jax.tree.map(lambda a: a[perm], params)
+
+
+def _record(s: ModelSpec, pool: ImagePool, stack: str, row: int, heldout: float,
+            train_acc: float) -> ModelRecord:
+  data = pool.data[s.task.source]
+  return ModelRecord(
+      model_id=s.model_id, arch=s.arch, task=s.task,
+      class_names=tuple(data.class_names[c] for c in s.task.classes), seed=s.seed,
+      steps=s.steps, learning_rate=s.learning_rate, batch_size=s.batch_size,
+      label_noise=s.label_noise, role=s.role, train_accuracy=train_acc,
+      heldout_accuracy=heldout, stack=stack, stack_index=row)
+
+
+# ---- several processes ---------------------------------------------------------------------------
+
+def build_zoo_to(path, specs: list[ModelSpec], config: BuildConfig = BuildConfig(),
+                 progress: bool = True, build_info: dict | None = None
+                 ) -> tuple[Zoo | None, dict]:
+  """Trains a zoo and writes it to ``path`` atomically, in one process or across several.
+
+  One process (``jax.process_count() == 1``): :func:`build_zoo`, then
+  :func:`know2vec_jax.zoo.save_zoo`, exactly. Several processes (every one calls this with the
+  same arguments; docs/design.md, "Multi-process stages"): the training chunks (each stack's
+  chunks of ``config.chunk_size`` models, and each estimator family's) are assigned to the
+  processes by training FLOPs (:func:`know2vec_jax.distributed.assign`); each process trains its
+  chunks exactly as one process does (same padding, seeds and compiled call, so the same
+  parameters bit for bit) and writes them as its part (:func:`know2vec_jax.zoo.store.save_part`,
+  atomic); after every process has written its part, process 0 verifies every part
+  (:func:`merge_parts`) and writes the zoo. ``path`` must be on a filesystem every process
+  shares. A process that dies leaves only the hidden parts directory, never a loadable zoo.
+
+  Args:
+    path: the zoo directory (created, or replaced once the new zoo is complete).
+    specs, config, progress: as :func:`build_zoo` (across processes, process 0 shows its share).
+    build_info: extra facts for the manifest's ``build`` record (e.g. the preset's name).
+
+  Returns:
+    (the zoo, build info); across processes the zoo on process 0 and None on the others.
+
+  Raises:
+    ZooError: bad specs, or (process 0) a missing or damaged part, named;
+    DistributedError: training or the merge failed on another process.
+  """
+  if distributed.process_count() == 1:
+    zoo, info = build_zoo(specs, config, progress)
+    info |= build_info or {}
+    store_lib.save_zoo(zoo, path, info)
+    return zoo, info
+  check_specs(specs)
+  t0 = time.perf_counter()
+  count, me = distributed.process_count(), distributed.process_index()
+  # One id per build, chosen by process 0: parts of an earlier (failed) run are never merged.
+  run = distributed.allgather(np.frombuffer(uuid.uuid4().bytes[:6], np.uint8))[0].tobytes().hex()
+  parts = store_lib.parts_dir(path, run)
+  pool = ImagePool(sorted({s.task.source for s in specs}), config.image_size, config.channels)
+  image_shape, groups, fitted = _plan(specs, config)
+  units = _units(groups, fitted, config, image_shape)
+  owner = distributed.assign([u["cost"] for u in units], count)
+
+  def train_share():
+    stacks, estimators, accs = [], [], {}
+    bar = None
+    if progress and me == 0:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=round(sum(u["cost"] for u, p in zip(units, owner) if p == me)),
+                 unit="GFLOP", desc=f"training zoo (process 0 of {count})", dynamic_ncols=True)
+    for number, (u, p) in enumerate(zip(units, owner)):
+      if p != me:
+        continue
+      ids = [s.model_id for s in u["specs"]]
+      if u["kind"] == "stack":
+        params, a = _train_chunk(u["specs"], pool, _stack_spec(groups[u["name"]], image_shape,
+                                                                config), config)
+        stacks.append({"unit": number, "stack": u["name"], "model_ids": ids, "params": params})
+        accs |= a
+      else:
+        est, recs = fit_estimators(u["name"], u["specs"], pool, image_shape, config)
+        estimators.append({"unit": number, "set": u["name"], "model_ids": ids,
+                           "blobs": est.blobs})
+        accs |= {m: (r.heldout_accuracy, r.train_accuracy) for m, r in recs.items()}
+      if bar is not None:
+        bar.update(round(u["cost"]))
+    if bar is not None:
+      bar.close()
+    store_lib.save_part(parts, me, count, run, stacks, estimators, accs)
+
+  distributed.local_step("zoo training", train_share)
+  info = dict(model_steps=int(sum(s.steps for s in specs)),
+              strategy=strategy_lib.resolve(config.strategy, allowed=strategy_lib.TRACED),
+              backend=jax.default_backend(), conv_impl=config.conv_impl, num_models=len(specs),
+              processes=count) | (build_info or {})
+
+  def merge():
+    zoo = merge_parts(parts, count, run, specs, config, pool)
+    store_lib.save_zoo(zoo, path, dict(info, seconds=time.perf_counter() - t0))
+    shutil.rmtree(parts, ignore_errors=True)  # the zoo is complete: its parts are not needed
+    return zoo
+
+  zoo = distributed.on_writer("zoo", merge)
+  return zoo, dict(info, seconds=time.perf_counter() - t0)
+
+
+def _units(groups: dict, fitted: dict, config: BuildConfig, image_shape) -> list[dict]:
+  """The build's chunks in a fixed order: each stack's training chunks, then each estimator
+  family's chunks of ``config.chunk_size`` models, with their costs (training GFLOPs; a fitted
+  estimator is counted as the zoo's mean network, since its cost is not known in FLOPs)."""
+  units = []
+  for name, group in groups.items():
+    for chunk in _stack_chunks(group, config.chunk_size)[1]:
+      units.append({"kind": "stack", "name": name, "specs": chunk,
+                    "cost": sum(_cost(s, image_shape) for s in chunk)})
+  nets = [u["cost"] / len(u["specs"]) for u in units]
+  per_estimator = float(np.mean(nets)) if nets else 1.0
+  for name, group in fitted.items():
+    for c0 in range(0, len(group), config.chunk_size):
+      chunk = group[c0:c0 + config.chunk_size]
+      units.append({"kind": "estimators", "name": name, "specs": chunk,
+                    "cost": per_estimator * len(chunk)})
+  return units
+
+
+def merge_parts(parts, count: int, run: str, specs: list[ModelSpec], config: BuildConfig,
+                pool: ImagePool | None = None) -> Zoo:
+  """The zoo assembled from the parts of a multi-process build (run by process 0).
+
+  Every part must be present and complete, of this run, and hold exactly the chunks
+  :func:`know2vec_jax.distributed.assign` gave its process; each chunk is verified against the
+  checksums its part recorded. The stacks are then assembled as :func:`build_zoo` assembles
+  them (chunks in training order, rows in spec order).
+
+  Args:
+    parts: the run's parts directory (:func:`know2vec_jax.zoo.store.parts_dir`).
+    count: the number of parts (processes).
+    run: the run's id.
+    specs, config: what every process was asked to build.
+    pool: the sources' images (for the class names); loaded when None.
+
+  Returns:
+    The :class:`Zoo`.
+
+  Raises:
+    ZooError: a missing, incomplete, foreign or damaged part (the first one, named).
+  """
+  image_shape, groups, fitted = _plan(specs, config)
+  units = _units(groups, fitted, config, image_shape)
+  owner = distributed.assign([u["cost"] for u in units], count)
+  got, accs = {}, {}
+  parts = pathlib.Path(parts)
+  for i in range(count):
+    want = {}
+    for number, (u, p) in enumerate(zip(units, owner)):
+      if p == i:
+        ids = [s.model_id for s in u["specs"]]
+        want[number] = (("stack", _stack_spec(groups[u["name"]], image_shape, config), ids)
+                        if u["kind"] == "stack" else ("estimators", ids))
+    chunks, a = store_lib.load_part(parts, i, count, run, want)
+    got |= chunks
+    accs |= a
+  if pool is None:
+    pool = ImagePool(sorted({s.task.source for s in specs}), config.image_size, config.channels)
+  numbers = {}
+  for number, u in enumerate(units):
+    numbers.setdefault((u["kind"], u["name"]), []).append(number)
+  stacks, records = {}, {}
+  for name, group in groups.items():
+    spec = _stack_spec(group, image_shape, config)
+    order, _ = _stack_chunks(group, config.chunk_size)
+    state = store_lib.stack_state(spec, len(group))
+    nnx.replace_by_pure_dict(state, _spec_order(group, order,
+                                                [got[n] for n in numbers[("stack", name)]]))
+    stacks[name] = ZooStack(name, spec, [s.model_id for s in group], state)
+    for row, s in enumerate(group):
+      records[s.model_id] = _record(s, pool, name, row, *accs[s.model_id])
+  estimator_sets = {}
+  for name, group in fitted.items():
+    blobs = [b for n in numbers[("estimators", name)] for b in got[n]]
+    estimator_sets[name] = estimators_lib.EstimatorSet(
+        name, group[0].arch, group[0].k, tuple(image_shape), [s.model_id for s in group], blobs)
+    for row, s in enumerate(group):
+      records[s.model_id] = _record(s, pool, name, row, *accs[s.model_id])
+  return Zoo(image_shape, stacks, {s.model_id: records[s.model_id] for s in specs},
+             estimator_sets)
 
 
 def fit_estimators(name: str, specs: list[ModelSpec], pool: ImagePool, image_shape,
@@ -249,13 +462,7 @@ def fit_estimators(name: str, specs: list[ModelSpec], pool: ImagePool, image_sha
         idx, y = idx[sub], y[sub]
       pred = est.predict(images[idx].reshape(len(idx), -1))
       acc[split] = float(np.mean(pred == y))
-    data = pool.data[s.task.source]
-    records[s.model_id] = ModelRecord(
-        model_id=s.model_id, arch=s.arch, task=s.task,
-        class_names=tuple(data.class_names[c] for c in s.task.classes), seed=s.seed,
-        steps=s.steps, learning_rate=s.learning_rate, batch_size=s.batch_size,
-        label_noise=s.label_noise, role=s.role, train_accuracy=acc["train"],
-        heldout_accuracy=acc["test"], stack=name, stack_index=row)
+    records[s.model_id] = _record(s, pool, name, row, acc["test"], acc["train"])
   est_set = estimators_lib.EstimatorSet(name, specs[0].arch, specs[0].k, tuple(image_shape),
                                         [s.model_id for s in specs], blobs)
   return est_set, records

@@ -11,6 +11,15 @@ Layout of a zoo directory::
 A zoo is written into a sibling temporary directory; the manifest is written last, then the
 directory is renamed into place. An interrupted write therefore never leaves a directory that loads
 as a complete zoo, and an existing zoo at the same path stays intact until the new one is complete.
+
+A zoo built by several processes (:func:`know2vec_jax.zoo.build.build_zoo_to`) is first written
+as **parts**, one file per process, in a hidden sibling directory ``.<name>.parts-<run>/``:
+``part-<i>-of-<n>.npz`` (written atomically with its checksum, :func:`save_part`) holds the
+chunks process i trained (their parameters, or their estimators' skops bytes), and in its
+metadata the run, its position, the chunks' model ids and each model's accuracies. Process 0
+reads every part back (:func:`load_part`: present, intact, of this run, exactly the chunks it was
+assigned) and only then writes the zoo. A part never loads as a zoo (it has no ``zoo.json``), and
+the parts directory is removed once the zoo is written.
 """
 
 from __future__ import annotations
@@ -95,9 +104,7 @@ def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
     raise ZooError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
   states, targets = {}, {}
   for name, (spec, ids) in specs.items():
-    state = nnx.state(nnx.eval_shape(lambda spec=spec: spec.make(0)))
-    states[name] = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(ids),) + a.shape, a.dtype),
-                                state)
+    states[name] = stack_state(spec, len(ids))
     targets[f"params/{name}"] = nnx.to_pure_dict(states[name])
   for name, (_, _, ids, sizes) in est_specs.items():
     targets[f"estimators/{name}"] = {"blob": np.zeros((sum(sizes),), np.uint8),
@@ -117,3 +124,133 @@ def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
       raise ZooError(f"zoo {root} is inconsistent: model {r.model_id!r} not at "
                      f"{r.stack}[{r.stack_index}]")
   return Zoo(image_shape, stacks, records, estimators)
+
+
+def stack_state(spec: train_lib.StackSpec, num_models: int) -> nnx.State:
+  """The abstract NNX state (shapes and dtypes only) of a stack of ``num_models`` models."""
+  state = nnx.state(nnx.eval_shape(lambda: spec.make(0)))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((num_models,) + a.shape, a.dtype), state)
+
+
+# ---- parts of a zoo built by several processes -------------------------------------------------
+
+PART_FORMAT = "know2vec-zoo-part"
+PART_VERSION = 1
+
+
+def parts_dir(path: str | os.PathLike, run: str) -> pathlib.Path:
+  """The hidden sibling directory holding the parts of run ``run`` of a zoo built at ``path``."""
+  target = pathlib.Path(path).expanduser().absolute()
+  return target.with_name(f".{target.name}.parts-{run}")
+
+
+def part_path(parts: pathlib.Path, index: int, count: int) -> pathlib.Path:
+  return pathlib.Path(parts) / f"part-{index:05d}-of-{count:05d}.npz"
+
+
+def _leaves(prefix: str, tree) -> dict[str, np.ndarray]:
+  return {f"{prefix}{jax.tree_util.keystr(p)}": np.asarray(a)
+          for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save_part(parts: pathlib.Path, index: int, count: int, run: str, stacks: list[dict],
+              estimators: list[dict], accuracies: dict[str, tuple[float, float]]
+              ) -> pathlib.Path:
+  """Writes process ``index``'s part of a multi-process zoo build: one checksummed file, written
+  atomically (:func:`know2vec_jax.storage.save_arrays`).
+
+  Args:
+    parts: the run's parts directory (:func:`parts_dir`).
+    index, count: this part and the number of parts (processes).
+    run: the run's id (every part of one build shares it).
+    stacks: trained stack chunks, ``{"unit": chunk number, "stack": name, "model_ids": [...]
+      (training order), "params": the chunk's stacked parameters}``.
+    estimators: fitted estimator chunks, ``{"unit", "set": name, "model_ids", "blobs": [bytes]}``.
+    accuracies: model id -> (held-out accuracy, train accuracy) of every model in the part.
+
+  Returns:
+    The part's file.
+  """
+  arrays = {}
+  for u in stacks:
+    arrays |= _leaves(f"units/{u['unit']}", storage.pure(u["params"]))
+  for u in estimators:  # EstimatorSet.pack's layout: the bytes back to back, and offsets
+    arrays[f"units/{u['unit']}/blob"] = np.frombuffer(b"".join(u["blobs"]), np.uint8)
+    arrays[f"units/{u['unit']}/offsets"] = np.concatenate(
+        [[0], np.cumsum([len(b) for b in u["blobs"]])]).astype(np.int64)
+  meta = {
+      "format": PART_FORMAT, "version": PART_VERSION, "run": run, "index": index,
+      "count": count,
+      "stacks": [{"unit": u["unit"], "stack": u["stack"], "model_ids": list(u["model_ids"])}
+                 for u in stacks],
+      "estimators": [{"unit": u["unit"], "set": u["set"], "model_ids": list(u["model_ids"])}
+                     for u in estimators],
+      "accuracies": {m: [float(h), float(t)] for m, (h, t) in accuracies.items()},
+  }
+  return storage.save_arrays(part_path(parts, index, count), arrays, meta)
+
+
+def load_part(parts: pathlib.Path, index: int, count: int, run: str,
+              units: dict[int, tuple]) -> tuple[dict[int, object], dict[str, tuple]]:
+  """Reads part ``index`` of ``count`` back and checks it is the one the merge expects.
+
+  Args:
+    parts: the run's parts directory.
+    index, count: which part, of how many.
+    run: the run's id.
+    units: chunk number -> ``("stack", StackSpec, model ids)`` or ``("estimators", model ids)``:
+      exactly the chunks the part must hold.
+
+  Returns:
+    (chunk number -> its parameters (pure tree) or its estimators' bytes (list), model id ->
+    (held-out accuracy, train accuracy)).
+
+  Raises:
+    ZooError: a missing part (the message names it), a damaged one, one of another run or
+      position, one that lacks a chunk or holds another's, or a chunk of other shapes.
+  """
+  where = part_path(parts, index, count)
+  what = f"zoo part {index} of {count}"
+  if not where.is_file():
+    raise ZooError(f"{what} is missing: {where} (process {index} did not finish its share, or "
+                   f"{parts.parent} is not on a filesystem every process shares)")
+  arrays, m = storage.load_arrays(where, ZooError)
+  if (m.get("format"), m.get("version")) != (PART_FORMAT, PART_VERSION):
+    raise ZooError(f"{where} is not a know2vec zoo part of version {PART_VERSION}")
+  if (m.get("run"), m.get("index"), m.get("count")) != (run, index, count):
+    raise ZooError(f"{what} at {where} belongs to another build (run {m.get('run')!r}, part "
+                   f"{m.get('index')} of {m.get('count')})")
+  try:
+    held = {int(u["unit"]): ("stack", list(u["model_ids"])) for u in m["stacks"]}
+    held |= {int(u["unit"]): ("estimators", list(u["model_ids"])) for u in m["estimators"]}
+    accs = {str(k): (float(v[0]), float(v[1])) for k, v in m["accuracies"].items()}
+  except (KeyError, TypeError, ValueError, IndexError) as e:
+    raise ZooError(f"{where} is corrupted: {type(e).__name__}: {e}") from e
+  if set(held) != set(units):
+    differ = sorted(set(units) ^ set(held))
+    raise ZooError(f"{what} at {where} holds chunks {sorted(held)}, expected {sorted(units)} "
+                   f"(chunk {differ[0]} differs): the processes did not split the same zoo")
+  out = {}
+  for u, want in units.items():
+    if held[u] != (want[0], list(want[-1])):
+      raise ZooError(f"{what} at {where}: chunk {u} holds other models than expected")
+    if want[0] == "stack":
+      target = nnx.to_pure_dict(stack_state(want[1], len(want[2])))
+      paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+      leaves = []
+      for path, spec in paths:
+        a = arrays.get(f"units/{u}{jax.tree_util.keystr(path)}")
+        if a is None or a.shape != spec.shape or a.dtype != spec.dtype:
+          raise ZooError(f"{what} at {where}: chunk {u}'s {jax.tree_util.keystr(path)} is missing "
+                         "or of another shape")
+        leaves.append(a)
+      out[u] = jax.tree_util.tree_unflatten(treedef, leaves)
+    else:
+      blob, off = arrays.get(f"units/{u}/blob"), arrays.get(f"units/{u}/offsets")
+      if blob is None or off is None or len(off) != len(want[-1]) + 1:
+        raise ZooError(f"{what} at {where}: chunk {u}'s estimators are missing")
+      out[u] = EstimatorSet.unpack({"blob": blob, "offsets": off})
+  missing = [mid for want in units.values() for mid in want[-1] if mid not in accs]
+  if missing:
+    raise ZooError(f"{what} at {where} records no accuracy for model {missing[0]!r}")
+  return out, accs
