@@ -21,9 +21,14 @@ import re
 import sys
 import time
 
-BENCHMARKS = ("peak", "probe", "boundary", "retrieval", "query", "align_train", "zoo_train")
+BENCHMARKS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "query", "align_train",
+              "zoo_train")
 HEADLINE_KEYS = ("probe_vs_torch_loop", "probe_fraction_of_peak", "retrieval_1e6_vs_faiss",
-                 "retrieval_1e6_fraction_of_bandwidth", "query_p50_ms_1e4")
+                 "retrieval_1e6_fraction_of_bandwidth", "retrieval_1e6_int8_vs_faiss",
+                 "retrieval_1e6_int8_recall10", "retrieval_1e6_bf16_vs_faiss",
+                 "retrieval_1e6_bf16_recall10", "query_p50_ms_1e4",
+                 "knowledge_models_per_s", "knowledge_scaling_efficiency",
+                 "knowledge_2proc_efficiency")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -121,7 +126,9 @@ def _set_devices(n: int | None) -> None:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, <= 3 minutes)")
+  p.add_argument("--quick", action="store_true",
+                 help="small sizes, the same headline figures (a smoke run: about 5 minutes on 2 "
+                      "CPU cores)")
   p.add_argument("--only", action="append", choices=BENCHMARKS,
                  help="run only these (repeatable); the peak benchmark always runs")
   p.add_argument("--devices", type=int, default=None,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import torch_models
-from benchmarks.common import accelerator, optional, ratio, time_call
+from benchmarks.common import accelerator, fraction, optional, ratio, time_call
 from know2vec_jax.blackbox import CallableBlackBox, StackGroup
 from know2vec_jax.data import load_source
 from know2vec_jax.knowledge import KnowledgeConfig, expected_queries, extract_knowledge, find_anchors
@@ -124,7 +124,8 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
     rows.append(dict(method=name, models=m, k=K, pool=n_pool, search_steps=steps,
                      pairs_models_per_s=pairs / med, queries_per_s=queries / med,
                      gflops_per_s=gflops,
-                     frac_conv_peak=ratio(gflops, peak.get("conv_im2col_gflops_per_s")),
+                     frac_peak=fraction(gflops, peak.get("f32_gflops_per_s"),
+                                        queries * flops / min(ts) / 1e9),
                      median_s=med, min_s=min(ts), max_s=max(ts), repeats=len(ts)))
     print(f"  {name:20s} {pairs / med:10.0f} pairs x models/s  ({med:.3f} s)", flush=True)
   rate = {r["method"]: r["pairs_models_per_s"] for r in rows}

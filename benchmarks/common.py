@@ -174,6 +174,20 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
   return float(ours) / float(theirs)
 
 
+def fraction(rate: float | None, *bounds: float | None) -> float | None:
+  """``rate`` as a fraction of the best of ``bounds``: a true bound, so never above 1.
+
+  ``bounds`` are rates of the same arithmetic measured in the same run (the peak benchmark's,
+  :mod:`benchmarks.peak`, and best calls of the benchmark's own, e.g. ``rate``'s own fastest
+  call): whichever is fastest is the most this machine was seen to do. ``rate`` should be a
+  median, so the fraction leans low, never high. None when ``rate`` or every bound is missing.
+  """
+  known = [float(b) for b in bounds if b]
+  if rate is None or not known:
+    return None
+  return float(rate) / max(known + [float(rate)])
+
+
 def cpu_model() -> str:
   """The CPU's model name (Linux), else the platform's processor string."""
   try:

@@ -1,8 +1,9 @@
 """The benchmark harness keeps working (``--quick`` sizes; no timing assertions).
 
-The suite runs once per session (about a minute on 2 CPU cores, here with the 8 forced devices of
-the test session, so the sharded probe, index and training paths are exercised too); the tests
-check its structure and the correctness checks it records.
+The suite runs once per session (about 4 minutes on 2 CPU cores shared with other work, here with
+the 8 forced devices of the test session, so the sharded probe, index and training paths are
+exercised too; knowledge_scaling on a 5-model zoo); the tests check its structure, the
+correctness checks it records and that every fraction of a peak is a true bound.
 """
 
 import json
@@ -14,13 +15,21 @@ import pytest
 from benchmarks import __main__ as bench
 from benchmarks import torch_models
 
-SECTIONS = ("peak", "probe", "boundary", "retrieval", "query", "align_train", "zoo_train")
+SECTIONS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "query", "align_train",
+            "zoo_train")
+# knowledge_scaling's zoo here: two small stacks (its --quick zoo, the demo families, takes a
+# minute or two of process starts and compilations).
+SMALL_ZOO = {"cnn_s-k4": 3, "mlp-k2": 2}
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+  from benchmarks import knowledge_scaling
   out = tmp_path_factory.mktemp("bench")
-  assert bench.main(["--quick", "--out", str(out)]) == 0
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(knowledge_scaling, "composition", lambda scale: dict(SMALL_ZOO))
+    mp.setitem(knowledge_scaling.SIZES, "quick", dict(scale=1, pool=64, pool_batch=64))
+    assert bench.main(["--quick", "--out", str(out)]) == 0
   (path,) = out.glob("*.json")
   return json.loads(path.read_text()), path
 
@@ -63,11 +72,54 @@ def test_probe_rows_and_torch_equivalence(quick_run):
   assert {"vmap", "map", "loop"} <= methods
   assert {r["arch"] for r in probe["rows"]} == {"mlp", "cnn_s", "cnn_l"}
   assert {r["inputs"] for r in probe["rows"]} == {"shared", "per-model"}
-  assert all(r["pairs_per_s"] > 0 and r["frac_conv_peak"] > 0 for r in probe["rows"])
+  assert all(r["pairs_per_s"] > 0 and 0 < r["frac_peak"] <= 1 for r in probe["rows"])
+  # The headline probes the full run's batch (the same figure), against a true bound.
+  detail = res["headline_detail"]["probe_fraction_of_peak"]
+  assert "B=1024" in detail["config"] and 0 < detail["value"] <= 1
+  assert detail["peak_gflops_per_s"] >= max(detail["peak_benchmark_f32_gflops_per_s"],
+                                            detail["fastest_probe_call_gflops_per_s"])
   if res["machine"]["torch"] is not None:
     assert any(mt.startswith("torch") for mt in methods)
     # The PyTorch baseline computes the same logits as the JAX stack.
     assert max(probe["torch_max_abs_logit_diff"].values()) < 1e-4
+
+
+def test_every_fraction_of_a_peak_is_a_true_bound(quick_run):
+  res, _ = quick_run
+  peaks = res["benchmarks"]["peak"]["peaks"]
+  assert peaks["f32_gflops_per_s"] == max(peaks["matmul_gflops_per_s"],
+                                          peaks["conv_im2col_gflops_per_s"],
+                                          peaks["conv_xla_gflops_per_s"])
+  seen = 0
+  for name, section in res["benchmarks"].items():
+    for table in (v for v in section.values() if isinstance(v, list)):
+      for row in (r for r in table if isinstance(r, dict)):
+        for key in ("frac_peak", "auto_frac_peak", "fraction_of_bandwidth"):
+          if row.get(key) is not None:
+            assert 0 < row[key] <= 1, (name, key, row)
+            seen += 1
+  assert seen > 20
+
+
+def test_knowledge_scaling_rows(quick_run):
+  res, _ = quick_run
+  k = res["benchmarks"]["knowledge_scaling"]
+  rows = {(r["processes"], r["devices_per_process"]): r for r in k["rows"]}
+  assert set(rows) == {(1, 1), (1, 8), (2, 1)}
+  for r in rows.values():
+    assert "error" not in r, r
+    assert r["models"] == sum(SMALL_ZOO.values()) and r["models_per_s"] > 0
+    assert r["tie_break_queries"] == 0  # every model cost N_pool + T K (K - 1) queries
+  assert rows[(1, 1)]["speedup"] == 1 and rows[(1, 8)]["devices"] == 8
+  # Two processes with one device each extract exactly what one process does.
+  assert rows[(2, 1)]["same_as_1_device"] == 1
+  head, detail = res["headline"], res["headline_detail"]
+  assert head["knowledge_models_per_s"] == rows[(1, 1)]["models_per_s"]
+  assert head["knowledge_scaling_efficiency"] == pytest.approx(rows[(1, 8)]["speedup"] / 8)
+  assert head["knowledge_2proc_efficiency"] == pytest.approx(rows[(2, 1)]["speedup"] / 2)
+  # Forced CPU devices share the cores: no scaling target is claimed, and the note says why.
+  assert detail["knowledge_scaling_efficiency"]["met"] is None
+  assert "share" in k["note"]
 
 
 def test_boundary_checks(quick_run):

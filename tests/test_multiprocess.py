@@ -1,14 +1,21 @@
-"""The aligner across 2 processes on loopback (JAX's CPU collectives) equals 1 process."""
+"""Multi-process runs on loopback (JAX's gloo CPU collectives): the aligner and every stage that
+splits its models across processes equal 1 process, and a bad launch fails in one line."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
-WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+HERE = os.path.dirname(__file__)
+WORKER = os.path.join(HERE, "multiprocess_worker.py")
+STAGES = os.path.join(HERE, "multiprocess_stages.py")
+RECORD = ("anchor_index", "flip_t", "anchor_fallback", "queries", "pool_labels")
 
 
 def _free_port() -> int:
@@ -17,9 +24,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _env(**extra):
+  # The stage workers keep the test process's device count: XLA:CPU's float rounding of a
+  # convolution depends on how many devices share the host, so bit-for-bit comparisons need the
+  # same count on both sides.
+  return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+
+
 def _run(nproc: int, tmp_path, devices_per_process: int):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
   out = tmp_path / f"out{nproc}.json"
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(nproc), port, str(out)], env=env,
@@ -39,3 +52,316 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose(one["losses"], two["losses"], rtol=1e-4)
   for a, b in zip(one["params"], two["params"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- the stages: zoo build, knowledge, ground truth, index build --------------------------------
+
+def _spawn(mode: str, nproc: int, out, *args):
+  port = str(_free_port())
+  return [subprocess.Popen([sys.executable, STAGES, mode, str(i), str(nproc), port, str(out),
+                            *map(str, args)], env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, tiny_zoo_dir, tiny_proxy_dir):
+  """One 2-process run of every stage (zoo build, knowledge, ground truth, index build), shared by
+  the tests below: (its output directory, each process's facts)."""
+  out = tmp_path_factory.mktemp("stages")
+  procs = _spawn("stages", 2, out, tiny_zoo_dir, tiny_proxy_dir)
+  logs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return out, [json.loads((out / f"facts-{i}.json").read_text()) for i in range(2)]
+
+
+def _split(facts, key, everything):
+  """Each process did a share of the work: non-empty, disjoint, together everything."""
+  shares = [set(f[key]) for f in facts]
+  assert all(shares) and not shares[0] & shares[1] and shares[0] | shares[1] == set(everything)
+
+
+def test_zoo_build_two_processes_equal_one(stages, tiny_zoo):
+  import jax
+  from flax import nnx
+
+  from know2vec_jax.zoo import load_zoo, read_manifest
+  out, facts = stages
+  one, two = tiny_zoo[0], load_zoo(out / "zoo")
+  assert list(two.stacks) == list(one.stacks)
+  for name, stack in one.stacks.items():
+    assert two.stacks[name].model_ids == stack.model_ids
+    a, b = nnx.to_pure_dict(stack.params), nnx.to_pure_dict(two.stacks[name].params)
+    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)),
+                                     a, b)), name  # bit for bit
+  assert {m: r.to_json() for m, r in two.records.items()} == \
+      {m: r.to_json() for m, r in one.records.items()}
+  assert read_manifest(out / "zoo")["build"]["processes"] == 2
+  _split(facts, "zoo_trained", one.records)
+  assert not list(out.glob(".zoo.parts-*"))  # merged, then removed
+
+
+def test_knowledge_two_processes_equal_one(stages, tiny_zoo, tiny_proxy_dir):
+  from know2vec_jax.blackbox import groups_from_zoo
+  from know2vec_jax.knowledge import group_knowledge
+  from know2vec_jax.proxy import Proxy
+  out, facts = stages
+  proxy = Proxy.load(tiny_proxy_dir)
+  one = group_knowledge(groups_from_zoo(tiny_zoo[0]), proxy.pool, proxy.config.knowledge)
+  with np.load(out / "knowledge.npz") as two:
+    for kn in one:
+      for i, m in enumerate(kn.model_ids):
+        for name in RECORD:
+          np.testing.assert_array_equal(getattr(kn, name)[i], two[f"{m}/{name}"], err_msg=m)
+  _split(facts, "knowledge_probed", tiny_zoo[0].records)
+
+
+def test_ground_truth_two_processes_equal_one(stages, tiny_zoo, tiny_zoo_dir, monkeypatch):
+  from know2vec_jax import transfer
+  from multiprocess_stages import gt_setup
+  out, facts = stages
+  zoo = tiny_zoo[0]
+  ids, targets, cfg = gt_setup(zoo)
+  one = transfer.ground_truth(zoo, None, ids, targets, cfg)
+  with np.load(out / "gt.npz") as two:
+    for t in targets:
+      np.testing.assert_array_equal(one[t.name], two[t.name])  # bit for bit
+  # Every jitted chunk ran once, on one process or the other.
+  chunks = len(targets) * len(transfer.chunk_plan(zoo, ids, cfg))
+  assert [f["gt_chunks"] > 0 for f in facts] == [True, True]
+  assert sum(f["gt_chunks"] for f in facts) == chunks
+  # Process 0 wrote the cache: read back, nothing recomputed.
+  monkeypatch.setattr(transfer, "finetune_accuracy", lambda *a, **k: 1 / 0)
+  cached = transfer.ground_truth(zoo, tiny_zoo_dir, ids, targets, cfg, cache_dir=out / "gt")
+  for t in targets:
+    np.testing.assert_array_equal(cached[t.name], one[t.name])
+
+
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_finetune_chunks_split_anyhow_add_up_to_the_whole(tiny_zoo, mode):
+  import dataclasses
+
+  from know2vec_jax import transfer
+  from multiprocess_stages import gt_setup
+  ids, targets, cfg = gt_setup(tiny_zoo[0])
+  cfg = dataclasses.replace(cfg, mode=mode, chunk_size=2 if mode == "linear" else 4)
+  plan = transfer.chunk_plan(tiny_zoo[0], ids, cfg)
+  assert len(plan) == 2 and sum(c["runs"] for c in plan) == len(ids) * cfg.runs
+  whole = transfer.finetune_accuracy(tiny_zoo[0], ids, targets[0], cfg)
+  parts = [transfer.finetune_accuracy(tiny_zoo[0], ids, targets[0], cfg,
+                                      only_chunks=lambda c, i=i: c == i) for i in range(2)]
+  assert all((p > 0).any() and (p == 0).any() for p in parts)  # each chunk fills some cells
+  np.testing.assert_array_equal(parts[0] + parts[1], whole)
+
+
+def test_index_build_two_processes_equal_one(stages, tiny_zoo, tiny_proxy_dir):
+  from know2vec_jax.blackbox import groups_from_zoo
+  from know2vec_jax.index import ModelIndex
+  from know2vec_jax.knowledge import KnowledgeStore, store_context
+  from know2vec_jax.proxy import Proxy, zoo_metadata
+  out, facts = stages
+  zoo = tiny_zoo[0]
+  proxy = Proxy.load(tiny_proxy_dir)
+  proxy.knowledge = KnowledgeStore(store_context(proxy.pool, proxy.config.knowledge))
+  one = proxy.build_index(groups_from_zoo(zoo), zoo_metadata(zoo))
+  two = ModelIndex.load(out / "index")
+  assert two.ids == one.ids
+  np.testing.assert_array_equal(two.vectors, one.vectors)
+  for name, a in one.classes.items():
+    np.testing.assert_array_equal(two.classes[name], a)
+  assert [two.metadata(m) for m in two.ids] == [one.metadata(m) for m in one.ids]
+  _split(facts, "index_probed", zoo.records)
+  assert [f["index_rows"] for f in facts] == [len(zoo.records)] * 2  # every process holds all
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_index_search_across_two_processes_equals_one(stages, storage):
+  import jax
+
+  from know2vec_jax.index import ModelIndex
+  from multiprocess_stages import SEARCH_K, search_setup
+  out, _ = stages
+  got = [json.loads((out / f"search-{i}.json").read_text()) for i in range(2)]
+  built = ModelIndex.load(out / "index")
+  ids, vectors, queries = search_setup()
+  cases = {"built": (built.ids, built.vectors,
+                     built.vectors[[0, len(built) // 2, len(built) - 1]]),
+           "synthetic": (ids, vectors, queries)}
+  for name, (ids, vectors, queries) in cases.items():
+    # One process, one device: the plain search.
+    one = ModelIndex(vectors.shape[1], storage=storage, devices=jax.devices()[:1])
+    one.add_vectors(ids, vectors)
+    scores, found = one.search(queries, SEARCH_K)
+    assert one.num_shards == 1
+    for i in range(2):
+      two_scores, two_ids, where = got[i][name][storage]
+      assert two_ids == found, (name, i)
+      two_scores = np.asarray(two_scores, np.float32)
+      if storage == "float32":
+        # XLA:CPU's product rounds by the shard's row count: within 2 ulps of 1.
+        np.testing.assert_allclose(two_scores, scores, rtol=0, atol=2.5e-7, err_msg=name)
+      else:  # the shortlist is re-scored on the host from the float32 rows: bit for bit
+        np.testing.assert_array_equal(two_scores, scores, err_msg=name)
+      # The rows were sharded over the devices of both processes, each holding its half.
+      devices = 2 * jax.device_count()
+      padded = -(-len(ids) // devices) * devices
+      assert where == {"devices": devices, "processes": [0, 1], "local_shards": devices // 2,
+                       "local_rows": padded // 2, "padded_rows": padded}, (name, where)
+  # Equal scores resolve to the earlier row wherever the copies sit: query 4 is row 17, and its
+  # ten copies (rows 2000-2009) live on other shards.
+  assert got[0]["synthetic"][storage][1][4] == ["m0017"] + [f"m{2000 + j}" for j in range(9)]
+
+
+def test_split_is_deterministic_balanced_and_complete():
+  from know2vec_jax.distributed import DistributedError, assign, mine, shard
+  costs = [5, 1, 1, 3, 2, 2, 8, 1]
+  owner = assign(costs, 3)
+  assert owner == assign(costs, 3)  # every process computes the same split
+  loads = [sum(c for c, p in zip(costs, owner) if p == i) for i in range(3)]
+  assert sorted(loads) == [7, 8, 8]  # longest first: 8 | 5+2+1 | 3+2+1+1 (none can beat 8)
+  shares = [mine(list("abcdefgh"), costs, i, 3) for i in range(3)]
+  assert sorted(x for s in shares for x in s) == list("abcdefgh")
+  assert all(s == sorted(s) for s in shares)  # in item order
+  assert [shard(7, i, 3) for i in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+  assert assign([1.0], 4) == [0] and assign([], 2) == []
+  with pytest.raises(DistributedError, match="costs must be finite"):
+    assign([1.0, float("nan")], 2)
+
+
+# ---- failures ----------------------------------------------------------------------------------
+
+def test_launch_arguments_are_checked_before_anything_starts(tmp_path, capsys):
+  from know2vec_jax import cli
+  from know2vec_jax.distributed import DistributedError, initialize
+  for args, match in [
+      (("127.0.0.1:1234", 2, 2), r"process_id 2 is outside \[0, 2\)"),
+      (("127.0.0.1:1234", 0, 0), "num_processes must be an integer >= 1"),
+      (("127.0.0.1:1234", 2, -1), "process_id must be an integer >= 0"),
+      (("127.0.0.1", 2, 0), "coordinator must be HOST:PORT"),
+      (("127.0.0.1:99999", 2, 0), "coordinator must be HOST:PORT"),
+      (("127.0.0.1:1234", 2, None), "needs --num-processes N and --process-id I"),
+      ((None, 2, 0), "need --coordinator HOST:PORT")]:
+    with pytest.raises(DistributedError, match=match):
+      initialize(*args)
+  import jax
+  jax.devices()  # JAX has started: too late to join a run
+  with pytest.raises(DistributedError, match="must be called before any JAX"):
+    initialize(f"127.0.0.1:{_free_port()}", 2, 0, timeout=5)
+  assert cli.main(["zoo", "build", "--preset", "tiny", "--zoo", str(tmp_path / "z"),
+                   "--coordinator", "127.0.0.1:1234", "--num-processes", "2",
+                   "--process-id", "5"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("know2vec: error: process_id 5 is outside")
+  assert not (tmp_path / "z").exists()
+
+
+def _cli(*args):
+  # No cluster in the environment, whatever machine runs the tests (for `--coordinator auto`).
+  env = {k: v for k, v in _env().items()
+         if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "CLOUD_TPU", "JAX_COORDINATOR"))}
+  return subprocess.Popen([sys.executable, "-m", "know2vec_jax.cli", *map(str, args)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _error_line(proc, timeout=120) -> str:
+  _, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 2, err[-2000:]
+  lines = [ln for ln in err.splitlines() if ln.startswith("know2vec: error:")]
+  assert len(lines) == 1, err[-2000:]
+  return lines[0]
+
+
+def test_unreachable_coordinator_and_missing_processes_fail_in_bounded_time(tmp_path):
+  port = _free_port()  # nothing listens there
+  t0 = time.monotonic()
+  alone = _cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "a", "--coordinator",
+               f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "0",
+               "--coordinator-timeout", 3)
+  lost = _cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "b", "--coordinator",
+              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+              "--coordinator-timeout", 3)
+  auto = _cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "c", "--coordinator", "auto")
+  assert "cannot reach the coordinator 127.0.0.1:" in _error_line(lost)
+  assert "not all 2 processes joined the coordinator" in _error_line(alone)
+  assert "--coordinator auto found no cluster environment" in _error_line(auto)
+  assert time.monotonic() - t0 < 60  # 3 s waits, plus starting Python and JAX three times
+  assert not any((tmp_path / z).exists() for z in "abc")
+
+
+def test_processes_that_disagree_on_the_count_stop_with_one_line(tmp_path):
+  port = _free_port()
+  procs = [_cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "z", "--coordinator",
+                f"127.0.0.1:{port}", "--num-processes", n, "--process-id", i,
+                "--coordinator-timeout", 60) for i, n in ((0, 2), (1, 3))]
+  for p in procs:
+    line = _error_line(p)
+    assert "processes disagree on the process count" in line and "process(es) [1]" in line
+  assert not (tmp_path / "z").exists()
+
+
+def _parts(zoo, ids_units, index, count, run, parts):
+  """Writes part ``index`` from a trained zoo's own parameters (the chunks assign() gives it)."""
+  import jax
+
+  from know2vec_jax.zoo import store
+  stacks = []
+  for number, u in ids_units:
+    ids = [s.model_id for s in u["specs"]]
+    st = zoo.stacks[u["name"]]
+    rows = np.asarray([st.model_ids.index(m) for m in ids])
+    stacks.append({"unit": number, "stack": u["name"], "model_ids": ids,
+                   "params": jax.tree.map(lambda a: np.asarray(a)[rows], st.params)})
+  accs = {m: (zoo.records[m].heldout_accuracy, zoo.records[m].train_accuracy)
+          for _, u in ids_units for m in (s.model_id for s in u["specs"])}
+  return store.save_part(parts, index, count, run, stacks, [], accs)
+
+
+def test_merge_names_a_missing_or_damaged_part_and_assembles_the_zoo(tiny_zoo, tmp_path):
+  import jax
+  from flax import nnx
+
+  from know2vec_jax.distributed import assign
+  from know2vec_jax.zoo import BuildConfig, ZooError, load_zoo, tiny_specs
+  from know2vec_jax.zoo import build, store
+  specs, cfg = tiny_specs(), BuildConfig(chunk_size=4)
+  image_shape, groups, fitted = build._plan(specs, cfg)
+  units = build._units(groups, fitted, cfg, image_shape)
+  owner = assign([u["cost"] for u in units], 2)
+  parts = store.parts_dir(tmp_path / "zoo", "r1")
+  mine = [[(n, u) for n, (u, p) in enumerate(zip(units, owner)) if p == i] for i in range(2)]
+  _parts(tiny_zoo[0], mine[0], 0, 2, "r1", parts)
+  with pytest.raises(ZooError, match=r"zoo part 1 of 2 is missing: .*part-00001-of-00002\.npz"):
+    build.merge_parts(parts, 2, "r1", specs, cfg)
+  second = _parts(tiny_zoo[0], mine[1], 1, 2, "r1", parts)
+  with pytest.raises(ZooError, match="belongs to another build"):
+    build.merge_parts(parts, 2, "r2", specs, cfg)
+  zoo = build.merge_parts(parts, 2, "r1", specs, cfg)
+  for name, stack in tiny_zoo[0].stacks.items():
+    assert jax.tree.all(jax.tree.map(np.array_equal, nnx.to_pure_dict(stack.params),
+                                     nnx.to_pure_dict(zoo.stacks[name].params)))
+  assert zoo.records == tiny_zoo[0].records
+  second.write_bytes(second.read_bytes()[:100])  # a damaged part
+  with pytest.raises(ZooError, match="part-00001-of-00002.npz"):
+    build.merge_parts(parts, 2, "r1", specs, cfg)
+  with pytest.raises(ZooError, match="does not exist"):  # parts never load as a zoo
+    load_zoo(tmp_path / "zoo")
+
+
+def test_a_killed_process_leaves_no_zoo_that_loads(tmp_path):
+  from know2vec_jax.zoo import ZooError, load_zoo
+  procs = _spawn("die-after-part", 2, tmp_path)
+  try:
+    procs[1].communicate(timeout=300)
+    assert procs[1].returncode == -signal.SIGKILL  # killed right after writing its part
+    (part,) = tmp_path.glob(".zoo.parts-*/part-00001-of-00002.npz")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
+  assert not (tmp_path / "zoo").exists()
+  with pytest.raises(ZooError, match="does not exist"):
+    load_zoo(tmp_path / "zoo")
+  with pytest.raises(ZooError, match="zoo.json is missing"):
+    load_zoo(part.parent)
+  assert [p.name for p in tmp_path.iterdir()] == [part.parent.name]
