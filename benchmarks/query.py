@@ -4,7 +4,8 @@ The product's query path, :func:`know2vec_jax.proxy.query` on a :class:`Proxy` o
 (demo) configuration, per call: :meth:`Proxy.describe_queries` (validation, backbone features of
 the shots and of the class midpoints, class-prototype grid, padding, the jitted query vectorizer,
 the query classes' nearest pool images) -> :meth:`ModelIndex.match` over a 10^4-model index
-(the vector shortlist of 256, then class-level matching) -> ranked rows (model id, score and its
+(the vector shortlist, 4,096 by default, then class-level matching on the index's
+resident class knowledge) -> ranked rows (model id, score and its
 parts, metadata). The proxy's probe pool has the demo's 9,600 images, and every index row holds
 class knowledge of a 4-way model (tokens and a label per pool image).
 

@@ -212,77 +212,108 @@ def greedy_assignment(scores, row_mask, col_mask):
   return total
 
 
-@jax.jit
-def _class_scores(prototypes, q_mask, anchors, tokens, t_mask, labels, rows):
-  """prototypes [Q, Kq, D], q_mask [Q, Kq], anchors [Q, Kq, n]; the U candidate models' tokens
-  [U, Km, D], t_mask [U, Km] and pool labels [U, N]; each query's candidates ``rows`` [Q, R]
-  (indices into U) -> (agreement, token) [Q, R]."""
+@functools.partial(jax.jit, static_argnames=("gather_tokens",))
+def _class_scores(prototypes, q_mask, anchors, tokens, t_mask, labels, rows, gather_tokens: bool):
+  """prototypes [Q, Kq, D], q_mask [Q, Kq], anchors [Q, Kq, n]; every model's tokens [M, Km, D],
+  t_mask [M, Km] and pool labels [M, N]; each query's candidates ``rows`` [Q, R] (indices into
+  M) -> (agreement, token) [Q, R]. ``gather_tokens``: the prototype-token cosines from the
+  candidates' gathered tokens (Q R Km D values) rather than against every model's, then picked
+  (Q M Kq Km values): whichever is smaller."""
   km = tokens.shape[-2]
   qm = q_mask > 0
   tm = t_mask[rows] > 0  # [Q, R, Km]
   kq = jnp.maximum(q_mask.sum(-1), 1.0)[:, None]  # [Q, 1]
-  # Each candidate's labels on each query class's stand-ins: [Q, R, Kq, n].
+  # Each candidate's labels on each query class's stand-ins: [Q, R, Kq, n], gathered where the
+  # labels live (a query reads R * Kq * n of the M * N labels).
   got = labels[rows[:, :, None, None], anchors[:, None, :, :]]
   # Counts by comparison in the labels' own dtype (10x faster on CPU than a float one-hot).
   hits = (got[..., None] == jnp.arange(km, dtype=labels.dtype)).sum(-2, dtype=jnp.int32)
   confusion = hits.astype(jnp.float32) / anchors.shape[-1]  # [Q, R, Kq, Km]
   agreement = greedy_assignment(confusion, qm[:, None], tm) / kq
-  # Prototype-token cosines against the U candidates once, then per query's candidates: cheaper
-  # than gathering [Q, R, Km, D] tokens when candidates repeat across queries.
-  sim = jnp.einsum("qkd,ujd->qukj", prototypes, tokens)
-  sim = jnp.take_along_axis(sim, rows[:, :, None, None], axis=1)  # [Q, R, Kq, Km]
+  if gather_tokens:
+    sim = jnp.einsum("qkd,qrjd->qrkj", prototypes, tokens[rows])  # [Q, R, Kq, Km]
+  else:
+    sim = jnp.einsum("qkd,mjd->qmkj", prototypes, tokens)
+    sim = jnp.take_along_axis(sim, rows[:, :, None, None], axis=1)
   token = greedy_assignment(sim, qm[:, None], tm) / jnp.maximum(kq, tm.sum(-1))
   return agreement, token
 
 
-def _bucket(n: int) -> int:
-  """``n`` rounded up to a power of two (at least 8): few distinct shapes, few compilations."""
-  return max(8, 1 << (int(n) - 1).bit_length())
+def _bucket(n: int, cap: int) -> int:
+  """``n`` rounded up to a power of two, at most ``cap``: few distinct shapes, few
+  compilations, and a single query is not padded to a whole chunk."""
+  return min(1 << max(int(n) - 1, 0).bit_length(), cap)
 
 
-def class_scores(query: QueryClasses, tokens, token_mask, pool_labels, rows=None,
+@dataclasses.dataclass(frozen=True)
+class ClassKnowledge:
+  """Every model's class knowledge as :func:`class_scores` reads it (device arrays, classes
+  trimmed to the widest model): build it once per index (:meth:`from_arrays`) and reuse it, so
+  a query moves only its own indices to the device.
+
+  Attributes:
+    tokens: float32 [M, Km, D]; mask: float32 [M, Km]; pool_labels: uint8 [M, N].
+  """
+  tokens: jax.Array
+  mask: jax.Array
+  pool_labels: jax.Array
+
+  @classmethod
+  def from_arrays(cls, tokens, token_mask, pool_labels, device=None) -> "ClassKnowledge":
+    """From host arrays (``tokens`` [M, K_max, D], ``token_mask`` [M, K_max], ``pool_labels``
+    [M, N]) onto ``device`` (default: JAX's default device)."""
+    token_mask = np.asarray(token_mask, np.float32)
+    km = max(int(token_mask.sum(-1).max(initial=0)), 1)
+    put = (lambda a: jax.device_put(a, device)) if device is not None else jnp.asarray
+    return cls(put(np.ascontiguousarray(np.asarray(tokens, np.float32)[:, :km])),
+               put(np.ascontiguousarray(token_mask[:, :km])),
+               put(np.asarray(pool_labels, np.uint8)))
+
+  def __len__(self) -> int:
+    return self.tokens.shape[0]
+
+
+def class_scores(query: QueryClasses, tokens, token_mask=None, pool_labels=None, rows=None,
                  chunk: int = 32):
   """Class-level scores of candidate models for each query.
 
   Args:
     query: Q queries (:func:`query_classes`).
-    tokens: float32 [M, K_max, D] every model's unit class tokens.
+    tokens: float32 [M, K_max, D] every model's unit class tokens, or a :class:`ClassKnowledge`
+      holding all three arrays (then ``token_mask`` and ``pool_labels`` are not given).
     token_mask: float32 [M, K_max].
     pool_labels: uint8 [M, N] every model's label for each pool image.
     rows: int [Q, R] the candidate models of each query (default: all M for every query).
-    chunk: queries per jitted call.
+    chunk: the most queries per jitted call.
 
   Returns:
     (agreement float32 [Q, R], token float32 [Q, R]).
   """
+  know = tokens if isinstance(tokens, ClassKnowledge) else ClassKnowledge.from_arrays(
+      tokens, token_mask, pool_labels)
   q = len(query)
-  tokens = np.asarray(tokens, np.float32)
-  token_mask = np.asarray(token_mask, np.float32)
-  pool_labels = np.asarray(pool_labels)
-  m = tokens.shape[0]
+  m = len(know)
   rows = np.broadcast_to(np.arange(m), (q, m)) if rows is None else np.asarray(rows)
   agree = np.zeros(rows.shape, np.float32)
   tok = np.zeros(rows.shape, np.float32)
   if q == 0 or rows.shape[1] == 0:
     return agree, tok
   # Queries of one class count run together, trimmed to it (a 4-way query padded to 10 classes
-  # would gather and compare 2.5x the labels); models are trimmed to the widest one.
-  km = max(int(token_mask.sum(-1).max()), 1)
+  # would gather and compare 2.5x the labels).
   k_of = query.mask.sum(-1).astype(int)
   for kq in np.unique(k_of):
     members = np.flatnonzero(k_of == kq)
-    for s in range(0, len(members), chunk):
-      part = members[s:s + chunk]
-      pad = np.concatenate([part, np.full(chunk - len(part), part[-1])])  # one shape per chunk
-      uniq, inv = np.unique(rows[pad], return_inverse=True)
-      u = _bucket(len(uniq))
-      take = np.concatenate([uniq, np.full(u - len(uniq), uniq[0])])
+    size = _bucket(len(members), chunk)
+    for s in range(0, len(members), size):
+      part = members[s:s + size]
+      pad = np.concatenate([part, np.full(size - len(part), part[-1])])  # one shape per size
       kk = max(int(kq), 1)
+      km, dim = know.tokens.shape[1:]
+      gather = rows.shape[1] * km * dim < m * kk * km
       a, t = _class_scores(jnp.asarray(query.prototypes[pad, :kk]),
                            jnp.asarray(query.mask[pad, :kk]), jnp.asarray(query.anchors[pad, :kk]),
-                           jnp.asarray(tokens[take, :km]), jnp.asarray(token_mask[take, :km]),
-                           jnp.asarray(pool_labels[take]),
-                           jnp.asarray(inv.reshape(len(pad), -1), jnp.int32))
+                           know.tokens, know.mask, know.pool_labels,
+                           jnp.asarray(rows[pad], jnp.int32), gather)
       agree[part], tok[part] = np.asarray(a)[:len(part)], np.asarray(t)[:len(part)]
   return agree, tok
 

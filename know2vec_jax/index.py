@@ -372,6 +372,7 @@ class ModelIndex:
     self._classes: dict[str, np.ndarray] | None = None  # CLASS_ARRAYS, one row per model
     # (device arrays: (vectors,) or (int8 codes, scales); num_valid on device; mesh or None)
     self._device_state = None
+    self._device_classes = None  # classmatch.ClassKnowledge, built on the first match
 
   # ---- read access -------------------------------------------------------------------------
 
@@ -558,6 +559,7 @@ class ModelIndex:
       self._ids.append(i)
       self._meta.append(m)
     self._device_state = None
+    self._device_classes = None
 
   def _check_classes(self, classes: dict | None, n: int) -> dict | None:
     """Validated class knowledge of n new rows (None when there is none)."""
@@ -647,6 +649,7 @@ class ModelIndex:
     self._meta = [self._meta[r] for r in keep]
     self._row = {i: r for r, i in enumerate(self._ids)}
     self._device_state = None
+    self._device_classes = None
 
   # ---- search --------------------------------------------------------------------------------
 
@@ -817,8 +820,10 @@ class ModelIndex:
     else:
       raw, ids = self.search(q, r)
       rows = np.asarray([[self._row[i] for i in row] for row in ids])
-    agree, tok = classmatch.class_scores(classes, self._classes["tokens"], self._classes["mask"],
-                                         self._classes["pool_labels"], rows)
+    if self._device_classes is None:  # resident: a query moves only its own indices
+      self._device_classes = classmatch.ClassKnowledge.from_arrays(
+          self._classes["tokens"], self._classes["mask"], self._classes["pool_labels"])
+    agree, tok = classmatch.class_scores(classes, self._device_classes, rows=rows)
     fit = classmatch.fit_score(agree, tok, config)
     gate = classmatch.familiar(classes, config, fit, raw)
     hub_scale, weight = classmatch.vector_terms(gate, config)
