@@ -31,8 +31,8 @@ Benchmarks:
   this protocol: the full 30-step fine-tune on 50 shots washes pre-training out (measured on 24
   matched models and 3 targets: the top eight models within 0.01 at 0.94-0.95 whatever they were
   trained on), while the frozen body keeps it (the target's own dataset on top, spread 0.6-0.98).
-  Training targets: 24 drawn by the product (:func:`know2vec_jax.selection.draw_targets`) with
-  the same protocol on 2 runs.
+  Training targets: 192 drawn by the product (:func:`know2vec_jax.selection.draw_targets`) with
+  the product's default protocol (frozen body, 2 runs).
 - ``capacity``: :func:`sfmte_models`, 114 models of the demo zoo that keep its variety: per base
   dataset six plain 4-way tasks and one task in each transformed domain (mlp, cnn_s, cnn_l each),
   two 2-way tasks (mlp, cnn_s) and every 10-way model, plus two deliberately weak 4-way models.
@@ -104,18 +104,23 @@ VARIANTS = {
 DEFAULT_VARIANT = "know2vec-attention-shared"
 
 EXPECTED_RUNTIME = (
-    "query_dependent (--quick runs it with one seed): ground truth 5.5 min from an empty cache "
-    "(24 evaluation targets 92 s, 96 training targets about 4 min), then cached; 6 proxy "
-    "trainings and the baselines 6.4 min. capacity: ground truth 46 min from an empty cache "
-    "(full fine-tunes of 114 models), six proxy trainings of 1-3 min")
+    "2-core CPU, nothing else running. query_dependent (--quick runs it with one seed): ground "
+    "truth from an empty cache: 24 evaluation targets 92 s, 192 training targets about 8 min "
+    "(96 measured at about 4 min), then cached; 6 proxy trainings and the baselines 5.2 min "
+    "(313 s). capacity: ground truth 21 min from an empty cache (evaluation 320 s, training "
+    "targets 951 s; full fine-tunes of 114 models), 36 min in all (2,176 s) with six proxy "
+    "trainings")
 EXPECTED_NUMBERS = (
     "query_dependent: 24 targets, 120 models, none saturated or leaking. Mean weighted tau: "
-    "ceiling 0.933, split-half agreement 0.867; LogME on features (white-box, 5,100 forwards) "
-    "0.670; know2vec-attention-shared q.m 0.668 +- 0.006 (0 forwards); know2vec-both accuracy "
-    "head 0.585 +- 0.007 (MAE 0.092); H-score shrinkage on logits 0.578; attention-shared accuracy "
-    "head 0.512 +- 0.021 (MAE 0.081); LEEP 0.493; anchor matching 0.353; prior 0.140 (from the "
-    "training targets 0.149); random -0.05. capacity (previous run, 14 targets before the leak "
-    "rule): prior 0.77, Know2Vec accuracy heads 0.74-0.75, split-half agreement 0.80")
+    "ceiling 0.933, split-half agreement 0.867; know2vec-attention-shared q.m 0.708 +- 0.008 (0 "
+    "forwards); LogME on features (white-box, 5,100 forwards) 0.670; know2vec-both accuracy head "
+    "0.614 +- 0.008 (MAE 0.091); H-score shrinkage on logits 0.578; attention-shared accuracy "
+    "head 0.522 +- 0.022 (MAE 0.077); LEEP 0.493; anchor matching 0.353; prior 0.140 (from the "
+    "training targets 0.172); random -0.05. capacity: 11 targets (3 dropped as leaking), 114 "
+    "models: ceiling 0.901, split-half agreement 0.804, prior 0.787 (training targets 0.772), "
+    "accuracy heads 0.766 (attention-shared, MAE 0.22) and 0.764 (lstm, MAE 0.18), lstm q.m "
+    "0.740, H-score shrinkage on features 0.710 (21,245 forwards), attention-shared q.m 0.681, "
+    "LEEP 0.308")
 
 # Fashion-MNIST: 0 t-shirt/top, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt,
 # 7 sneaker, 8 bag, 9 ankle boot.
