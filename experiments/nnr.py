@@ -70,13 +70,14 @@ ABLATION = ("knowledge.search_steps=0",)  # T = 0: no boundary search
 
 EXPECTED_RUNTIME = (
     "full 30 min on the 2-core CPU from a built demo zoo and an empty cache (measured 1,796 s: "
-    "knowledge 158 s, 12 aligner trainings of 50-300 s, lstm the slowest, LEEP batched); "
-    "--quick 312 s on a fresh clone")
+    "knowledge 158 s, 12 aligner trainings of 40-180 s, lstm the slowest, LEEP batched); 20 min "
+    "(1,201 s) with the knowledge cached; --quick 312 s on a fresh clone (162 s cached)")
 EXPECTED_NUMBERS = (
     "468 queries per fold (132 held out per fold). default know2vec-attention-shared: seen top-1 "
-    "0.94, held-out top-1 0.89, top-5 1.00; vectors only (class matching off) held-out 0.54 / "
-    "0.85; separate encoders 0.88, lstm 0.90, T=0 0.89; untrained anchor matching 0.36; LEEP "
-    "0.38 (top-5 0.98); random 0.01. --quick (fold 0): held-out 0.89 / 1.00, seen 0.94")
+    "0.975, held-out top-1 0.899, top-5 0.997; vectors only (class matching off) held-out 0.545 / "
+    "0.856; separate encoders 0.869, lstm 0.889, T=0 0.876; untrained anchor matching 0.364; "
+    "LEEP 0.376 (top-5 0.985); random 0.008. --quick (fold 0): held-out 0.902 / 1.000, seen "
+    "0.961")
 
 
 @dataclasses.dataclass(frozen=True)
