@@ -79,8 +79,8 @@ from know2vec_jax.zoo.specs import NEURAL_FAMILIES
 EXPECTED_RUNTIME = (
     "2-core CPU, nothing else running, zoo built and the knowledge, phi and episodes cached "
     "(by --quick or --validate): full 38 min (2,306 s: 30 proxy trainings of 38-50 s, 456 "
-    "queries x 11 views per default-row training, LEEP 0.14 s per query); --quick 6.3 min "
-    "(377 s, before the familiar-task gate); --validate 38 min")
+    "queries x 11 views per default-row training, LEEP 0.14 s per query); --quick 5.3 min "
+    "(320 s); --validate 38 min")
 EXPECTED_NUMBERS = (
     "615 models, 456 queries, 3 aligner seeds (mean, spread): seen top-1 0.969 +- 0.003 (target "
     "0.97: not met, 930 of 960), held-out top-1 0.873 +- 0.027, top-5 0.986, MRR 0.919; leave "
