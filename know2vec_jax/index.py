@@ -700,6 +700,23 @@ class ModelIndex:
     order = np.lexsort((rows, -exact), axis=1)[:, :k]
     return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
 
+  def _check_queries(self, queries) -> np.ndarray:
+    """``queries`` as float32 [Q, dim] (a 1-D query becomes Q = 1); IndexStoreError naming the
+    problem for a non-float array, a wrong shape or a non-finite query."""
+    try:
+      q = np.asarray(queries, dtype=np.float32)
+    except Exception as e:
+      raise IndexStoreError(f"queries are not a float array: {e}") from e
+    if q.ndim == 1:
+      q = q[None]
+    if q.ndim != 2 or q.shape[1] != self._dim:
+      raise IndexStoreError(f"queries must have shape [{self._dim}] or [Q, {self._dim}] for this "
+                            f"index, got {list(np.shape(queries))}")
+    bad = np.flatnonzero(~np.all(np.isfinite(q), axis=1))
+    if bad.size:
+      raise IndexStoreError(f"query {int(bad[0])} has non-finite values (NaN or inf)")
+    return q
+
   def search(self, queries, k: int = 10, *, rescore: int | None = None
              ) -> tuple[np.ndarray, list[list[str]]]:
     """The k best models per query by dot product (cosine for unit queries), best first.
@@ -725,18 +742,7 @@ class ModelIndex:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
       raise IndexStoreError(f"k must be a positive int, got {k!r}")
     depth = self._rescore if rescore is None else _rescore_depth(rescore)
-    try:
-      q = np.asarray(queries, dtype=np.float32)
-    except Exception as e:
-      raise IndexStoreError(f"queries are not a float array: {e}") from e
-    if q.ndim == 1:
-      q = q[None]
-    if q.ndim != 2 or q.shape[1] != self._dim:
-      raise IndexStoreError(f"queries must have shape [{self._dim}] or [Q, {self._dim}] for this "
-                            f"index, got {list(np.shape(queries))}")
-    bad = np.flatnonzero(~np.all(np.isfinite(q), axis=1))
-    if bad.size:
-      raise IndexStoreError(f"query {int(bad[0])} has non-finite values (NaN or inf)")
+    q = self._check_queries(queries)
     kk = min(int(k), len(self))
     nq = q.shape[0]
     if kk == 0 or nq == 0:
@@ -787,7 +793,7 @@ class ModelIndex:
       IndexStoreError: as :meth:`search`; an index without class knowledge; classes for another
         number of queries or another token size.
     """
-    q = np.atleast_2d(np.asarray(queries, np.float32))
+    q = self._check_queries(queries)
     nq = q.shape[0]
     if not config.enabled:
       scores, ids = self.search(q, k)
@@ -807,7 +813,6 @@ class ModelIndex:
     r = m if config.shortlist == 0 else min(config.shortlist, m)
     hub = self.hub_offsets(config.hub_k)
     if r == m or hub is not None:
-      self.search(q[:1], 1)  # validates the queries like search does
       raw = q @ self._vectors.T
       if r == m:  # every row is a candidate: score them all, no vector top-k needed
         rows = np.broadcast_to(np.arange(m), (nq, m))
