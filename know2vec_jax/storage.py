@@ -252,11 +252,9 @@ def save_arrays(path, arrays: Mapping[str, np.ndarray], meta: dict | None = None
   """
   path = pathlib.Path(path).expanduser().absolute()
   path.parent.mkdir(parents=True, exist_ok=True)
-  arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  header = {"meta": meta or {}, "checksum": checksum(arrays)}
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.npz")
   try:
-    np.savez(tmp, __header__=np.asarray(json.dumps(header)), **arrays)
+    _write_npz(tmp, arrays, meta)  # streamed to the file: a zoo part can be large
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
@@ -275,11 +273,17 @@ def pack_arrays(arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> b
   Returns:
     The bytes; :func:`unpack_arrays` reads and verifies them.
   """
+  buf = io.BytesIO()
+  _write_npz(buf, arrays, meta)
+  return buf.getvalue()
+
+
+def _write_npz(target, arrays: Mapping[str, np.ndarray], meta: dict | None) -> None:
+  """The arrays and a header (``meta``, the arrays' checksum) as one ``.npz`` into ``target``
+  (a path or a file object)."""
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
   header = {"meta": meta or {}, "checksum": checksum(arrays)}
-  buf = io.BytesIO()
-  np.savez(buf, __header__=np.asarray(json.dumps(header)), **arrays)
-  return buf.getvalue()
+  np.savez(target, __header__=np.asarray(json.dumps(header)), **arrays)
 
 
 def unpack_arrays(blob: bytes, what: str, error: type[Exception] = ValueError
@@ -297,14 +301,21 @@ def unpack_arrays(blob: bytes, what: str, error: type[Exception] = ValueError
   Raises:
     ``error``: truncated, unreadable or tampered bytes.
   """
+  return _read_npz(io.BytesIO(blob), f"{what} is unreadable", f"{what} is corrupted", error)
+
+
+def _read_npz(source, unreadable: str, corrupted: str, error: type[Exception]
+              ) -> tuple[dict[str, np.ndarray], dict]:
+  """(arrays, metadata) of a :func:`pack_arrays` ``.npz`` (a path or a file object), its checksum
+  verified; ``error`` with ``unreadable`` or ``corrupted`` (the message's start) otherwise."""
   try:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+    with np.load(source, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
     header = json.loads(str(arrays.pop("__header__")))
   except Exception as e:  # zip, CRC, JSON or key errors: all mean damaged bytes
-    raise error(f"{what} is unreadable: {type(e).__name__}: {e}") from None
+    raise error(f"{unreadable}: {type(e).__name__}: {e}") from None
   if checksum(arrays) != header.get("checksum"):
-    raise error(f"{what} is corrupted: its arrays do not match the recorded checksum")
+    raise error(f"{corrupted}: its arrays do not match the recorded checksum")
   return arrays, header.get("meta", {})
 
 
@@ -326,15 +337,8 @@ def load_arrays(path, error: type[Exception] = ValueError,
     ``error``: an unreadable, truncated or tampered file, or one ``check`` refuses.
   """
   path = pathlib.Path(path)
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-    header = json.loads(str(arrays.pop("__header__")))
-  except Exception as e:  # zip, CRC, JSON or key errors: all mean a damaged file
-    raise error(f"unreadable cache file {path}: {type(e).__name__}: {e}") from None
-  if checksum(arrays) != header.get("checksum"):
-    raise error(f"cache file {path} is corrupted: its arrays do not match the recorded checksum")
-  meta = header.get("meta", {})
+  arrays, meta = _read_npz(path, f"unreadable cache file {path}",
+                           f"cache file {path} is corrupted", error)
   problem = check(arrays, meta) if check is not None else None
   if problem:
     raise error(f"cache file {path} does not match the request: {problem}")
