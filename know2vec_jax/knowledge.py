@@ -437,9 +437,7 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
       else:
         sub = g if len(missing) == g.num_models else g.subset(missing)
         kn = extract_knowledge(sub, pool, config)
-        found = [(m, KnowledgeRecord(kn.anchor_index[i], kn.flip_t[i], kn.anchor_fallback[i],
-                                     int(kn.queries[i]), kn.pool_labels[i]))
-                 for i, m in enumerate(kn.model_ids)]
+        found = _records({name: getattr(kn, name) for name in _RECORD_ARRAYS}, kn.model_ids)
       for m, rec in found:
         recs[m] = rec
         if store is not None:
@@ -459,6 +457,14 @@ def group_knowledge(groups: Sequence[BlackBoxGroup], pool, config: KnowledgeConf
 
 
 _RECORD_ARRAYS = ("anchor_index", "flip_t", "anchor_fallback", "queries", "pool_labels")
+
+
+def _records(arrays, model_ids) -> list[tuple[str, KnowledgeRecord]]:
+  """(model id, record) per row of ``arrays`` (the :data:`_RECORD_ARRAYS`, one row per model)."""
+  return [(m, KnowledgeRecord(arrays["anchor_index"][i], arrays["flip_t"][i],
+                              arrays["anchor_fallback"][i], int(arrays["queries"][i]),
+                              arrays["pool_labels"][i]))
+          for i, m in enumerate(model_ids)]
 
 
 def _extract_across_processes(groups: list[BlackBoxGroup], pool: np.ndarray,
@@ -512,10 +518,7 @@ def _extract_across_processes(groups: list[BlackBoxGroup], pool: np.ndarray,
     arrays, meta = storage.unpack_arrays(part, f"the knowledge part of process {p}",
                                          KnowledgeError)
     for gi, mids in meta.get("groups", []):
-      a = {name: arrays[f"{gi}/{name}"] for name in _RECORD_ARRAYS}
-      for i, m in enumerate(mids):
-        got[m] = KnowledgeRecord(a["anchor_index"][i], a["flip_t"][i], a["anchor_fallback"][i],
-                                 int(a["queries"][i]), a["pool_labels"][i])
+      got.update(_records({name: arrays[f"{gi}/{name}"] for name in _RECORD_ARRAYS}, mids))
   lost = [m for m in ids if need[m] and m not in got]
   if lost:
     raise KnowledgeError(f"no process returned the knowledge of model {lost[0]!r} "
