@@ -6,6 +6,7 @@ import pytest
 
 from experiments import nnr, sfmte
 from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.config import ConfigError
 from know2vec_jax.data import Task
 from know2vec_jax.proxy import Proxy
 from know2vec_jax.transfer import TransferTarget, leak_key, leaks
@@ -147,6 +148,18 @@ def test_leak_rule_catches_training_targets_in_other_domains():
   assert leaks(ev, training=[Task("fashion_mnist", (4, 2, 0))])
   assert not leaks(ev, training=[Task("mnist5k", (0, 2, 4))])
   assert not leaks(ev, [Task("fashion_mnist", (0, 2, 4, 6))])
+
+
+def test_sfmte_benchmark_aligner_settings_reach_the_label_trained_variants_only():
+  tuned = ("transfer.target_temperature=2.0", "align.steps=7")
+  own = sfmte.variant_proxy("know2vec-attention-shared", 10, 1, tuned)
+  assert own.transfer.target_temperature == 2.0 and own.align.steps == 7
+  assert own.align.seed == 1 and own.shots == 10
+  # know2vec-both's vectors are the retrieval proxy's: the benchmark's aligner leaves them be.
+  both = sfmte.variant_proxy("know2vec-both", 10, 1, tuned)
+  assert both.align == sfmte.variant_proxy("know2vec-both", 10, 1).align
+  with pytest.raises(ConfigError, match="nope"):
+    sfmte.BenchmarkConfig(aligner=("transfer.nope=1",))
 
 
 def test_sfmte_baseline_costs_are_the_black_boxes_counts(tiny_zoo):
