@@ -80,7 +80,7 @@ EXPECTED_RUNTIME = (
     "2-core CPU, nothing else running, zoo built and the knowledge, phi and episodes cached "
     "(by --quick or --validate): full 38 min (2,306 s: 30 proxy trainings of 38-50 s, 456 "
     "queries x 11 views per default-row training, LEEP 0.14 s per query); --quick 5.3 min "
-    "(320 s); --validate 38 min")
+    "(320 s); --validate 38 min (round 6's 36-setting grid: 32 min on a shared CPU)")
 EXPECTED_NUMBERS = (
     "615 models, 456 queries, 3 aligner seeds (mean, spread): seen top-1 0.969 +- 0.003 (target "
     "0.97: not met, 930 of 960), held-out top-1 0.873 +- 0.027, top-5 0.986, MRR 0.919; leave "
@@ -89,7 +89,9 @@ EXPECTED_NUMBERS = (
     "held-out queries, detection noise 1.00, mnist5k+rot90+invert 1.00, "
     "fashion_mnist+rot90+invert 0.57, digits+flip+blur 0.06. Fold-0 ablation: no familiar gate "
     "seen 0.954 / held-out 0.900. --quick (fold 0): seen 0.973, held-out 0.887 / 0.995, worst "
-    "drop 0.066.")
+    "drop 0.066. With familiar vector weight 0.75 (round 6 of VALIDATION; "
+    "experiments/results/generalise-familiar-0.75.json): seen 0.968 +- 0.006, held-out 0.870 "
+    "+- 0.022 / 0.984.")
 VALIDATION = (
     "Two rounds, never on evaluation queries. (1) python -m experiments.generalise --validate "
     "on the earlier code (26 min): 68 queries of 34 validation tasks and 68 of training tasks, 3 "
@@ -144,7 +146,22 @@ VALIDATION = (
     "quantile 0.95: knn 0.71-0.73, unseen 0.838-0.917; familiar hub scale 0: unseen 0.863-0.897. "
     "The reference-cosine condition alone passes 31% of unseen queries at quantile 0.98 (97% of "
     "seen) and the fit-gap condition alone 67% at gap 0.1 (98% of seen); together 18% and 95% "
-    "(offline sweep of the same components).")
+    "(offline sweep of the same components). (6) Round (5)'s choice sat on its grid's edge "
+    "(vector weight 0.5 and quantile 0.98 the largest tried) and the seen evaluation target was "
+    "still short (0.969), so the grid was extended past it: quantile {0 (gate off), 0.98, "
+    "0.99} x fit gap {0.05, 0.1} x familiar hub scale {0.5, 1} x familiar vector weight {0.5, "
+    "0.75, 1}, the same queries and rule (python -m experiments.generalise --validate, 32 min "
+    "on the shared CPU; experiments/results/generalise-validation-familiar2.json). Best by the "
+    "rule: vector weight 0.75 (quantile 0.98, fit gap 0.1, hub scale 0.5): unseen 0.907, seen "
+    "0.987, worst view 0.936, knn 0.75 (mean 0.8813), against 0.5: 0.907 / 0.985 / 0.939 / "
+    "0.75 (0.8807), one seen validation query of 612 apart; vector weight 1: seen 0.985, unseen "
+    "0.902; quantile 0.99: seen 0.975-0.982 (mean <= 0.8796); familiar hub scale 1: seen "
+    "0.933-0.956 whatever the rest. At 0.75, tests/test_classmatch.py's labels-only black box "
+    "loses to its one-class-swapped twin on the tiny zoo (the vector term outweighs the class "
+    "terms that tell them apart), so the one-query lead was taken as a tie and 0.5 stays. An "
+    "evaluation run at 0.75 had been made before the test was run: seen 0.968 +- 0.006, "
+    "held-out 0.870 +- 0.022 (experiments/results/generalise-familiar-0.75.json). The gate is "
+    "near its best here: what is left of the seen target is not in these four settings.")
 
 # Each row: (overrides of the proxy it trains, overrides of its retrieval settings at query time).
 ROWS = {
@@ -574,8 +591,8 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
   return res
 
 
-VALIDATION_GRID = {"familiar_quantile": (0.0, 0.95, 0.98), "familiar_fit_gap": (0.05, 0.1, 1.0),
-                   "familiar_hub_scale": (0.0, 0.5), "familiar_vector_weight": (0.25, 0.5)}
+VALIDATION_GRID = {"familiar_quantile": (0.0, 0.98, 0.99), "familiar_fit_gap": (0.05, 0.1),
+                   "familiar_hub_scale": (0.5, 1.0), "familiar_vector_weight": (0.5, 0.75, 1.0)}
 VALIDATION_VARIANTS = {"levers": ()}
 
 
