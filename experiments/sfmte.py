@@ -16,8 +16,9 @@ benchmark's models>, transfer=TransferLabels(...))``; ``know2vec-both`` is what 
 --objective both`` trains and ``know2vec select`` ranks by (the retrieval proxy, then an accuracy
 head on its frozen vectors), the other variants train the vectors on the labels themselves
 (objective ``"finetune"``). The zoo's vectors come from ``Proxy.build_index`` (the knowledge
-stored at training: no second probe), a query is ``Proxy.embed_query`` and the accuracy head is
-``Proxy.predict_accuracy`` (what ``Proxy.select`` sorts). Every baseline is scored by
+stored at training: no second probe); a query is ranked by ``Proxy.select`` (the accuracy head,
+``know2vec select``) and, for the label-trained vectors, by ``Proxy.search`` with class matching
+off (q.m, ``know2vec query --set match.enabled=false``). Every baseline is scored by
 :mod:`know2vec_jax.baselines`, on logits from the zoo's black boxes (whose counters give the
 forwards per query) and, for the white-box ones, the same models' penultimate features. Every
 learned method is trained with each of ``seeds`` and reported as the mean with its spread.
@@ -72,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -109,10 +111,10 @@ EXPECTED_RUNTIME = (
     "2-core CPU, nothing else running. query_dependent (--quick runs it with one seed): ground "
     "truth from an empty cache: 24 evaluation targets 92 s, 192 training targets about 8 min "
     "(96 measured at about 4 min), then cached; 6 proxy trainings (the attention-shared ones "
-    "2,000 steps) and the baselines 11 min (674 s) on a CPU shared with another experiment, 5.2 "
-    "min (313 s) alone with 1,000-step trainings. capacity: ground truth 21 min from an empty cache (evaluation 320 s, training "
-    "targets 951 s; full fine-tunes of 114 models), 36 min in all (2,176 s) with six proxy "
-    "trainings")
+    "2,000 steps) and the baselines 8.4 min (501 s; the first 4 min on a shared CPU), 5.2 min "
+    "(313 s) with 1,000-step trainings. capacity: ground truth 21 min from an empty cache "
+    "(evaluation 320 s, training targets 951 s; full fine-tunes of 114 models), 36 min in all "
+    "(2,176 s) with six proxy trainings")
 EXPECTED_NUMBERS = (
     "query_dependent: 24 targets, 120 models, none saturated or leaking. Mean weighted tau: "
     "ceiling 0.933, split-half agreement 0.867; know2vec-attention-shared q.m 0.736 +- 0.004 (0 "
@@ -537,6 +539,18 @@ def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, se
   return scores, costs
 
 
+def _selected(proxy: Proxy, index, x, y) -> dict:
+  """Model id -> predicted fine-tune accuracy, from :meth:`Proxy.select` over the whole index."""
+  return {r["model_id"]: r["predicted_accuracy"] for r in proxy.select(x, y, index, len(index))}
+
+
+def _searched(proxy: Proxy, index, x, y) -> dict:
+  """Model id -> score, from :meth:`Proxy.search` over the whole index (a proxy whose class
+  matching is off ranks by q.m)."""
+  found = proxy.search(index, [(x, y)], len(index))
+  return dict(zip(found.ids[0], found.scores[0].tolist()))
+
+
 def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
                   progress: bool = True) -> dict:
   """One benchmark: ground truth, every Know2Vec variant over ``cfg.seeds``, every baseline."""
@@ -566,24 +580,26 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
                           progress=progress)
       groups = groups_from_zoo(zoo, model_ids=ids, strategy=pcfg.strategy)
       index = proxy.build_index(groups, cache=cache)  # the stored knowledge: nothing is probed
-      pos = np.asarray([index.ids.index(m) for m in ids])
-      mv = index.vectors[pos]
-      for t in kept:  # warm-up: compile once per query shape
-        proxy.predict_accuracy(proxy.embed_query(*queries[t.name]), mv)
-      head = f"{variant} (accuracy head)"
-      qcost = []
-      for t in kept:  # timed: images -> phi -> query vector -> predicted accuracy of the zoo
-        t0 = time.perf_counter()
-        q = proxy.embed_query(*queries[t.name])
-        pred = proxy.predict_accuracy(q, mv)[0]
-        qcost.append(time.perf_counter() - t0)
-        scores.setdefault(head, {}).setdefault(t.name, []).append(pred)
-        predicted.setdefault(head, {}).setdefault(t.name, []).append(pred)
-        if variant != "know2vec-both":  # its vectors are the retrieval ones: q.m is retrieval
-          scores.setdefault(f"{variant} (q.m)", {}).setdefault(t.name, []).append(mv @ q)
-      for n in (head, f"{variant} (q.m)"):
-        if n in scores:  # know2vec-both reports its head only
-          costs.setdefault(n, []).append({"forwards": 0, "seconds": float(np.mean(qcost))})
+      # What a user runs: `know2vec select` (Proxy.select: the accuracy head over the index) and,
+      # for the label-trained vectors, `know2vec query --set match.enabled=false` (Proxy.search
+      # by q.m alone). Scores are put back in the benchmark's model order.
+      ranked_by = {"head": functools.partial(_selected, proxy, index)}
+      if variant != "know2vec-both":  # its vectors are the retrieval ones: q.m is retrieval
+        ranked_by["q.m"] = functools.partial(_searched, proxy.with_match(enabled=False), index)
+      for how, rank in ranked_by.items():
+        for t in kept:  # warm-up: compile once per query shape
+          rank(*queries[t.name])
+        qcost = []
+        method = f"{variant} (accuracy head)" if how == "head" else f"{variant} (q.m)"
+        for t in kept:  # timed: images -> phi -> query vector -> the zoo's scores, sorted
+          t0 = time.perf_counter()
+          by_id = rank(*queries[t.name])
+          qcost.append(time.perf_counter() - t0)
+          sc = np.asarray([by_id[m] for m in ids], np.float32)
+          scores.setdefault(method, {}).setdefault(t.name, []).append(sc)
+          if how == "head":
+            predicted.setdefault(method, {}).setdefault(t.name, []).append(sc)
+        costs.setdefault(method, []).append({"forwards": 0, "seconds": float(np.mean(qcost))})
       info.setdefault(variant, []).append({"seed": seed, "train_s": proxy.info["seconds"]["total"],
                                            "selection": proxy.info.get("selection")})
 
