@@ -551,6 +551,11 @@ def _searched(proxy: Proxy, index, x, y) -> dict:
   return dict(zip(found.ids[0], found.scores[0].tolist()))
 
 
+def _in_order(by_id: dict, ids: list[str]) -> np.ndarray:
+  """float32 [M]: ``by_id``'s scores in the benchmark's model order ``ids``."""
+  return np.asarray([by_id[m] for m in ids], np.float32)
+
+
 def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
                   progress: bool = True) -> dict:
   """One benchmark: ground truth, every Know2Vec variant over ``cfg.seeds``, every baseline."""
@@ -595,7 +600,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
           t0 = time.perf_counter()
           by_id = rank(*queries[t.name])
           qcost.append(time.perf_counter() - t0)
-          sc = np.asarray([by_id[m] for m in ids], np.float32)
+          sc = _in_order(by_id, ids)
           scores.setdefault(method, {}).setdefault(t.name, []).append(sc)
           if how == "head":
             predicted.setdefault(method, {}).setdefault(t.name, []).append(sc)
@@ -774,12 +779,11 @@ def validate(cfg: SFMTEConfig, zoo_dir: str, cache_dir: str, progress: bool = Tr
         proxy = Proxy.train(zoo, pcfg, model_ids=gt["ids"], transfer=labels, cache=cache,
                             progress=progress)
         index = proxy.build_index(groups_from_zoo(zoo, model_ids=gt["ids"]), cache=cache)
-        mv = index.vectors[np.asarray([index.ids.index(m) for m in gt["ids"]])]
+        flat = proxy.with_match(enabled=False)
         t_s, h_s, m_s = [], [], []
-        for v, (x, y) in zip(val, queries):
-          q = proxy.embed_query(x, y)
-          pred = proxy.predict_accuracy(q, mv)[0]
-          t_s.append(weighted_tau(acc[v], mv @ q))
+        for v, (x, y) in zip(val, queries):  # the calls the benchmark scores (run_benchmark)
+          pred = _in_order(_selected(proxy, index, x, y), gt["ids"])
+          t_s.append(weighted_tau(acc[v], _in_order(_searched(flat, index, x, y), gt["ids"])))
           h_s.append(weighted_tau(acc[v], pred))
           m_s.append(float(np.mean(np.abs(pred - acc[v]))))
         taus.append(np.mean(t_s))
