@@ -179,11 +179,19 @@ class RankingObjective:
     subset_prob: class-subset augmentation: the fraction of batch items whose model grid and
       query grid are both restricted to the same random subset of the task's classes (a 3-of-4
       sub-task is a new (query, model) pair for free).
+    hard_share: the share of each batch drawn as near-twins of the batch's other items: a model
+      of one of the ``hard_neighbours`` tasks whose query classes look most like an item's
+      (:func:`near_twin_tasks`), so that the hardest negatives the loss takes are the tasks a
+      query is most easily mistaken for (three classes of four shared, the same classes in
+      another domain) rather than whatever a uniform batch happens to hold.
+    hard_neighbours: how many look-alike tasks of each task a near-twin is drawn from.
   """
   margin: float = 0.2
   ce_weight: float = 1.0
   feature_noise: float = 0.0
   subset_prob: float = 0.0
+  hard_share: float = 0.0
+  hard_neighbours: int = 4
 
   data_type: ClassVar[type] = AlignData
   accuracy_head: ClassVar[bool] = False
@@ -194,6 +202,10 @@ class RankingObjective:
     require(self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}")
     require(self.feature_noise >= 0, f"feature_noise must be >= 0, got {self.feature_noise}")
     require(0 <= self.subset_prob <= 1, f"subset_prob must be in [0, 1], got {self.subset_prob}")
+    require(0 <= self.hard_share <= 0.5, f"hard_share must be in [0, 0.5] (each near-twin needs "
+            f"an item of the batch to be the twin of), got {self.hard_share}")
+    require(self.hard_neighbours >= 1, f"hard_neighbours must be >= 1, got "
+            f"{self.hard_neighbours}")
 
   def replicated(self, data: AlignData):
     """Step inputs every device needs whole (none for this objective)."""
@@ -201,7 +213,8 @@ class RankingObjective:
 
   def host_batch(self, data: AlignData, cfg: AlignConfig, step: int, rows: slice) -> dict:
     """This process's slice ``rows`` of the step's global batch (the same on every process)."""
-    idx, eps, subset = sample_batch_indices(data, cfg, self.subset_prob, step)
+    idx, eps, subset = sample_batch_indices(data, cfg, self.subset_prob, step, self.hard_share,
+                                            self.hard_neighbours)
     return local_batch(data, idx[rows], eps[rows], subset[rows])
 
   def loss(self, model: Know2Vec, batch: dict, replicated, rng):
@@ -305,17 +318,69 @@ def train_step(graphdef, cfg: AlignConfig, objective, state, batch, replicated, 
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def sample_batch_indices(data: AlignData, cfg: AlignConfig, subset_prob: float, step: int):
+def near_twin_tasks(query_grid, query_mask, n: int) -> np.ndarray:
+  """Each task's ``n`` most look-alike other tasks, by their query episodes alone.
+
+  A task's class prototypes are the normalised means over its episodes of the query grids'
+  diagonals; task b looks like task a by the mean over a's classes of the best cosine to one of
+  b's. No task metadata is read: a zoo of any sources and class sets works.
+
+  Args:
+    query_grid: float [T, S, K_max, K_max, D] query episodes; query_mask: float [T, K_max].
+    n: neighbours per task (at most T - 1).
+
+  Returns:
+    int32 [T, min(n, T - 1)], most look-alike first.
+  """
+  grid = np.asarray(query_grid, np.float32)
+  k = grid.shape[2]
+  protos = grid[:, :, np.arange(k), np.arange(k)].mean(1)  # [T, K, D]
+  protos /= np.maximum(np.linalg.norm(protos, axis=-1, keepdims=True), 1e-6)
+  mask = np.asarray(query_mask) > 0
+  look = np.empty((len(protos), len(protos)), np.float64)
+  for a in range(0, len(protos), 256):  # [256, T, K, K] at a time: a large zoo's T^2 K^2 is not
+    sim = np.einsum("akd,bjd->abkj", protos[a:a + 256], protos)
+    sim = np.where(mask[None, :, None, :], sim, -np.inf).max(-1)  # a's class k vs b's best
+    m = mask[a:a + 256]
+    look[a:a + 256] = np.where(m[:, None, :], sim, 0.0).sum(-1) / np.maximum(m.sum(-1), 1)[:, None]
+  np.fill_diagonal(look, -np.inf)
+  n = min(int(n), len(look) - 1)
+  return np.argsort(-look, axis=1, kind="stable")[:, :n].astype(np.int32)
+
+
+def _twins(data: AlignData, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+  """(near-twin tasks [T, n], each task's model rows), computed once per data and n."""
+  cached = getattr(data, "_twins", None)
+  if cached is None or cached[0] != n:
+    by_task = [np.flatnonzero(data.model_task == t) for t in range(data.num_tasks)]
+    cached = (n, near_twin_tasks(data.query_grid, data.query_mask, n), by_task)
+    data._twins = cached
+  return cached[1], cached[2]
+
+
+def sample_batch_indices(data: AlignData, cfg: AlignConfig, subset_prob: float, step: int,
+                         hard_share: float = 0.0, hard_neighbours: int = 4):
   """The global batch of a step, the same on every process.
 
   Returns:
     (model rows [B], episode ids [B], class-subset masks float32 [B, K_max]). With probability
     ``subset_prob`` an item keeps only a random subset (>= 2) of its task's classes, on the
-    model grid and the query grid alike (see ``RankingObjective.subset_prob``).
+    model grid and the query grid alike (see ``RankingObjective.subset_prob``). With
+    ``hard_share`` the last round(hard_share * B) rows are models of near-twin tasks of the
+    first ones (``RankingObjective.hard_share``), drawn from a generator of their own so that the
+    rest of the batch is what it is without them.
   """
   rng = np.random.default_rng([cfg.seed, step])
   rows = rng.integers(0, len(data.model_task), cfg.batch_size)
   eps = rng.integers(0, data.query_grid.shape[1], cfg.batch_size)
+  h = int(round(hard_share * cfg.batch_size))
+  if h and data.num_tasks > 1:
+    twins, by_task = _twins(data, hard_neighbours)
+    hard = np.random.default_rng([cfg.seed, step, 1])
+    for b in range(cfg.batch_size - h, cfg.batch_size):
+      of = data.model_task[rows[b - (cfg.batch_size - h)]]
+      task = twins[of, hard.integers(0, twins.shape[1])]
+      rows[b] = by_task[task][hard.integers(0, len(by_task[task]))]
   subset = np.array(data.query_mask[data.model_task[rows]])
   for b in np.flatnonzero(rng.random(cfg.batch_size) < subset_prob):
     valid = np.flatnonzero(subset[b] > 0)

@@ -128,6 +128,39 @@ def test_class_subset_augmentation():
   assert all(np.isfinite(h["loss"]) for h in tr.run(progress=False, log_every=1))
 
 
+def test_near_twin_batches():
+  """Near-twin tasks are found from the query episodes alone, and a hard share puts models of
+  an item's look-alike tasks in the batch, leaving the rest of the batch as it was."""
+  rng = np.random.default_rng(3)
+  base = rng.normal(size=(10, D)).astype(np.float32)
+  classes = [(0, 1, 2, 3), (0, 1, 2, 4), (5, 6, 7, 8), (5, 6, 7, 9), (0, 1, 5, 6), (3, 4, 8, 9)]
+  qg = np.zeros((len(classes), 3, 4, 4, D), np.float32)
+  for t, cls in enumerate(classes):
+    for k, c in enumerate(cls):
+      qg[t, :, k, k] = base[c] + 0.05 * rng.normal(size=(3, D))
+  mask = np.ones((len(classes), 4), np.float32)
+  twins = align.near_twin_tasks(qg, mask, 1)
+  # The task sharing three classes of four is each one's nearest look-alike.
+  np.testing.assert_array_equal(twins[:4, 0], [1, 0, 3, 2])
+  assert align.near_twin_tasks(qg, mask, 99).shape == (6, 5)  # capped at T - 1, never itself
+  assert not np.any(align.near_twin_tasks(qg, mask, 5) == np.arange(6)[:, None])
+  model_task = np.repeat(np.arange(6), 3).astype(np.int32)
+  mg = qg[model_task, 0] + 0.1 * rng.normal(size=(18, 4, 4, D)).astype(np.float32)
+  data = align.AlignData(mg, np.ones((18, 4), np.float32), model_task, qg, mask)
+  cfg = dataclasses.replace(CFG, batch_size=16)
+  plain = align.sample_batch_indices(data, cfg, 0.0, step=2)
+  hard = align.sample_batch_indices(data, cfg, 0.0, step=2, hard_share=0.5, hard_neighbours=1)
+  np.testing.assert_array_equal(hard[0][:8], plain[0][:8])
+  np.testing.assert_array_equal(hard[1], plain[1])
+  np.testing.assert_array_equal(model_task[hard[0][8:]], twins[model_task[hard[0][:8]], 0])
+  assert np.any(hard[0][8:] != plain[0][8:])
+  with pytest.raises(ValueError, match="hard_share"):
+    align.RankingObjective(hard_share=0.75)
+  tr = trainer(data, dataclasses.replace(cfg, steps=2), objective=align.RankingObjective(
+      hard_share=0.25), mesh=data_mesh(8))
+  assert all(np.isfinite(h["loss"]) for h in tr.run(progress=False, log_every=1))
+
+
 def _transfer_data(seed=0, models=12, targets=6):
   """Targets whose measured accuracy depends on the match between target and model features."""
   rng = np.random.default_rng(seed)
