@@ -152,6 +152,9 @@ def test_presets_and_overrides():
   assert demo == ProxyConfig(backbone=BackboneConfig(augment=0.8), episode_augment=0.5)
   full = proxy_preset("full")
   assert full.pool_per_source > demo.pool_per_source and full.episodes > demo.episodes
+  varied = proxy_preset("varied")
+  assert varied.ranking.hard_share == 0.5 and demo.ranking.hard_share == 0.0
+  assert dataclasses.replace(varied, ranking=demo.ranking) == demo
   with pytest.raises(ConfigError, match="unknown proxy preset 'huge'; choose one of tiny, demo"):
     proxy_preset("huge")
 
