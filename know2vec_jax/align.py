@@ -338,7 +338,7 @@ def near_twin_tasks(query_grid, query_mask, n: int) -> np.ndarray:
   protos /= np.maximum(np.linalg.norm(protos, axis=-1, keepdims=True), 1e-6)
   mask = np.asarray(query_mask) > 0
   look = np.empty((len(protos), len(protos)), np.float64)
-  for a in range(0, len(protos), 256):  # [256, T, K, K] at a time: a large zoo's T^2 K^2 is not
+  for a in range(0, len(protos), 256):  # [256, T, K, K] at a time, not a large zoo's T^2 K^2
     sim = np.einsum("akd,bjd->abkj", protos[a:a + 256], protos)
     sim = np.where(mask[None, :, None, :], sim, -np.inf).max(-1)  # a's class k vs b's best
     m = mask[a:a + 256]
