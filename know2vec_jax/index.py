@@ -30,6 +30,12 @@ it). :meth:`ModelIndex.match` then ranks in two stages: the vector
 stage keeps a shortlist per query, and class-level matching (:mod:`know2vec_jax.classmatch`)
 scores it. Rows hold class knowledge all or none.
 
+An index may also hold **its own pool**: unlabelled images (e.g. a zoo owner's images of their
+domain) that it adds to its proxy's probe pool. Every row of such an index was probed on the
+proxy's pool followed by these images (its anchors, boundary points and pool labels), and its
+queries locate their classes in both; the proxy itself is not retrained. The pool is set on an
+empty index (:meth:`ModelIndex.set_pool`), so that all rows are probed on the same images.
+
 Layout of an index directory::
 
     index.json   manifest: format, version, dim, ids (row order), one metadata dict per model,
@@ -39,6 +45,8 @@ Layout of an index directory::
     classes/     orbax checkpoint of {"tokens": float32 [M, K_max, D], "mask": float32
                  [M, K_max], "pool_labels": uint8 [M, N], "hub": float32 [M, H]} (only with class
                  knowledge)
+    pool/        orbax checkpoint of {"images": float32 [N', H, W, C]}: the index's own pool
+                 (only when it has one; the manifest's ``pool`` records its shape and provenance)
 
 An index is written into a sibling temporary directory with the manifest last, then renamed into
 place, so an interrupted save leaves any previous index at that path intact and loadable.
@@ -65,12 +73,14 @@ from know2vec_jax.mesh import data_mesh
 
 FORMAT = "know2vec-index"
 # 3: class knowledge (tokens, mask, pool labels) beside the vectors; 4: hub cosines; 5: the
-# storage type and rescore depth in the manifest (a version 4 index reads as float32 storage).
-VERSION = 5
-READABLE_VERSIONS = (4, 5)
+# storage type and rescore depth in the manifest (a version 4 index reads as float32 storage);
+# 6: the index's own pool.
+VERSION = 6
+READABLE_VERSIONS = (4, 5, 6)
 MANIFEST = "index.json"
 VECTORS_DIR = "vectors"
 CLASSES_DIR = "classes"
+POOL_DIR = "pool"
 CLASS_ARRAYS = ("tokens", "mask", "pool_labels", "hub")
 STORAGES = ("float32", "bfloat16", "int8")
 DTYPES = STORAGES  # the earlier name (storage was the ``dtype`` argument)
@@ -273,7 +283,7 @@ class Matches:
     ids: per query, the k' model ids.
     scores: float32 [Q, k'] the retrieval score (:func:`know2vec_jax.classmatch.combine`).
     agreement, token, vector: float32 [Q, k'] its parts.
-    fit: float32 [Q] the best model's class-level fit score
+    fit: float32 [Q] the highest class-level fit score among the candidates
       (:func:`know2vec_jax.classmatch.fit_score`).
     no_fit: bool [Q] the fit score is below the config's ``fit_threshold``: no model of the
       index fits the query's classes well.
@@ -373,6 +383,9 @@ class ModelIndex:
     # (device arrays: (vectors,) or (int8 codes, scales); num_valid on device; mesh or None)
     self._device_state = None
     self._device_classes = None  # classmatch.ClassKnowledge, built on the first match
+    self._pool: np.ndarray | None = None  # the index's own pool images [N', H, W, C]
+    self._pool_provenance: list[dict] = []
+    self._proxies: dict[str, dict] = {}  # fingerprint -> what that proxy was built from
 
   # ---- read access -------------------------------------------------------------------------
 
@@ -829,8 +842,7 @@ class ModelIndex:
       self._device_classes = classmatch.ClassKnowledge.from_arrays(
           self._classes["tokens"], self._classes["mask"], self._classes["pool_labels"])
     agree, tok = classmatch.class_scores(classes, self._device_classes, rows=rows)
-    fit = classmatch.fit_score(agree, tok, config)
-    gate = classmatch.familiar(classes, config, fit, raw)
+    gate = classmatch.familiar(classes, config, classmatch.class_score(agree, tok, config), raw)
     hub_scale, weight = classmatch.vector_terms(gate, config)
     # Each model's cosine relative to how close it ever comes to a query (hub correction).
     vec = raw - hub_scale * hub[rows] if hub is not None else raw
@@ -839,7 +851,10 @@ class ModelIndex:
     # Best first; equal scores keep the vector stage's order (stable).
     order = np.argsort(-score, axis=1, kind="stable")[:, :kk]
     take = lambda a: np.take_along_axis(np.asarray(a, np.float32), order, 1)  # noqa: E731
-    best_fit = take(fit)[:, 0] if kk else np.zeros(nq, np.float32)
+    # The highest fit among the candidates: whether any model of the index fits the query.
+    fit = classmatch.fit_score(agree, tok, config)
+    best_fit = (np.asarray(fit, np.float32).max(1) if fit.shape[1]
+                else np.zeros(nq, np.float32))
     return Matches([[self._ids[j] for j in row] for row in np.take_along_axis(rows, order, 1)],
                    take(score), take(agree), take(tok), take(vec), best_fit,
                    best_fit < config.fit_threshold,
@@ -862,6 +877,53 @@ class ModelIndex:
     hub = self._classes["hub"]
     return hub[:, :min(int(k), hub.shape[1])].mean(1) if hub.shape[1] else np.zeros(len(self),
                                                                                      np.float32)
+
+  # ---- the index's own pool ----------------------------------------------------------------
+
+  @property
+  def pool(self) -> np.ndarray | None:
+    """The images this index adds to its proxy's probe pool (float32 [N', H, W, C]), or None."""
+    return self._pool
+
+  @property
+  def pool_provenance(self) -> list[dict]:
+    """What the index's own pool was built from (:mod:`know2vec_jax.pool`'s provenance)."""
+    return [dict(p) for p in self._pool_provenance]
+
+  @property
+  def proxies(self) -> dict[str, dict]:
+    """Proxy fingerprint -> what that proxy (which vectorized rows of this index) was built
+    from: its probe pool's entries and phi's training data (:attr:`know2vec_jax.proxy.Proxy.
+    provenance`)."""
+    return json.loads(json.dumps(self._proxies))
+
+  def record_proxy(self, fingerprint: str, provenance: dict) -> None:
+    """Records what the proxy with ``fingerprint`` was built from (see :attr:`proxies`)."""
+    self._proxies[str(fingerprint)] = _json_copy(provenance, "proxy provenance")
+
+  def set_pool(self, images, provenance: Sequence[dict] = ()) -> None:
+    """Gives an empty index its own pool: images its rows are probed on beside the proxy's pool.
+
+    Args:
+      images: float32 [N', H, W, C] in [0, 1], N' >= 1.
+      provenance: what the images are (one dict per entry), recorded in the manifest.
+
+    Raises:
+      IndexStoreError: an index that already holds rows or a pool, or bad images.
+    """
+    if len(self):
+      raise IndexStoreError(f"an index's pool is set while it is empty (this one holds {len(self)} "
+                            "models, probed without it): build a new index with the pool")
+    if self._pool is not None:
+      raise IndexStoreError("this index already has its own pool")
+    x = np.asarray(images)
+    if x.ndim != 4 or not len(x) or not np.issubdtype(x.dtype, np.floating):
+      raise IndexStoreError(f"an index's pool must be float images [N, H, W, C] with N >= 1, got "
+                            f"{x.dtype} {list(x.shape)}")
+    if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+      raise IndexStoreError("an index's pool images must be finite and in [0, 1]")
+    self._pool = np.ascontiguousarray(x, np.float32)
+    self._pool_provenance = _json_copy(list(provenance), "pool provenance")
 
   # ---- storage -------------------------------------------------------------------------------
 
@@ -886,11 +948,16 @@ class ModelIndex:
     manifest = {"format": FORMAT, "version": VERSION, "dim": self._dim,
                 "num_vectors": len(self), "vectors_dtype": "float32", "storage": self._storage,
                 "rescore": self._rescore, "ids": self._ids, "metadata": self._meta,
-                "classes": classes}
+                "classes": classes,
+                "pool": None if self._pool is None else {
+                    "shape": list(self._pool.shape), "provenance": self._pool_provenance},
+                "proxies": self._proxies}
     # orbax cannot save a zero-size array: an empty index is its manifest alone.
     trees = {VECTORS_DIR: {"vectors": np.array(self._vectors)}} if len(self) else {}
     if classes is not None:
       trees[CLASSES_DIR] = {n: np.array(a) for n, a in self._classes.items()}
+    if self._pool is not None:
+      trees[POOL_DIR] = {"images": self._pool}
     return storage_io.save_artifact(path, trees, MANIFEST, manifest)
 
   @classmethod
@@ -947,6 +1014,19 @@ class ModelIndex:
     vectors = np.zeros((0, dim), np.float32)
     shapes = manifest.get("classes")
     classes = None
+    pool_meta = manifest.get("pool")
+    pool, provenance = None, []
+    if pool_meta is not None:
+      try:
+        pool_shape = tuple(int(d) for d in pool_meta["shape"])
+        provenance = list(pool_meta.get("provenance", []))
+        if len(pool_shape) != 4 or min(pool_shape) < 1:
+          raise ValueError(f"shape {list(pool_shape)}")
+      except (KeyError, TypeError, ValueError) as e:
+        raise IndexStoreError(f"{f} is corrupted: bad pool record ({e})") from e
+      pool = storage_io.restore_trees(
+          root, manifest, {POOL_DIR: {"images": np.zeros(pool_shape, np.float32)}}, "index",
+          IndexStoreError)[POOL_DIR]["images"]
     if ids:
       targets = {VECTORS_DIR: {"vectors": np.zeros((len(ids), dim), np.float32)}}
       if shapes is not None:
@@ -972,4 +1052,10 @@ class ModelIndex:
     index._ids = list(ids)
     index._row = {i: r for r, i in enumerate(ids)}
     index._meta = metas
+    index._pool = None if pool is None else np.ascontiguousarray(pool, np.float32)
+    index._pool_provenance = provenance
+    proxies = manifest.get("proxies") or {}
+    if not isinstance(proxies, dict):
+      raise IndexStoreError(f"{f} is corrupted: bad proxies record")
+    index._proxies = proxies
     return index

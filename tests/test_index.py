@@ -282,7 +282,7 @@ def test_save_load_records_the_storage_type(tmp_path):
   path = idx.save(tmp_path / "idx")
   manifest = json.loads((path / "index.json").read_text())
   assert manifest["storage"] == "int8" and manifest["rescore"] == 3
-  assert manifest["vectors_dtype"] == "float32" and manifest["version"] == 5
+  assert manifest["vectors_dtype"] == "float32" and manifest["version"] == 6
   for back in (ModelIndex.load(path, **_one_device()),
                ModelIndex.load(path, storage="int8", **_one_device())):
     assert back.storage == "int8" and back.rescore == 3
@@ -464,7 +464,9 @@ def test_saved_index_holds_only_vectors_and_json(tmp_path):
   assert sorted(os.listdir(path)) == ["index.json", "vectors"]
   manifest = json.loads((path / "index.json").read_text())
   assert set(manifest) == {"format", "version", "dim", "num_vectors", "vectors_dtype", "storage",
-                           "rescore", "ids", "metadata", "classes", "checksums", "shapes"}
+                           "rescore", "ids", "metadata", "classes", "checksums", "shapes",
+                           "pool", "proxies"}
+  assert manifest["pool"] is None and manifest["proxies"] == {}  # no own pool, no proxy
   assert manifest["storage"] == "float32" and manifest["version"] == index.VERSION
   assert manifest["classes"] is None  # vectors added alone: no class knowledge
   with ocp.StandardCheckpointer() as ckpt:

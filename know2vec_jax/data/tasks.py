@@ -127,23 +127,37 @@ def task_images(data: SourceData, task: Task, split: str) -> tuple[np.ndarray, n
   return images[idx], y
 
 
-def few_shot(data: SourceData, task: Task, shots: int, seed: int, split: str = "test"):
+def few_shot(data: SourceData, task: Task, shots: int, seed: int, split: str = "test",
+             exclude=None):
   """``shots`` images per class from a task split, deterministic from ``seed``.
+
+  Args:
+    data, task: the source and the task.
+    shots: images per class.
+    seed: which images.
+    split: ``"test"`` (default) or ``"train"``.
+    exclude: rows of the split never to draw (e.g. a probe pool's,
+      :func:`know2vec_jax.pool.excluded_rows`); None or empty: none.
 
   Returns:
     (images [K * shots, H, W, C], local labels [K * shots]) grouped by class.
 
   Raises:
-    DataError: a class has fewer than ``shots`` images in the split.
+    DataError: a class has fewer than ``shots`` images in the split (outside ``exclude``).
   """
   idx, y = task_split(data, task, split)
+  if exclude is not None and len(exclude):
+    keep = ~np.isin(idx, np.asarray(exclude))
+    idx, y = idx[keep], y[keep]
   rng = np.random.default_rng(seed)
   picks = []
   for c in range(task.k):
     cand = idx[y == c]
     if len(cand) < shots:
       raise DataError(f"class {data.class_names[task.classes[c]]!r} has {len(cand)} images in the "
-                      f"{split} split of {data.name!r}, fewer than shots={shots}")
+                      f"{split} split of {data.name!r}"
+                      + (" outside the probe pool" if exclude is not None and len(exclude) else "")
+                      + f", fewer than shots={shots}")
     picks.append(rng.choice(cand, size=shots, replace=False))
   images, _ = data.split(split)
   sel = np.concatenate(picks)
