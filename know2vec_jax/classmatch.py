@@ -60,6 +60,12 @@ class MatchConfig:
   Attributes:
     enabled: score with class-level matching (False: the vector cosine q . m alone).
     neighbours: pool images standing for each query class (nearest to its prototype in phi).
+    radius: keep, of those, only the pool images at least as close to the class prototype as
+      the query's own least typical image of the class (its smallest cosine to the prototype),
+      and never fewer than ``min_neighbours``: a pool with few images of the query's kind (a
+      small source, a domain the pool barely covers) then lends fewer, purer stand-ins instead
+      of filling ``neighbours`` with other classes.
+    min_neighbours: the fewest stand-ins per class with ``radius``.
     token_weight: weight of the token match.
     vector_weight: weight of the aligned vectors' cosine.
     shortlist: candidates per query that the vector stage passes on (0: every model). Large, so
@@ -76,10 +82,15 @@ class MatchConfig:
     hub_scale: lambda in q . m - lambda * h(m): 1 is cross-domain similarity local scaling on
       the model side; smaller keeps more of the raw cosine, which tells the tasks the aligner
       trained on apart best.
-    fit_threshold: a query whose best model's class-level score (agreement + token_weight *
-      token) is below this is flagged as fitting no model; set by calibration on validation
-      queries (:func:`calibrate_threshold`). 0 never flags: agreement is >= 0, and so are the
-      token cosines, phi's features being non-negative (ReLU).
+    fit_threshold: a query whose fit score (the highest ``agreement + fit_token_weight *
+      token`` among the candidates, :func:`fit_score`) is below this is flagged as fitting no
+      model; set by calibration on validation queries (:func:`calibrate_threshold`). 0 never
+      flags: agreement is >= 0, and so are the token cosines, phi's features being non-negative
+      (ReLU).
+    fit_token_weight: the token match's weight in the fit score. A model of another source
+      can label a new source's stand-ins consistently (every trouser a "1"), but its class
+      tokens, made of its own kind of image, do not look like the query's classes: the token
+      separates "no model fits" from "a model fits" where agreement alone does not.
     familiar_threshold: a query whose familiarity (its highest cosine to the proxy's reference
       queries, :func:`familiarity`) is at least this, and that passes ``familiar_fit_gap``, is
       *familiar*: it looks like a query of a task the aligner trained on, and is scored with
@@ -100,12 +111,15 @@ class MatchConfig:
   """
   enabled: bool = True
   neighbours: int = 100
+  radius: bool = True
+  min_neighbours: int = 5
   token_weight: float = 0.25
   vector_weight: float = 0.1
   shortlist: int = 4096
   hub_k: int = 1
   hub_scale: float = 1.0
   fit_threshold: float = 0.0
+  fit_token_weight: float = 2.0
   familiar_threshold: float | None = None
   familiar_quantile: float = 0.98
   familiar_fit_gap: float = 0.1
@@ -114,6 +128,10 @@ class MatchConfig:
 
   def __post_init__(self):
     require(self.neighbours >= 1, f"match neighbours must be >= 1, got {self.neighbours}")
+    require(1 <= self.min_neighbours <= self.neighbours, f"match min_neighbours must be in "
+            f"1..neighbours={self.neighbours}, got {self.min_neighbours}")
+    require(self.fit_token_weight >= 0, f"match fit_token_weight must be >= 0, got "
+            f"{self.fit_token_weight}")
     require(self.token_weight >= 0 and self.vector_weight >= 0,
             f"match token_weight and vector_weight must be >= 0, got {self.token_weight}, "
             f"{self.vector_weight}")
@@ -141,11 +159,14 @@ class QueryClasses:
     anchors: int32 [Q, K_max, n] pool indices standing for each class (nearest first).
     familiarity: float32 [Q] each query's highest cosine to the proxy's reference queries
       (:func:`familiarity`), or None (a proxy without reference queries).
+    weights: float32 [Q, K_max, n], 1 for the stand-ins that count (``MatchConfig.radius``), or
+      None: every one counts.
   """
   prototypes: np.ndarray
   mask: np.ndarray
   anchors: np.ndarray
   familiarity: np.ndarray | None = None
+  weights: np.ndarray | None = None
 
   def __len__(self) -> int:
     return self.prototypes.shape[0]
@@ -153,16 +174,19 @@ class QueryClasses:
   def take(self, rows) -> "QueryClasses":
     """The queries at ``rows``."""
     fam = None if self.familiarity is None else self.familiarity[rows]
-    return QueryClasses(self.prototypes[rows], self.mask[rows], self.anchors[rows], fam)
+    w = None if self.weights is None else self.weights[rows]
+    return QueryClasses(self.prototypes[rows], self.mask[rows], self.anchors[rows], fam, w)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
 def _nearest(prototypes, pool_features, n: int):
   sim = jnp.einsum("qkd,nd->qkn", prototypes, pool_features)
-  return jax.lax.top_k(sim, n)[1].astype(jnp.int32)
+  top, idx = jax.lax.top_k(sim, n)
+  return idx.astype(jnp.int32), top
 
 
-def query_classes(prototypes, mask, pool_features, neighbours: int) -> QueryClasses:
+def query_classes(prototypes, mask, pool_features, neighbours: int, radius=None,
+                  min_neighbours: int = 1) -> QueryClasses:
   """Locates every query class in the probe pool.
 
   Args:
@@ -170,14 +194,24 @@ def query_classes(prototypes, mask, pool_features, neighbours: int) -> QueryClas
     mask: float [Q, K_max].
     pool_features: float32 [N, D] phi of the probe pool.
     neighbours: n, pool images per class (at most N).
+    radius: float [Q, K_max] or None: only stand-ins whose cosine to the prototype reaches the
+      class's radius count (``weights``), and at least ``min_neighbours`` of them.
+    min_neighbours: see ``radius``.
 
   Returns:
     The :class:`QueryClasses`.
   """
   prototypes = np.asarray(prototypes, np.float32)
   n = min(int(neighbours), len(pool_features))
-  anchors = np.asarray(_nearest(jnp.asarray(prototypes), jnp.asarray(pool_features), n))
-  return QueryClasses(prototypes, np.asarray(mask, np.float32), anchors)
+  anchors, sim = _nearest(jnp.asarray(prototypes), jnp.asarray(pool_features), n)
+  weights = None
+  if radius is not None:
+    sim = np.asarray(sim)
+    keep = (sim >= np.asarray(radius, np.float32)[..., None] - 1e-6) | (
+        np.arange(n) < min(int(min_neighbours), n))
+    weights = keep.astype(np.float32)
+  return QueryClasses(prototypes, np.asarray(mask, np.float32), np.asarray(anchors),
+                      weights=weights)
 
 
 def greedy_assignment(scores, row_mask, col_mask):
@@ -213,8 +247,10 @@ def greedy_assignment(scores, row_mask, col_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("gather_tokens",))
-def _class_scores(prototypes, q_mask, anchors, tokens, t_mask, labels, rows, gather_tokens: bool):
-  """prototypes [Q, Kq, D], q_mask [Q, Kq], anchors [Q, Kq, n]; every model's tokens [M, Km, D],
+def _class_scores(prototypes, q_mask, anchors, weights, tokens, t_mask, labels, rows,
+                  gather_tokens: bool):
+  """prototypes [Q, Kq, D], q_mask [Q, Kq], anchors [Q, Kq, n], the stand-ins' weights
+  [Q, Kq, n]; every model's tokens [M, Km, D],
   t_mask [M, Km] and pool labels [M, N]; each query's candidates ``rows`` [Q, R] (indices into
   M) -> (agreement, token) [Q, R]. ``gather_tokens``: the prototype-token cosines from the
   candidates' gathered tokens (Q R Km D values) rather than against every model's, then picked
@@ -226,9 +262,14 @@ def _class_scores(prototypes, q_mask, anchors, tokens, t_mask, labels, rows, gat
   # Each candidate's labels on each query class's stand-ins: [Q, R, Kq, n], gathered where the
   # labels live (a query reads R * Kq * n of the M * N labels).
   got = labels[rows[:, :, None, None], anchors[:, None, :, :]]
-  # Counts by comparison in the labels' own dtype (10x faster on CPU than a float one-hot).
-  hits = (got[..., None] == jnp.arange(km, dtype=labels.dtype)).sum(-2, dtype=jnp.int32)
-  confusion = hits.astype(jnp.float32) / anchors.shape[-1]  # [Q, R, Kq, Km]
+  # Counts by comparison in the labels' own dtype (10x faster on CPU than a float one-hot),
+  # each stand-in counted by its weight (all 1 unless MatchConfig.radius drops some).
+  eq = got[..., None] == jnp.arange(km, dtype=labels.dtype)  # [Q, R, Kq, n, Km]
+  if weights is None:
+    confusion = eq.sum(-2, dtype=jnp.int32).astype(jnp.float32) / anchors.shape[-1]
+  else:
+    hits = jnp.einsum("qrkne,qkn->qrke", eq.astype(jnp.float32), weights)
+    confusion = hits / jnp.maximum(weights.sum(-1), 1e-6)[:, None, :, None]  # [Q, R, Kq, Km]
   agreement = greedy_assignment(confusion, qm[:, None], tm) / kq
   if gather_tokens:
     sim = jnp.einsum("qkd,qrjd->qrkj", prototypes, tokens[rows])  # [Q, R, Kq, Km]
@@ -310,8 +351,10 @@ def class_scores(query: QueryClasses, tokens, token_mask=None, pool_labels=None,
       kk = max(int(kq), 1)
       km, dim = know.tokens.shape[1:]
       gather = rows.shape[1] * km * dim < m * kk * km
+      w = None if query.weights is None else jnp.asarray(query.weights[pad, :kk])
       a, t = _class_scores(jnp.asarray(query.prototypes[pad, :kk]),
                            jnp.asarray(query.mask[pad, :kk]), jnp.asarray(query.anchors[pad, :kk]),
+                           w,
                            know.tokens, know.mask, know.pool_labels,
                            jnp.asarray(rows[pad], jnp.int32), gather)
       agree[part], tok[part] = np.asarray(a)[:len(part)], np.asarray(t)[:len(part)]
@@ -353,7 +396,7 @@ def familiar(classes: "QueryClasses | None", config: MatchConfig, fit=None,
   Args:
     classes: the queries' :class:`QueryClasses` (their ``familiarity``).
     config: the thresholds.
-    fit: float [Q, R] the candidates' :func:`fit_score` (optional).
+    fit: float [Q, R] the candidates' :func:`class_score` (optional).
     cosine: float [Q, R] the candidates' raw cosines q . m (optional, with ``fit``).
   """
   if config.familiar_threshold is None or classes is None or classes.familiarity is None:
@@ -421,10 +464,17 @@ def calibrate_familiar(reference, tasks, quantile: float) -> dict:
           "seen_pass": float(np.mean(mine >= threshold))}
 
 
-def fit_score(agreement, token, config: MatchConfig):
-  """The class-level part of the score (no aligned vector): how well a model fits a query's
-  classes, comparable across seen and unseen tasks, and what the no-fit flag thresholds."""
+def class_score(agreement, token, config: MatchConfig):
+  """The class-level part of the retrieval score (no aligned vector): ``agreement +
+  token_weight * token``; the familiar-task gate compares it across candidates."""
   return agreement + config.token_weight * token
+
+
+def fit_score(agreement, token, config: MatchConfig):
+  """How well a model fits a query's classes, comparable across seen and unseen tasks:
+  ``agreement + fit_token_weight * token``; its highest value among a query's candidates is what
+  the no-fit flag thresholds."""
+  return agreement + config.fit_token_weight * token
 
 
 def calibrate_threshold(best_fit_scores, false_alarm: float = 0.02) -> float:

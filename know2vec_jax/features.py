@@ -67,17 +67,19 @@ def check_query(images, labels, image_shape=None, max_classes: int | None = None
   return images, labels.astype(np.int32), k
 
 
-def query_grid_batch(backbone, images, labels, k: int) -> np.ndarray:
+def query_grid_batch(backbone, images, labels, k: int, radius: bool = False):
   """Query grids of S episodes at once.
 
   Args:
     backbone: phi.
     images: float32 [S, N, H, W, C], labels int32 [S, N] in 0..k-1 (every class present).
     k: classes.
+    radius: also return each class's radius: the smallest cosine of its images to its
+      prototype (how far from the prototype the class's own images reach in phi).
 
   Returns:
     float32 [S, K, K, D]: prototypes on the diagonal, phi of the midpoint of two classes' mean
-    images off it.
+    images off it; with ``radius``, (that grid, float32 [S, K]).
   """
   s, n = labels.shape
   onehot = np.eye(k, dtype=np.float32)[labels]  # [S, N, K]
@@ -91,7 +93,11 @@ def query_grid_batch(backbone, images, labels, k: int) -> np.ndarray:
   grid[:, np.arange(k), np.arange(k)] = protos
   if len(ii):
     grid[:, ii, jj] = np.asarray(backbone.embed(mids))
-  return grid
+  if not radius:
+    return grid
+  cos = np.einsum("snd,snd->sn", feats, protos[np.arange(s)[:, None], labels])  # [S, N]
+  r = np.where(onehot > 0, cos[..., None], np.inf).min(1)  # [S, K]
+  return grid, r.astype(np.float32)
 
 
 def query_grid(backbone, images, labels, max_classes: int | None = None) -> np.ndarray:

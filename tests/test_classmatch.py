@@ -88,6 +88,50 @@ def test_class_scores_prefer_the_exact_class_set_over_a_one_class_swapped_twin()
   np.testing.assert_allclose(t2[0], tok[0, [2, 0]], atol=1e-6)
 
 
+def test_radius_keeps_the_stand_ins_as_close_as_the_querys_own_images():
+  """With ``radius``, a class lends only the pool images at least as close to its prototype as
+  its own least typical shot (never fewer than min_neighbours), and agreement counts those
+  alone: a pool with few images of the class no longer fills its stand-ins with other classes."""
+  centres, cluster, pool = _synthetic()
+  # Few pool images of class 0: its 30 nearest are mostly other clusters.
+  keep = (cluster != 0) | (np.cumsum(cluster == 0) <= 6)
+  cluster, pool = cluster[keep], pool[keep]
+  models = [(0, 1, 2, 3), (5, 1, 2, 3)]
+  toks, masks, labels = map(np.stack, zip(*[_model(centres, cluster, m) for m in models]))
+  q = centres[None, [0, 1, 2, 3]].astype(np.float32)
+  radius = np.full((1, 4), 0.95, np.float32)
+  fixed = classmatch.query_classes(q, np.ones((1, 4)), pool, neighbours=30)
+  near = classmatch.query_classes(q, np.ones((1, 4)), pool, neighbours=30, radius=radius,
+                                  min_neighbours=2)
+  sim = np.einsum("kd,qknd->qkn", q[0], pool[fixed.anchors])
+  np.testing.assert_array_equal(near.anchors, fixed.anchors)
+  np.testing.assert_array_equal(near.weights > 0, (sim >= 0.95 - 1e-6) | (np.arange(30) < 2))
+  assert near.weights[0, 0].sum() == 6  # class 0's six pool images, nothing else
+  a_fixed, _ = classmatch.class_scores(fixed, toks, masks, labels)
+  a_near, _ = classmatch.class_scores(near, toks, masks, labels)
+  # Weighted agreement, by hand: each class's stand-ins counted by weight.
+  w = near.weights[0]
+  for m in range(2):
+    got = labels[m][near.anchors[0]]  # [K, n]
+    conf = np.stack([[(w[c] * (got[c] == j)).sum() / w[c].sum() for j in range(4)]
+                     for c in range(4)])
+    rows, cols = linear_sum_assignment(-conf)
+    assert a_near[0, m] == pytest.approx(conf[rows, cols].sum() / 4, abs=1e-5)
+  assert a_near[0, 0] == pytest.approx(1.0)
+  assert a_near[0, 0] - a_near[0, 1] > a_fixed[0, 0] - a_fixed[0, 1]
+  assert near.take([0]).weights.shape == near.weights.shape
+  with pytest.raises(Exception, match="min_neighbours must be in"):
+    MatchConfig(neighbours=10, min_neighbours=11)
+
+
+def test_fit_score_weighs_the_token_as_configured():
+  a, t = np.array([[0.9, 0.5]]), np.array([[0.2, 0.9]])
+  np.testing.assert_allclose(classmatch.fit_score(a, t, MatchConfig(fit_token_weight=2.0)),
+                             [[1.3, 2.3]])
+  np.testing.assert_allclose(classmatch.class_score(a, t, MatchConfig(token_weight=0.5)),
+                             [[1.0, 0.95]])
+
+
 def _class_index(dim=8, m=6, k_max=4, d=16, n=50, seed=0):
   rng = np.random.default_rng(seed)
   idx = ModelIndex(dim)
@@ -263,16 +307,22 @@ def _nearest_mean_box(data, task, model_id, labels_only=False):
 
 def test_retrieval_tells_a_class_set_from_its_one_class_swapped_twin(tiny_proxy, tiny_index):
   """Two black boxes of the same domain differ by one class; each one's query must find it
-  first. A class-blind scorer gives the twins one score and so fails one of the two queries."""
+  first. A class-blind scorer gives the twins one score and so fails one of the two queries.
+  The classes are ones the tiny proxy's phi learned (classes it never learned: the open-world
+  tests), and the boxes' owner adds unlabelled images of their domain to the index's pool: the
+  tiny proxy's own pool holds 12 test images per digit and domain."""
+  from know2vec_jax import pool as pool_lib
   from know2vec_jax.data import few_shot
   digits = load_source("digits")
-  a, b = make_task(digits, ["0", "1", "2", "6"]), make_task(digits, ["0", "1", "2", "9"])
+  a, b = make_task(digits, ["1", "3", "4", "7"]), make_task(digits, ["1", "3", "4", "8"])
   idx = tiny_proxy.build_index([_nearest_mean_box(digits, a, "twin-a"),
                                 _nearest_mean_box(digits, b, "twin-b")],
-                               {"twin-a": {"task": a.task_id}, "twin-b": {"task": b.task_id}})
+                               {"twin-a": {"task": a.task_id}, "twin-b": {"task": b.task_id}},
+                               pool=digits.train_images)
+  held = pool_lib.excluded_rows(tiny_proxy.pool_provenance, "digits", "test")
   for task, want in ((a, "twin-a"), (b, "twin-b")):
     for seed in range(3):
-      x, y = few_shot(digits, task, 5, seed=seed, split="test")
+      x, y = few_shot(digits, task, 5, seed=seed, split="test", exclude=held)
       found = tiny_proxy.search(idx, [(x, y)], k=2)
       assert found.ids[0][0] == want
       assert found.scores[0, 0] > found.scores[0, 1]
