@@ -6,7 +6,10 @@ The public API, re-exported here (see the README for a walk-through):
 - zoo: :func:`build_zoo`, :func:`build_zoo_to` (across processes), :func:`save_zoo`, :func:`load_zoo`, :func:`preset_specs`
 - black boxes: :class:`CallableBlackBox`, :func:`groups_from_zoo`
 - knowledge: :func:`extract_knowledge`, :class:`KnowledgeConfig`
-- backbone: :class:`Backbone`, :func:`train_backbone`
+- backbone: :class:`Backbone`, :func:`train_backbone` (labelled (source, class) pairs and a
+  contrastive loss on unlabelled images), :func:`fit_backbone` (from arrays)
+- probe pool: :class:`PoolConfig`, :class:`Pool`, :func:`build_pool` (``SOURCE[@SPLIT]`` or
+  ``folder:PATH`` entries; by default test splits, never a zoo model's training images)
 - vectorizers (Flax NNX): :class:`ModelVectorizer`, :class:`QueryVectorizer`, :class:`Know2Vec`
 - aligner: :class:`Trainer`, :class:`AlignConfig`, :class:`RankingObjective`,
   :class:`TransferObjective`, :func:`train_step`, :func:`ranking_loss`
@@ -28,7 +31,8 @@ The public API, re-exported here (see the README for a walk-through):
 
 from know2vec_jax.align import (AlignConfig, AlignData, RankingObjective, Trainer, TransferData,
                                 TransferObjective, listwise_loss, ranking_loss, train_step)
-from know2vec_jax.backbone import Backbone, BackboneConfig, BackboneError, train_backbone
+from know2vec_jax.backbone import (Backbone, BackboneConfig, BackboneError, fit_backbone,
+                                   train_backbone)
 from know2vec_jax.baselines import BASELINES, BaselineInputError, forward_passes, run_baseline
 from know2vec_jax.blackbox import (BlackBoxError, BlackBoxGroup, BudgetExceededError,
                                    CallableBlackBox, InputError, StackGroup, check_images,
@@ -46,6 +50,8 @@ from know2vec_jax.mesh import data_mesh
 from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
                                   spearman, top1_regret, weighted_tau)
 from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, finetune_labels, probe_pool
+from know2vec_jax.pool import Pool, PoolConfig
+from know2vec_jax.pool import build as build_pool
 from know2vec_jax.probe import stack_logits
 from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata,
                                 zoo_tasks)

@@ -36,7 +36,7 @@ DEFAULT_ZOO = os.environ.get("KNOW2VEC_ZOO", "artifacts/zoo-demo")
 DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ("agreement", "token", "vector")
 # `know2vec eval NAME` runs experiments.NAME.main: the experiments and benchmarks are packages of
 # the distribution (pyproject.toml), importable wherever know2vec-jax is installed.
-EXPERIMENTS = ("nnr", "sfmte", "generalise", "latency")
+EXPERIMENTS = ("nnr", "sfmte", "generalise", "openworld", "latency")
 # `know2vec index build|convert --storage`: index.STORAGES and index.RESCORE, named here so that
 # building the parser imports no JAX.
 INDEX_STORAGES = ("float32", "bfloat16", "int8")
@@ -256,15 +256,20 @@ def _cmd_train(args) -> int:
   distributed = _launch(args)
   overrides = list(args.set) + ([f"objective={args.objective}"] if args.objective else [])
   cfg = config_lib.override(proxy_lib.proxy_preset(args.preset), overrides)
+  if args.pool:
+    cfg = _with_pool(cfg, args.pool)
   out = _check_new_artifact(args.out, args.force, proxy_lib.MANIFEST, "proxy")
   zoo = load_zoo(args.zoo)
+  model_ids = select_models(zoo, args.models, args.zoo)
   if not args.quiet:
     what = {"retrieve": "", "both": f", then fine-tune labels on {cfg.selection.targets} "
             "targets drawn from its train splits and the accuracy head",
             "finetune": f", supervised by fine-tune labels on {cfg.selection.targets} targets"}
-    print(f"training a {args.preset!r} proxy ({cfg.objective}) on {len(zoo)} models of "
+    n = len(zoo) if model_ids is None else len(model_ids)
+    print(f"training a {args.preset!r} proxy ({cfg.objective}) on {n} models of "
           f"{args.zoo}{what[cfg.objective]} -> {out}", file=sys.stderr)
-  proxy = proxy_lib.Proxy.train(zoo, cfg, cache=Cache(args.cache) if args.cache else None,
+  proxy = proxy_lib.Proxy.train(zoo, cfg, model_ids=model_ids,
+                                cache=Cache(args.cache) if args.cache else None,
                                 zoo_dir=args.zoo, progress=not args.quiet)
   path = distributed.on_writer("proxy", lambda: proxy.save(out))  # process 0 writes
   if not distributed.is_writer():
@@ -277,8 +282,9 @@ def _cmd_train(args) -> int:
   text = (f"proxy {proxy.fingerprint} written to {path}\n"
           f"{info['num_models']} models, {info['num_tasks']} tasks, probe pool "
           f"{info['pool_size']} images, vectors of size {proxy.embed_dim}\n"
-          f"backbone held-out accuracy {info['backbone']['heldout_accuracy']:.3f}; aligner final "
-          f"loss {info['align_final'].get('loss', float('nan')):.3f}\n"
+          f"probe pool: {_pool_text(info.get('pool', []))}\n"
+          f"backbone: {_backbone_text(proxy.provenance['backbone'], info['backbone'])}; aligner "
+          f"final loss {info['align_final'].get('loss', float('nan')):.3f}\n"
           f"{s['total']:.0f} s (knowledge {s['knowledge']:.0f} s, backbone {s['backbone']:.0f} s, "
           f"grids {s['grids']:.0f} s, aligner {s['align']:.0f} s)")
   sel = info.get("selection")
@@ -298,7 +304,73 @@ def _cmd_train(args) -> int:
   return 0
 
 
+def _with_pool(cfg, entries: list[str]):
+  """``cfg`` with its probe pool made of ``--pool`` entries (each checked at once)."""
+  import dataclasses
+
+  from know2vec_jax.pool import parse_entry
+  for e in entries:
+    parse_entry(e, cfg.pool.split)
+  return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, sources=tuple(entries)))
+
+
+def _pool_text(summary: list[dict]) -> str:
+  """One line per pool: ``source@split n`` entries."""
+  if not summary:
+    return "-"
+  return ", ".join(f"{p['source']}@{p.get('split', '?')} {p.get('images', '?')}"
+                   for p in summary)
+
+
+def _backbone_text(prov: dict, info: dict) -> str:
+  labelled = prov.get("labelled", {})
+  pairs = sum(len(v) for v in labelled.values())
+  acc = info.get("heldout_accuracy")
+  return (f"phi learned {pairs} (source, class) labels of {len(labelled)} training source(s)"
+          + (f" (held-out accuracy {acc:.3f})" if acc is not None else "")
+          + (f" and {prov['unlabelled']} unlabelled pool images" if prov.get("unlabelled")
+             else ""))
+
+
 # ---- index ---------------------------------------------------------------------------------------
+
+def select_models(zoo, spec: str | None, zoo_path: str = "the zoo") -> list[str] | None:
+  """The zoo models a ``--models`` value names, in zoo order (None: every model).
+
+  ``spec`` is a comma-separated list; each item is a file of model ids (one per line), an
+  architecture family (``cnn_l``, ``knn``), or a model id or glob pattern over ids
+  (``*.fashion_mnist*``).
+
+  Raises:
+    ZooError: an item that matches no model, or nothing selected.
+  """
+  import fnmatch
+
+  from know2vec_jax.zoo import ZooError
+  items = _split_list(spec)
+  if items is None:
+    return None
+  archs = {r.arch for r in zoo.records.values()}
+  chosen: set[str] = set()
+  for item in items:
+    path = pathlib.Path(item).expanduser()
+    if path.is_file():
+      ids = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+      unknown = [m for m in ids if m not in zoo.records]
+      if unknown:
+        raise ZooError(f"unknown model id {unknown[0]!r} in {path} (not in {zoo_path}; "
+                       "`know2vec zoo list --zoo ...` shows the ids)")
+      hits = ids
+    elif item in archs:
+      hits = [m for m, r in zoo.records.items() if r.arch == item]
+    else:
+      hits = fnmatch.filter(zoo.records, item)
+    if not hits:
+      raise ZooError(f"--models item {item!r} matches no model of {zoo_path} (an id, a glob "
+                     f"such as '*.digits*', a family of {sorted(archs)} or a file of ids)")
+    chosen.update(hits)
+  return [m for m in zoo.records if m in chosen]
+
 
 def _zoo_groups(zoo, zoo_path: str, model_ids, strategy: str = "auto"):
   """The zoo's black-box groups (optionally only some models), unknown ids named."""
@@ -317,6 +389,8 @@ def _zoo_groups(zoo, zoo_path: str, model_ids, strategy: str = "auto"):
 
 def _index_summary(index, path) -> dict:
   from collections import Counter
+
+  from know2vec_jax.pool import summary
   metas = [index.metadata(m) for m in index.ids]
   root = pathlib.Path(path).expanduser().absolute()
   return {"path": str(root), "models": len(index), "dim": index.dim,
@@ -327,7 +401,11 @@ def _index_summary(index, path) -> dict:
           "proxies": sorted({m["proxy"] for m in metas if "proxy" in m}),
           # Models with a class they never predicted on the probe pool: their anchors for it are
           # fallbacks, and their vectors say less about that class.
-          "never_predicting_a_class": sum(bool(m.get("never_predicted")) for m in metas)}
+          "never_predicting_a_class": sum(bool(m.get("never_predicted")) for m in metas),
+          # What the proxies that built the rows learned from and probed with, and the images
+          # the index adds to their pool.
+          "built_by": index.proxies,
+          "index_pool": summary(index.pool_provenance) if index.pool is not None else []}
 
 
 def _cmd_index(args) -> int:
@@ -360,7 +438,15 @@ def _cmd_index(args) -> int:
     info = _index_summary(index, args.index)
     if args.ids_only:
       info["ids"] = index.ids
-    text = "\n".join(f"{k}: {v}" for k, v in info.items() if k != "ids")
+    text = "\n".join(f"{k}: {v}" for k, v in info.items()
+                     if k not in ("ids", "built_by", "index_pool"))
+    for fp, prov in info["built_by"].items():
+      text += (f"\nproxy {fp}: trained on {', '.join(prov.get('training_sources', [])) or '-'}"
+               f"\n  probe pool ({prov.get('pool_size', '?')} images): "
+               f"{_pool_text(prov.get('pool', []))}"
+               f"\n  backbone: {_backbone_text(prov.get('backbone', {}), {})}")
+    if info["index_pool"]:
+      text += f"\nindex's own pool: {_pool_text(info['index_pool'])}"
     if args.ids_only:
       text += "\n" + "\n".join(index.ids)
     _print(info, args.json, text)
@@ -373,7 +459,7 @@ def _cmd_index(args) -> int:
   index = (ModelIndex(proxy.embed_dim, storage=args.storage, rescore=args.rescore)
            if args.action == "build" else proxy.load_index(args.index))
   zoo = load_zoo(args.zoo)
-  ids = _split_list(args.models)
+  ids = select_models(zoo, args.models, args.zoo)
   if args.action == "add" and args.skip_existing:
     ids = [m for m in (ids if ids is not None else zoo.records) if m not in index]
     if not ids:
@@ -381,8 +467,15 @@ def _cmd_index(args) -> int:
              f"nothing to add: every model is already in {args.index}")
       return 0
   groups = _zoo_groups(zoo, args.zoo, ids, args.strategy or proxy.config.strategy)
+  pool = None
+  if getattr(args, "pool", None):
+    import dataclasses
+
+    from know2vec_jax import pool as pool_lib
+    pcfg = dataclasses.replace(proxy.config.pool, sources=tuple(args.pool))
+    pool = pool_lib.build(pcfg, (), proxy.config.seed, proxy.image_shape)
   index = proxy.build_index(groups, zoo_metadata(zoo, [m for g in groups for m in g.model_ids]),
-                            index=index, progress=not args.quiet)
+                            index=index, progress=not args.quiet, pool=pool)
   probed = int(sum((g.queries > 0).sum() for g in groups))
   if args.action == "build":  # across processes, each probed a share and process 0 writes
     probed = distributed.total(probed)
@@ -403,11 +496,13 @@ def _cmd_index(args) -> int:
 
 # ---- query ---------------------------------------------------------------------------------------
 
-def _query_images(args, proxy):
-  """(images, labels, description dict) of the query given by --images or --task."""
+def _query_images(args, proxy, index=None):
+  """(images, labels, description dict) of the query given by --images or --task (a --task
+  draws no image the probe pool, or the index's own pool, holds)."""
   import numpy as np
 
   from know2vec_jax import data
+  from know2vec_jax import pool as pool_lib
   h, _, c = proxy.image_shape
   if args.images is not None:
     src = data.load_source(f"folder:{args.images}", image_size=h, channels=c)
@@ -423,7 +518,11 @@ def _query_images(args, proxy):
   name, classes = spec.rsplit(":", 1)
   src = data.load_source(name, image_size=h, channels=c, data_dir=args.data_dir)
   task = data.make_task(src, _split_list(classes))
-  images, labels = data.few_shot(src, task, args.shots, seed=args.seed, split=args.split)
+  held = [pool_lib.excluded_rows(proxy.pool_provenance, name, args.split)]
+  if index is not None and index.pool is not None:
+    held.append(pool_lib.excluded_rows(index.pool_provenance, name, args.split))
+  images, labels = data.few_shot(src, task, args.shots, seed=args.seed, split=args.split,
+                                 exclude=np.concatenate(held))
   return images, labels, {"task": task.task_id, "classes": [src.class_names[i]
                                                            for i in task.classes],
                           "shots": args.shots, "split": args.split, "seed": args.seed,
@@ -447,7 +546,7 @@ def _cmd_query(args) -> int:
   if args.set:
     proxy = proxy.with_match(**dict(_match_override(o) for o in args.set))
   index = proxy.load_index(args.index)
-  images, labels, desc = _query_images(args, proxy)
+  images, labels, desc = _query_images(args, proxy, index)
   res = query_result(proxy, index, images, labels, k=args.k)
   rows = res["results"]
   extra = list(DEFAULT_QUERY_COLUMNS) + (_split_list(args.columns) or [])
@@ -463,9 +562,12 @@ def _cmd_query(args) -> int:
     fit = f"fit {res['fit']:.3f} (threshold {res['fit_threshold']:.3f})"
   if res["familiar"]:
     fit += "; the query looks like a task the proxy trained on"
+  from know2vec_jax.pool import summary
   _print({"query": desc, "results": rows, "fit": res["fit"], "no_fit": res["no_fit"],
-          "fit_threshold": res["fit_threshold"], "familiar": res["familiar"]}, args.json,
-         head + "\n" + query_table(rows, extra) + "\n" + fit)
+          "fit_threshold": res["fit_threshold"], "familiar": res["familiar"],
+          "proxy": {"fingerprint": proxy.fingerprint} | proxy.provenance,
+          "index_pool": summary(index.pool_provenance) if index.pool is not None else []},
+         args.json, head + "\n" + query_table(rows, extra) + "\n" + fit)
   return 0
 
 
@@ -479,7 +581,7 @@ def _cmd_select(args) -> int:
                        f"{proxy.config.objective!r}); train one with `know2vec train --objective "
                        "both`")
   index = proxy.load_index(args.index)
-  images, labels, desc = _query_images(args, proxy)
+  images, labels, desc = _query_images(args, proxy, index)
   rows = proxy.select(images, labels, index, k=args.k)
   extra = _split_list(args.columns) or []
   head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
@@ -646,6 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
                  "default); both: also fit an accuracy head for `know2vec select` on fine-tune "
                  "accuracies measured on targets drawn from the zoo (white-box; cached with "
                  "--cache); finetune: train the vectors on those accuracies alone")
+  t.add_argument("--models", default=None, metavar="IDS|GLOB|FAMILY|FILE",
+                 help="train on these models only, comma-separated: ids, globs over ids "
+                 "('*.mnist5k*'), families (cnn_l, knn) or files of ids (default: all)")
+  t.add_argument("--pool", action="append", default=[], metavar="SOURCE[@SPLIT]",
+                 help="an unlabelled probe-pool entry (repeatable): a source (fashion_mnist, "
+                 "digits+invert, tfds:NAME) in its test split unless @train or @all is given, or "
+                 "folder:PATH (every image under it). Default: the test splits of the zoo "
+                 "models' sources, never an image a zoo model trained on")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field (repeatable)")
   t.add_argument("--force", action="store_true", help="replace an existing proxy")
@@ -664,11 +774,17 @@ def build_parser() -> argparse.ArgumentParser:
   for sp in (ib, ia):
     sp.add_argument("--proxy", required=True, help="the trained proxy directory")
     sp.add_argument("--zoo", required=True, help="the zoo whose models to vectorize")
-    sp.add_argument("--models", default=None, help="comma-separated model ids (default: all)")
+    sp.add_argument("--models", default=None, metavar="IDS|GLOB|FAMILY|FILE",
+                    help="which models, comma-separated: ids, globs over ids ('*.digits*'), "
+                    "families (cnn_l, knn) or files of ids (default: all)")
     sp.add_argument("--strategy", default=None, choices=list(STRATEGIES),
                     help="model-axis strategy for probing the zoo's stacks (default: the "
                     "proxy's config)")
   ib.add_argument("--out", required=True, help="the index directory to write")
+  ib.add_argument("--pool", action="append", default=[], metavar="SOURCE[@SPLIT]",
+                  help="unlabelled images this index adds to the proxy's probe pool (repeatable; "
+                  "as `train --pool`, e.g. folder:PATH of images of the zoo's domain): its "
+                  "models are probed and its queries' classes located on both; no retraining")
   ib.add_argument("--force", action="store_true", help="replace an existing index")
   _add_launch_arguments(ib)
   ic = isub.add_parser("convert", help="change an index's storage type",

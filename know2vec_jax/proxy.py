@@ -13,14 +13,17 @@ Layout of a saved proxy directory (written atomically and checksummed, like ever
                    fingerprints, checksums and shapes, training info
     backbone/      orbax checkpoint of phi's parameters
     vectorizer/    orbax checkpoint of the Know2Vec vectorizers (and task / accuracy heads)
-    pool/          orbax checkpoint of the probe pool {"images": float32 [N, H, W, C]}
+    pool/          orbax checkpoint of the probe pool {"images": float32 [N, H, W, C]} (what it
+                   was built from, entry by entry with its rows, is the manifest's ``pool``)
     knowledge/     orbax checkpoint of the compact knowledge of the probed models (anchor indices,
                    boundary positions, never-predicted flags; about 2 KB per model)
     reference/     orbax checkpoint of {"vectors": float32 [R, E]}: the query vectors of the
                    validation queries drawn after training (absent when R == 0)
 
 The pool is stored with the proxy so that a black box added later is probed with exactly the images
-the training models were probed with: its vector is comparable to theirs without retraining.
+the training models were probed with: its vector is comparable to theirs without retraining. An
+index may add images of its own to it (a zoo owner's unlabelled images of their domain:
+``build_index(..., pool=...)``); its rows are then probed on both.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from know2vec_jax import classmatch, features, pipeline, selection, storage
+from know2vec_jax import pool as pool_lib
 from know2vec_jax import config as config_lib
 from know2vec_jax.backbone import Backbone
 from know2vec_jax.blackbox import BlackBoxGroup, InputError, groups_from_zoo
@@ -49,8 +53,9 @@ from know2vec_jax.pipeline import ProxyConfig, proxy_preset  # re-exported: the 
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
 
 FORMAT = "know2vec-proxy"
-VERSION = 4  # 3: pool labels in the stored knowledge; class matching and its no-fit threshold;
-# 4: reference query vectors (the index's hub cosines)
+VERSION = 5  # 3: pool labels in the stored knowledge; class matching and its no-fit threshold;
+# 4: reference query vectors (the index's hub cosines); 5: the pool's provenance, the pool and
+# phi's labels in the config
 MANIFEST = "proxy.json"
 TREES = ("backbone", "vectorizer", "pool")  # what the fingerprint covers
 HUB_DEPTH = 32  # reference cosines kept per index row (the most ``match.hub_k`` can average)
@@ -114,16 +119,20 @@ class Proxy:
 
   def __init__(self, config: ProxyConfig, backbone: Backbone, vectorizer: Know2Vec,
                pool: np.ndarray, tasks: list[dict], info: dict | None = None,
-               knowledge: KnowledgeStore | None = None, reference: np.ndarray | None = None):
+               knowledge: KnowledgeStore | None = None, reference: np.ndarray | None = None,
+               pool_provenance: Sequence[dict] = ()):
     self.config = config
     self.backbone = backbone
     self.vectorizer = vectorizer
     self.pool = np.asarray(pool, np.float32)
+    self.pool_provenance = [dict(p) for p in pool_provenance]
     self.tasks = list(tasks)
     self.info = dict(info or {})
     self.knowledge = knowledge or KnowledgeStore(store_context(self.pool, config.knowledge))
     self._graphdef, self._state = nnx.split(vectorizer)
     self._pool_features = None
+    self._index_pools: dict[str, np.ndarray] = {}  # an index pool's checksum -> its features
+    self._pool_knowledge: dict[str, KnowledgeStore] = {}  # knowledge on index pools, by context
     self.reference = (np.zeros((0, self.embed_dim), np.float32) if reference is None
                       else np.asarray(reference, np.float32))
 
@@ -167,6 +176,37 @@ class Proxy:
     if self._pool_features is None:
       self._pool_features = np.asarray(self.backbone.embed(self.pool))
     return self._pool_features
+
+  def index_pool(self, index: ModelIndex | None) -> np.ndarray:
+    """The images an index's rows are probed on: the probe pool, then the index's own pool."""
+    if index is None or index.pool is None:
+      return self.pool
+    if tuple(index.pool.shape[1:]) != self.image_shape:
+      raise ProxyError(f"the index's own pool holds images of shape {index.pool.shape[1:]}, this "
+                       f"proxy's are {self.image_shape}")
+    return np.concatenate([self.pool, index.pool])
+
+  def index_pool_features(self, index: ModelIndex | None) -> np.ndarray:
+    """phi of :meth:`index_pool` [N + N', D] (the index's part computed once per pool)."""
+    if index is None or index.pool is None:
+      return self.pool_features()
+    key = storage.checksum({"images": index.pool})
+    if key not in self._index_pools:
+      self._index_pools[key] = np.asarray(self.backbone.embed(index.pool))
+    return np.concatenate([self.pool_features(), self._index_pools[key]])
+
+  @property
+  def provenance(self) -> dict:
+    """What the proxy was built from: the probe pool's entries (source, split, images), phi's
+    labelled (source, class) pairs and unlabelled images, and the training tasks' sources."""
+    bb = self.info.get("backbone", {})
+    labelled: dict[str, list[str]] = {}
+    for name in bb.get("labels") or []:
+      src, _, cls = name.partition(":")
+      labelled.setdefault(src, []).append(cls)
+    return {"pool": pool_lib.summary(self.pool_provenance), "pool_size": int(len(self.pool)),
+            "backbone": {"labelled": labelled, "unlabelled": int(bb.get("unlabelled") or 0)},
+            "training_sources": sorted({t["source"] for t in self.tasks if "source" in t})}
 
   # ---- training ----------------------------------------------------------------------------
 
@@ -291,14 +331,15 @@ class Proxy:
     joint = cfg.objective == "finetune"
     t = pipeline.train(groups, model_tasks, cfg, transfer=transfer if joint else None,
                        cache=cache, progress=progress)
-    proxy = cls(cfg, t.backbone, t.vectorizer, t.pool, t.tasks, t.info, t.knowledge)
+    proxy = cls(cfg, t.backbone, t.vectorizer, t.pool, t.tasks, t.info, t.knowledge,
+                pool_provenance=t.pool_provenance)
     proxy._pool_features = t.pool_features
     if cfg.objective == "both":
       proxy._fit_selection_head(t.rows, transfer, cache)
     if cfg.objective != "finetune" and cfg.calibration_queries:
       t0 = time.perf_counter()
-      queries, q_tasks = proxy._validation_queries(t.rows[0], model_tasks,
-                                                   sorted({g.image_shape for g in groups})[0])
+      queries, q_tasks = proxy.validation_queries(t.rows[0], model_tasks,
+                                                  sorted({g.image_shape for g in groups})[0])
       if queries:
         proxy.reference = proxy.embed_queries(queries)
         if cfg.match.enabled:
@@ -337,18 +378,24 @@ class Proxy:
     self.info["selection"] = info
     self.info.setdefault("seconds", {})["selection_head"] = info["seconds"]
 
-  def _validation_queries(self, ids, model_tasks: Mapping[str, Task], image_shape) -> tuple:
-    """``calibration_queries`` queries of ``shots`` images per class from each training task's
-    train split, outside the probe pool: queries like a user's, of tasks the proxy knows, that
-    no training step saw. Returns (the (images, labels) queries, int [R] each one's task)."""
+  def validation_queries(self, ids, model_tasks: Mapping[str, Task], image_shape) -> tuple:
+    """The calibration's queries: ``calibration_queries`` queries of ``shots`` images per class
+    from each training task's train split, outside the probe pool: queries like a user's, of
+    tasks the proxy knows, that no training step saw.
+
+    Args:
+      ids: the training models; model_tasks: their tasks; image_shape: (H, W, C).
+
+    Returns:
+      (the (images, labels) queries, int [R] each one's task number).
+    """
     cfg = self.config
     tasks = sorted({model_tasks[m] for m in ids}, key=lambda t: t.task_id)
-    sources = sorted({t.source for t in tasks})
-    in_pool = pipeline.pool_rows(sources, cfg.pool_per_source, cfg.seed, image_shape)
     queries, q_tasks = [], []
     for task_no, task in enumerate(tasks):
       s = pipeline.LabelledSet.from_task(task, "train", image_shape)
-      keep = ~np.isin(s.index, in_pool[task.source])
+      keep = ~np.isin(s.index, pool_lib.excluded_rows(self.pool_provenance, task.source,
+                                                      "train"))
       if np.bincount(s.labels[keep], minlength=s.k).min() == 0:
         continue  # a class whose every train image is in the pool: no clean validation query
       s = dataclasses.replace(s, name=s.name + ":calibration", index=s.index[keep],
@@ -415,31 +462,38 @@ class Proxy:
     return ids
 
   def knowledge_of(self, groups: Sequence[BlackBoxGroup], cache: pipeline.Cache | None = None,
-                   progress: bool = False):
-    """The knowledge of black boxes on the proxy's pool: remembered when the proxy (or ``cache``)
-    probed the same model (id and fingerprint) before, else extracted now."""
+                   progress: bool = False, index: ModelIndex | None = None):
+    """The knowledge of black boxes on the proxy's pool (followed by ``index``'s own pool, when
+    it has one): remembered when the proxy (or ``cache``) probed the same model (id and
+    fingerprint) on the same images before, else extracted now."""
     groups = list(groups)
     self._check_groups(groups)
-    stores = [self.knowledge]
+    pool = self.index_pool(index)
+    if pool is self.pool:
+      stores = [self.knowledge]
+    else:  # an index's own pool: knowledge kept for this session, and in the cache
+      context = store_context(pool, self.config.knowledge)
+      stores = [self._pool_knowledge.setdefault(context, KnowledgeStore(context))]
     if cache is not None:
-      stores.append(cache.knowledge_store(self.pool, self.config.knowledge))
+      stores.append(cache.knowledge_store(pool, self.config.knowledge))
     bar = pipeline.bar(sum(g.num_models for g in groups), "vectorizing models", progress)
-    out = pipeline.extract(groups, self.pool, self.config.knowledge, stores,
+    out = pipeline.extract(groups, pool, self.config.knowledge, stores,
                            bar.update if bar is not None else None)
     if bar is not None:
       bar.close()
     return out
 
   def model_grids(self, groups: Sequence[BlackBoxGroup], cache: pipeline.Cache | None = None,
-                  progress: bool = False):
-    """Knowledge-grid features of black boxes, probed with the proxy's pool.
+                  progress: bool = False, index: ModelIndex | None = None):
+    """Knowledge-grid features of black boxes, probed with the proxy's pool (and ``index``'s own
+    pool, when it has one).
 
     Returns:
       (model ids [M], grids float32 [M, K_max, K_max, D], masks float32 [M, K_max]).
     """
-    kn = self.knowledge_of(groups, cache, progress)
-    return pipeline.knowledge_grids(self.backbone, self.pool_features(), kn, self.max_classes,
-                                    cache)
+    kn = self.knowledge_of(groups, cache, progress, index)
+    return pipeline.knowledge_grids(self.backbone, self.index_pool_features(index), kn,
+                                    self.max_classes, cache)
 
   def embed_grids(self, grids, masks, side: str = "models", batch_size: int = 256) -> np.ndarray:
     """Unit vectors [M, E] of padded feature grids (``side``: "models" or "queries")."""
@@ -515,13 +569,15 @@ class Proxy:
     return self.describe_queries(queries, batch_size, classes=False)[0]
 
   def describe_queries(self, queries: Sequence[tuple], batch_size: int = 64,
-                       classes: bool = True):
+                       classes: bool = True, index: ModelIndex | None = None):
     """Query vectors and class descriptions of many few-shot sets (what retrieval reads).
 
     Args:
       queries: (images, labels) pairs, each as :meth:`embed_query` takes them.
       batch_size: queries per batched call.
       classes: also locate each query's classes in the probe pool.
+      index: the index the queries will be matched against: its own pool, when it has one,
+        follows the probe pool where the classes are located.
 
     Returns:
       (vectors float32 [Q, E], :class:`know2vec_jax.classmatch.QueryClasses` or None).
@@ -538,9 +594,11 @@ class Proxy:
           raise
         raise InputError(f"query {i}: {e}") from e
     k_max = self.max_classes
+    match = self.config.match
     out = np.zeros((len(checked), self.embed_dim), np.float32)
     protos = np.zeros((len(checked), k_max, self.backbone.dim), np.float32)
     masks = np.zeros((len(checked), k_max), np.float32)
+    radius = np.ones((len(checked), k_max), np.float32)
     by_shape: dict[tuple, list[int]] = {}
     for i, (_, y, k) in enumerate(checked):
       by_shape.setdefault((len(y), k), []).append(i)
@@ -548,7 +606,10 @@ class Proxy:
       for s in range(0, len(rows), batch_size):
         part = rows[s:s + batch_size]
         grid = features.query_grid_batch(self.backbone, np.stack([checked[i][0] for i in part]),
-                                         np.stack([checked[i][1] for i in part]), k)
+                                         np.stack([checked[i][1] for i in part]), k,
+                                         radius=classes and match.radius)
+        if classes and match.radius:
+          grid, radius[part, :k] = grid
         gp, m = pad_grid(grid, k_max)
         m = np.broadcast_to(np.asarray(m), (len(part), k_max))
         out[part] = self.embed_grids(np.asarray(gp), m, "queries")
@@ -556,8 +617,9 @@ class Proxy:
         masks[part] = m
     if not classes:
       return out, None
-    found = classmatch.query_classes(protos, masks, self.pool_features(),
-                                     self.config.match.neighbours)
+    found = classmatch.query_classes(protos, masks, self.index_pool_features(index),
+                                     match.neighbours, radius if match.radius else None,
+                                     match.min_neighbours)
     found.familiarity = classmatch.familiarity(out, self.reference)
     return out, found
 
@@ -590,8 +652,11 @@ class Proxy:
     """
     match = self.match_config([f"{k}={v}" for k, v in changes.items()])
     other = Proxy(dataclasses.replace(self.config, match=match), self.backbone, self.vectorizer,
-                  self.pool, self.tasks, self.info, self.knowledge, self.reference)
+                  self.pool, self.tasks, self.info, self.knowledge, self.reference,
+                  self.pool_provenance)
     other._pool_features = self._pool_features
+    other._index_pools = self._index_pools
+    other._pool_knowledge = self._pool_knowledge
     return other
 
   def search(self, index: ModelIndex, queries: Sequence[tuple], k: int = 10) -> Matches:
@@ -616,11 +681,12 @@ class Proxy:
     if match.enabled and not index.has_classes:
       raise ProxyError("the index holds no class knowledge: rebuild it with this proxy "
                        "(`know2vec index build`), or query with --set match.enabled=false")
-    vectors, classes = self.describe_queries(queries, classes=match.enabled)
+    if match.enabled:
+      self.check_index_pool(index)
+    vectors, classes = self.describe_queries(queries, classes=match.enabled, index=index)
     if not match.enabled:
       return index.match(vectors, None, k, match)
-    if classes.prototypes.shape[1] != index.classes["tokens"].shape[1] \
-        or index.classes["pool_labels"].shape[1] != len(self.pool):
+    if classes.prototypes.shape[1] != index.classes["tokens"].shape[1]:
       raise ProxyError("the index's class knowledge was made by another proxy (other probe pool "
                        "or max_classes); rebuild it with this proxy")
     return index.match(vectors, classes, k, match)
@@ -684,8 +750,15 @@ class Proxy:
 
   def build_index(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
                   metadata: Mapping[str, dict] | None = None, index: ModelIndex | None = None,
-                  cache: pipeline.Cache | None = None, progress: bool = False) -> ModelIndex:
+                  cache: pipeline.Cache | None = None, progress: bool = False,
+                  pool: "pool_lib.Pool | np.ndarray | None" = None) -> ModelIndex:
     """Vectorizes black boxes and adds them to an index (a new one unless ``index`` is given).
+
+    Any black boxes will do, of sources and classes the proxy never trained on: nothing is
+    retrained. ``pool`` gives a new (or empty) index its own pool, unlabelled images (e.g. of the
+    zoo's domain) that follow the proxy's probe pool wherever this index's rows are probed and
+    its queries' classes are located (:meth:`ModelIndex.set_pool`); an index that has one keeps
+    using it when rows are added later.
 
     Each row's metadata: ``num_classes``, ``proxy`` (this proxy's fingerprint),
     ``never_predicted`` (the class ids the model never predicted on the probe pool, whose anchors
@@ -707,9 +780,17 @@ class Proxy:
     if present:
       raise IndexStoreError(f"{len(present)} model id(s) already in the index, e.g. "
                             f"{present[0]!r}")
-    kn = self.knowledge_of(groups, cache, progress)
-    ids, grids, masks = pipeline.knowledge_grids(self.backbone, self.pool_features(), kn,
-                                                 self.max_classes, cache)
+    if pool is not None:
+      images, prov = ((pool.images, pool.provenance) if isinstance(pool, pool_lib.Pool)
+                      else (pool, [{"source": "array", "images": int(len(pool))}]))
+      if tuple(np.shape(images)[1:]) != self.image_shape:
+        raise ProxyError(f"the index's pool holds images of shape {list(np.shape(images)[1:])}, "
+                         f"this proxy's are {list(self.image_shape)}")
+      index.set_pool(images, prov)
+    self.check_index_pool(index)
+    kn = self.knowledge_of(groups, cache, progress, index)
+    ids, grids, masks = pipeline.knowledge_grids(self.backbone, self.index_pool_features(index),
+                                                 kn, self.max_classes, cache)
     vectors, classes = self._index_rows(grids, masks,
                                         np.concatenate([k.pool_labels for k in kn]))
     metas = []
@@ -729,6 +810,7 @@ class Proxy:
           meta.update(metadata.get(mid, {}))
         metas.append(meta)
     index.add_vectors(ids, vectors, metas, classes=classes)
+    index.record_proxy(self.fingerprint, self.provenance)
     return index
 
   def _index_rows(self, grids, masks, pool_labels):
@@ -744,6 +826,14 @@ class Proxy:
                "mask": np.asarray(masks, np.float32), "pool_labels": np.asarray(pool_labels),
                "hub": hub.astype(np.float32)}
     return vectors, classes
+
+  def check_index_pool(self, index: ModelIndex) -> None:
+    """Raises ProxyError when the index's rows were probed on other images than this proxy's
+    pool (followed by the index's own pool)."""
+    if index.has_classes and index.classes["pool_labels"].shape[1] != len(self.pool) + (
+        0 if index.pool is None else len(index.pool)):
+      raise ProxyError("the index's class knowledge was made by another proxy (other probe pool "
+                       "or max_classes); rebuild it with this proxy")
 
   def check_index(self, index: ModelIndex) -> None:
     """Raises ProxyError when the index's vector size is not this proxy's E."""
@@ -795,7 +885,8 @@ class Proxy:
         "vectorizer": {"feature_dim": int(self.vectorizer.feature_dim),
                        "num_tasks": int(self.vectorizer.task_head.out_features),
                        "accuracy_head": self.has_accuracy_head},
-        "pool_shape": list(self.pool.shape), "tasks": self.tasks, "knowledge": rows,
+        "pool_shape": list(self.pool.shape), "pool": self.pool_provenance,
+        "tasks": self.tasks, "knowledge": rows,
         "reference": len(self.reference),
         "info": storage.json_ready(self.info),
     }
@@ -820,6 +911,7 @@ class Proxy:
       vectorizer = Know2Vec(cfg.vectorizer, int(vec["feature_dim"]), int(vec["num_tasks"]),
                             accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0))
       pool_shape = tuple(int(d) for d in m["pool_shape"])
+      provenance = [dict(p) for p in m["pool"]]
       tasks, rows = list(m["tasks"]), [(str(i), str(f), int(k)) for i, f, k in m["knowledge"]]
       n_ref = int(m["reference"])
     except (KeyError, TypeError, ValueError) as e:
@@ -849,7 +941,7 @@ class Proxy:
                                          kn["fallback"][i, :k].astype(bool),
                                          int(kn["queries"][i]), kn["pool_labels"][i]))
     proxy = cls(cfg, backbone, vectorizer, pool, tasks, m.get("info", {}), store,
-                restored["reference"]["vectors"] if n_ref else None)
+                restored["reference"]["vectors"] if n_ref else None, provenance)
     if proxy.fingerprint != m.get("fingerprint"):
       raise ProxyError(f"proxy {root} is corrupted: fingerprint mismatch")
     return proxy

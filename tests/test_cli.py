@@ -115,6 +115,7 @@ def test_train_index_query_commands(tiny_zoo_dir, tmp_path, capsys):
   summary = json.loads(capsys.readouterr().out)
   assert summary["models"] == 8 and summary["dim"] == 32 and summary["tasks"] == 4
   assert sorted(summary["ids"]) == sorted(ids) and summary["proxies"] == [info["fingerprint"]]
+  assert set(summary["built_by"]) == {info["fingerprint"]} and summary["index_pool"] == []
 
   assert main(["query", "--proxy", proxy, "--index", index, "--task", "digits:3,4,5,8", "-k",
                "4", "--columns", "heldout_accuracy,role"]) == 0
@@ -139,6 +140,21 @@ def test_train_index_query_commands(tiny_zoo_dir, tmp_path, capsys):
   assert res["query"]["classes"] == ["class_0", "class_3", "class_5"]
   assert res["query"]["num_images"] == 12 and len(res["results"]) == 8
   assert [r["rank"] for r in res["results"]] == list(range(1, 9))
+
+  # --models takes globs, families and files of ids; one that matches nothing is one line.
+  from know2vec_jax.cli import select_models
+  from know2vec_jax.zoo import ZooError, load_zoo
+  z = load_zoo(zoo)
+  (tmp_path / "ids.txt").write_text(f"{ids[0]}\n\n{ids[1]}\n")
+  assert select_models(z, "*.digits+invert.*") == [m for m in z.records if "+invert" in m]
+  assert select_models(z, "mlp") == [m for m in z.records if z.record(m).arch == "mlp"]
+  assert select_models(z, f"{tmp_path / 'ids.txt'},cnn_s") == [
+      m for m in z.records if m in ids[:2] or z.record(m).arch == "cnn_s"]
+  with pytest.raises(ZooError, match="matches no model"):
+    select_models(z, "*.fashion*")
+  assert main(["index", "build", "--proxy", proxy, "--zoo", zoo, "--out", str(tmp_path / "i2"),
+               "--models", "*.digits.*", "--quiet", "--json"]) == 0
+  assert all(".digits." in m for m in json.loads(capsys.readouterr().out)["added"])
 
   assert main(["index", "remove", "--index", index, ids[0], ids[1]]) == 0
   assert "now holds 6" in capsys.readouterr().out
@@ -207,7 +223,7 @@ def test_command_line_mistakes_are_one_line(tiny_zoo_dir, tiny_proxy_dir, tiny_i
       (["index", "build", "--proxy", str(tmp_path / "noproxy"), "--zoo", zoo, "--out",
         str(tmp_path / "i")], ["no proxy at", "know2vec train"]),
       (["index", "add", "--proxy", proxy, "--zoo", zoo, "--index", index, "--models", "nope"],
-       ["unknown model id 'nope'"]),
+       ["--models item 'nope' matches no model"]),
       (["index", "info", "--index", str(tmp_path / "noindex")], ["no index at"]),
       (["query", "--proxy", proxy, "--index", index, "--images", str(tmp_path / "none")],
        ["image folder", "does not exist"]),

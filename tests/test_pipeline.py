@@ -33,13 +33,13 @@ def test_episodes_depend_on_the_set_alone():
 
 def test_cache_reuses_phi_and_episodes(tmp_path, monkeypatch):
   cache = pipeline.Cache(tmp_path)
-  bb, info = cache.backbone(TINY_PHI, ["digits"], (28, 28, 1), progress=False)
-  assert info["sources"] == ["digits"]
+  bb, info = cache.backbone(TINY_PHI, {"digits": [0, 1, 2, 3, 4]}, (28, 28, 1), progress=False)
+  assert info["sources"] == ["digits"] and info["labels"] == [f"digits:{c}" for c in range(5)]
 
   def boom(*a, **k):
     raise AssertionError("recomputed despite the cache")
   monkeypatch.setattr(pipeline, "train_backbone", boom)
-  again, _ = cache.backbone(TINY_PHI, ["digits"], (28, 28, 1), progress=False)
+  again, _ = cache.backbone(TINY_PHI, {"digits": [0, 1, 2, 3, 4]}, (28, 28, 1), progress=False)
   assert again.fingerprint == bb.fingerprint
   sets = [pipeline.LabelledSet.from_task(Task("digits", (0, 1)), "train"),
           pipeline.LabelledSet.from_task(Task("digits", (2, 3, 4)), "train")]

@@ -11,7 +11,7 @@ import pytest
 
 from know2vec_jax.backbone import BackboneConfig
 from know2vec_jax.blackbox import CallableBlackBox, InputError, groups_from_zoo
-from know2vec_jax.data import few_shot, load_source
+from know2vec_jax.data import few_shot, load_source, stable_seed
 from know2vec_jax.index import ModelIndex
 from know2vec_jax.knowledge import expected_queries
 from know2vec_jax.config import ConfigError, from_dict, override, to_dict
@@ -28,11 +28,21 @@ def test_training_covers_every_task_with_the_documented_budget(tiny_proxy, tiny_
   assert sum(t["models"] for t in tiny_proxy.tasks) == len(zoo)
   sources = sorted({r.source for r in zoo.records.values()})
   assert tiny_proxy.info["sources"] == sources
-  # The pool: pool_per_source train-split images of every source, one permutation per source.
-  rng = np.random.default_rng(cfg.seed)
-  want = np.concatenate([load_source(s).train_images[
-      rng.permutation(len(load_source(s).train_images))[:cfg.pool_per_source]] for s in sources])
+  # The pool: per_source test-split images of every source (at most half of the split), one
+  # permutation per base source, so digits and digits+invert hold the same underlying images.
+  want, rows = [], {}
+  for s in sources:
+    base = s.split("+")[0]
+    n = len(load_source(s).test_images)
+    rows.setdefault(base, np.random.default_rng(stable_seed("pool", base, "test", cfg.seed))
+                    .permutation(n)[:min(cfg.pool.per_source, n // 2)])
+    want.append(load_source(s).test_images[rows[base]])
+  want = np.concatenate(want)
   np.testing.assert_array_equal(tiny_proxy.pool, want)
+  assert [(p["source"], p["split"], p["images"]) for p in tiny_proxy.pool_provenance] == [
+      (s, "test", cfg.pool.per_source) for s in sources]
+  # Nothing a zoo model trained on: every pool image is a test-split image.
+  assert tiny_proxy.provenance["pool"][0]["split"] == "test"
   for k, n in tiny_proxy.info["knowledge_queries_per_model"].items():
     assert n == expected_queries(len(want), int(k), cfg.knowledge.search_steps)
   vcfg = tiny_proxy.vectorizer_config
@@ -149,9 +159,10 @@ def json_keys(path):
 
 def test_presets_and_overrides():
   demo = proxy_preset("demo")
-  assert demo == ProxyConfig(backbone=BackboneConfig(augment=0.8), episode_augment=0.5)
+  assert demo == ProxyConfig(backbone=BackboneConfig(augment=0.8, ssl_weight=1.0),
+                             episode_augment=0.5)
   full = proxy_preset("full")
-  assert full.pool_per_source > demo.pool_per_source and full.episodes > demo.episodes
+  assert full.pool.per_source > demo.pool.per_source and full.episodes > demo.episodes
   varied = proxy_preset("varied")
   assert varied.ranking.hard_share == 0.5 and demo.ranking.hard_share == 0.0
   assert dataclasses.replace(varied, ranking=demo.ranking) == demo
@@ -193,8 +204,10 @@ def test_train_refuses_impossible_configs(tiny_zoo):
   cfg = override(proxy_preset("tiny"), ["align.batch_size=12"])
   with pytest.raises(ProxyError, match="batch_size=12 must be divisible by the 8 devices"):
     Proxy.train(zoo, cfg, progress=False)
-  with pytest.raises(ConfigError, match="pool_per_source must be >= 1"):
-    ProxyConfig(pool_per_source=0)
+  with pytest.raises(ConfigError, match="pool per_source must be >= 1"):
+    override(proxy_preset("tiny"), ["pool.per_source=0"])
+  with pytest.raises(ConfigError, match="unknown split 'val'"):
+    override(proxy_preset("tiny"), ["pool.sources=digits@val"])
   # "transfer" is the earlier name of "finetune"; its labels are needed (Proxy.train measures
   # them, Proxy.fit takes them) and the retrieval objective refuses them.
   assert override(proxy_preset("tiny"), ["objective=transfer"]).objective == "finetune"
