@@ -73,7 +73,8 @@ from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task, load_source, sample_tasks, task_split
 from know2vec_jax.data.perturb import SUITE, Perturbation, perturb
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
-from know2vec_jax.pipeline import Cache, pool_rows
+from know2vec_jax import pool as pool_lib
+from know2vec_jax.pipeline import Cache
 from know2vec_jax.proxy import Proxy, ProxyConfig, proxy_preset, zoo_metadata
 from know2vec_jax.zoo import load_zoo
 from know2vec_jax.zoo.specs import NEURAL_FAMILIES
@@ -311,14 +312,16 @@ def noise_queries(n: int, k: int, shots: int, image_shape, seed: int):
 
 
 def source_queries(sources, tasks_per_source: int, per_task: int, shots: int, seed: int,
-                   k: int = 4):
-  """Queries of random ``k``-way tasks of each source (test splits): (source, images, labels)."""
+                   k: int = 4, pool=None, pool_seed: int = 0):
+  """Queries of random ``k``-way tasks of each source (test splits, outside the rows a probe
+  pool ``pool`` holds of the same base source): (source, images, labels)."""
   out = []
   for i, name in enumerate(sources):
     data = load_source(name)
     for j, task in enumerate(sample_tasks(data, k, tasks_per_source, seed=seed + 7 * i)):
       for q in range(per_task):
-        x, y = make_queries([task], 1, shots, seed * 1000 + 31 * j + q)[0][1:]
+        x, y = make_queries([task], 1, shots, seed * 1000 + 31 * j + q, pool=pool,
+                            pool_seed=pool_seed)[0][1:]
         out.append((name, x, y))
   return out
 
@@ -370,10 +373,17 @@ def search_ranks(proxy: Proxy, index, queries, q_task: np.ndarray, m_task: dict,
   """
   settings = {None: ()} if rows is None else rows
   proxy.check_index(index)
-  vectors, classes = proxy.describe_queries([(x, y) for _, x, y in queries])
+  xy = [(x, y) for _, x, y in queries]
+  described: dict = {}  # the settings that change how queries are described -> description
   out = {}
   for row, overrides in settings.items():
     match = proxy.match_config(overrides)
+    key = (match.neighbours, match.radius, match.min_neighbours)
+    if key not in described:
+      described[key] = proxy.with_match(neighbours=match.neighbours, radius=match.radius,
+                                        min_neighbours=match.min_neighbours).describe_queries(
+                                            xy, index=index)
+    vectors, classes = described[key]
     found = index.match(vectors, classes if match.enabled else None, len(index), match)
     ranks = np.empty(len(queries), np.int64)
     for qi, ids in enumerate(found.ids):
@@ -415,7 +425,8 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
   """Runs the experiment; writes ``out`` (JSON) and a figure beside it when ``out`` is given."""
   t_start = time.perf_counter()
   zoo, cache, tasks, m_task, fold_of = _setup(cfg, zoo_dir, cache_dir)
-  queries = make_queries(tasks, cfg.queries_per_task, cfg.query_shots, cfg.seed)
+  queries = make_queries(tasks, cfg.queries_per_task, cfg.query_shots, cfg.seed,
+                         pool=cfg.proxy.pool, pool_seed=cfg.proxy.seed)
   q_task = np.asarray([i for i, _, _ in queries])
   q_fold = np.asarray([fold_of.get(tasks[i], -1) for i in q_task])
   views = {p: perturbed(queries, p, cfg.seed) for p in cfg.perturbations}
@@ -424,7 +435,8 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
   families = [f for f in cfg.families if f in excl]
   ood = {"noise": [(-1, x, y) for x, y in noise_queries(cfg.noise_queries, 4, cfg.query_shots,
                                                           zoo.image_shape, cfg.seed + 11)]}
-  for name, x, y in source_queries(OOD_SOURCES, cfg.ood_tasks, 2, cfg.query_shots, cfg.seed):
+  for name, x, y in source_queries(OOD_SOURCES, cfg.ood_tasks, 2, cfg.query_shots, cfg.seed,
+                                   pool=cfg.proxy.pool, pool_seed=cfg.proxy.seed):
     ood.setdefault(name, []).append((-1, x, y))
   ood = {k: v for k, v in ood.items() if v}
 
@@ -673,7 +685,8 @@ def validate(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, progress: bool
   inner_ids = [m for m, r in zoo.records.items() if r.task in train_pool and r.task not in val]
   keep_ids = [m for m, r in zoo.records.items() if r.task in train_pool]
   sources = sorted({r.source for r in zoo.records.values()})
-  exclude = pool_rows(sources, cfg.proxy.pool_per_source, cfg.proxy.seed, zoo.image_shape)
+  exclude = {s: pool_lib.config_rows(cfg.proxy.pool, s, "train", cfg.proxy.seed, sources)
+             for s in sources}
   seen_tasks = [t for t in train_pool if t not in val and t.k == 4]
   all_tasks = sorted(val, key=lambda t: t.task_id) + seen_tasks
   qs = train_split_queries(all_tasks, 2, cfg.query_shots, cfg.seed + 5, exclude)

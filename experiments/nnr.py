@@ -48,12 +48,14 @@ import numpy as np
 
 from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
 from know2vec_jax import config as config_lib
+from know2vec_jax import pool as pool_lib
 from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task, few_shot, load_source
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
 from know2vec_jax.pipeline import Cache
+from know2vec_jax.pool import PoolConfig
 from know2vec_jax.proxy import Proxy, ProxyConfig, proxy_preset, zoo_metadata
 from know2vec_jax.zoo import load_zoo
 
@@ -194,13 +196,21 @@ def error_kinds(top1: dict, query_task: list[Task], zoo) -> dict:
   return {k: round(v / n, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
-def make_queries(tasks: list[Task], per_task: int, shots: int, seed: int, split: str = "test"):
-  """(task index, images, labels) of every evaluation query: ``shots`` per class, ``split``."""
+def make_queries(tasks: list[Task], per_task: int, shots: int, seed: int, split: str = "test",
+                 pool: PoolConfig | None = None, pool_seed: int = 0):
+  """(task index, images, labels) of every evaluation query: ``shots`` per class, ``split``,
+  never an image of the probe pool ``pool`` (with seed ``pool_seed``) would hold: the pool is
+  in the test splits by default, and a query shares no image with it
+  (:func:`know2vec_jax.pool.config_rows`)."""
   out = []
+  held: dict = {}
   for i, t in enumerate(tasks):
     data = load_source(t.source)
+    if pool is not None and t.source not in held:
+      held[t.source] = pool_lib.config_rows(pool, t.source, split, pool_seed)
     for q in range(per_task):
-      x, y = few_shot(data, t, shots, seed=seed * 100003 + i * 31 + q, split=split)
+      x, y = few_shot(data, t, shots, seed=seed * 100003 + i * 31 + q, split=split,
+                      exclude=held.get(t.source))
       out.append((i, x, y))
   return out
 
@@ -244,7 +254,8 @@ def run(cfg: NNRConfig, zoo_dir: str, cache_dir: str, out: str | None,
   tasks = zoo_tasks_sorted(zoo)
   fold_of = fold_assignment(tasks, cfg.folds, cfg.seed)
   overlap = closest_overlap(tasks)
-  queries = make_queries(tasks, cfg.queries_per_task, cfg.query_shots, cfg.seed)
+  queries = make_queries(tasks, cfg.queries_per_task, cfg.query_shots, cfg.seed,
+                         pool=cfg.proxy.pool, pool_seed=cfg.proxy.seed)
   q_task = np.asarray([i for i, _, _ in queries])
   q_fold = np.asarray([fold_of.get(tasks[i], -1) for i in q_task])
   meta = zoo_metadata(zoo)
