@@ -23,6 +23,7 @@ a user sees whether the head reads the task on this zoo at all.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Sequence
 
 import jax
@@ -134,6 +135,13 @@ def draw_targets(tasks: Iterable[Task], count: int, ks: Sequence[int] = (), seed
   key = leak_key if any_domain else (lambda t: (t.source, tuple(sorted(t.classes))))
   banned = {key(t) for t in exclude}
   n_classes = {s: load_source(s).num_classes for s in sources}
+  # Every distinct (source, class set) there is: asking for more fails at once rather than after
+  # 100 x count draws.
+  capacity = sum(math.comb(n_classes[s], k) for s in sources for k in ks
+                 if 2 <= k <= min(n_classes[s], max_classes))
+  if count > capacity:
+    raise ValueError(f"could not draw {count} distinct training targets from sources "
+                     f"{sources} with K in {ks}: there are only {capacity}")
   rng = np.random.default_rng(seed)
   out, seen, tries = [], set(), 0
   while len(out) < count:

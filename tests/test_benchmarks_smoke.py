@@ -1,6 +1,6 @@
 """The benchmark harness keeps working (``--quick`` sizes; no timing assertions).
 
-The suite runs once per session (about 4 minutes on 2 CPU cores shared with other work, here with
+The suite (every section but align_train) runs once per session (about 4 minutes on 2 CPU cores shared with other work, here with
 the 8 forced devices of the test session, so the sharded probe, index and training paths are
 exercised too; knowledge_scaling on a 5-model zoo); the tests check its structure, the
 correctness checks it records and that every fraction of a peak is a true bound.
@@ -15,8 +15,9 @@ import pytest
 from benchmarks import __main__ as bench
 from benchmarks import torch_models
 
-SECTIONS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "query", "align_train",
-            "zoo_train")
+# align_train is left out of the smoke run: its check (1 and 8 devices train the same model) is
+# tests/test_align.py::test_one_and_eight_devices_agree, and its compilations cost a minute here.
+SECTIONS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "query", "zoo_train")
 # knowledge_scaling's zoo here: two small stacks (its --quick zoo, the demo families, takes a
 # minute or two of process starts and compilations).
 SMALL_ZOO = {"cnn_s-k4": 3, "mlp-k2": 2}
@@ -29,7 +30,8 @@ def quick_run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(knowledge_scaling, "composition", lambda scale: dict(SMALL_ZOO))
     mp.setitem(knowledge_scaling.SIZES, "quick", dict(scale=1, pool=64, pool_batch=64))
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+    only = [a for s in SECTIONS[1:] for a in ("--only", s)]
+    assert bench.main(["--quick", "--out", str(out), *only]) == 0
   (path,) = out.glob("*.json")
   return json.loads(path.read_text()), path
 
@@ -146,10 +148,6 @@ def test_query_and_training_sections(quick_run):
   res, _ = quick_run
   q = res["benchmarks"]["query"]
   assert q["first_call_ms"] > 0 and q["rows"][0]["path"].startswith("end to end")
-  a = res["benchmarks"]["align_train"]
-  assert [row["devices"] for row in a["rows"]] == [1, 8]
-  # 1 and 8 devices train the same model (correctness; speed is not compared here).
-  assert a["checks"]["max_loss_diff"] < 1e-3 and a["checks"]["max_param_diff"] < 1e-3
   z = res["benchmarks"]["zoo_train"]
   assert {(row["arch"], row["strategy"]) for row in z["rows"]} >= {
       ("mlp", "vmap"), ("mlp", "map"), ("cnn_s", "vmap"), ("cnn_s", "map")}

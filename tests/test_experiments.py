@@ -189,14 +189,24 @@ def _images(target, per_class):
   return data.test_images[pick]
 
 
-def test_generalise_run_through_the_product_reports_seeds_spread_and_drops(tiny_zoo_dir,
-                                                                           tmp_path):
+@pytest.fixture(scope="module")
+def generalise_run(tiny_zoo_dir, tmp_path_factory):
+  """One tiny generalisation run (the slowest experiment test: run once, asserted by two tests),
+  with the model ids of every ``Proxy.train`` call recorded."""
+  from experiments import generalise
+  tmp = tmp_path_factory.mktemp("generalise")
+  cfg = generalise.PRESETS.get("tiny")
+  with pytest.MonkeyPatch.context() as mp:
+    trained = _spy_trainings(mp)
+    out = generalise.run(cfg, str(tiny_zoo_dir), str(tmp / "cache"),
+                         str(tmp / "generalise.json"), progress=False)
+  return cfg, out, trained, tmp
+
+
+def test_generalise_run_through_the_product_reports_seeds_spread_and_drops(generalise_run):
   """The generalisation experiment end to end on the tiny zoo: every seed trains, held-out and
   seen are pooled over folds, each perturbation's drop is clean minus perturbed top-1."""
-  from experiments import generalise
-  cfg = generalise.PRESETS.get("tiny")
-  out = generalise.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"),
-                       str(tmp_path / "generalise.json"), progress=False)
+  cfg, out, _, tmp = generalise_run
   row = out["rows"]["know2vec"]
   assert len(row["heldout"]["per_seed"]) == len(cfg.seeds) == 2
   for split in ("seen", "heldout"):
@@ -211,7 +221,7 @@ def test_generalise_run_through_the_product_reports_seeds_spread_and_drops(tiny_
   ood = out["summary"]["ood"]
   assert 0 <= ood["false_alarm"] <= 1 and ood["detection"]["noise"] >= 0
   assert set(out["baselines"]) == {"anchor-matching (untrained)", "random"}
-  assert (tmp_path / "generalise.json").exists()
+  assert (tmp / "generalise.json").exists()
 
 
 def test_generalise_perturbed_queries_change_only_the_images(tiny_zoo):
@@ -225,8 +235,7 @@ def test_generalise_perturbed_queries_change_only_the_images(tiny_zoo):
     assert not np.allclose(x, x2)
 
 
-def test_leave_one_family_out_split_keeps_the_family_out_of_training(tiny_zoo, monkeypatch,
-                                                                    tiny_zoo_dir, tmp_path):
+def test_leave_one_family_out_split_keeps_the_family_out_of_training(tiny_zoo, generalise_run):
   from experiments import generalise
   zoo = tiny_zoo[0]
   for fam in {r.arch for r in zoo.records.values()}:
@@ -239,9 +248,7 @@ def test_leave_one_family_out_split_keeps_the_family_out_of_training(tiny_zoo, m
     for t in tasks:
       assert {r.arch for r in zoo.records.values() if r.task == t} == {fam}
   # The run trains each left-out family's proxy without any of its models.
-  trained = _spy_trainings(monkeypatch)
-  cfg = generalise.PRESETS.get("tiny")
-  out = generalise.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
+  cfg, out, trained, _ = generalise_run
   lofo = trained[-len(cfg.seeds) * len(cfg.families):]
   for ids in lofo:
     assert not [m for m in ids if zoo.records[m].arch in cfg.families]
