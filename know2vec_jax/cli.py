@@ -10,7 +10,7 @@
     know2vec train --zoo Z --out PROXY     train a Know2Vec proxy on a zoo (black-box access only)
     know2vec index build|add|remove|info|convert   the retrieval index of a zoo
     know2vec query --proxy P --index I ..  rank the index's models for a few-shot task
-    know2vec eval nnr|sfmte|generalise|latency  run an experiment (the ``experiments`` package)
+    know2vec eval nnr|sfmte|generalise|openworld|latency  run an experiment (the ``experiments`` package)
     know2vec bench [args]                  run the benchmark suite (the ``benchmarks`` package)
 
 Every command takes ``--help``; commands whose output is data take ``--json``; long steps show

@@ -162,8 +162,9 @@ _LEVERS = dict(backbone=BackboneConfig(augment=0.8, ssl_weight=1.0), episode_aug
 
 @PRESETS.register("demo")
 def _demo() -> ProxyConfig:
-  """The default: pool 800 per source, T = 8, 1,500 aligner steps, phi and query episodes on
-  nuisance views, class matching."""
+  """The default: a pool of the training sources' test splits (800 per source), T = 8, 1,500
+  aligner steps, phi on the training tasks' labels and the pool's images (contrastive), phi and
+  query episodes on nuisance views, class matching."""
   return ProxyConfig(**_LEVERS)
 
 

@@ -1,0 +1,195 @@
+"""The open-world experiment on the tiny zoo: at the data level, no image or label of a held-out
+source or class reaches phi's training, the pool, the aligner's episodes or the calibration;
+and a retriever that ignores classes fails the tiny-zoo retrieval check the product passes."""
+
+import numpy as np
+import pytest
+
+from experiments import openworld
+from know2vec_jax import backbone as backbone_lib
+from know2vec_jax import pipeline
+from know2vec_jax import pool as pool_lib
+from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.config import ConfigError, override
+from know2vec_jax.data import few_shot, load_source, parse_source_name
+from know2vec_jax.proxy import Proxy, proxy_preset, zoo_metadata
+from know2vec_jax.zoo import load_zoo
+
+
+def _spies(monkeypatch) -> dict:
+  """Records what reaches phi's training, the pool, the aligner's episodes and the
+  calibration, per proxy training (a new record starts at each pool build)."""
+  seen: list[dict] = []
+  real_build, real_fit = pool_lib.build, backbone_lib.fit_backbone
+  real_labelled, real_episodes = backbone_lib.labelled_data, pipeline.episode_grids
+  real_val, real_cal = Proxy.validation_queries, Proxy._calibrate
+
+  def build(*a, **k):
+    p = real_build(*a, **k)
+    seen.append({"pool": p.images, "pool_prov": p.provenance})
+    return p
+
+  def labelled(*a, **k):
+    out = real_labelled(*a, **k)
+    seen[-1]["phi_names"] = out[4]
+    return out
+
+  def fit(config, image_shape, images, labels, num_labels, unlabelled=None, *a, **k):
+    seen[-1].update(phi_images=np.asarray(images), phi_labels=np.asarray(labels),
+                    phi_unlabelled=None if unlabelled is None else np.asarray(unlabelled))
+    return real_fit(config, image_shape, images, labels, num_labels, unlabelled, *a, **k)
+
+  def episodes(backbone, sets, *a, **k):
+    seen[-1].setdefault("episode_sets", []).extend(sets)
+    return real_episodes(backbone, sets, *a, **k)
+
+  def validation(self, ids, model_tasks, image_shape):
+    queries, q_tasks = real_val(self, ids, model_tasks, image_shape)
+    seen[-1]["calibration_tasks"] = sorted({model_tasks[m] for m in ids}, key=str)
+    seen[-1]["calibration_images"] = [x for x, _ in queries]
+    return queries, q_tasks
+
+  def calibrate(self, rows, queries):
+    seen[-1]["calibration_models"] = list(rows[0])
+    return real_cal(self, rows, queries)
+
+  monkeypatch.setattr(pool_lib, "build", build)
+  monkeypatch.setattr(backbone_lib, "labelled_data", labelled)
+  monkeypatch.setattr(backbone_lib, "fit_backbone", fit)
+  monkeypatch.setattr(pipeline, "episode_grids", episodes)
+  monkeypatch.setattr(Proxy, "validation_queries", validation)
+  monkeypatch.setattr(Proxy, "_calibrate", calibrate)
+  return {"trainings": seen}
+
+
+def _image_set(sources) -> set:
+  out = set()
+  for s in sources:
+    d = load_source(s)
+    out |= {im.tobytes() for im in np.concatenate([d.train_images, d.test_images])}
+  return out
+
+
+def _count_in(images, image_set) -> int:
+  return sum(im.tobytes() in image_set for im in np.asarray(images))
+
+
+def test_unseen_source_and_classes_leak_nothing_into_training(tiny_zoo_dir, tmp_path,
+                                                              monkeypatch):
+  zoo = load_zoo(tiny_zoo_dir)
+  # A class draw that leaves training tasks and gives query tasks (>= 2 held-out classes).
+  seed = next(s for s in range(200) if _usable(zoo, s))
+  cfg = override(openworld.PRESETS.get("tiny"), [f"seed={seed}", "sources=mnist5k",
+                                                 "seeds=0", "proxy.backbone.ssl_weight=1.0"])
+  spies = _spies(monkeypatch)
+  out = openworld.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
+  broad_t, strict_t, classes_t = spies["trainings"]
+  mnist = [s for s in {r.source for r in zoo.records.values()} if s.startswith("mnist5k")]
+  mnist_images = _image_set(mnist)
+  mnist_test = {im.tobytes() for s in mnist for im in load_source(s).test_images}
+  for name, t in (("strict", strict_t), ("broad", broad_t)):
+    # phi: no label, no labelled image of the held-out source.
+    assert not any(n.startswith("mnist5k") for n in t["phi_names"]), name
+    assert _count_in(t["phi_images"], mnist_images) == 0, name
+    # The aligner's episodes and the calibration: no task, no image of it.
+    assert t["episode_sets"] and not any(s.name.startswith("mnist5k") for s in t["episode_sets"])
+    for s in t["episode_sets"]:
+      assert _count_in(s.images[s.index], mnist_images) == 0
+    assert not any(task.source.startswith("mnist5k") for task in t["calibration_tasks"])
+    assert all(_count_in(x, mnist_images) == 0 for x in t["calibration_images"])
+    assert not any(zoo.record(m).source.startswith("mnist5k") for m in t["calibration_models"])
+  # strict: no image of it anywhere, the pool and phi's unlabelled images included.
+  assert _count_in(strict_t["pool"], mnist_images) == 0
+  assert _count_in(strict_t["phi_unlabelled"], mnist_images) == 0
+  # broad: the pool (and so phi's contrastive loss) holds unlabelled test-split images of it,
+  # never one a model trained on.
+  n_broad = _count_in(broad_t["pool"], mnist_images)
+  assert n_broad > 0 and n_broad == _count_in(broad_t["pool"], mnist_test)
+  assert _count_in(broad_t["phi_unlabelled"], mnist_images) == n_broad
+  # Unseen classes: no held-out (source, class) label for phi, no labelled image of one for phi,
+  # the episodes or the calibration.
+  held = openworld.draw_held_classes(zoo, cfg.held_classes, cfg.seed)
+  names = {f"{s}:{load_source(s).class_names[c]}" for s in {r.source for r in
+                                                             zoo.records.values()}
+           for c in held[parse_source_name(s)[0]]}
+  assert not names & set(classes_t["phi_names"])
+  held_images = set()
+  for s in {r.source for r in zoo.records.values()}:
+    d = load_source(s)
+    for x, y in ((d.train_images, d.train_labels), (d.test_images, d.test_labels)):
+      held_images |= {im.tobytes() for im in x[np.isin(y, held[parse_source_name(s)[0]])]}
+  assert _count_in(classes_t["phi_images"], held_images) == 0
+  for s in classes_t["episode_sets"]:
+    assert _count_in(s.images[s.index], held_images) == 0
+  assert all(_count_in(x, held_images) == 0 for x in classes_t["calibration_images"])
+  for m in classes_t["calibration_models"]:
+    assert not set(zoo.record(m).task.classes) & set(held[parse_source_name(
+        zoo.record(m).source)[0]])
+  # The report carries every setting, row and rate the summary promises.
+  s = out["summary"]
+  assert set(s["unseen_source"]) == {"broad", "strict"}
+  assert set(s["unseen_source"]["broad"]) == {"mnist5k", "mean", "worst_top1"}
+  for entry in (s["unseen_source"]["broad"]["mnist5k"], s["unseen_classes"]):
+    assert set(entry["rows"]) == {"vector-only", "fixed-neighbours", "anchor-matching", "random"}
+    assert 0 <= entry["top1"] <= entry["top5"] <= 1
+  assert set(s["no_fit"]["broad"]) == {"mnist5k"} and 0 <= s["false_alarm"]["rate"] <= 1
+
+
+def _usable(zoo, seed: int) -> bool:
+  held = openworld.draw_held_classes(zoo, 3, seed)
+  train, out = openworld.class_split(zoo, held)
+  tasks = openworld.zoo_tasks_sorted(zoo)
+  return (len({zoo.record(m).task for m in train}) >= 2 and bool(out)
+          and bool(openworld.class_query_tasks(tasks, held)))
+
+
+def test_splits_hold_out_every_domain_and_every_task_with_a_held_class(tiny_zoo):
+  zoo = tiny_zoo[0]
+  train, held = openworld.source_split(zoo, "digits")
+  assert {zoo.record(m).source for m in held} == {"digits", "digits+invert"}
+  assert {zoo.record(m).source for m in train} == {"mnist5k"}
+  held_classes = {"digits": (0, 1, 2), "mnist5k": (0, 1, 2)}
+  train, out = openworld.class_split(zoo, held_classes)
+  assert sorted(train + out) == sorted(zoo.records)
+  for m in train:
+    assert not set(zoo.record(m).task.classes) & {0, 1, 2}
+  for m in out:
+    assert set(zoo.record(m).task.classes) & {0, 1, 2}
+  draw = openworld.draw_held_classes(zoo, 3, 0)
+  assert set(draw) == {"digits", "mnist5k"} and all(len(v) == 3 for v in draw.values())
+  assert draw == openworld.draw_held_classes(zoo, 3, 0)
+  with pytest.raises(ConfigError, match="pool setting"):
+    override(openworld.PRESETS.get("tiny"), ["pools=wide"])
+
+
+def test_a_retriever_that_ignores_classes_fails_what_the_product_passes(tiny_zoo):
+  """Queries of two tasks of one domain that differ only in their classes (one of them never
+  trained on: its models join through build_index), and of the first task's classes in another
+  domain: the product ranks each query's own task first; a retriever that ignores the classes
+  (it ranks by domain alone) cannot, whatever its order."""
+  zoo = tiny_zoo[0]
+  tasks = sorted({r.task for r in zoo.records.values() if r.k == 4}, key=str)
+  plain = [t for t in tasks if t.source == "digits"]
+  inverted = [t for t in tasks if t.source != "digits"]
+  assert len(plain) == 2 and len(inverted) == 1
+  unseen = next(t for t in plain if t.classes != inverted[0].classes)
+  train = [m for m, r in zoo.records.items() if r.task != unseen]
+  every = tuple(sorted({r.source for r in zoo.records.values()}))
+  cfg = override(proxy_preset("tiny"), [f"pool.sources={','.join(every)}"])
+  proxy = Proxy.train(zoo, cfg, model_ids=train, progress=False)
+  index = proxy.build_index(groups_from_zoo(zoo), zoo_metadata(zoo))
+  queries = []
+  for t in plain + inverted:
+    held = pool_lib.excluded_rows(proxy.pool_provenance, t.source, "test")
+    for seed in range(2):
+      queries.append((t, *few_shot(load_source(t.source), t, 5, seed=seed, exclude=held)))
+  found = proxy.search(index, [(x, y) for _, x, y in queries], k=len(index))
+
+  def passes(ranked_ids) -> bool:
+    return all(zoo.record(ids[0]).task == t for (t, _, _), ids in zip(queries, ranked_ids))
+  assert passes(found.ids), [(str(t), ids[:3]) for (t, _, _), ids in zip(queries, found.ids)]
+  # Ranking by domain alone: one order per domain, whichever it is.
+  for order in (index.ids, index.ids[::-1]):
+    blind = [sorted(order, key=lambda m: zoo.record(m).source != t.source)
+             for t, _, _ in queries]
+    assert not passes(blind)
