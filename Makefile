@@ -35,8 +35,8 @@ demo: setup
 	$(BIN)/python -m experiments.nnr --quick --zoo $(ZOO)
 
 # Every results table and figure of experiments/ (reusing cached artifacts when present; remove
-# artifacts/ to start from scratch): NNR, SF-MTE, generalisation (on the varied zoo: the demo
-# zoo plus scikit-learn families), and retrieval latency against zoo size.
+# artifacts/ to start from scratch): NNR, SF-MTE, generalisation and open world (on the varied
+# zoo: the demo zoo plus scikit-learn families), and retrieval latency against zoo size.
 reproduce: setup
 	$(BIN)/pip install -q -e '.[bench]'  # faiss-cpu and threadpoolctl: the latency figure's peers
 	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
@@ -44,6 +44,7 @@ reproduce: setup
 	$(BIN)/python -m experiments.sfmte --zoo $(ZOO)
 	$(BIN)/know2vec zoo build --preset varied --zoo artifacts/zoo-varied
 	$(BIN)/python -m experiments.generalise --zoo artifacts/zoo-varied
+	$(BIN)/python -m experiments.openworld --zoo artifacts/zoo-varied
 	$(BIN)/python -m experiments.latency
 
 bench: setup
