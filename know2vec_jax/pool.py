@@ -30,7 +30,7 @@ import numpy as np
 
 from know2vec_jax.config import require
 from know2vec_jax.data import DataError, load_source, parse_source_name, stable_seed
-from know2vec_jax.data.sources import IMAGE_EXTENSIONS, _standardise
+from know2vec_jax.data.sources import IMAGE_EXTENSIONS, _standardise, read_image
 
 POOL_SPLITS = ("test", "train", "all")
 FOLDER_SPLIT = "files"
@@ -138,16 +138,7 @@ def _folder_images(path: str, image_size: int, channels: int) -> np.ndarray:
                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
   if not files:
     raise DataError(f"pool folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-  from PIL import Image
-  images = []
-  for f in files:
-    try:
-      with Image.open(f) as im:
-        im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size),
-                                                                Image.BILINEAR)
-        images.append(np.asarray(im, np.uint8))
-    except OSError as e:
-      raise DataError(f"cannot read pool image {f}: {e}") from e
+  images = [read_image(f, image_size, channels, "pool image") for f in files]
   return _standardise(np.stack(images), image_size, channels)
 
 

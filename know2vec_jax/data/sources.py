@@ -433,22 +433,31 @@ def _load_folder(path: str, image_size: int, channels: int):
   classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
   if not classes:
     raise DataError(f"image folder {root} has no class sub-folders (expected one per class)")
-  from PIL import Image
   images, labels = [], []
   for label, cls in enumerate(classes):
     files = sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
       raise DataError(f"class folder {root / cls} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     for f in files:
-      try:
-        with Image.open(f) as im:
-          im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size),
-                                                                  Image.BILINEAR)
-          images.append(np.asarray(im, np.uint8))
-      except OSError as e:
-        raise DataError(f"cannot read image {f}: {e}") from e
+      images.append(read_image(f, image_size, channels))
       labels.append(label)
   x = np.stack(images)
   y = np.asarray(labels, np.int32)
   tr, te = _stratified_split(y)
   return tuple(classes), x[tr], y[tr], x[te], y[te]
+
+
+def read_image(path, image_size: int, channels: int, what: str = "image") -> np.ndarray:
+  """One image file as uint8 [image_size, image_size] (grey) or [..., 3] (RGB), bilinear-resized.
+
+  Raises:
+    DataError: the file cannot be read (naming it as ``what``).
+  """
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size),
+                                                              Image.BILINEAR)
+      return np.asarray(im, np.uint8)
+  except OSError as e:
+    raise DataError(f"cannot read {what} {path}: {e}") from e
