@@ -14,7 +14,9 @@ Two kinds of storage, both all-or-nothing and both verified on load:
   (:mod:`know2vec_jax.distributed`).
 
 An interrupted write never leaves a path that loads as complete, and whatever was stored at the
-path before stays intact until its replacement is complete.
+path before stays intact until its replacement is complete. That holds for a process killed at
+any point of a save (SIGKILL, no clean-up code): the next load or save of the path finishes or
+undoes the interrupted replacement (:func:`recover_dir`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import uuid
 from typing import Callable, Mapping
 
@@ -92,21 +95,77 @@ def write_json_atomic(path: pathlib.Path, obj) -> None:
     raise
 
 
+# A save can be killed at any instruction (SIGKILL, power loss). The tests kill a process at each
+# of these points through the environment variable below and check that the path then loads as
+# the old artifact or the new one (tests/test_storage_crash.py); it is not meant for users.
+FAULT_POINTS = ("staged", "aside", "replaced")
+_FAULT_ENV = "KNOW2VEC_TEST_KILL_AT"
+
+
+def _fault_point(name: str) -> None:
+  if os.environ.get(_FAULT_ENV) == name:
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up code runs, as in a real crash
+
+
+def _aside_copies(target: pathlib.Path) -> list[pathlib.Path]:
+  """The ``.NAME.old-*`` directories a replacement of ``target`` moved aside, newest first."""
+  if not target.parent.is_dir():
+    return []
+  olds = [p for p in target.parent.glob(f".{target.name}.old-*") if p.is_dir()]
+  return sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def recover_dir(target) -> bool:
+  """Finishes or undoes a directory replacement that a crash interrupted.
+
+  A replacement renames the old directory aside, renames the new one into place, then removes
+  the aside copy. Killed between the two renames, it leaves no directory at ``target``: the aside
+  copy is renamed back (the save did not finish, so the old artifact stays). Killed after the
+  second rename, the aside copy is left over: it is removed.
+
+  Args:
+    target: the artifact directory.
+
+  Returns:
+    True when the old artifact was restored.
+  """
+  target = pathlib.Path(target).expanduser().absolute()
+  olds = _aside_copies(target)
+  restored = False
+  if olds and not target.exists():
+    try:
+      os.rename(olds[0], target)  # fails, harmlessly, if a writer put a new one in place first
+      restored = True
+      olds = olds[1:]
+    except OSError:
+      pass
+  if target.exists():
+    for old in olds:
+      shutil.rmtree(old, ignore_errors=True)
+  return restored
+
+
 def replace_dir_atomic(staging: pathlib.Path, target: pathlib.Path) -> None:
   """Moves a finished ``staging`` directory to ``target``, replacing what was there.
 
-  The old directory is renamed aside first and removed only after the new one is in place.
+  The old directory is renamed aside first and removed only after the new one is in place; a
+  crash between the two renames is undone by :func:`recover_dir`, which every artifact load and
+  save runs first.
   """
+  recover_dir(target)
+  _fault_point("staged")
   old = None
   if target.exists():
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.replace(target, old)
+    _fault_point("aside")
   try:
     os.replace(staging, target)
   except BaseException:
     if old is not None:
       os.replace(old, target)
     raise
+  _fault_point("replaced")
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 
@@ -174,6 +233,7 @@ def read_manifest(path, manifest_name: str, fmt: str, version: int, what: str,
     ``error``: a missing directory or manifest, unreadable JSON, another format or version.
   """
   root = pathlib.Path(path).expanduser().absolute()
+  recover_dir(root)
   f = root / manifest_name
   if not root.is_dir():
     raise error(f"no {what} at {root}: directory does not exist{hint}")
