@@ -73,13 +73,19 @@ ABLATION = ("knowledge.search_steps=0",)  # T = 0: no boundary search
 EXPECTED_RUNTIME = (
     "full 30 min on the 2-core CPU from a built demo zoo and an empty cache (measured 1,796 s: "
     "knowledge 158 s, 12 aligner trainings of 40-180 s, lstm the slowest, LEEP batched); 20 min "
-    "(1,201 s) with the knowledge cached; --quick 312 s on a fresh clone (162 s cached)")
+    "(1,201 s) with the knowledge cached; --quick 312 s on a fresh clone (162 s cached). "
+    "Current defaults (contrastive phi): --quick 919 s on a fresh clone of a 2-core AMD EPYC that "
+    "ran the zoo build 2.7x slower than the measurements above; the default variant alone on 3 "
+    "folds 826 s there with --quick's knowledge and phi cached")
 EXPECTED_NUMBERS = (
     "468 queries per fold (132 held out per fold). default know2vec-attention-shared: seen top-1 "
     "0.975, held-out top-1 0.899, top-5 0.997; vectors only (class matching off) held-out 0.545 / "
     "0.856; separate encoders 0.869, lstm 0.889, T=0 0.876; untrained anchor matching 0.364; "
     "LEEP 0.376 (top-5 0.985); random 0.008. --quick (fold 0): held-out 0.902 / 1.000, seen "
-    "0.961")
+    "0.961. Those were measured before the current defaults; with them (results/nnr-default.json, "
+    "--set variants=know2vec-attention-shared --set ablate_search_steps=false): default held-out "
+    "0.876 / 0.995, seen 0.975; vectors only 0.460 / 0.848; anchor matching 0.361; LEEP 0.348; "
+    "--quick (fold 0): held-out 0.902 / 1.000, seen 0.973, vectors only 0.455 / 0.886")
 
 
 @dataclasses.dataclass(frozen=True)
