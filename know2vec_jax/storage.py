@@ -115,7 +115,7 @@ def _aside_copies(target: pathlib.Path) -> list[pathlib.Path]:
   return sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def recover_dir(target) -> bool:
+def recover_dir(target) -> None:
   """Finishes or undoes a directory replacement that a crash interrupted.
 
   A replacement renames the old directory aside, renames the new one into place, then removes
@@ -125,24 +125,18 @@ def recover_dir(target) -> bool:
 
   Args:
     target: the artifact directory.
-
-  Returns:
-    True when the old artifact was restored.
   """
   target = pathlib.Path(target).expanduser().absolute()
   olds = _aside_copies(target)
-  restored = False
   if olds and not target.exists():
     try:
       os.rename(olds[0], target)  # fails, harmlessly, if a writer put a new one in place first
-      restored = True
       olds = olds[1:]
     except OSError:
       pass
   if target.exists():
     for old in olds:
       shutil.rmtree(old, ignore_errors=True)
-  return restored
 
 
 def replace_dir_atomic(staging: pathlib.Path, target: pathlib.Path) -> None:

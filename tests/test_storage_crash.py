@@ -10,14 +10,11 @@ import pytest
 
 from know2vec_jax import storage
 
-SAVE = """
-import sys
-import numpy as np
-from know2vec_jax import storage
-tag = int(sys.argv[2])
-storage.save_artifact(sys.argv[1], {"w": {"a": np.full(3, float(tag))}}, "m.json",
-                      {"format": "crash-test", "version": 1, "tag": tag})
-"""
+# The subprocess runs this module's own _save_here.
+SAVE = ("import sys; sys.path.insert(0, sys.argv[3]); import test_storage_crash as t; "
+        "t._save_here(sys.argv[1], int(sys.argv[2]))")
+# Which artifact each kill point leaves: the old one until the new one is renamed in.
+SURVIVOR = {"staged": 1, "aside": 1, "replaced": 2}
 
 
 def _save_here(path, tag: int) -> None:
@@ -29,7 +26,8 @@ def _save_killed(path, tag: int, kill_at: str) -> int:
   """Saves in a subprocess that SIGKILLs itself at ``kill_at``; its return code."""
   env = dict(os.environ)
   env[storage._FAULT_ENV] = kill_at
-  return subprocess.run([sys.executable, "-c", SAVE, str(path), str(tag)], env=env,
+  here = os.path.dirname(os.path.abspath(__file__))
+  return subprocess.run([sys.executable, "-c", SAVE, str(path), str(tag), here], env=env,
                         timeout=120).returncode
 
 
@@ -40,9 +38,9 @@ def _load(path) -> int:
   return m["tag"]
 
 
-@pytest.mark.parametrize("point,survivor", [("staged", 1), ("aside", 1), ("replaced", 2)])
-def test_a_save_killed_at_each_step_leaves_the_old_or_the_new_artifact(tmp_path, point,
-                                                                        survivor):
+@pytest.mark.parametrize("point", storage.FAULT_POINTS)
+def test_a_save_killed_at_each_step_leaves_the_old_or_the_new_artifact(tmp_path, point):
+  survivor = SURVIVOR[point]
   target = tmp_path / "artifact"
   _save_here(target, 1)
   assert _save_killed(target, 2, point) == -9  # killed: no clean-up code ran
