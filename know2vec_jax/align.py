@@ -318,6 +318,17 @@ def train_step(graphdef, cfg: AlignConfig, objective, state, batch, replicated, 
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_step(mesh):
+  """:func:`train_step` jitted for ``mesh`` (state, inputs every device sees whole and the key
+  replicated, the batch split over ``data``). One jitted function per mesh, with the model
+  definition, the config and the objective static, so that every trainer of equal shapes reuses
+  one compilation."""
+  rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(train_step, static_argnums=(0, 1, 2), in_shardings=(rep, split, rep, rep),
+                 out_shardings=(rep, rep), donate_argnums=(3,))
+
+
 def near_twin_tasks(query_grid, query_mask, n: int) -> np.ndarray:
   """Each task's ``n`` most look-alike other tasks, by their query episodes alone.
 
@@ -438,11 +449,13 @@ class Trainer:
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.state = jax.device_put(state, self.replicated)
     whole = jax.device_put(objective.replicated(data), self.replicated)
-    step = jax.jit(functools.partial(train_step, self.graphdef, cfg, objective),
-                   in_shardings=(self.replicated, self.batch_sharding, self.replicated,
-                                 self.replicated),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self._step = lambda state, batch, rng: step(state, batch, whole, rng)
+    step = _jitted_step(self.mesh)
+    # The seed and the checkpoint spacing do not enter the step: trainers that differ only in
+    # them (seeds of one experiment, the folds of equal shapes) share its compilation.
+    key_cfg = dataclasses.replace(cfg, seed=0, checkpoint_every=1)
+    graphdef = self.graphdef
+    self._step = lambda state, batch, rng: step(graphdef, key_cfg, objective, state, batch,
+                                                whole, rng)
     self.manager = None
     if checkpoint_dir is not None:
       self.manager = ocp.CheckpointManager(

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from know2vec_jax import config as config_lib
-from know2vec_jax import storage
+from know2vec_jax import shapes, storage
 from know2vec_jax.config import require
 from know2vec_jax.data import load_source
 from know2vec_jax.zoo.architectures import CNN
@@ -162,8 +162,13 @@ class Backbone:
     images = jnp.asarray(images, jnp.float32)
     lead = images.shape[:-3]
     flat = images.reshape((-1,) + images.shape[-3:])
-    outs = [_embed(self.graphdef, self.params, flat[i:i + batch_size], self.config.centre)
-            for i in range(0, max(len(flat), 1), batch_size)]
+    outs = []
+    for i in range(0, len(flat), batch_size):
+      chunk = flat[i:i + batch_size]
+      # Chunks padded to a power of two: few compilations whatever the number of images.
+      size = shapes.bucket(len(chunk), batch_size)
+      outs.append(_embed(self.graphdef, self.params, shapes.pad_rows(chunk, size),
+                         self.config.centre)[:len(chunk)])
     out = jnp.concatenate(outs) if outs else jnp.zeros((0, self.dim))
     return out.reshape(lead + (self.dim,))
 
@@ -410,6 +415,50 @@ def train_backbone(config: BackboneConfig, sources=(), image_shape=(28, 28, 1),
   return bb, info
 
 
+def _optimizer(config: BackboneConfig) -> optax.GradientTransformation:
+  # 50 warm-up steps, or half the budget when it is shorter (optax needs decay > warm-up).
+  warmup = min(50, max(config.steps // 2, 1))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                                max(config.steps, warmup + 1),
+                                                0.02 * config.learning_rate)
+  return optax.adam(schedule)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1),
+                   static_argnames=("graphdef", "proj_def", "config", "use_ce", "use_ssl"))
+def _fit_steps(params, opt_state, key, n, x, y, u, *, graphdef, proj_def, config, use_ce,
+               use_ssl):
+  """``n`` Adam steps of phi's loss (a pure function of its inputs, jitted once per shape and
+  setting): cross-entropy on labelled images ``x, y`` and NT-Xent on two views of unlabelled
+  ``u``. Returns (params, opt_state, the last step's loss)."""
+  tx = _optimizer(config)
+  views_cfg = dataclasses.replace(config, augment=1.0)
+  view = centre if config.centre else (lambda a: a)
+
+  def loss_fn(p, key):
+    k_idx, k_aug, k_u, k_v1, k_v2 = jax.random.split(key, 5)
+    model = nnx.merge(graphdef, p[0])
+    loss = jnp.zeros(())
+    if use_ce:
+      idx = jax.random.randint(k_idx, (config.batch_size,), 0, len(y))
+      xb = x[idx] if config.augment == 0 else augment(k_aug, x[idx], config)
+      loss = optax.softmax_cross_entropy_with_integer_labels(model(view(xb)), y[idx]).mean()
+    if use_ssl:
+      ub = u[jax.random.randint(k_u, (config.ssl_batch,), 0, len(u))]
+      head = nnx.merge(proj_def, p[1])
+      z1 = head(model.features(view(augment(k_v1, ub, views_cfg, config.ssl_zoom))))
+      z2 = head(model.features(view(augment(k_v2, ub, views_cfg, config.ssl_zoom))))
+      loss = loss + config.ssl_weight * nt_xent(z1, z2, config.ssl_temperature)
+    return loss
+
+  def body(i, carry):
+    p, o, _ = carry
+    loss, g = jax.value_and_grad(loss_fn)(p, jax.random.fold_in(key, i))
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o, loss
+  return jax.lax.fori_loop(0, n, body, (params, opt_state, jnp.zeros(())))
+
+
 def fit_backbone(config: BackboneConfig, image_shape, images: np.ndarray, labels: np.ndarray,
                  num_labels: int, unlabelled: np.ndarray | None = None,
                  test_images: np.ndarray | None = None, test_labels: np.ndarray | None = None,
@@ -445,41 +494,16 @@ def fit_backbone(config: BackboneConfig, image_shape, images: np.ndarray, labels
   x = jax.device_put(np.asarray(images, np.float32)) if use_ce else None
   y = jax.device_put(np.asarray(labels, np.int32)) if use_ce else None
   u = jax.device_put(np.asarray(unlabelled, np.float32)) if use_ssl else None
-  views_cfg = dataclasses.replace(config, augment=1.0)
-  # 50 warm-up steps, or half the budget when it is shorter (optax needs decay > warm-up).
-  warmup = min(50, max(config.steps // 2, 1))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
-                                                max(config.steps, warmup + 1),
-                                                0.02 * config.learning_rate)
-  tx = optax.adam(schedule)
+  tx = _optimizer(config)
   params = (bb.params, proj_params)
   opt_state = tx.init(params)
+  # The seed enters only through the key and the initial parameters: backbones that differ in it
+  # alone (and in the sources, already read) share the compiled loop.
+  static = dict(graphdef=bb.graphdef, proj_def=proj_def, use_ce=use_ce, use_ssl=use_ssl,
+                config=dataclasses.replace(config, seed=0, sources=()))
 
-  def loss_fn(p, key):
-    k_idx, k_aug, k_u, k_v1, k_v2 = jax.random.split(key, 5)
-    model = nnx.merge(bb.graphdef, p[0])
-    view = centre if config.centre else (lambda a: a)
-    loss = jnp.zeros(())
-    if use_ce:
-      idx = jax.random.randint(k_idx, (config.batch_size,), 0, len(y))
-      xb = x[idx] if config.augment == 0 else augment(k_aug, x[idx], config)
-      loss = optax.softmax_cross_entropy_with_integer_labels(model(view(xb)), y[idx]).mean()
-    if use_ssl:
-      ub = u[jax.random.randint(k_u, (config.ssl_batch,), 0, len(u))]
-      head = nnx.merge(proj_def, p[1])
-      z1 = head(model.features(view(augment(k_v1, ub, views_cfg, config.ssl_zoom))))
-      z2 = head(model.features(view(augment(k_v2, ub, views_cfg, config.ssl_zoom))))
-      loss = loss + config.ssl_weight * nt_xent(z1, z2, config.ssl_temperature)
-    return loss
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run(params, opt_state, key, n):
-    def body(i, carry):
-      p, o, _ = carry
-      loss, g = jax.value_and_grad(loss_fn)(p, jax.random.fold_in(key, i))
-      updates, o = tx.update(g, o, p)
-      return optax.apply_updates(p, updates), o, loss
-    return jax.lax.fori_loop(0, n, body, (params, opt_state, jnp.zeros(())))
+    return _fit_steps(params, opt_state, key, n, x, y, u, **static)
 
   key = jax.random.key(config.seed)
   chunk = 100

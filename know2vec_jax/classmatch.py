@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from know2vec_jax import shapes
 from know2vec_jax.config import require
 
 
@@ -284,12 +285,6 @@ def _class_scores(prototypes, q_mask, anchors, weights, tokens, t_mask, labels, 
   return agreement, token
 
 
-def _bucket(n: int, cap: int) -> int:
-  """``n`` rounded up to a power of two, at most ``cap``: few distinct shapes, few
-  compilations, and a single query is not padded to a whole chunk."""
-  return min(1 << max(int(n) - 1, 0).bit_length(), cap)
-
-
 @dataclasses.dataclass(frozen=True)
 class ClassKnowledge:
   """Every model's class knowledge as :func:`class_scores` reads it (device arrays, classes
@@ -348,7 +343,7 @@ def class_scores(query: QueryClasses, tokens, token_mask=None, pool_labels=None,
   k_of = query.mask.sum(-1).astype(int)
   for kq in np.unique(k_of):
     members = np.flatnonzero(k_of == kq)
-    size = _bucket(len(members), chunk)
+    size = shapes.bucket(len(members), chunk)
     for s in range(0, len(members), size):
       part = members[s:s + size]
       pad = np.concatenate([part, np.full(size - len(part), part[-1])])  # one shape per size

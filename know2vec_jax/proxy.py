@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from know2vec_jax import classmatch, features, pipeline, selection, storage
+from know2vec_jax import classmatch, features, pipeline, selection, shapes, storage
 from know2vec_jax import pool as pool_lib
 from know2vec_jax import config as config_lib
 from know2vec_jax.backbone import Backbone
@@ -500,9 +500,13 @@ class Proxy:
     if side not in ("models", "queries"):
       raise ProxyError(f"side must be 'models' or 'queries', got {side!r}")
     grids, masks = np.asarray(grids, np.float32), np.asarray(masks, np.float32)
-    out = [np.asarray(_embed(self._graphdef, self._state, jnp.asarray(grids[i:i + batch_size]),
-                             jnp.asarray(masks[i:i + batch_size]), side))
-           for i in range(0, len(grids), batch_size)]
+    out = []
+    for i in range(0, len(grids), batch_size):
+      g, m = grids[i:i + batch_size], masks[i:i + batch_size]
+      # Chunks padded to a power of two (masked rows): few compilations whatever M is.
+      size = shapes.bucket(len(g), batch_size)
+      out.append(np.asarray(_embed(self._graphdef, self._state, shapes.pad_rows(g, size),
+                                   shapes.pad_rows(m, size), side))[:len(g)])
     return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
   def vectorize(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
