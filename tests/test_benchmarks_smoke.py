@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import torch_models
+from benchmarks import probe, torch_models
 
 # align_train is left out of the smoke run: its check (1 and 8 devices train the same model) is
 # tests/test_align.py::test_one_and_eight_devices_agree, and its compilations cost a minute here.
@@ -21,6 +21,7 @@ SECTIONS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "quer
 # knowledge_scaling's zoo here: two small stacks (its --quick zoo, the demo families, takes a
 # minute or two of process starts and compilations).
 SMALL_ZOO = {"cnn_s-k4": 3, "mlp-k2": 2}
+PROBE_HEADLINE = ("cnn_l", 2, 256, True)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,10 @@ def quick_run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(knowledge_scaling, "composition", lambda scale: dict(SMALL_ZOO))
     mp.setitem(knowledge_scaling.SIZES, "quick", dict(scale=1, pool=64, pool_batch=64))
+    # The probe section: one per-model configuration per family and the headline on a smaller
+    # shared batch (every method, family and input kind still runs).
+    mp.setitem(probe.CONFIGS, "quick", [(2, 16, False)])
+    mp.setitem(probe.HEADLINE, "quick", PROBE_HEADLINE)
     only = [a for s in SECTIONS[1:] for a in ("--only", s)]
     assert bench.main(["--quick", "--out", str(out), *only]) == 0
   (path,) = out.glob("*.json")
@@ -77,7 +82,7 @@ def test_probe_rows_and_torch_equivalence(quick_run):
   assert all(r["pairs_per_s"] > 0 and 0 < r["frac_peak"] <= 1 for r in probe["rows"])
   # The headline probes the full run's batch (the same figure), against a true bound.
   detail = res["headline_detail"]["probe_fraction_of_peak"]
-  assert "B=1024" in detail["config"] and 0 < detail["value"] <= 1
+  assert f"B={PROBE_HEADLINE[2]}" in detail["config"] and 0 < detail["value"] <= 1
   assert detail["peak_gflops_per_s"] >= max(detail["peak_benchmark_f32_gflops_per_s"],
                                             detail["fastest_probe_call_gflops_per_s"])
   if res["machine"]["torch"] is not None:
