@@ -4,24 +4,12 @@ NNR run end to end through the product."""
 import numpy as np
 import pytest
 
+import leak_spies
 from experiments import nnr, sfmte
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import ConfigError
-from know2vec_jax.data import Task
-from know2vec_jax.proxy import Proxy
+from know2vec_jax.data import Task, load_source
 from know2vec_jax.transfer import TransferTarget, leak_key, leaks
-
-
-def _spy_trainings(monkeypatch) -> list:
-  """Records the model ids every ``Proxy.train`` call of the test trains on."""
-  trained = []
-  real = Proxy.train.__func__
-
-  def spy(cls, zoo, cfg=None, **kw):
-    trained.append(list(kw.get("model_ids") or zoo.records))
-    return real(cls, zoo, cfg, **kw)
-  monkeypatch.setattr(Proxy, "train", classmethod(spy))
-  return trained
 
 
 def test_nnr_folds_keep_every_held_out_model_and_task_out_of_training(tiny_zoo):
@@ -41,20 +29,65 @@ def test_nnr_folds_keep_every_held_out_model_and_task_out_of_training(tiny_zoo):
   assert sorted(held_once, key=str) == sorted(four, key=str)  # each held out exactly once
 
 
+def _record_queries(monkeypatch, module) -> list:
+  """Records every evaluation query ``module.make_queries`` hands the experiment."""
+  made = []
+  real = module.make_queries
+
+  def spy(*a, **k):
+    out = real(*a, **k)
+    made.extend(out)
+    return out
+  monkeypatch.setattr(module, "make_queries", spy)
+  return made
+
+
+def _assert_no_query_reaches_training(trainings, queries, zoo) -> None:
+  """Data-level leak check of one experiment run: no evaluation query image reaches anything
+  fitted (pool, phi's labelled and unlabelled images, the aligner's episodes, the
+  calibration) of any training, and each training's episodes and calibration read its own
+  training tasks and models only."""
+  q_images = leak_spies.image_set(np.concatenate([x for _, x, _ in queries]))
+  fitted = 0
+  for i, t in enumerate(trainings):
+    held = set(zoo.records) - set(t["model_ids"])
+    train_tasks = {zoo.records[m].task for m in t["model_ids"]}
+    for part, images in leak_spies.fitted_images(t).items():
+      assert leak_spies.count_in(images, q_images) == 0, (i, part)
+      fitted += 1
+    names = {s.name.rsplit(":", 1)[0] for s in t.get("episode_sets", [])}
+    assert names <= {task.task_id for task in train_tasks}, (i, names)
+    assert set(t.get("calibration_tasks", [])) <= train_tasks, i
+    assert not held & set(t.get("calibration_models", [])), i
+    # phi learned the (source, class) pairs of this training's tasks only: the phi it trained,
+    # or (read from the cache) one an earlier training trained on those pairs.
+    pairs = {f"{task.source}:{load_source(task.source).class_names[c]}" for task in train_tasks
+             for c in task.classes}
+    if "phi_names" in t:
+      assert set(t["phi_names"]) <= pairs, (i, set(t["phi_names"]) - pairs)
+    else:
+      assert any(set(r["phi_names"]) <= pairs for r in trainings[:i] if "phi_names" in r), i
+  # The spies saw the data: a pool, phi's images, episodes and calibration queries.
+  assert fitted >= 4 and any("phi_images" in t for t in trainings)
+
+
 def test_nnr_run_trains_each_fold_without_its_held_out_models_and_counts_leep(
     tiny_zoo_dir, tmp_path, monkeypatch):
   """The experiment itself, through Proxy: the models each fold's proxy trains on never include
-  that fold's held-out models, and LEEP's forwards per query are what the black boxes counted."""
-  trained = _spy_trainings(monkeypatch)
+  that fold's held-out models, no evaluation query image reaches anything fitted, and LEEP's
+  forwards per query are what the black boxes counted."""
+  trainings = leak_spies.install(monkeypatch)
+  queries = _record_queries(monkeypatch, nnr)
   cfg = nnr.PRESETS.get("tiny")
   out = nnr.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
   from know2vec_jax.zoo import load_zoo
   zoo = load_zoo(tiny_zoo_dir)
   tasks = nnr.zoo_tasks_sorted(zoo)
   fold_of = nnr.fold_assignment(tasks, cfg.folds, cfg.seed)
-  assert len(trained) == cfg.folds
-  for fold, ids in enumerate(trained):
-    assert not {m for m in ids if fold_of.get(zoo.records[m].task, -1) == fold}
+  assert len(trainings) == cfg.folds
+  for fold, t in enumerate(trainings):
+    assert not {m for m in t["model_ids"] if fold_of.get(zoo.records[m].task, -1) == fold}
+  _assert_no_query_reaches_training(trainings, queries, zoo)
   assert set(out["summary"]) == {nnr.DEFAULT_VARIANT, nnr.VECTORS_ONLY, "random",
                                  "anchor-matching (untrained)", "leep"}
   # Every query forwards K * shots images through every model: the counters say exactly that.
@@ -192,21 +225,23 @@ def _images(target, per_class):
 @pytest.fixture(scope="module")
 def generalise_run(tiny_zoo_dir, tmp_path_factory):
   """One tiny generalisation run (the slowest experiment test: run once, asserted by two tests),
-  with the model ids of every ``Proxy.train`` call recorded."""
+  with what reached every ``Proxy.train`` call's fitted parts and every evaluation query
+  recorded."""
   from experiments import generalise
   tmp = tmp_path_factory.mktemp("generalise")
   cfg = generalise.PRESETS.get("tiny")
   with pytest.MonkeyPatch.context() as mp:
-    trained = _spy_trainings(mp)
+    trained = leak_spies.install(mp)
+    queries = _record_queries(mp, generalise)
     out = generalise.run(cfg, str(tiny_zoo_dir), str(tmp / "cache"),
                          str(tmp / "generalise.json"), progress=False)
-  return cfg, out, trained, tmp
+  return cfg, out, trained, tmp, queries
 
 
 def test_generalise_run_through_the_product_reports_seeds_spread_and_drops(generalise_run):
   """The generalisation experiment end to end on the tiny zoo: every seed trains, held-out and
   seen are pooled over folds, each perturbation's drop is clean minus perturbed top-1."""
-  cfg, out, _, tmp = generalise_run
+  cfg, out, _, tmp, _ = generalise_run
   row = out["rows"]["know2vec"]
   assert len(row["heldout"]["per_seed"]) == len(cfg.seeds) == 2
   for split in ("seen", "heldout"):
@@ -248,10 +283,17 @@ def test_leave_one_family_out_split_keeps_the_family_out_of_training(tiny_zoo, g
     for t in tasks:
       assert {r.arch for r in zoo.records.values() if r.task == t} == {fam}
   # The run trains each left-out family's proxy without any of its models.
-  cfg, out, trained, _ = generalise_run
+  cfg, out, trained, _, queries = generalise_run
   lofo = trained[-len(cfg.seeds) * len(cfg.families):]
-  for ids in lofo:
-    assert not [m for m in ids if zoo.records[m].arch in cfg.families]
+  for t in lofo:
+    assert not [m for m in t["model_ids"] if zoo.records[m].arch in cfg.families]
+  # The fold trainings leave their fold's tasks out; no evaluation query image (clean or of the
+  # out-of-distribution tasks) reaches anything fitted.
+  fold_of = nnr.fold_assignment(nnr.zoo_tasks_sorted(zoo), cfg.folds, cfg.seed)
+  folds = [sorted(nnr.fold_models(zoo, fold_of, f)[0]) for f in range(cfg.folds)]
+  for t in trained[:-len(lofo)]:
+    assert sorted(t["model_ids"]) in folds
+  _assert_no_query_reaches_training(trained, queries, zoo)
   fam = out["summary"]["leave_one_family_out"]
   assert set(fam) == set(cfg.families) and fam["cnn_s"]["neural"]
   assert set(out["summary"]["ood"]["detection"]) >= {"noise"}

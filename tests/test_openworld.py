@@ -5,73 +5,14 @@ and a retriever that ignores classes fails the tiny-zoo retrieval check the prod
 import numpy as np
 import pytest
 
+import leak_spies
 from experiments import openworld
-from know2vec_jax import backbone as backbone_lib
-from know2vec_jax import pipeline
 from know2vec_jax import pool as pool_lib
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import ConfigError, override
 from know2vec_jax.data import few_shot, load_source, parse_source_name
 from know2vec_jax.proxy import Proxy, proxy_preset, zoo_metadata
 from know2vec_jax.zoo import load_zoo
-
-
-def _spies(monkeypatch) -> dict:
-  """Records what reaches phi's training, the pool, the aligner's episodes and the
-  calibration, per proxy training (a new record starts at each pool build)."""
-  seen: list[dict] = []
-  real_build, real_fit = pool_lib.build, backbone_lib.fit_backbone
-  real_labelled, real_episodes = backbone_lib.labelled_data, pipeline.episode_grids
-  real_val, real_cal = Proxy.validation_queries, Proxy._calibrate
-
-  def build(*a, **k):
-    p = real_build(*a, **k)
-    seen.append({"pool": p.images, "pool_prov": p.provenance})
-    return p
-
-  def labelled(*a, **k):
-    out = real_labelled(*a, **k)
-    seen[-1]["phi_names"] = out[4]
-    return out
-
-  def fit(config, image_shape, images, labels, num_labels, unlabelled=None, *a, **k):
-    seen[-1].update(phi_images=np.asarray(images), phi_labels=np.asarray(labels),
-                    phi_unlabelled=None if unlabelled is None else np.asarray(unlabelled))
-    return real_fit(config, image_shape, images, labels, num_labels, unlabelled, *a, **k)
-
-  def episodes(backbone, sets, *a, **k):
-    seen[-1].setdefault("episode_sets", []).extend(sets)
-    return real_episodes(backbone, sets, *a, **k)
-
-  def validation(self, ids, model_tasks, image_shape):
-    queries, q_tasks = real_val(self, ids, model_tasks, image_shape)
-    seen[-1]["calibration_tasks"] = sorted({model_tasks[m] for m in ids}, key=str)
-    seen[-1]["calibration_images"] = [x for x, _ in queries]
-    return queries, q_tasks
-
-  def calibrate(self, rows, queries):
-    seen[-1]["calibration_models"] = list(rows[0])
-    return real_cal(self, rows, queries)
-
-  monkeypatch.setattr(pool_lib, "build", build)
-  monkeypatch.setattr(backbone_lib, "labelled_data", labelled)
-  monkeypatch.setattr(backbone_lib, "fit_backbone", fit)
-  monkeypatch.setattr(pipeline, "episode_grids", episodes)
-  monkeypatch.setattr(Proxy, "validation_queries", validation)
-  monkeypatch.setattr(Proxy, "_calibrate", calibrate)
-  return {"trainings": seen}
-
-
-def _image_set(sources) -> set:
-  out = set()
-  for s in sources:
-    d = load_source(s)
-    out |= {im.tobytes() for im in np.concatenate([d.train_images, d.test_images])}
-  return out
-
-
-def _count_in(images, image_set) -> int:
-  return sum(im.tobytes() in image_set for im in np.asarray(images))
 
 
 def test_unseen_source_and_classes_leak_nothing_into_training(tiny_zoo_dir, tmp_path,
@@ -81,31 +22,31 @@ def test_unseen_source_and_classes_leak_nothing_into_training(tiny_zoo_dir, tmp_
   seed = next(s for s in range(200) if _usable(zoo, s))
   cfg = override(openworld.PRESETS.get("tiny"), [f"seed={seed}", "sources=mnist5k",
                                                  "seeds=0", "proxy.backbone.ssl_weight=1.0"])
-  spies = _spies(monkeypatch)
+  trainings = leak_spies.install(monkeypatch)
   out = openworld.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, progress=False)
-  broad_t, strict_t, classes_t = spies["trainings"]
+  broad_t, strict_t, classes_t = trainings
   mnist = [s for s in {r.source for r in zoo.records.values()} if s.startswith("mnist5k")]
-  mnist_images = _image_set(mnist)
+  mnist_images = leak_spies.source_images(mnist)
   mnist_test = {im.tobytes() for s in mnist for im in load_source(s).test_images}
   for name, t in (("strict", strict_t), ("broad", broad_t)):
     # phi: no label, no labelled image of the held-out source.
     assert not any(n.startswith("mnist5k") for n in t["phi_names"]), name
-    assert _count_in(t["phi_images"], mnist_images) == 0, name
+    assert leak_spies.count_in(t["phi_images"], mnist_images) == 0, name
     # The aligner's episodes and the calibration: no task, no image of it.
     assert t["episode_sets"] and not any(s.name.startswith("mnist5k") for s in t["episode_sets"])
     for s in t["episode_sets"]:
-      assert _count_in(s.images[s.index], mnist_images) == 0
+      assert leak_spies.count_in(s.images[s.index], mnist_images) == 0
     assert not any(task.source.startswith("mnist5k") for task in t["calibration_tasks"])
-    assert all(_count_in(x, mnist_images) == 0 for x in t["calibration_images"])
+    assert all(leak_spies.count_in(x, mnist_images) == 0 for x in t["calibration_images"])
     assert not any(zoo.record(m).source.startswith("mnist5k") for m in t["calibration_models"])
   # strict: no image of it anywhere, the pool and phi's unlabelled images included.
-  assert _count_in(strict_t["pool"], mnist_images) == 0
-  assert _count_in(strict_t["phi_unlabelled"], mnist_images) == 0
+  assert leak_spies.count_in(strict_t["pool"], mnist_images) == 0
+  assert leak_spies.count_in(strict_t["phi_unlabelled"], mnist_images) == 0
   # broad: the pool (and so phi's contrastive loss) holds unlabelled test-split images of it,
   # never one a model trained on.
-  n_broad = _count_in(broad_t["pool"], mnist_images)
-  assert n_broad > 0 and n_broad == _count_in(broad_t["pool"], mnist_test)
-  assert _count_in(broad_t["phi_unlabelled"], mnist_images) == n_broad
+  n_broad = leak_spies.count_in(broad_t["pool"], mnist_images)
+  assert n_broad > 0 and n_broad == leak_spies.count_in(broad_t["pool"], mnist_test)
+  assert leak_spies.count_in(broad_t["phi_unlabelled"], mnist_images) == n_broad
   # Unseen classes: no held-out (source, class) label for phi, no labelled image of one for phi,
   # the episodes or the calibration.
   held = openworld.draw_held_classes(zoo, cfg.held_classes, cfg.seed)
@@ -118,10 +59,10 @@ def test_unseen_source_and_classes_leak_nothing_into_training(tiny_zoo_dir, tmp_
     d = load_source(s)
     for x, y in ((d.train_images, d.train_labels), (d.test_images, d.test_labels)):
       held_images |= {im.tobytes() for im in x[np.isin(y, held[parse_source_name(s)[0]])]}
-  assert _count_in(classes_t["phi_images"], held_images) == 0
+  assert leak_spies.count_in(classes_t["phi_images"], held_images) == 0
   for s in classes_t["episode_sets"]:
-    assert _count_in(s.images[s.index], held_images) == 0
-  assert all(_count_in(x, held_images) == 0 for x in classes_t["calibration_images"])
+    assert leak_spies.count_in(s.images[s.index], held_images) == 0
+  assert all(leak_spies.count_in(x, held_images) == 0 for x in classes_t["calibration_images"])
   for m in classes_t["calibration_models"]:
     assert not set(zoo.record(m).task.classes) & set(held[parse_source_name(
         zoo.record(m).source)[0]])
