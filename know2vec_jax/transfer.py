@@ -372,6 +372,13 @@ def _fresh_heads(spec, seeds, kpad: int) -> tuple[np.ndarray, np.ndarray]:
   return (np.pad(kernel, ((0, 0), (0, 0), (0, extra))), np.pad(bias, ((0, 0), (0, extra))))
 
 
+def _adam(steps: int, peak) -> optax.GradientTransformation:
+  """Adam with the zoo's warm-up and cosine schedule (:func:`know2vec_jax.zoo.train.learning_rate`)
+  to ``peak``, which may be traced: rows with their own learning rates share one compilation."""
+  return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(
+      lambda t: train_lib.learning_rate(t, steps, peak)))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "batch_size", "strategy"))
 def _finetune_rows(graphdef, params, keys, lr, images, train_idx, train_labels, test_idx,
                    test_labels, n_train, n_test, k, *, steps: int, batch_size: int,
@@ -381,23 +388,21 @@ def _finetune_rows(graphdef, params, keys, lr, images, train_idx, train_labels, 
   Shapes are the padded ones of :class:`_Padded` (the graph's head has the padded K); ``n_train``,
   ``n_test`` and ``k`` are traced, so one compilation serves every target of a protocol.
   """
-  adam = optax.scale_by_adam()
-
   def loss_fn(p, x, y):
     logits = _masked(nnx.merge(graphdef, p)(x), k)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def one(p, key, idx, lab, peak):
-    o = adam.init(p)
+    tx = _adam(steps, peak)
+    o = tx.init(p)
 
     def body(t, carry):
       p, o = carry
       # Draws only from the first n_train entries: the same batches as an unpadded sample.
       u = jax.random.randint(jax.random.fold_in(key, t), (batch_size,), 0, n_train)
       g = jax.grad(loss_fn)(p, images[idx[u]], lab[u])
-      upd, o = adam.update(g, o, p)
-      scale = -train_lib.learning_rate(t, steps, peak)
-      return jax.tree.map(lambda a, b: a + scale * b, p, upd), o
+      upd, o = tx.update(g, o, p)
+      return optax.apply_updates(p, upd), o
     p, _ = jax.lax.fori_loop(0, steps, body, (p, o))
     model = nnx.merge(graphdef, p)
     correct = _count_correct(lambda i: model(images[i]), test_idx, test_labels, n_test, k)
@@ -417,8 +422,6 @@ def _linear_rows(graphdef, params, heads, keys, lr, images, n_images, train_idx,
   run [R, ...]; the other arrays and the traced counts are those of :func:`_finetune_rows`.
   Returns test accuracies [M, R].
   """
-  adam = optax.scale_by_adam()
-
   def per_model(p, hs):
     model = nnx.merge(graphdef, p)
 
@@ -435,15 +438,15 @@ def _linear_rows(graphdef, params, heads, keys, lr, images, n_images, train_idx,
     def per_run(h, key, idx, lab):
       def loss_fn(h, f, y):
         return optax.softmax_cross_entropy_with_integer_labels(_masked(logits(h, f), k), y).mean()
-      o = adam.init(h)
+      tx = _adam(steps, lr)
+      o = tx.init(h)
 
       def body(t, carry):
         h, o = carry
         u = jax.random.randint(jax.random.fold_in(key, t), (batch_size,), 0, n_train)
         g = jax.grad(loss_fn)(h, feats[idx[u]], lab[u])
-        upd, o = adam.update(g, o, h)
-        scale = -train_lib.learning_rate(t, steps, lr)
-        return jax.tree.map(lambda a, b: a + scale * b, h, upd), o
+        upd, o = tx.update(g, o, h)
+        return optax.apply_updates(h, upd), o
       h, _ = jax.lax.fori_loop(0, steps, body, (h, o))
       correct = _count_correct(lambda i: logits(h, feats[i]), test_idx, test_labels, n_test, k)
       return correct.astype(jnp.float32) / n_test.astype(jnp.float32)
