@@ -1,9 +1,12 @@
 """Class-level matching: the greedy assignment, the class scores, the index's two-stage search,
-retrieval that needs the classes (a class-blind scorer cannot pass), label-only black boxes and
-the no-fit flag."""
+retrieval that needs the classes (a class-blind scorer cannot pass), label-only black boxes, and
+on the trained tiny proxy the no-fit flag and the familiar-task gate, their thresholds recomputed
+from the calibration queries."""
 
 import dataclasses
 import itertools
+import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -357,26 +360,223 @@ def test_label_only_black_box_anchors_come_from_the_whole_pool_and_it_is_found(t
   logit_box = _nearest_mean_box(digits, task, "logits")
   _, _, _, tied = find_anchors(logit_box, pool, 512, 4, stability_views=3)
   assert not tied.any() and int(logit_box.queries[0]) == len(pool)
-  from know2vec_jax.data import few_shot
-  idx = tiny_proxy.build_index([box, _nearest_mean_box(digits, make_task(
-      digits, ["3", "4", "5", "9"]), "twin")])
-  x, y = few_shot(digits, task, 5, seed=0, split="test")
-  assert tiny_proxy.search(idx, [(x, y)], k=1).ids[0] == ["labels-only"]
+  # Found first among look-alikes: labels-only boxes of four digit class sets that share two or
+  # three classes with the task (its domain, its kind of box), so only the classes tell them
+  # apart. Held-out query images (test split, outside the probe pool), three seeds. The boxes'
+  # owner adds unlabelled images of their domain to the index's pool: the tiny proxy's own pool
+  # holds 12 test images per digit and domain, too few stand-ins for label-only boxes.
+  tasks = [task] + [make_task(digits, list(c)) for c in
+                    (("3", "4", "5", "9"), ("3", "4", "6", "8"), ("2", "4", "5", "8"),
+                     ("1", "3", "4", "5"))]
+  boxes = [box] + [_nearest_mean_box(digits, t, t.task_id, labels_only=True) for t in tasks[1:]]
+  idx = tiny_proxy.build_index(boxes, pool=digits.train_images)
+  queries = _held_out(tiny_proxy, tasks, range(3))
+  found = _search_each(tiny_proxy, idx, queries)
+  own = {t: b.model_ids[0] for t, b in zip(tasks, boxes)}
+  mine = [f for (t, _, _), f in zip(queries, found) if t == task]
+  assert len(mine) == 3 and [f.ids[0][0] for f in mine] == ["labels-only"] * 3, [
+      f.ids[0] for f in mine]
+  assert all(f.scores[0, 0] > f.scores[0, 1] for f in mine)
+  # Every class set's query: the mean reciprocal rank of its own box beats a random ranking's
+  # (one right box of five: H_5 / 5) by a margin. A domain-only ranking (all five boxes are
+  # digits) is one order for every query, whose mean reciprocal rank over the five tasks' queries
+  # is exactly H_5 / 5, whatever the order.
+  rr = np.array([1 / (f.ids[0].index(own[t]) + 1) for (t, _, _), f in zip(queries, found)])
+  random_rr = sum(1 / i for i in range(1, len(idx) + 1)) / len(idx)
+  assert rr.mean() >= random_rr + 0.3, (rr.mean(), random_rr)
+  for order in (idx.ids, idx.ids[::-1]):
+    blind = np.array([1 / (order.index(own[t]) + 1) for t, _, _ in queries])
+    assert blind.mean() == pytest.approx(random_rr) and blind.mean() < random_rr + 0.3
 
 
-def test_no_fit_flag_fires_on_noise_and_not_on_a_task_of_the_zoo(tiny_proxy, tiny_index,
-                                                                   tiny_zoo):
+def _held_out(proxy, tasks, seeds, shots=5):
+  """``shots``-per-class queries of each task from its source's test split, outside the proxy's
+  probe pool (no query image is one the models were probed with), one per seed:
+  [(task, images, labels)]."""
+  from know2vec_jax import pool as pool_lib
   from know2vec_jax.data import few_shot
+  out = []
+  for t in tasks:
+    held = pool_lib.excluded_rows(proxy.pool_provenance, t.source, "test")
+    out += [(t, *few_shot(load_source(t.source), t, shots, seed=s, split="test", exclude=held))
+            for s in seeds]
+  return out
+
+
+def _search_each(proxy, index, queries, k=None):
+  """``proxy.search`` one query at a time (queries as (x, y) or (task, x, y)), one Matches each:
+  its jitted steps then compile once per index and class count rather than once per batch size,
+  which is most of what a search costs on a CPU."""
+  return [proxy.search(index, [tuple(q[-2:])], k=len(index) if k is None else k)
+          for q in queries]
+
+
+def _lower_quantile(values, q: float) -> float:
+  """The ``q`` quantile of ``values`` by the "lower" rule, by hand: the order statistic at
+  floor(q (n - 1))."""
+  ordered = sorted(float(v) for v in values)
+  return ordered[math.floor(q * (len(ordered) - 1))]
+
+
+def _higher_quantile(values, q: float) -> float:
+  """The ``q`` quantile of ``values`` by the "higher" rule, by hand: the order statistic at
+  ceil(q (n - 1))."""
+  ordered = sorted(float(v) for v in values)
+  return ordered[math.ceil(q * (len(ordered) - 1))]
+
+
+def _calibration_queries(proxy, zoo):
+  """The calibration's validation queries, drawn again through the public method, and each
+  one's task number."""
+  from know2vec_jax.proxy import zoo_tasks
+  return proxy.validation_queries(list(zoo.records), zoo_tasks(zoo), zoo.image_shape)
+
+
+def test_no_fit_threshold_is_the_configured_quantile_of_the_validation_fits(tiny_proxy,
+                                                                           tiny_index, tiny_zoo):
+  """The trained proxy's no-fit threshold is the ``false_alarm`` quantile ("lower") of the best
+  fit scores of its calibration queries: the queries are drawn again, ranked against the same
+  models through ``search``, and the quantile is taken by hand. ``calibrate_threshold`` gives the
+  same order statistic at other quantiles too: with 8 queries, 0.02 is the minimum, which a
+  threshold fixed at the minimum would also pass."""
+  zoo = tiny_zoo[0]
+  queries, _ = _calibration_queries(tiny_proxy, zoo)
+  assert len(queries) == tiny_proxy.info["calibration"]["queries"] == 8
+  # They are the calibration's queries: their vectors are the proxy's reference queries.
+  np.testing.assert_allclose(tiny_proxy.embed_queries(queries), tiny_proxy.reference, atol=1e-6)
+  # One batch of 8, as the calibration searched them (its compiled steps are reused).
+  fits = tiny_proxy.search(tiny_index, queries, k=1).fit
+  cfg = tiny_proxy.config
+  assert cfg.match.fit_threshold == pytest.approx(_lower_quantile(fits, cfg.false_alarm),
+                                                  abs=1e-6), (sorted(fits), cfg.false_alarm)
+  np.testing.assert_allclose(tiny_proxy.info["calibration"]["fit_quantiles"],
+                             np.quantile(fits, [0, .02, .05, .5]), atol=1e-6)
+  for q in (0.3, 0.5, 0.9):
+    assert classmatch.calibrate_threshold(fits, q) == pytest.approx(_lower_quantile(fits, q),
+                                                                     abs=1e-6), q
+
+
+def _far_queries(proxy):
+  """Queries no model of the tiny zoo fits: Fashion-MNIST (clothes: another domain, other
+  classes), 4-way and 2-way, two seeds each; and uniform noise of the same shapes."""
+  from know2vec_jax.data import Task
+  far = _held_out(proxy, [Task("fashion_mnist", (0, 1, 2, 3)), Task("fashion_mnist", (5, 7))],
+                  range(2))
+  rng = np.random.default_rng(0)
+  noise = [(t, rng.random(x.shape).astype(np.float32), y) for t, x, y in far]
+  return far, noise
+
+
+def test_no_fit_flag_fires_on_noise_and_far_domains_and_not_on_tasks_of_the_zoo(tiny_proxy,
+                                                                                tiny_index):
+  """Held-out queries of two tasks of the zoo (three seeds each) are not flagged; every noise
+  and Fashion-MNIST query is; with the threshold at 0 none is. (Held-out queries of the zoo's
+  mnist5k 2-way task fit below the threshold, the minimum of 8 validation queries' fits, and
+  are left out.)"""
+  from know2vec_jax.data import Task
   from know2vec_jax.proxy import query_result
-  assert tiny_proxy.config.match.fit_threshold > 0  # calibrated when it was trained
-  assert tiny_proxy.info["calibration"]["queries"] > 0
-  r = next(r for r in tiny_zoo[0].records.values() if r.k == 4)
-  x, y = few_shot(load_source(r.source), r.task, 5, seed=3, split="test")
-  fits = query_result(tiny_proxy, tiny_index, x, y, k=3)
-  assert not fits["no_fit"] and fits["fit"] >= fits["fit_threshold"]
-  noise = np.random.default_rng(0).random(x.shape).astype(np.float32)
-  none = query_result(tiny_proxy, tiny_index, noise, y, k=3)
-  assert none["no_fit"] and none["fit"] < none["fit_threshold"]
-  # Never flags with the threshold at 0.
-  assert not query_result(tiny_proxy.with_match(fit_threshold=0.0), tiny_index, noise, y,
-                          k=3)["no_fit"]
+  threshold = tiny_proxy.config.match.fit_threshold
+  assert threshold > 0  # calibrated when it was trained
+  seen = _held_out(tiny_proxy, [Task("digits", (3, 4, 5, 8)),
+                               Task("digits+invert", (3, 4, 5, 8))], range(3))
+  fits = _search_each(tiny_proxy, tiny_index, seen, k=3)
+  assert not any(f.no_fit[0] for f in fits), [float(f.fit[0]) for f in fits]
+  assert all(f.fit[0] >= threshold for f in fits)
+  far, noise = _far_queries(tiny_proxy)
+  none = _search_each(tiny_proxy, tiny_index, far + noise, k=3)
+  assert all(f.no_fit[0] and f.fit[0] < threshold for f in none), [float(f.fit[0]) for f in none]
+  # The public row API reports the same flag; with the threshold at 0 nothing is flagged.
+  _, x, y = noise[0]
+  one = query_result(tiny_proxy, tiny_index, x, y, k=3)
+  assert one["no_fit"] and one["fit"] < one["fit_threshold"] == threshold
+  zero = tiny_proxy.with_match(fit_threshold=0.0)
+  assert not any(f.no_fit[0] for f in _search_each(zero, tiny_index, far + noise, k=3))
+
+
+def _gate_by_hand(proxy, index, queries):
+  """What the familiar gate should decide for each query, recomputed from the ranked rows: its
+  familiarity (the highest cosine of its vector to the reference queries) reaches the
+  threshold, and the model its raw cosine prefers scores within ``familiar_fit_gap`` of the best
+  class score. Returns (the product's flags, the recomputed ones, the familiarities)."""
+  match = proxy.config.match
+  got, want, fam = [], [], []
+  for q in queries:
+    found = proxy.search(index, [tuple(q[-2:])], k=len(index))
+    v = proxy.describe_queries([tuple(q[-2:])], index=index)[0][0]
+    f = float((proxy.reference @ v).max())
+    col = {m: j for j, m in enumerate(found.ids[0])}
+    score = np.array([found.agreement[0, col[m]] + match.token_weight * found.token[0, col[m]]
+                      for m in index.ids])
+    gap = score.max() - score[np.argmax(index.vectors @ v)]
+    got.append(bool(found.familiar[0]))
+    want.append(match.familiar_threshold is not None and f >= match.familiar_threshold
+                and gap <= match.familiar_fit_gap)
+    fam.append(f)
+  return np.array(got), np.array(want), np.array(fam)
+
+
+def test_familiar_gate_on_the_trained_proxy(tiny_proxy, tiny_index, tiny_zoo):
+  """The calibrated gate on the trained tiny proxy.
+
+  Its threshold is the configured quantile ("higher") of each reference query's highest cosine
+  to another task's reference queries, recomputed here from the reference vectors. Every
+  held-out query of a training task reaches it, and at least 2 of each task's 3 are familiar
+  (the gate also asks the model the vectors prefer to fit the query's classes within the gap);
+  Fashion-MNIST queries and an unseen 2-way digits task's are not familiar; every flag is what
+  the gate's two conditions give, recomputed from the ranked rows. ``with_match(
+  familiar_quantile=...)`` re-derives the threshold from the recorded cosines (rounded to 5
+  decimals in ``info``, hence the 1e-5) and search applies it; quantile 0 turns the gate off."""
+  from know2vec_jax.data import Task
+  zoo = tiny_zoo[0]
+  match = tiny_proxy.config.match
+  assert match.familiar_quantile > 0 and match.familiar_threshold is not None  # the gate is on
+  _, q_tasks = _calibration_queries(tiny_proxy, zoo)
+  ref = tiny_proxy.reference
+  assert len(ref) == len(q_tasks) == 8
+  other = [max(float(ref[i] @ ref[j]) for j in range(len(ref)) if q_tasks[j] != q_tasks[i])
+           for i in range(len(ref))]
+  np.testing.assert_allclose(tiny_proxy.info["familiar"]["other_task"], other, atol=1e-5)
+  assert match.familiar_threshold == pytest.approx(
+      _higher_quantile(other, match.familiar_quantile), abs=1e-6)
+  seen = _held_out(tiny_proxy, sorted({r.task for r in zoo.records.values()},
+                                      key=lambda t: t.task_id), range(3))
+  far = _held_out(tiny_proxy, [Task("fashion_mnist", (0, 1, 2, 3)), Task("digits", (5, 9))],
+                  range(2))
+  got, want, fam = _gate_by_hand(tiny_proxy, tiny_index, seen + far)
+  np.testing.assert_array_equal(got, want)
+  n = len(seen)
+  assert (fam[:n] >= match.familiar_threshold).all(), fam[:n]
+  per_task = Counter(t for (t, _, _), f in zip(seen, got[:n]) if f)
+  assert all(per_task[t] >= 2 for t, _, _ in seen), per_task
+  assert not got[n:].any(), fam[n:]
+  # Other quantiles, recomputed (with 8 reference queries, each of these takes another order
+  # statistic than 0.9 q would); the new threshold is the one search applies.
+  for q in (0.3, 0.5, 0.6, 0.7, 0.9):
+    other_q = tiny_proxy.with_match(familiar_quantile=q)
+    assert other_q.config.match.familiar_threshold == pytest.approx(
+        _higher_quantile(other, q), abs=1e-5), q
+    assert other_q.fingerprint == tiny_proxy.fingerprint
+  low = tiny_proxy.with_match(familiar_quantile=0.5)
+  fashion = [q for q in far if q[0].source == "fashion_mnist"]
+  got, want, fam = _gate_by_hand(low, tiny_index, fashion)
+  np.testing.assert_array_equal(got, want)
+  assert got.all(), (fam, low.config.match.familiar_threshold)  # familiar at the lower bar
+  off = tiny_proxy.with_match(familiar_quantile=0.0)
+  assert off.config.match.familiar_threshold is None
+  assert not any(f.familiar[0] for f in _search_each(off, tiny_index, seen, k=3))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the tiny proxy's query vectors do not tell a training task from its one-class-swapped "
+    "twin: the twins' familiarity is 0.96-0.999 against a threshold of 0.947, which no "
+    "familiar_quantile can raise above the reference queries' highest other-task cosine "
+    "(0.947), and a held-out query of digits/3-4-5-8 itself sits at 0.965"))
+def test_familiar_gate_refuses_a_near_twin_of_a_training_task(tiny_proxy, tiny_index):
+  """Queries of tasks no model trained on, one class away from a training task in its domain,
+  should not be familiar: the familiar settings trust the aligned vectors, which know the
+  training task and so prefer its models to a twin's."""
+  from know2vec_jax.data import Task
+  twins = [Task("digits", (3, 4, 5, 9)), Task("digits", (2, 4, 5, 8)),
+           Task("digits+invert", (3, 4, 5, 9))]
+  found = _search_each(tiny_proxy, tiny_index, _held_out(tiny_proxy, twins, range(3)), k=3)
+  assert not any(f.familiar[0] for f in found), [bool(f.familiar[0]) for f in found]

@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from know2vec_jax.cli import main
 from know2vec_jax.config import override
 from know2vec_jax.data import Task
-from know2vec_jax.pipeline import Cache
+from know2vec_jax.pipeline import Cache, draw_episodes
 from know2vec_jax.proxy import Proxy, ProxyError, proxy_preset
 from know2vec_jax.selection import SelectionConfig, draw_targets, finetunable, fit_head
 
@@ -74,18 +75,41 @@ def both_proxy(tiny_zoo, tiny_zoo_dir, tmp_path_factory):
   return proxy, cache
 
 
-def test_both_objective_keeps_retrieval_and_adds_selection(both_proxy, tiny_proxy, tiny_zoo,
-                                                           tiny_index, tmp_path):
+@pytest.fixture(scope="module")
+def both_labels(both_proxy, tiny_zoo, tiny_zoo_dir):
+  """The measured fine-tune accuracies the ``both`` proxy's head was fitted on, read back from the
+  cache its training wrote them to (nothing is fine-tuned again)."""
+  proxy, cache = both_proxy
+  before = sorted((cache.path / "finetune").glob("*.npz"))
+  labels = Proxy.measure_labels(tiny_zoo[0], proxy.config, cache=cache, zoo_dir=tiny_zoo_dir,
+                                progress=False)
+  assert sorted((cache.path / "finetune").glob("*.npz")) == before
+  assert [s.name for s in labels.targets] == proxy.info["selection"]["target_names"]
+  return labels
+
+
+@pytest.fixture(scope="module")
+def both_index(both_proxy, tiny_zoo):
   from know2vec_jax.blackbox import groups_from_zoo
-  from know2vec_jax.data import few_shot, load_source
   from know2vec_jax.proxy import zoo_metadata
+  return both_proxy[0].build_index(groups_from_zoo(tiny_zoo[0]), zoo_metadata(tiny_zoo[0]))
+
+
+def test_both_objective_keeps_retrieval_and_adds_selection(both_proxy, both_labels, both_index,
+                                                           tiny_proxy, tiny_zoo, tiny_index,
+                                                           tmp_path):
+  """The ``both`` objective: the retrieval vectors of the ``retrieve`` objective, plus an accuracy
+  head whose ``select`` rows are ranked by predicted accuracy and follow the measured labels: on a
+  query of each training target, the model ranked first is one of the best measured there, and
+  the order agrees with the measured one."""
+  from know2vec_jax.data import few_shot, load_source
   proxy, cache = both_proxy
   zoo = tiny_zoo[0]
   assert proxy.has_accuracy_head and not tiny_proxy.has_accuracy_head
   sel = proxy.info["selection"]
   assert sel["targets"] == 4 and sel["models"] == len(zoo) and "validation" in sel
   assert len(list((cache.path / "finetune").glob("*.npz"))) == 4  # the labels are cached
-  index = proxy.build_index(groups_from_zoo(zoo), zoo_metadata(zoo))
+  index = both_index
   # Retrieval is trained exactly as by the 'retrieve' objective: the same model vectors.
   np.testing.assert_allclose(index.vectors, tiny_index.vectors, atol=1e-5)
   src = load_source("digits")
@@ -95,15 +119,56 @@ def test_both_objective_keeps_retrieval_and_adds_selection(both_proxy, tiny_prox
   pred = [r["predicted_accuracy"] for r in rows]
   assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5] and pred == sorted(pred, reverse=True)
   assert all(0.0 <= p <= 1.0 for p in pred) and rows[0]["arch"] in ("mlp", "cnn_s")
-  full = proxy.predict_accuracy(proxy.embed_query(images, labels)[None], index.vectors)[0]
-  assert rows[0]["model_id"] == index.ids[int(np.argmax(full))]
   assert len(proxy.select(images, labels, index, k=100)) == len(index)
+  # Predictions follow the measured labels (a query drawn from each target's shot pool).
+  for t, target in enumerate(both_labels.targets):
+    measured = dict(zip(both_labels.model_ids, both_labels.accuracy[t]))
+    picks, y = draw_episodes(target, 1, 5, seed=2)
+    ranked = [measured[r["model_id"]] for r in proxy.select(target.images[picks[0]], y[0], index,
+                                                            k=len(index))]
+    assert max(ranked) - ranked[0] <= 0.01, (target.name, ranked)
+    assert stats.kendalltau(ranked, -np.arange(len(ranked))).statistic > 0.3, (target.name, ranked)
   # Retrieval still answers from the same index.
   assert proxy.search(index, [(images, labels)], k=3).ids[0]
   # The head survives a save and load bit for bit.
   loaded = Proxy.load(proxy.save(tmp_path / "both"))
   assert loaded.has_accuracy_head and loaded.fingerprint == proxy.fingerprint
   assert loaded.select(images, labels, index, k=5) == rows
+
+
+def test_selection_head_ranks_training_targets_better_than_the_prior(both_proxy, both_labels,
+                                                                     both_index):
+  """On each training target whose fine-tune accuracies the proxy measured, the head's predicted
+  accuracies for query episodes of the target (the mean over 4 episodes from its shot pool, as
+  the head's validation averages them) rank the models closer to the measured order than the
+  query-blind prior does: each model's mean measured accuracy over the targets (this target
+  included), what a head that ignores the query would learn. The mean Kendall tau and Spearman
+  rho must both beat the prior's by a margin, the head's tau be positive on every target, and its
+  favourite be within 0.01 of the best measured model on every target, where the prior's is 0.1
+  or more below the best on at least one."""
+  proxy, _ = both_proxy
+  labels = both_labels
+  models = both_index.vectors[[both_index.ids.index(m) for m in labels.model_ids]]
+  prior = labels.accuracy.mean(0)
+  head_tau, prior_tau, head_rho, prior_rho, head_regret, prior_regret = ([] for _ in range(6))
+  for t, target in enumerate(labels.targets):
+    acc = labels.accuracy[t]
+    picks, y = draw_episodes(target, 4, 5, seed=1)
+    # One episode per call, the shapes select() compiles for.
+    pred = np.mean([proxy.predict_accuracy(proxy.embed_query(target.images[p], yy)[None],
+                                           models)[0] for p, yy in zip(picks, y)], axis=0)
+    head_tau.append(stats.kendalltau(acc, pred).statistic)
+    prior_tau.append(stats.kendalltau(acc, prior).statistic)
+    head_rho.append(stats.spearmanr(acc, pred).statistic)
+    prior_rho.append(stats.spearmanr(acc, prior).statistic)
+    head_regret.append(acc.max() - acc[np.argmax(pred)])
+    prior_regret.append(acc.max() - acc[np.argmax(prior)])
+  report = dict(head_tau=head_tau, prior_tau=prior_tau, head_rho=head_rho, prior_rho=prior_rho,
+                head_regret=head_regret, prior_regret=prior_regret)
+  assert np.mean(head_tau) >= np.mean(prior_tau) + 0.15, report
+  assert np.mean(head_rho) >= np.mean(prior_rho) + 0.15, report
+  assert min(head_tau) > 0, report
+  assert max(head_regret) <= 0.01 and max(prior_regret) >= 0.1, report
 
 
 def test_select_errors_are_clear(tiny_proxy, tiny_index, tiny_zoo):
