@@ -8,19 +8,18 @@ each failure into one line (:class:`DistributedError`) instead of the runtime's 
 (or no launch arguments at all) leaves JAX untouched: the single-process path is the same code.
 
 **Lost processes.** A process that dies (killed, crashed, its host gone) would leave the others
-waiting in their next collective until the runtime's heartbeat (100 s) aborts them with a
-many-line log. Instead every process runs a watchdog (two daemon threads, so a busy main thread
-does not silence it): it publishes a beat in the coordinator's key-value store every second and
-reads the others' beats. A process whose beat has not moved for ``lost_process_timeout`` seconds
-(default 20; ``--lost-process-timeout``) is lost: every survivor prints one line naming it and
-exits with status :data:`LOST_EXIT_STATUS`. A survivor whose collective failed (gloo notices a
-dead peer at once) names the lost process as soon as its beat has been still for a few seconds,
-and within the timeout in any case. The coordination service of process 0 runs in a child
-process that outlives process 0 by the timeout, so that a lost process 0 is named too (inside
-process 0, its loss would abort the others at once). A process that leaves after an error says
-so (:func:`leave_failed`), and the others end at once; at a normal exit (:func:`shutdown`, also
-run at interpreter exit) a process waits, still watched and watching, until every process has
-finished.
+waiting in their next collective until the runtime's heartbeat (100 s) aborts them with a many-line
+log. Instead every process runs a watchdog (two daemon threads, so a busy main thread does not
+silence it): it publishes a beat in the coordinator's key-value store every second (more often under
+a short timeout) and reads the others' beats. Within ``lost_process_timeout`` seconds (default 20;
+``--lost-process-timeout``) of a process's last beat, every survivor prints one line naming it and
+exits with status :data:`LOST_EXIT_STATUS` (its beat was still for the timeout less three beats). A
+survivor whose collective failed (gloo notices a dead peer at once) names the lost process as soon
+as its beat has been still for 5 s. The coordination service of process 0 runs in a child process
+that outlives process 0 by the timeout (+ 15 s), so that a lost process 0 is named too (inside
+process 0, its loss would abort the others at once). A process that leaves after an error says so
+(:func:`leave_failed`), and the others end at once; at a normal exit (:func:`shutdown`, also run at
+interpreter exit) a process waits, still watched and watching, until every process has finished.
 
 **Split.** Work items are split deterministically: :func:`assign` gives each item (a stack chunk
 of zoo training or fine-tuning, with its cost) to a process, longest first onto the least loaded
@@ -68,16 +67,18 @@ _RUNTIME_GRACE = 60
 # Bytes per collective round of :func:`allgather_bytes`: bounds the gathered buffer each device
 # holds at once (process count x this).
 _SLAB = 1 << 25
-# Seconds without a beat after which a process of the run is lost (``--lost-process-timeout``).
+# Seconds from a lost process's last beat to the end of every survivor (``--lost-process-timeout``).
 LOST_PROCESS_TIMEOUT = 20.0
 # The exit status of a process that ends because another process of its run was lost or failed.
 LOST_EXIT_STATUS = 3
 # The runtime's own heartbeat timeout stays this much above the loss timeout: its abort (many
 # lines, no process named) must never come before the watchdog's one line.
 _HEARTBEAT_MARGIN = 30
-# Once a collective failed here, a process whose beat has been still this long (at most the
-# loss timeout) is taken as the cause: gloo reports a dead peer at once, the beat says which.
+# Once a collective failed here, a process whose beat has been still this long (if shorter than
+# the loss timeout's) is taken as the cause: gloo reports a dead peer at once, the beat says which.
 _SUSPECT_AFTER = 5.0
+# Seconds between reading that another process failed and ending this one for it.
+_FAILED_GRACE = 2.0
 # How long process 0's coordination service outlives an abnormal end of process 0, beyond the
 # loss timeout: long enough for every other process to notice and name it.
 _SERVICE_LINGER = 15.0
@@ -148,8 +149,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     timeout: seconds to wait for the coordinator and every process to join.
     heartbeat_timeout: seconds after which the runtime itself declares a silent process dead
       and aborts the others: a backstop, raised to ``lost_process_timeout`` + 30 s if lower.
-    lost_process_timeout: seconds after which a process that stopped responding is lost: every
-      other process then prints one line naming it and exits with status
+    lost_process_timeout: seconds (>= 1) within which, after a process of the run stops
+      responding, every other process prints one line naming it and exits with status
       :data:`LOST_EXIT_STATUS` (module docstring, "Lost processes").
 
   Returns:
@@ -357,7 +358,7 @@ def _flush_quietly() -> None:
         pass
   t = threading.Thread(target=flush, daemon=True)
   t.start()
-  t.join(1.0)
+  t.join(0.5)
 
 
 def _processes(ids: list[int], count: int) -> str:
@@ -378,7 +379,11 @@ class _Watchdog:
 
   def __init__(self, client, index: int, count: int, timeout: float):
     self.client, self.index, self.count, self.timeout = client, index, count, timeout
-    self.interval = min(1.0, timeout / 10)
+    # A beat every interval; a process is lost after ``silence`` seconds without one, so that
+    # with the read and the judgement that follow (an interval each, at most) every survivor ends
+    # within ``timeout`` of the last beat.
+    self.interval = min(1.0, timeout / 20)
+    self.silence = timeout - 3 * self.interval
     now = time.monotonic()
     self.lock = threading.Lock()
     self.beats: dict[int, str | None] = {p: None for p in range(count) if p != index}
@@ -446,11 +451,11 @@ class _Watchdog:
     with self.lock:
       if self.leaving or self.stopped.is_set():
         return None
-      limit = self.timeout if self.suspect is None else min(self.timeout, _SUSPECT_AFTER)
+      limit = self.silence if self.suspect is None else min(self.silence, _SUSPECT_AFTER)
       # A process that failed says so; the others end a moment later (when the failure was
-      # collective, every process is leaving by itself by then).
+      # collective, every process is leaving by itself by then, with its own line).
       failed = sorted(p for p, t in self.failed.items()
-                      if p != self.index and now - t >= 2 * self.interval)
+                      if p != self.index and now - t >= _FAILED_GRACE)
       if failed:
         return f"{_processes(failed, self.count)} failed (see its output): ending this run"
       waiting = [t for t in (self.failing, self.pending) if t is not None]
