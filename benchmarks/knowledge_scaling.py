@@ -160,7 +160,7 @@ def worker(args) -> None:
   if distributed.is_writer():
     pathlib.Path(args.out).write_text(json.dumps(facts))
   if distributed.process_count() > 1:
-    jax.distributed.shutdown()
+    distributed.shutdown()
 
 
 # ---- per-model costs beside the devices -------------------------------------------------------

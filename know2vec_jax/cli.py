@@ -665,6 +665,9 @@ def _add_launch_arguments(parser) -> None:
                  help="this process's id, 0..N-1")
   g.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
                  help="how long to wait for the coordinator and every process (default 300)")
+  g.add_argument("--lost-process-timeout", type=float, default=20.0, metavar="SECONDS",
+                 help="a process silent this long is lost: the others stop with one line naming "
+                 "it (default 20)")
 
 
 def _launch(args):
@@ -672,7 +675,8 @@ def _launch(args):
   the :mod:`know2vec_jax.distributed` module."""
   from know2vec_jax import distributed
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                         timeout=args.coordinator_timeout)
+                         timeout=args.coordinator_timeout,
+                         lost_process_timeout=args.lost_process_timeout)
   return distributed
 
 
@@ -877,10 +881,14 @@ def _leave_failed_run(code: int) -> None:
 
   At a normal exit JAX's runtime waits in a shutdown barrier for every other process, and a peer
   that failed differently (or already left) can keep this one there for minutes. Every store
-  writes atomically, so skipping the interpreter's exit handlers loses nothing.
+  writes atomically, so skipping the interpreter's exit handlers loses nothing. The other
+  processes are told, so that they end at once rather than wait for this one.
   """
   import jax
+
+  from know2vec_jax import distributed
   if jax.distributed.is_initialized():
+    distributed.leave_failed()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

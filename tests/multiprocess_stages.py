@@ -9,6 +9,10 @@ Modes:
                   what it computed itself to OUT_DIR/facts-<id>.json and what its searches
                   returned to OUT_DIR/search-<id>.json.
   die-after-part  a zoo build in which the last process kills itself right after writing its part.
+  lose-coordinator  process 1 finishes at once and waits for process 0, which is busy (numpy and
+                  Python, holding the GIL in turns) for BUSY_FOR seconds, then kills itself.
+
+The environment variable LOST_PROCESS_TIMEOUT sets the run's lost-process timeout (default 20 s).
 """
 
 import json
@@ -27,6 +31,8 @@ GT_CONFIG = dict(steps=8, shots=20, test_per_class=40, runs=2, chunk_size=4)
 # The searched index beside the built one: random rows (no cluster structure, the hardest case for
 # compressed storage), some of them repeated so that equal scores must resolve alike.
 SEARCH_ROWS, SEARCH_DIM, SEARCH_K = 3001, 32, 10
+# How long process 0 of lose-coordinator is busy before it dies (a few loss timeouts).
+BUSY_FOR = 8.0
 
 
 def gt_setup(zoo):
@@ -74,7 +80,18 @@ def main():
   mode, pid, nproc, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
       pathlib.Path(sys.argv[5])
   from know2vec_jax import distributed
-  distributed.initialize(f"127.0.0.1:{port}", nproc, pid, timeout=120)
+  distributed.initialize(f"127.0.0.1:{port}", nproc, pid, timeout=120,
+                         lost_process_timeout=float(os.environ.get("LOST_PROCESS_TIMEOUT", 20)))
+  if mode == "lose-coordinator":
+    if pid == 0:
+      rng, end = np.random.default_rng(0), time.monotonic() + BUSY_FOR
+      a = rng.standard_normal((200, 200))
+      while time.monotonic() < end:  # long steps, with the GIL taken back between them
+        a = np.tanh(a @ a.T / 200)
+        sum(i * i for i in range(20000))
+      os.kill(os.getpid(), signal.SIGKILL)
+    distributed.shutdown()  # done, waiting for process 0
+    return
   from know2vec_jax.zoo import BuildConfig, tiny_specs
   from know2vec_jax.zoo import build
   from know2vec_jax.zoo import store as zoo_store
@@ -174,8 +191,7 @@ def main():
   (out / f"search-{pid}.json").write_text(json.dumps(found))
   lap("search")
   (out / f"facts-{pid}.json").write_text(json.dumps(facts))
-  import jax
-  jax.distributed.shutdown()
+  distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(os.path.abspath(HERE))
 WORKER = os.path.join(HERE, "multiprocess_worker.py")
 STAGES = os.path.join(HERE, "multiprocess_stages.py")
 RECORD = ("anchor_index", "flip_t", "anchor_fallback", "queries", "pool_labels")
@@ -27,8 +28,9 @@ def _free_port() -> int:
 def _env(**extra):
   # The stage workers keep the test process's device count: XLA:CPU's float rounding of a
   # convolution depends on how many devices share the host, so bit-for-bit comparisons need the
-  # same count on both sides.
-  return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+  # same count on both sides. They import this checkout's package, not an installed copy.
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, **extra)
 
 
 def _run(nproc: int, tmp_path, devices_per_process: int):
@@ -56,10 +58,10 @@ def test_two_processes_match_one(tmp_path):
 
 # ---- the stages: zoo build, knowledge, ground truth, index build --------------------------------
 
-def _spawn(mode: str, nproc: int, out, *args):
+def _spawn(mode: str, nproc: int, out, *args, **env):
   port = str(_free_port())
   return [subprocess.Popen([sys.executable, STAGES, mode, str(i), str(nproc), port, str(out),
-                            *map(str, args)], env=_env(), stdout=subprocess.PIPE,
+                            *map(str, args)], env=_env(**env), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
 
 
@@ -68,10 +70,14 @@ def stages(tmp_path_factory, tiny_zoo_dir, tiny_proxy_dir):
   """One 2-process run of every stage (zoo build, knowledge, ground truth, index build), shared by
   the tests below: (its output directory, each process's facts)."""
   out = tmp_path_factory.mktemp("stages")
+  # The parts an unfinished earlier build left: the build removes them before writing its own.
+  (out / ".zoo.parts-0123456789ab").mkdir()
+  (out / ".zoo.parts-0123456789ab" / "part-00001-of-00002.npz").write_bytes(b"left over")
   procs = _spawn("stages", 2, out, tiny_zoo_dir, tiny_proxy_dir)
   logs = [p.communicate(timeout=400)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
+  (out / "log-0.txt").write_text(logs[0])
   return out, [json.loads((out / f"facts-{i}.json").read_text()) for i in range(2)]
 
 
@@ -98,7 +104,9 @@ def test_zoo_build_two_processes_equal_one(stages, tiny_zoo):
       {m: r.to_json() for m, r in one.records.items()}
   assert read_manifest(out / "zoo")["build"]["processes"] == 2
   _split(facts, "zoo_trained", one.records)
-  assert not list(out.glob(".zoo.parts-*"))  # merged, then removed
+  assert not list(out.glob(".zoo.parts-*"))  # the leftover removed first; this run's merged
+  assert "removed the parts of 1 unfinished build(s) of " in (out / "log-0.txt").read_text()
+  assert "know2vec: error:" not in (out / "log-0.txt").read_text()  # no process was lost
 
 
 def test_knowledge_two_processes_equal_one(stages, tiny_zoo, tiny_proxy_dir):
@@ -243,6 +251,8 @@ def test_launch_arguments_are_checked_before_anything_starts(tmp_path, capsys):
       ((None, 2, 0), "need --coordinator HOST:PORT")]:
     with pytest.raises(DistributedError, match=match):
       initialize(*args)
+  with pytest.raises(DistributedError, match="lost-process timeout must be at least 1 second"):
+    initialize("127.0.0.1:1234", 2, 0, lost_process_timeout=0.5)
   import jax
   jax.devices()  # JAX has started: too late to join a run
   with pytest.raises(DistributedError, match="must be called before any JAX"):
@@ -347,21 +357,98 @@ def test_merge_names_a_missing_or_damaged_part_and_assembles_the_zoo(tiny_zoo, t
     load_zoo(tmp_path / "zoo")
 
 
-def test_a_killed_process_leaves_no_zoo_that_loads(tmp_path):
-  from know2vec_jax.zoo import ZooError, load_zoo
-  procs = _spawn("die-after-part", 2, tmp_path)
+def _lost_line(log: str) -> str:
+  """The one line a survivor prints about a lost process (and no traceback or runtime abort)."""
+  lines = [ln for ln in log.splitlines() if ln.startswith("know2vec:")]
+  assert len(lines) == 1, log[-3000:]
+  assert "Traceback" not in log and "Check failure" not in log, log[-3000:]
+  return lines[0]
+
+
+def _wait_for_death(procs, victim: int, timeout: float):
+  """Waits until ``procs[victim]`` is gone; returns when it died. Every other process must still
+  be running then: none ended the run while the victim was alive (and busy)."""
+  deadline = time.monotonic() + timeout
+  while procs[victim].poll() is None:
+    assert time.monotonic() < deadline, "the process to lose never died"
+    time.sleep(0.05)
+  died = time.monotonic()
+  assert procs[victim].returncode == -signal.SIGKILL
+  assert all(p.poll() is None for i, p in enumerate(procs) if i != victim)
+  return died
+
+
+# The loss timeout of the tests below, and the seconds a survivor may take beyond it to exit
+# and be seen exiting on a loaded 2-core machine.
+LOST_TIMEOUT, LOST_MARGIN = 3, 2
+
+
+def test_a_killed_process_leaves_no_zoo_that_loads_and_ends_the_run(tmp_path, monkeypatch,
+                                                                   capsys):
+  from know2vec_jax.distributed import LOST_EXIT_STATUS
+  from know2vec_jax.zoo import BuildConfig, ZooError, build, load_zoo, tiny_specs
+  procs = _spawn("die-after-part", 2, tmp_path, LOST_PROCESS_TIMEOUT=str(LOST_TIMEOUT))
   try:
-    procs[1].communicate(timeout=300)
-    assert procs[1].returncode == -signal.SIGKILL  # killed right after writing its part
+    died = _wait_for_death(procs, 1, 300)  # right after writing its part
+    log = procs[0].communicate(timeout=LOST_TIMEOUT + LOST_MARGIN)[0]
+    ended = time.monotonic()
     (part,) = tmp_path.glob(".zoo.parts-*/part-00001-of-00002.npz")
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
       p.communicate()
+  # The survivor ended by itself, in time, with one line naming the lost process.
+  assert procs[0].returncode == LOST_EXIT_STATUS, log[-3000:]
+  assert ended - died <= LOST_TIMEOUT + LOST_MARGIN
+  line = _lost_line(log)
+  assert line.startswith("know2vec: error: process 1 of 2 stopped responding ") and \
+      line.endswith(" s ago (lost): ending this run"), line
   assert not (tmp_path / "zoo").exists()
   with pytest.raises(ZooError, match="does not exist"):
     load_zoo(tmp_path / "zoo")
   with pytest.raises(ZooError, match="zoo.json is missing"):
     load_zoo(part.parent)
   assert [p.name for p in tmp_path.iterdir()] == [part.parent.name]
+  # The next build of the zoo (here one process) removes the leftover parts before it trains.
+  monkeypatch.setattr(build, "build_zoo", lambda *a, **k: 1 / 0)
+  capsys.readouterr()
+  with pytest.raises(ZeroDivisionError):
+    build.build_zoo_to(tmp_path / "zoo", tiny_specs(), BuildConfig(), progress=False)
+  assert list(tmp_path.iterdir()) == []
+  assert capsys.readouterr().err == (f"removed the parts of 1 unfinished build(s) of "
+                                     f"{tmp_path / 'zoo'}: {part.parent.name}\n")
+
+
+def test_a_lost_coordinator_is_named_and_a_busy_process_is_not_lost(tmp_path):
+  from know2vec_jax.distributed import LOST_EXIT_STATUS
+  from multiprocess_stages import BUSY_FOR
+  # Process 1 is done at once and waits; process 0 is busy for BUSY_FOR (over twice the loss
+  # timeout), then dies: process 1 must wait for it all that time, then name it.
+  procs = _spawn("lose-coordinator", 2, tmp_path, LOST_PROCESS_TIMEOUT=str(LOST_TIMEOUT))
+  try:
+    t0 = time.monotonic()
+    died = _wait_for_death(procs, 0, 120)
+    log = procs[1].communicate(timeout=LOST_TIMEOUT + LOST_MARGIN)[0]
+    ended = time.monotonic()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
+  assert died - t0 >= BUSY_FOR
+  assert procs[1].returncode == LOST_EXIT_STATUS, log[-3000:]
+  assert ended - died <= LOST_TIMEOUT + LOST_MARGIN
+  assert _lost_line(log).startswith("know2vec: error: process 0 of 2 stopped responding "), log
+
+
+def test_leftover_parts_of_this_zoo_only_are_removed(tmp_path):
+  from know2vec_jax.zoo import store
+  for name in (".zoo.parts-aaaa", ".zoo.parts-bbbb", ".zoo2.parts-cccc", ".zoo.old-dddd"):
+    (tmp_path / name).mkdir()
+  (tmp_path / ".zoo.parts-file").write_text("not a directory")
+  assert store.remove_leftover_parts(tmp_path / "zoo") == [tmp_path / ".zoo.parts-aaaa",
+                                                            tmp_path / ".zoo.parts-bbbb"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".zoo.old-dddd", ".zoo.parts-file",
+                                                         ".zoo2.parts-cccc"]
+  assert store.remove_leftover_parts(tmp_path / "missing" / "zoo") == []

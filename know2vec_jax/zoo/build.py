@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import pathlib
 import shutil
+import sys
 import time
 import uuid
 
@@ -276,7 +277,8 @@ def build_zoo_to(path, specs: list[ModelSpec], config: BuildConfig = BuildConfig
   parameters bit for bit) and writes them as its part (:func:`know2vec_jax.zoo.store.save_part`,
   atomic); after every process has written its part, process 0 verifies every part
   (:func:`merge_parts`) and writes the zoo. ``path`` must be on a filesystem every process
-  shares. A process that dies leaves only the hidden parts directory, never a loadable zoo.
+  shares. A process that dies leaves only the hidden parts directory, never a loadable zoo; the
+  next build of the zoo removes it before any part is written (one line on stderr).
 
   Args:
     path: the zoo directory (created, or replaced once the new zoo is complete).
@@ -291,6 +293,7 @@ def build_zoo_to(path, specs: list[ModelSpec], config: BuildConfig = BuildConfig
     DistributedError: training or the merge failed on another process.
   """
   if distributed.process_count() == 1:
+    _remove_leftover_parts(path)
     zoo, info = build_zoo(specs, config, progress)
     info |= build_info or {}
     store_lib.save_zoo(zoo, path, info)
@@ -298,6 +301,10 @@ def build_zoo_to(path, specs: list[ModelSpec], config: BuildConfig = BuildConfig
   check_specs(specs)
   t0 = time.perf_counter()
   count, me = distributed.process_count(), distributed.process_index()
+  if me == 0:
+    # Before the collective below, which no process leaves before process 0 enters it: no part
+    # of this run exists yet.
+    _remove_leftover_parts(path)
   # One id per build, chosen by process 0: parts of an earlier (failed) run are never merged.
   run = distributed.allgather(np.frombuffer(uuid.uuid4().bytes[:6], np.uint8))[0].tobytes().hex()
   parts = store_lib.parts_dir(path, run)
@@ -347,6 +354,14 @@ def build_zoo_to(path, specs: list[ModelSpec], config: BuildConfig = BuildConfig
 
   zoo = distributed.on_writer("zoo", merge)
   return zoo, dict(info, seconds=time.perf_counter() - t0)
+
+
+def _remove_leftover_parts(path) -> None:
+  """Removes the parts that unfinished builds of this zoo left, saying so in one line."""
+  removed = store_lib.remove_leftover_parts(path)
+  if removed:
+    print(f"removed the parts of {len(removed)} unfinished build(s) of {path}: "
+          f"{', '.join(d.name for d in removed)}", file=sys.stderr)
 
 
 def _units(groups: dict, fitted: dict, config: BuildConfig, image_shape) -> list[dict]:

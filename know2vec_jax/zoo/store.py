@@ -20,12 +20,22 @@ metadata the run, its position, the chunks' model ids and each model's accuracie
 reads every part back (:func:`load_part`: present, intact, of this run, exactly the chunks it was
 assigned) and only then writes the zoo. A part never loads as a zoo (it has no ``zoo.json``), and
 the parts directory is removed once the zoo is written.
+
+A build that does not finish (a process lost or failed, the run killed) leaves its parts
+directory behind. The next build of the same zoo, with any number of processes, removes every
+``.<name>.parts-*`` directory first (:func:`remove_leftover_parts`, one line on stderr naming
+them): process 0 does it before the processes agree on the new run's id, so before any process
+writes a part. Leftover parts are not resumed: each part records its run, and a new run trains
+its chunks again. Two builds of the same zoo at the same time are not supported (the later one
+would remove the earlier one's parts).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -142,6 +152,27 @@ def parts_dir(path: str | os.PathLike, run: str) -> pathlib.Path:
   """The hidden sibling directory holding the parts of run ``run`` of a zoo built at ``path``."""
   target = pathlib.Path(path).expanduser().absolute()
   return target.with_name(f".{target.name}.parts-{run}")
+
+
+def remove_leftover_parts(path: str | os.PathLike) -> list[pathlib.Path]:
+  """Removes the parts directories that earlier, unfinished builds of the zoo at ``path`` left.
+
+  Args:
+    path: the zoo directory (it need not exist).
+
+  Returns:
+    The directories removed, in name order.
+  """
+  target = pathlib.Path(path).expanduser().absolute()
+  found = sorted(pathlib.Path(p) for p in
+                 glob.glob(os.path.join(glob.escape(str(target.parent)),
+                                        f".{glob.escape(target.name)}.parts-*")))
+  removed = []
+  for d in found:
+    if d.is_dir() and not d.is_symlink():
+      shutil.rmtree(d, ignore_errors=True)
+      removed.append(d)
+  return removed
 
 
 def part_path(parts: pathlib.Path, index: int, count: int) -> pathlib.Path:
