@@ -61,6 +61,38 @@ def test_accuracy_head_beats_a_constant_and_the_prior_on_held_out_targets():
   assert np.mean(np.abs(pred - acc[qt])) < val["constant_mae"]
 
 
+def test_the_heads_first_fit_never_sees_its_validation_targets(monkeypatch):
+  """At the data level: the fit that the validation figures measure receives no query vector
+  and no accuracy row of a validation target (matched back to the targets by value, not by the
+  split the code computed); the final fit receives every target."""
+  from know2vec_jax import selection
+  rng = np.random.default_rng(1)
+  n_targets, episodes, n_models, e = 10, 3, 6, 8
+  q = rng.normal(size=(n_targets * episodes, e)).astype(np.float32)
+  qt = np.repeat(np.arange(n_targets), episodes)
+  acc = rng.uniform(0.2, 0.9, (n_targets, n_models)).astype(np.float32)
+  m = rng.normal(size=(n_models, e)).astype(np.float32)
+  fits = []
+  real = selection._fit
+
+  def spy(qq, mm, aa, *a, **k):
+    fits.append((np.asarray(qq), np.asarray(aa)))
+    return real(qq, mm, aa, *a, **k)
+  monkeypatch.setattr(selection, "_fit", spy)
+  _, info = fit_head(q, qt, m, acc, SelectionConfig(steps=20, holdout=0.3), hidden=8)
+  val = info["validation"]["targets"]
+  assert len(fits) == 2 and len(val) == 3
+
+  def targets_of(queries, rows):
+    by_query = {qt[np.flatnonzero((q == v).all(1))[0]] for v in queries}
+    by_row = {int(np.flatnonzero((acc == r).all(1))[0]) for r in rows}
+    return by_query, by_row
+  first_q, first_rows = targets_of(*fits[0])
+  assert not first_q & set(val) and not first_rows & set(val)
+  assert first_q | set(val) == set(range(n_targets)) == first_rows | set(val)
+  assert targets_of(*fits[1]) == (set(range(n_targets)), set(range(n_targets)))
+
+
 def test_finetunable_keeps_networks_only(tiny_zoo):
   zoo, _ = tiny_zoo
   assert finetunable(zoo) == list(zoo.records)  # the tiny zoo is all networks
