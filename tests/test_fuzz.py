@@ -38,7 +38,6 @@ from know2vec_jax.zoo import ZooError, load_zoo
 
 SEED = 2026
 ARTIFACT_CASES = 36  # 12 per artifact kind
-QUERY_CASES = 28
 SHAPE = (28, 28, 1)
 # Values a damaged or hand-edited manifest field may hold instead of the right one.
 GARBAGE = [None, -1, 0, 1.5, "x", [], {}, [1, "a"], {"a": 1}, True, 10**12, [-3]]
@@ -316,6 +315,7 @@ QUERY_MUTATIONS = [
      InputError, "11 classes, more than the vectorizer's maximum of 10"),
 ]
 BAD_K = [0, -1, -10**9, 1.5, True, None, "3"]
+QUERY_CASES = len(QUERY_MUTATIONS) + len(BAD_K) + 4
 
 
 def _poke(x, rng, value):
@@ -330,37 +330,42 @@ def _resized(x, rng):
 
 
 def test_bad_query_inputs(tiny_proxy, tiny_index, tiny_zoo):
-  """QUERY_CASES drawn query inputs through embed_query, describe_queries, search and query:
-  NaN/inf pixels, wrong rank, size or channels, non-float dtypes, values outside [0, 1], labels
-  of the wrong length, rank, dtype or range, one-class tasks, an empty class, zero images, 10,000
-  classes, queries that are not (images, labels) pairs and k <= 0 or not an int: each refused
-  with InputError (ProxyError for k) on one line naming the problem, before any model runs; then
-  one valid query asking for more models than the index holds gets every one of them."""
+  """Every mutation of QUERY_MUTATIONS, every bad k of BAD_K and four malformed query lists, in
+  a seeded order, each through an entry point drawn from embed_query, describe_queries, search
+  and query (search and query for k): NaN/inf pixels, wrong rank, size or channels, non-float
+  dtypes, values outside [0, 1], labels of the wrong length, rank, dtype or range, one-class
+  tasks, an empty class, zero images, 10,000 classes, queries that are not (images, labels) pairs
+  and k <= 0 or not an int: each refused with InputError (ProxyError for k) on one line naming
+  the problem, before any model runs; then one valid query asking for more models than the index
+  holds gets every one of them."""
   x, y = _base_query(tiny_zoo[0])
   entry = {"embed_query": lambda a, b, k: tiny_proxy.embed_query(a, b),
            "describe_queries": lambda a, b, k: tiny_proxy.describe_queries([(a, b)]),
            "search": lambda a, b, k: tiny_proxy.search(tiny_index, [(a, b)], k),
            "query": lambda a, b, k: query(tiny_proxy, tiny_index, a, b, k=k)}
+  malformed = [(x, y), None, [x], [(x, y, y)]]  # the pair given bare, no list, no pairs
+  cases = ([("mutation", i) for i in range(len(QUERY_MUTATIONS))] +
+           [("k", i) for i in range(len(BAD_K))] + [("queries", i) for i in range(len(malformed))])
+  assert len(cases) == QUERY_CASES
   rng = np.random.default_rng(SEED + 1)
-  for n in range(QUERY_CASES):
-    via = list(entry)[rng.integers(len(entry))]
-    pick = rng.integers(len(QUERY_MUTATIONS) + 2)
-    if pick < len(QUERY_MUTATIONS):
-      name, mutate, expected, fragment = QUERY_MUTATIONS[pick]
+  for n in rng.permutation(len(cases)):
+    family, i = cases[n]
+    if family == "mutation":
+      via = list(entry)[rng.integers(len(entry))]
+      name, mutate, expected, fragment = QUERY_MUTATIONS[i]
       a, b = mutate(x, y, rng)
       _refused(lambda: entry[via](a, b, 5), expected, f"case {n}: {name} via {via}", fragment)
-    elif pick == len(QUERY_MUTATIONS):  # k: only search and query take one
-      k = BAD_K[rng.integers(len(BAD_K))]
-      via = ("search", "query")[n % 2]
-      _refused(lambda: entry[via](x, y, k), ProxyError, f"case {n}: k={k!r} via {via}",
-               "k must be a positive integer")
-    else:  # the pair given bare, or something that is no list of pairs
-      bad = [(x, y), None, [x], [(x, y, y)]][rng.integers(4)]
-      via = ("search", "describe_queries")[n % 2]
+    elif family == "k":  # only search and query take one
+      via = ("search", "query")[rng.integers(2)]
+      _refused(lambda: entry[via](x, y, BAD_K[i]), ProxyError,
+               f"case {n}: k={BAD_K[i]!r} via {via}", "k must be a positive integer")
+    else:
+      bad = malformed[i]
+      via = ("search", "describe_queries")[rng.integers(2)]
       fn = ((lambda: tiny_proxy.search(tiny_index, bad, 5)) if via == "search" else
             (lambda: tiny_proxy.describe_queries(bad)))
-      _refused(fn, InputError, f"case {n}: queries {type(bad).__name__} via {via}", "queries"
-               if bad is None else "pair")
+      _refused(fn, InputError, f"case {n}: queries {type(bad).__name__} via {via}",
+               "queries" if bad is None else "pair")
   rows = query(tiny_proxy, tiny_index, x, y, k=10_000)
   assert len(rows) == len(tiny_index) and {r["model_id"] for r in rows} == set(tiny_index.ids)
   _refused(lambda: tiny_index.search(np.ones(tiny_index.dim), 0), IndexStoreError, "index k=0",
