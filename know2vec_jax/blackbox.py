@@ -58,7 +58,10 @@ def check_images(images, image_shape: Sequence[int] | None = None, *, batch_dims
   Raises:
     InputError: wrong rank or shape, a non-float dtype, NaN/inf, or values outside [0, 1].
   """
-  x = np.asarray(images)
+  try:
+    x = np.asarray(images)
+  except (TypeError, ValueError) as e:  # ragged nested lists, unconvertible objects
+    raise InputError(f"{what} are not an array: {' '.join(str(e).split())[:200]}") from None
   if x.ndim != batch_dims + 3:
     raise InputError(f"{what} must have shape [{', '.join(['B'] * batch_dims)}, H, W, C] "
                      f"({batch_dims + 3} axes), got shape {x.shape}")

@@ -393,12 +393,14 @@ def _index_summary(index, path) -> dict:
   from know2vec_jax.pool import summary
   metas = [index.metadata(m) for m in index.ids]
   root = pathlib.Path(path).expanduser().absolute()
+  # Metadata values are any JSON a user gave: counted by their text unless they are strings.
+  text = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
   return {"path": str(root), "models": len(index), "dim": index.dim,
           "storage": index.storage, "rescore": index.rescore,
           "bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
-          "archs": dict(Counter(m.get("arch", "?") for m in metas)),
-          "tasks": len({m["task"] for m in metas if "task" in m}),
-          "proxies": sorted({m["proxy"] for m in metas if "proxy" in m}),
+          "archs": dict(Counter(text(m.get("arch", "?")) for m in metas)),
+          "tasks": len({text(m["task"]) for m in metas if "task" in m}),
+          "proxies": sorted({text(m["proxy"]) for m in metas if "proxy" in m}),
           # Models with a class they never predicted on the probe pool: their anchors for it are
           # fallbacks, and their vectors say less about that class.
           "never_predicting_a_class": sum(bool(m.get("never_predicted")) for m in metas),

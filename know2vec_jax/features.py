@@ -44,7 +44,10 @@ def check_query(images, labels, image_shape=None, max_classes: int | None = None
       classes, a class id with no image (labels must be 0..K-1), or more than ``max_classes``.
   """
   images = check_images(images, image_shape, what="query images")
-  labels = np.asarray(labels)
+  try:
+    labels = np.asarray(labels)
+  except (TypeError, ValueError) as e:  # ragged nested lists
+    raise InputError(f"query labels are not an array: {' '.join(str(e).split())[:200]}") from None
   if labels.ndim != 1 or len(labels) != len(images):
     raise InputError(f"query labels must be a vector with one label per image: got shape "
                      f"{labels.shape} for {len(images)} images")
@@ -55,15 +58,19 @@ def check_query(images, labels, image_shape=None, max_classes: int | None = None
   k = int(labels.max()) + 1
   if labels.min() < 0:
     raise InputError(f"query labels must be in 0..K-1, got {int(labels.min())}")
-  counts = np.bincount(labels, minlength=k)
   if k < 2:
     raise InputError(f"a query needs at least 2 classes, got {k}")
-  if np.any(counts == 0):
-    raise InputError(f"query class(es) {np.flatnonzero(counts == 0).tolist()} have no images "
-                     f"(labels must be 0..K-1, each with at least one image)")
+  # Before counting: a label of 10**9 must not size an array by it.
   if max_classes is not None and k > max_classes:
     raise InputError(f"the query has {k} classes, more than the vectorizer's maximum of "
                      f"{max_classes}")
+  present = np.unique(labels)
+  if len(present) < k:
+    # The first missing ids lie below len(present) + 10, whatever k is.
+    empty = np.setdiff1d(np.arange(min(k, len(present) + 10)), present)[:10].tolist()
+    more = f" and {k - len(present) - len(empty)} more" if k - len(present) > len(empty) else ""
+    raise InputError(f"query class(es) {empty}{more} have no images (labels must be 0..K-1, "
+                     "each with at least one image)")
   return images, labels.astype(np.int32), k
 
 

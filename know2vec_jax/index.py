@@ -329,6 +329,12 @@ def _rescore_depth(value: Any) -> int:
   return int(value)
 
 
+def _check_k(k: Any) -> None:
+  """IndexStoreError unless ``k`` (how many models to return per query) is a positive int."""
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise IndexStoreError(f"k must be a positive int, got {k!r}")
+
+
 def _json_copy(obj: Any, what: str) -> Any:
   """``obj`` as it reads back from JSON (so a loaded index equals the saved one)."""
   try:
@@ -650,7 +656,10 @@ class ModelIndex:
     Raises:
       IndexStoreError: an id is not in the index (then nothing is removed).
     """
-    ids = [ids] if isinstance(ids, str) else list(ids)
+    try:
+      ids = [ids] if isinstance(ids, str) else list(ids)
+    except TypeError:
+      raise IndexStoreError(f"ids must be a model id or a list of them, got {ids!r}") from None
     drop = {self._lookup(i) for i in ids}
     if not drop:
       return
@@ -752,8 +761,7 @@ class ModelIndex:
     Raises:
       IndexStoreError: wrong query shape, non-finite query, k < 1, rescore < 1.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-      raise IndexStoreError(f"k must be a positive int, got {k!r}")
+    _check_k(k)
     depth = self._rescore if rescore is None else _rescore_depth(rescore)
     q = self._check_queries(queries)
     kk = min(int(k), len(self))
@@ -803,9 +811,10 @@ class ModelIndex:
       :class:`Matches`.
 
     Raises:
-      IndexStoreError: as :meth:`search`; an index without class knowledge; classes for another
-        number of queries or another token size.
+      IndexStoreError: as :meth:`search` (k < 1 included); an index without class knowledge;
+        classes for another number of queries or another token size.
     """
+    _check_k(k)
     q = self._check_queries(queries)
     nq = q.shape[0]
     if not config.enabled:
@@ -925,6 +934,12 @@ class ModelIndex:
     self._pool = np.ascontiguousarray(x, np.float32)
     self._pool_provenance = _json_copy(list(provenance), "pool provenance")
 
+  def _unset_pool(self) -> None:
+    """Takes back the pool :meth:`set_pool` gave this (still empty) index, when the call that
+    set it fails before adding any row."""
+    assert not len(self), "an index with rows keeps its pool"
+    self._pool, self._pool_provenance = None, []
+
   # ---- storage -------------------------------------------------------------------------------
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
@@ -1012,6 +1027,8 @@ class ModelIndex:
       raise IndexStoreError(f"index vector size {dim} does not match the vectorizer's "
                             f"{expected_dim} ({root})")
     vectors = np.zeros((0, dim), np.float32)
+    # Restore targets are shapes only: a corrupted size must not allocate an array of that size.
+    sds = jax.ShapeDtypeStruct
     shapes = manifest.get("classes")
     classes = None
     pool_meta = manifest.get("pool")
@@ -1019,27 +1036,33 @@ class ModelIndex:
     if pool_meta is not None:
       try:
         pool_shape = tuple(int(d) for d in pool_meta["shape"])
-        provenance = list(pool_meta.get("provenance", []))
+        provenance = pool_meta.get("provenance", [])
         if len(pool_shape) != 4 or min(pool_shape) < 1:
           raise ValueError(f"shape {list(pool_shape)}")
-      except (KeyError, TypeError, ValueError) as e:
+        from know2vec_jax.pool import provenance_problem
+        problem = provenance_problem(provenance)
+        if problem:
+          raise ValueError(problem)
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise IndexStoreError(f"{f} is corrupted: bad pool record ({e})") from e
       pool = storage_io.restore_trees(
-          root, manifest, {POOL_DIR: {"images": np.zeros(pool_shape, np.float32)}}, "index",
+          root, manifest, {POOL_DIR: {"images": sds(pool_shape, np.float32)}}, "index",
           IndexStoreError)[POOL_DIR]["images"]
     if ids:
-      targets = {VECTORS_DIR: {"vectors": np.zeros((len(ids), dim), np.float32)}}
+      targets = {VECTORS_DIR: {"vectors": sds((len(ids), dim), np.float32)}}
       if shapes is not None:
         try:
           kmax, d, n, h = (int(shapes[key]) for key in ("max_classes", "token_dim", "pool_size",
                                                          "hub_depth"))
+          if min(kmax, d, n) < 1 or h < 0:
+            raise ValueError(f"sizes {[kmax, d, n, h]}")
         except (KeyError, TypeError, ValueError) as e:
           raise IndexStoreError(f"{f} is corrupted: bad class-knowledge shapes ({e})") from e
         m = len(ids)
-        targets[CLASSES_DIR] = {"tokens": np.zeros((m, kmax, d), np.float32),
-                                "mask": np.zeros((m, kmax), np.float32),
-                                "pool_labels": np.zeros((m, n), np.uint8),
-                                "hub": np.zeros((m, h), np.float32)}
+        targets[CLASSES_DIR] = {"tokens": sds((m, kmax, d), np.float32),
+                                "mask": sds((m, kmax), np.float32),
+                                "pool_labels": sds((m, n), np.uint8),
+                                "hub": sds((m, h), np.float32)}
       restored = storage_io.restore_trees(root, manifest, targets, "index", IndexStoreError)
       vectors = restored[VECTORS_DIR]["vectors"]
       if not np.all(np.isfinite(vectors)):
@@ -1055,7 +1078,7 @@ class ModelIndex:
     index._pool = None if pool is None else np.ascontiguousarray(pool, np.float32)
     index._pool_provenance = provenance
     proxies = manifest.get("proxies") or {}
-    if not isinstance(proxies, dict):
+    if not isinstance(proxies, dict) or not all(isinstance(v, dict) for v in proxies.values()):
       raise IndexStoreError(f"{f} is corrupted: bad proxies record")
     index._proxies = proxies
     return index

@@ -220,6 +220,25 @@ def build(config: PoolConfig, default_sources: Sequence[str], seed: int, image_s
   return Pool(np.ascontiguousarray(images, np.float32), prov)
 
 
+def provenance_problem(provenance) -> str | None:
+  """What is wrong with a stored pool provenance (None: nothing), for the loaders that read one
+  back: a list of dicts whose ``source`` and ``split``, where given, are strings, ``rows``
+  integers and, for an ``all`` split, ``train_size`` an integer (what :func:`excluded_rows`
+  reads). An index's own pool made from an array records only its source and size."""
+  if not isinstance(provenance, list):
+    return f"the pool provenance is a {type(provenance).__name__}, not a list"
+  for i, p in enumerate(provenance):
+    if not (isinstance(p, dict) and all(isinstance(p.get(k, ""), str)
+                                        for k in ("source", "split"))):
+      return f"pool entry {i} is not a record with a string source and split"
+    rows = p.get("rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, int) for r in rows):
+      return f"pool entry {i}'s rows are not a list of integers"
+    if p.get("split") == "all" and not isinstance(p.get("train_size"), int):
+      return f"pool entry {i} (split all) has no integer train_size"
+  return None
+
+
 def summary(provenance: Sequence[Mapping]) -> list[dict]:
   """The provenance without its row lists: what ``index info`` and ``query --json`` print."""
   return [{k: v for k, v in p.items() if k != "rows"} for p in provenance]
@@ -242,6 +261,8 @@ def excluded_rows(provenance: Sequence[Mapping], source: str, split: str) -> np.
   base = parse_source_name(source)[0]
   out = []
   for p in provenance:
+    if "source" not in p or "split" not in p:  # images given as an array: rows of no source
+      continue
     e = PoolEntry(p["source"], p["split"])
     if e.split == FOLDER_SPLIT or e.base != base:
       continue

@@ -589,8 +589,19 @@ class Proxy:
     Raises:
       InputError: a bad query (the message says which of them and why).
     """
+    try:
+      queries = list(queries)
+    except TypeError:
+      raise InputError(f"queries must be a list of (images, labels) pairs, got "
+                       f"{type(queries).__name__}") from None
     checked = []
-    for i, (images, labels) in enumerate(queries):
+    for i, pair in enumerate(queries):
+      if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        got = (f"an array of shape {np.shape(pair)}" if isinstance(pair, np.ndarray)
+               else type(pair).__name__)
+        raise InputError(f"query {i} must be an (images, labels) pair, got {got} (one query "
+                         "is [(images, labels)])")
+      images, labels = pair
       try:
         checked.append(features.check_query(images, labels, self.image_shape, self.max_classes))
       except InputError as e:
@@ -677,9 +688,10 @@ class Proxy:
       per query).
 
     Raises:
-      InputError: a bad query; ProxyError: an index of another vector size or one that holds no
-        class knowledge while class matching is on.
+      InputError: a bad query; ProxyError: k not a positive int, an index of another vector
+        size or one that holds no class knowledge while class matching is on.
     """
+    _check_k(k)
     self.check_index(index)
     match = self.config.match
     if match.enabled and not index.has_classes:
@@ -740,8 +752,7 @@ class Proxy:
       index of another vector size, or rows another proxy vectorized.
     """
     self._require_head()
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-      raise ProxyError(f"k must be a positive integer, got {k!r}")
+    _check_k(k)
     self.check_index(index)
     if len(index) == 0:
       raise ProxyError("the index is empty: add models with `know2vec index add`")
@@ -791,6 +802,15 @@ class Proxy:
         raise ProxyError(f"the index's pool holds images of shape {list(np.shape(images)[1:])}, "
                          f"this proxy's are {list(self.image_shape)}")
       index.set_pool(images, prov)
+    try:
+      return self._fill_index(groups, metadata, index, cache, progress)
+    except BaseException:
+      if pool is not None and not len(index):  # refused: the index stays as it was, no pool
+        index._unset_pool()
+      raise
+
+  def _fill_index(self, groups, metadata, index, cache, progress) -> ModelIndex:
+    """:meth:`build_index` once the index (and its pool) is checked: probes, embeds, adds."""
     self.check_index_pool(index)
     kn = self.knowledge_of(groups, cache, progress, index)
     ids, grids, masks = pipeline.knowledge_grids(self.backbone, self.index_pool_features(index),
@@ -909,30 +929,46 @@ class Proxy:
                               hint=" (train one with `know2vec train`)")
     try:
       cfg = config_lib.from_dict(ProxyConfig, m["config"], "config")
-      bb = m["backbone"]
-      backbone = Backbone(cfg.backbone, bb["image_shape"], int(bb["num_labels"]))
-      vec = m["vectorizer"]
-      vectorizer = Know2Vec(cfg.vectorizer, int(vec["feature_dim"]), int(vec["num_tasks"]),
-                            accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0))
+      bb, vec = m["backbone"], m["vectorizer"]
+      try:
+        backbone = Backbone(cfg.backbone, bb["image_shape"], int(bb["num_labels"]))
+        vectorizer = Know2Vec(cfg.vectorizer, int(vec["feature_dim"]), int(vec["num_tasks"]),
+                              accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0))
+      except Exception as e:  # Flax and JAX refuse bad sizes with many types (and allocations)
+        raise ValueError(f"its backbone and vectorizer records build no model: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
       pool_shape = tuple(int(d) for d in m["pool_shape"])
+      if len(pool_shape) != 4 or min(pool_shape) < 1:
+        raise ValueError(f"pool_shape {list(pool_shape)} is not [N, H, W, C]")
+      problem = pool_lib.provenance_problem(m["pool"])
+      if problem:
+        raise ValueError(problem)
       provenance = [dict(p) for p in m["pool"]]
-      tasks, rows = list(m["tasks"]), [(str(i), str(f), int(k)) for i, f, k in m["knowledge"]]
+      tasks, rows = list(m["tasks"]), [(i, f, k) for i, f, k in m["knowledge"]]
+      if not all(isinstance(i, str) and isinstance(f, str) and isinstance(k, int)
+                 and 2 <= k <= cfg.max_classes for i, f, k in rows):
+        raise ValueError(f"a knowledge row is not [model id, fingerprint, K in 2.."
+                         f"{cfg.max_classes}]")
       n_ref = int(m["reference"])
+      if n_ref < 0:
+        raise ValueError(f"reference count {n_ref}")
     except (KeyError, TypeError, ValueError) as e:
       raise ProxyError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
     _, v_state = nnx.split(vectorizer)
     targets = {"backbone": storage.pure(backbone.params), "vectorizer": storage.pure(v_state),
-               "pool": {"images": np.zeros(pool_shape, np.float32)}}
+               "pool": {"images": jax.ShapeDtypeStruct(pool_shape, np.float32)}}
     k_max, a = cfg.max_classes, cfg.knowledge.anchors_per_class
     if rows:
       n = len(rows)
-      targets["knowledge"] = {"anchor_index": np.zeros((n, k_max, a), np.int32),
-                              "flip_t": np.zeros((n, k_max, k_max), np.float32),
-                              "fallback": np.zeros((n, k_max), np.uint8),
-                              "queries": np.zeros((n,), np.int64),
-                              "pool_labels": np.zeros((n, pool_shape[0]), np.uint8)}
+      sds = jax.ShapeDtypeStruct  # shapes only: nothing is allocated before the checks
+      targets["knowledge"] = {"anchor_index": sds((n, k_max, a), np.int32),
+                              "flip_t": sds((n, k_max, k_max), np.float32),
+                              "fallback": sds((n, k_max), np.uint8),
+                              "queries": sds((n,), np.int64),
+                              "pool_labels": sds((n, pool_shape[0]), np.uint8)}
     if n_ref:
-      targets["reference"] = {"vectors": np.zeros((n_ref, cfg.vectorizer.embed_dim), np.float32)}
+      targets["reference"] = {"vectors": jax.ShapeDtypeStruct((n_ref, cfg.vectorizer.embed_dim),
+                                                              np.float32)}
     restored = storage.restore_trees(root, m, targets, "proxy", ProxyError)
     nnx.replace_by_pure_dict(backbone.params, restored["backbone"])
     nnx.replace_by_pure_dict(v_state, restored["vectorizer"])
@@ -955,6 +991,12 @@ class Proxy:
     index = ModelIndex.load(path, **kwargs)
     self.check_index(index)
     return index
+
+
+def _check_k(k) -> None:
+  """ProxyError unless ``k`` (how many models to return) is a positive int."""
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ProxyError(f"k must be a positive integer, got {k!r}")
 
 
 def _result_row(proxy: Proxy, index: ModelIndex, model_id: str, rank: int, scores: dict) -> dict:

@@ -24,10 +24,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import shutil
 import signal
+import sys
+import threading
 import uuid
 from typing import Callable, Mapping
 
@@ -247,6 +250,55 @@ def read_manifest(path, manifest_name: str, fmt: str, version: int, what: str,
   return manifest
 
 
+# A restore that fails on one damaged array leaves orbax's other reads of the checkpoint in
+# flight: orbax closes its event loop as soon as the first read raises, and the reads that finish
+# later report it on stderr, milliseconds after the caller's one-line error: tensorstore as an
+# unraisable "RuntimeError: Event loop is closed" (from asyncio's call_soon_threadsafe), asyncio as
+# "Task exception was never retrieved" for a read of the same damaged files. Both only repeat
+# the error already raised, so after a failed restore they are dropped; anything else passes.
+_abandoned: set[str] = set()
+_abandoned_lock = threading.Lock()
+
+
+def _abandoned_read_noise(unraisable) -> bool:
+  """Whether an unraisable exception is a late read's callback into orbax's closed loop."""
+  if (unraisable.object is not None or not isinstance(unraisable.exc_value, RuntimeError)
+      or str(unraisable.exc_value) != "Event loop is closed"):
+    return False
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _AbandonedTaskFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for reads of a failed checkpoint."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and record.getMessage().startswith(
+        "Task exception was never retrieved") and any(d in str(exc) for d in _abandoned))
+
+
+def _quiet_abandoned_reads(ckpt_dir: pathlib.Path) -> None:
+  """Silences the late reports of the reads a failed restore of ``ckpt_dir`` left in flight."""
+  with _abandoned_lock:
+    if not _abandoned:  # the first failure in this process
+      logging.getLogger("asyncio").addFilter(_AbandonedTaskFilter())
+    _abandoned.add(str(ckpt_dir))
+    # Wrapped again whenever someone (a test runner) has put its own hook in place since.
+    if not getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
+      previous = sys.unraisablehook
+
+      def hook(unraisable):
+        if not _abandoned_read_noise(unraisable):
+          previous(unraisable)
+      hook.quiets_abandoned_reads = True
+      sys.unraisablehook = hook
+
+
 def restore_trees(path, manifest: dict, targets: Mapping[str, object], what: str,
                   error: type[Exception] = ValueError) -> dict[str, object]:
   """Restores an artifact's checkpoints and verifies them against its manifest.
@@ -280,6 +332,7 @@ def restore_trees(path, manifest: dict, targets: Mapping[str, object], what: str
       try:
         tree = pure(ckpt.restore(ckpt_dir, abstract))
       except Exception as e:  # orbax raises many types for a damaged checkpoint
+        _quiet_abandoned_reads(ckpt_dir)
         raise error(f"{what} {root}: cannot read the {rel} checkpoint {ckpt_dir}: "
                     f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
       # orbax restores the stored shapes whatever the target says, so compare them.

@@ -459,5 +459,7 @@ def read_image(path, image_size: int, channels: int, what: str = "image") -> np.
       im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size),
                                                               Image.BILINEAR)
       return np.asarray(im, np.uint8)
-  except OSError as e:
+  # PIL refuses a file claiming more pixels than it decodes safely with DecompressionBombError,
+  # which is no OSError.
+  except (OSError, Image.DecompressionBombError) as e:
     raise DataError(f"cannot read {what} {path}: {e}") from e

@@ -80,9 +80,16 @@ def save_zoo(zoo: Zoo, path: str | os.PathLike, build_info: dict | None = None) 
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-  """The manifest of a stored zoo (no weights loaded); raises ZooError if it is not a zoo."""
-  return storage.read_manifest(path, MANIFEST, FORMAT, READS, "zoo", ZooError,
-                               hint=" (build one with `know2vec zoo build --force`)")
+  """The manifest of a stored zoo (no weights loaded); raises ZooError if it is not a zoo or its
+  model records are not a list of dicts with a model_id."""
+  manifest = storage.read_manifest(path, MANIFEST, FORMAT, READS, "zoo", ZooError,
+                                   hint=" (build one with `know2vec zoo build --force`)")
+  models = manifest.get("models")
+  if not isinstance(models, list) or not all(
+      isinstance(m, dict) and isinstance(m.get("model_id"), str) for m in models):
+    raise ZooError(f"{pathlib.Path(path).expanduser().absolute() / MANIFEST} is corrupted: its "
+                   "models are not a list of model records with a model_id")
+  return manifest
 
 
 def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
@@ -101,24 +108,31 @@ def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
   """
   root = pathlib.Path(path).expanduser().absolute()
   manifest = read_manifest(root)
+  states, targets = {}, {}
+  # Every field the loader reads is checked here: a manifest with a wrong type or value anywhere
+  # is "corrupted", never a TypeError from deep inside the model definitions.
   try:
-    image_shape = tuple(manifest["image_shape"])
+    image_shape = tuple(int(d) for d in manifest["image_shape"])
+    if len(image_shape) != 3 or min(image_shape) < 1:
+      raise ValueError(f"image_shape {list(image_shape)}")
     records = {d["model_id"]: ModelRecord.from_json(d) for d in manifest["models"]}
+    if not all(isinstance(m, str) and isinstance(r.stack, str) and isinstance(r.stack_index, int)
+               for m, r in records.items()):
+      raise ValueError("a model record's model_id, stack or stack_index has the wrong type")
     specs = {s["name"]: (train_lib.StackSpec(s["arch"], s["num_classes"], image_shape,
                                              conv_impl or s["conv_impl"]), list(s["model_ids"]))
              for s in manifest["stacks"]}
     est_specs = {e["name"]: (e["family"], int(e["num_classes"]), list(e["model_ids"]),
                              [int(b) for b in e["bytes"]])
                  for e in manifest.get("estimators", [])}
-  except (KeyError, TypeError, ValueError) as e:
+    for name, (spec, ids) in specs.items():
+      states[name] = stack_state(spec, len(ids))  # refuses an unknown arch, a bad num_classes
+      targets[f"params/{name}"] = nnx.to_pure_dict(states[name])
+    for name, (_, _, ids, sizes) in est_specs.items():
+      targets[f"estimators/{name}"] = {"blob": np.zeros((sum(sizes),), np.uint8),
+                                       "offsets": np.zeros((len(ids) + 1,), np.int64)}
+  except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
     raise ZooError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
-  states, targets = {}, {}
-  for name, (spec, ids) in specs.items():
-    states[name] = stack_state(spec, len(ids))
-    targets[f"params/{name}"] = nnx.to_pure_dict(states[name])
-  for name, (_, _, ids, sizes) in est_specs.items():
-    targets[f"estimators/{name}"] = {"blob": np.zeros((sum(sizes),), np.uint8),
-                                     "offsets": np.zeros((len(ids) + 1,), np.int64)}
   restored = storage.restore_trees(root, manifest, targets, "zoo", ZooError)
   stacks = {}
   for name, (spec, ids) in specs.items():
@@ -130,9 +144,16 @@ def load_zoo(path: str | os.PathLike, conv_impl: str | None = None) -> Zoo:
                 for name, (family, k, ids, _) in est_specs.items()}
   for r in records.values():
     held = stacks.get(r.stack) or estimators.get(r.stack)
-    if held is None or held.model_ids[r.stack_index] != r.model_id:
+    if (held is None or not 0 <= r.stack_index < len(held.model_ids)
+        or held.model_ids[r.stack_index] != r.model_id):
       raise ZooError(f"zoo {root} is inconsistent: model {r.model_id!r} not at "
                      f"{r.stack}[{r.stack_index}]")
+  held_ids = [m for h in (*stacks.values(), *estimators.values()) for m in h.model_ids]
+  if len(held_ids) != len(records):  # a stored model without its record (or held twice)
+    missing = [m for m in held_ids if m not in records]
+    raise ZooError(f"zoo {root} is inconsistent: {len(held_ids)} stored models but "
+                   f"{len(records)} model records" + (f" (none for {missing[0]!r})" if missing
+                                                      else ""))
   return Zoo(image_shape, stacks, records, estimators)
 
 
