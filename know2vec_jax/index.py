@@ -329,10 +329,18 @@ def _rescore_depth(value: Any) -> int:
   return int(value)
 
 
-def _check_k(k: Any) -> None:
-  """IndexStoreError unless ``k`` (how many models to return per query) is a positive int."""
+def check_k(k: Any, error: type[Exception] = IndexStoreError) -> None:
+  """Refuses a ``k`` (how many models to return per query) that is not a positive int.
+
+  Args:
+    k: the value to check.
+    error: the exception class to raise (the caller's own: the index's or the proxy's).
+
+  Raises:
+    ``error``: ``k`` is a bool, not an int, or below 1.
+  """
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise IndexStoreError(f"k must be a positive int, got {k!r}")
+    raise error(f"k must be a positive integer, got {k!r}")
 
 
 def _json_copy(obj: Any, what: str) -> Any:
@@ -761,7 +769,7 @@ class ModelIndex:
     Raises:
       IndexStoreError: wrong query shape, non-finite query, k < 1, rescore < 1.
     """
-    _check_k(k)
+    check_k(k)
     depth = self._rescore if rescore is None else _rescore_depth(rescore)
     q = self._check_queries(queries)
     kk = min(int(k), len(self))
@@ -814,7 +822,7 @@ class ModelIndex:
       IndexStoreError: as :meth:`search` (k < 1 included); an index without class knowledge;
         classes for another number of queries or another token size.
     """
-    _check_k(k)
+    check_k(k)
     q = self._check_queries(queries)
     nq = q.shape[0]
     if not config.enabled:

@@ -47,7 +47,7 @@ from know2vec_jax import config as config_lib
 from know2vec_jax.backbone import Backbone
 from know2vec_jax.blackbox import BlackBoxGroup, InputError, groups_from_zoo
 from know2vec_jax.data import Task
-from know2vec_jax.index import IndexStoreError, Matches, ModelIndex
+from know2vec_jax.index import IndexStoreError, Matches, ModelIndex, check_k
 from know2vec_jax.knowledge import KnowledgeRecord, KnowledgeStore, store_context
 from know2vec_jax.pipeline import ProxyConfig, proxy_preset  # re-exported: the proxy's config
 from know2vec_jax.vectorizers import Know2Vec, VectorizerConfig, pad_grid
@@ -691,7 +691,7 @@ class Proxy:
       InputError: a bad query; ProxyError: k not a positive int, an index of another vector
         size or one that holds no class knowledge while class matching is on.
     """
-    _check_k(k)
+    check_k(k, ProxyError)
     self.check_index(index)
     match = self.config.match
     if match.enabled and not index.has_classes:
@@ -752,7 +752,7 @@ class Proxy:
       index of another vector size, or rows another proxy vectorized.
     """
     self._require_head()
-    _check_k(k)
+    check_k(k, ProxyError)
     self.check_index(index)
     if len(index) == 0:
       raise ProxyError("the index is empty: add models with `know2vec index add`")
@@ -991,12 +991,6 @@ class Proxy:
     index = ModelIndex.load(path, **kwargs)
     self.check_index(index)
     return index
-
-
-def _check_k(k) -> None:
-  """ProxyError unless ``k`` (how many models to return) is a positive int."""
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ProxyError(f"k must be a positive integer, got {k!r}")
 
 
 def _result_row(proxy: Proxy, index: ModelIndex, model_id: str, rank: int, scores: dict) -> dict:
