@@ -56,6 +56,8 @@ Protocol (nothing is tuned on the evaluation targets):
   Fashion-MNIST model has) are dropped and listed (``dropped_leaking``).
 - Targets whose mean ground truth exceeds 0.95 or whose spread across the zoo is <= 0.015 are
   dropped as saturated and listed.
+- No evaluation image reaches anything fitted: the proxies' probe pool is drawn from the
+  sources' train splits (:data:`POOL_SPLIT`), the evaluation targets from test splits.
 - Query: one draw of the protocol's shots per class of the target (run 0's training sample).
   Every method sees those same images. Know2Vec needs no zoo forward at query time; LEEP, NCE,
   N-LEEP, LogME and H-score forward the query through every zoo model.
@@ -116,6 +118,9 @@ EXPECTED_RUNTIME = (
     "(evaluation 320 s, training targets 951 s; full fine-tunes of 114 models), 36 min in all "
     "(2,176 s) with six proxy trainings")
 EXPECTED_NUMBERS = (
+    "Measured at commit 02dc784, before the proxies' pool moved to the train splits "
+    "(POOL_SPLIT; the test-split pool could hold evaluation queries' images) and before the "
+    "current proxy defaults; not yet re-measured. "
     "query_dependent: 24 targets, 120 models, none saturated or leaking. Mean weighted tau: "
     "ceiling 0.933, split-half agreement 0.867; know2vec-attention-shared q.m 0.736 +- 0.004 (0 "
     "forwards), its accuracy head 0.703 +- 0.007 (MAE 0.071); LogME on features (white-box, "
@@ -295,6 +300,10 @@ QD_GT = {
 QD_ALIGNER = ("transfer.target_temperature=1.0", "transfer.temperature=0.1", "align.steps=2000")
 
 
+# The split the proxies' probe pool is drawn from (:func:`variant_proxy`).
+POOL_SPLIT = "train"
+
+
 def _sfmte_proxy() -> ProxyConfig:
   # The "finetune" objective on 8 query episodes of 50 shots per class (the size of the user's
   # query here; a benchmark sets its own) per training target; 1,000 steps of batch 16.
@@ -319,8 +328,11 @@ def variant_proxy(name: str, shots: int, seed: int, aligner: tuple[str, ...] = (
   """
   start, overrides = VARIANTS[name]
   base = _sfmte_proxy() if start == "sfmte" else proxy_preset(start)
+  # The probe pool from the train splits: every evaluation target is drawn from a test split,
+  # and a pool of the default test splits held some of its query images (unlabelled, but
+  # fitted: the stored knowledge and the query's class terms read them).
   extra = (f"shots={shots}" if start == "sfmte" else f"selection.shots={shots}",
-           f"align.seed={seed}", f"selection.seed={seed}")
+           f"align.seed={seed}", f"selection.seed={seed}", f"pool.split={POOL_SPLIT}")
   tuned = tuple(aligner) if start == "sfmte" else ()
   return config_lib.override(base, list(overrides) + list(tuned) + list(extra))
 

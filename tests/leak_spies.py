@@ -30,7 +30,8 @@ def install(monkeypatch) -> list[dict]:
   real_val, real_cal = Proxy.validation_queries, Proxy._calibrate
 
   def train(cls, zoo, cfg=None, **kw):
-    seen.append({"model_ids": list(kw.get("model_ids") or zoo.records)})
+    seen.append({"model_ids": list(kw.get("model_ids") or zoo.records),
+                 "transfer": kw.get("transfer")})
     return real_train(cls, zoo, cfg, **kw)
 
   def build(*a, **k):

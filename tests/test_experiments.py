@@ -214,6 +214,65 @@ def test_sfmte_baseline_costs_are_the_black_boxes_counts(tiny_zoo):
   assert all(s.shape == (len(ids),) for s in scores.values())
 
 
+def test_sfmte_run_learns_from_its_training_targets_only(tiny_zoo_dir, tmp_path, monkeypatch):
+  """A tiny SF-MTE run end to end through the product (the query-dependent benchmark on the tiny
+  zoo's MLPs and digits sources, the tiny proxy with the fine-tune objective, small protocols):
+  the transfer labels reaching ``Proxy.train`` are exactly the training targets' shot pools and
+  measured accuracies, the leak rule holds between them, the zoo and the evaluation targets, and
+  no image of an evaluation target (its shot pool or test images) reaches anything fitted."""
+  from know2vec_jax import config as config_lib
+  from know2vec_jax.pipeline import LabelledSet
+  from know2vec_jax.proxy import proxy_preset
+  from know2vec_jax.transfer import FinetuneConfig, ground_truth, target_data
+  from know2vec_jax.zoo import load_zoo
+  trainings = leak_spies.install(monkeypatch)
+  monkeypatch.setattr(sfmte, "matched", lambda rec: rec.arch == "mlp")
+  monkeypatch.setattr(sfmte, "QD_SOURCES", ("digits", "digits+invert"))
+  monkeypatch.setattr(sfmte, "_sfmte_proxy",
+                      lambda: config_lib.override(proxy_preset("tiny"), ["objective=finetune"]))
+  gt_cfg = FinetuneConfig(mode="linear", steps=10, shots=5, test_per_class=20, runs=2)
+  bench = sfmte.BenchmarkConfig(gt_cfg, gt_cfg, 4, ("know2vec-attention-shared",),
+                                ("align.steps=20",))
+  cfg = sfmte.SFMTEConfig(benchmarks=("query_dependent",), query_dependent=bench, seeds=(0,),
+                          baselines=("random",))
+  out = sfmte.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, None, progress=False)
+  res = out["benchmarks"]["query_dependent"]
+  zoo = load_zoo(tiny_zoo_dir)
+  # The benchmark's lists, recomputed (deterministic in the zoo and the config).
+  setup = sfmte.benchmark_setup("query_dependent", cfg, zoo)
+  ids, train, ev = setup["ids"], setup["train_targets"], setup["eval_targets"]
+  assert res["model_ids"] == ids and len(ids) == 4 and len(train) == 4 and len(ev) == 4
+  assert res["training_targets"] == [t.name for t in train]
+  assert sorted(res["targets"]) == sorted(t.name for t in ev)
+  assert leaks([t.task for t in ev], [zoo.records[m].task for m in ids],
+               [t.task for t in train]) == []
+  (rec,) = trainings
+  assert rec["model_ids"] == ids
+  labels = rec["transfer"]
+  # Exactly the training targets' shot pools, and their accuracies as measured from scratch.
+  want = [LabelledSet.from_target(t, gt_cfg) for t in train]
+  assert [s.name for s in labels.targets] == [s.name for s in want]
+  for got, w in zip(labels.targets, want):
+    np.testing.assert_array_equal(got.images[got.index], w.images[w.index])
+    np.testing.assert_array_equal(got.labels, w.labels)
+  assert labels.model_ids == ids
+  measured = ground_truth(zoo, None, ids, train, gt_cfg)
+  np.testing.assert_allclose(labels.accuracy, np.stack([measured[t.name].mean(0) for t in train]),
+                             atol=1e-6)
+  # No evaluation image reaches the labels, the pool, phi, the episodes or the calibration.
+  ev_images = set()
+  for t in ev:
+    ev_images |= leak_spies.image_set(target_data(t, gt_cfg.shots, gt_cfg.test_per_class).images)
+  parts = leak_spies.fitted_images(rec)
+  parts.update({f"labels {s.name}": s.images[s.index] for s in labels.targets})
+  assert {"pool", "phi_images"} <= set(parts) and len(parts) >= 6
+  for part, images in parts.items():
+    assert leak_spies.count_in(images, ev_images) == 0, part
+  assert set(res["summary"]) >= {"know2vec-attention-shared (accuracy head)",
+                                 "know2vec-attention-shared (q.m)", "random",
+                                 "prior (training targets)"}
+
+
 def _images(target, per_class):
   from know2vec_jax.data import load_source, task_split
   data = load_source(target.task.source)
