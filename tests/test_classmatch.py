@@ -24,25 +24,29 @@ from know2vec_jax.knowledge import find_anchors, pool_priority
 def test_greedy_assignment_is_one_to_one_and_exact_on_clear_matches():
   rng = np.random.default_rng(0)
   for r, c in [(3, 3), (4, 6), (5, 2)]:
-    for _ in range(20):
-      s = rng.random((r, c)).astype(np.float32)
-      got = float(classmatch.greedy_assignment(s, np.ones(r, bool), np.ones(c, bool)))
-      rows, cols = linear_sum_assignment(-s)
-      best = float(s[rows, cols].sum())
-      assert got <= best + 1e-5  # a one-to-one assignment can never beat the optimum
+    # 20 random matrices of each shape in one batched call (the function is batched over
+    # leading axes), and 20 near-permutations (what a model of the query's own classes gives).
+    s = rng.random((20, r, c)).astype(np.float32)
+    clear = 0.05 * s
+    for i in range(20):
+      clear[i, np.arange(min(r, c)), rng.permutation(c)[:min(r, c)]] += 1.0
+    rmask, cmask = np.ones((20, r), bool), np.ones((20, c), bool)
+    got = np.asarray(classmatch.greedy_assignment(s, rmask, cmask))
+    got_clear = np.asarray(classmatch.greedy_assignment(clear, rmask, cmask))
+    assert got.shape == got_clear.shape == (20,)
+    for i in range(20):
+      rows, cols = linear_sum_assignment(-s[i])
+      best = float(s[i][rows, cols].sum())
+      assert got[i] <= best + 1e-5  # a one-to-one assignment can never beat the optimum
       # ... and it is one: brute force over injective maps finds a match with that sum.
       maps = itertools.permutations(range(c), r) if r <= c else (
           itertools.permutations(range(r), c))
-      sums = {round(float(s[np.arange(r), list(m)].sum() if r <= c else
-                          s[list(m), np.arange(c)].sum()), 4) for m in maps}
-      assert round(got, 4) in sums
-      # A near-permutation (what a model of the query's own classes gives) is solved exactly.
-      perm = rng.permutation(c)[:min(r, c)]
-      clear = 0.05 * s
-      clear[np.arange(min(r, c)), perm] += 1.0
-      g = float(classmatch.greedy_assignment(clear, np.ones(r, bool), np.ones(c, bool)))
-      rows, cols = linear_sum_assignment(-clear)
-      assert g == pytest.approx(float(clear[rows, cols].sum()), abs=1e-5)
+      sums = {round(float(s[i][np.arange(r), list(m)].sum() if r <= c else
+                          s[i][list(m), np.arange(c)].sum()), 4) for m in maps}
+      assert round(float(got[i]), 4) in sums
+      # A near-permutation is solved exactly.
+      rows, cols = linear_sum_assignment(-clear[i])
+      assert float(got_clear[i]) == pytest.approx(float(clear[i][rows, cols].sum()), abs=1e-5)
   # Masked rows and columns take no part.
   s = np.eye(4, dtype=np.float32)
   got = classmatch.greedy_assignment(s, np.array([1, 1, 0, 0], bool), np.ones(4, bool))
