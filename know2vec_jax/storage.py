@@ -4,9 +4,10 @@ Two kinds of storage, both all-or-nothing and both verified on load:
 
 - **Artifacts** (zoo, backbone, proxy, index): a directory with orbax checkpoints of pytrees plus a
   JSON manifest. :func:`save_artifact` writes into a sibling temporary directory, checkpoints
-  first, manifest last (with a SHA-256 checksum and the shapes of every tree), then renames it into
-  place. :func:`read_manifest` + :func:`restore_trees` read it back and refuse anything whose
-  shapes, dtypes or checksum differ from what the manifest recorded.
+  first, manifest last (with a SHA-256 checksum and the shapes of every tree, and its own
+  checksum), then renames it into place. :func:`read_manifest` + :func:`restore_trees` read it
+  back and refuse a manifest whose content does not match its checksum and anything whose shapes,
+  dtypes or checksum differ from what the manifest recorded.
 - **Array files** (caches: knowledge, query episodes, fine-tune ground truth): one ``.npz`` with
   its metadata and checksum inside, written through a temporary file and renamed
   (:func:`save_arrays`, :func:`load_arrays`). The same bytes in memory (:func:`pack_arrays`,
@@ -81,6 +82,26 @@ def _checkpointer() -> ocp.StandardCheckpointer:
 def json_ready(obj):
   """``obj`` as it reads back from JSON (numpy scalars become floats)."""
   return json.loads(json.dumps(obj, default=float))
+
+
+# The manifest's own checksum field: every other field's SHA-256, so that a damaged or hand-edited
+# manifest (a model's task, a row's metadata, which the array checksums do not cover) is refused.
+# Artifacts written before it have none and still load.
+MANIFEST_CHECKSUM = "manifest_sha256"
+
+
+def manifest_checksum(manifest: Mapping) -> str:
+  """SHA-256 of a manifest's content: every field but :data:`MANIFEST_CHECKSUM`, as JSON with
+  sorted keys (the same before writing and after reading back).
+
+  Args:
+    manifest: the manifest (JSON-serialisable).
+
+  Returns:
+    The hex digest.
+  """
+  body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}))
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def write_json_atomic(path: pathlib.Path, obj) -> None:
@@ -198,6 +219,7 @@ def save_artifact(path, trees: Mapping[str, object], manifest_name: str, manifes
     host = {rel: pure(tree) for rel, tree in trees.items()}
     manifest = dict(manifest, checksums={rel: checksum(t) for rel, t in host.items()},
                     shapes={rel: _shapes(t) for rel, t in host.items()})
+    manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
     if host:
       with _checkpointer() as ckpt:
         for rel, tree in host.items():
@@ -247,6 +269,9 @@ def read_manifest(path, manifest_name: str, fmt: str, version: int, what: str,
   if manifest.get("version") not in readable:
     raise error(f"{f} has {what} format version {manifest.get('version')!r}; this know2vec-jax "
                 f"reads version {' or '.join(map(str, readable))}{hint}")
+  if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != manifest_checksum(manifest):
+    raise error(f"{f} is corrupted: its content does not match the {MANIFEST_CHECKSUM} it "
+                "records (damaged or edited by hand)")
   return manifest
 
 

@@ -49,11 +49,13 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_load_verifies_the_recorded_checksum(trained, tmp_path):
   import json
 
+  from know2vec_jax import storage
   from know2vec_jax.backbone import BackboneError
   bb, _ = trained
   path = bb.save(tmp_path / "phi")
   m = json.loads((path / "backbone.json").read_text())
   m["checksums"]["params"] = "0" * 64  # as if the parameters had changed under the manifest
+  m[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(m)  # ... whose own checksum holds
   (path / "backbone.json").write_text(json.dumps(m))
   with pytest.raises(BackboneError, match="params checkpoint .* does not match the checksum"):
     Backbone.load(path)

@@ -29,6 +29,7 @@ import zlib
 
 import numpy as np
 
+from know2vec_jax import storage
 from know2vec_jax.blackbox import BlackBoxError, CallableBlackBox, InputError
 from know2vec_jax.cli import main
 from know2vec_jax.data import few_shot, load_source
@@ -154,13 +155,16 @@ def _damage(root, kind: str, manifest: str, rng) -> str:
   for key in path[:-1]:
     node = node[key]
   node[next(iter(node)) if path[-1] == "*" else path[-1]] = value
+  # Re-sealed: the manifest's own checksum would refuse any edit at once (tested apart), so the
+  # loaders' checks of each field are reached only through a manifest whose checksum matches.
+  m[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(m)
   (root / manifest).write_text(json.dumps(m))
-  return f"{manifest} field {list(path)} set to {value!r}"
+  return f"{manifest} field {list(path)} set to {value!r} (checksum re-sealed)"
 
 
 def _same_arrays(kind, loaded, proxy, index, zoo) -> bool:
-  """Whether a damaged copy that loaded holds the original's arrays (they are checksummed; the
-  manifest's free-form JSON is not, so metadata may differ)."""
+  """Whether a damaged copy that loaded holds the original's arrays (checksummed; a re-sealed
+  manifest's free-form JSON may differ)."""
   if kind == "proxy":
     return loaded.fingerprint == proxy.fingerprint
   if kind == "index":

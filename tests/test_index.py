@@ -300,13 +300,15 @@ def test_save_load_records_the_storage_type(tmp_path):
   # A version-4 index (no storage recorded) loads as float32; a bad recorded type is corruption.
   text = (path / "index.json").read_text()
   old = json.loads(text)
-  del old["storage"], old["rescore"]
+  del old["storage"], old["rescore"], old[storage.MANIFEST_CHECKSUM]  # as version 4 wrote it
   (path / "index.json").write_text(json.dumps(old | {"version": 4}))
   v4 = ModelIndex.load(path)
   assert v4.storage == "float32" and v4.rescore == index.RESCORE
   with pytest.raises(IndexStoreError, match="stores float32 vectors, not the int8"):
     ModelIndex.load(path, storage="int8")
-  (path / "index.json").write_text(json.dumps(json.loads(text) | {"storage": "int3"}))
+  bad = json.loads(text) | {"storage": "int3"}
+  bad[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(bad)  # sealed, yet wrong
+  (path / "index.json").write_text(json.dumps(bad))
   with pytest.raises(IndexStoreError, match="corrupted: storage 'int3'"):
     ModelIndex.load(path)
 
@@ -518,10 +520,16 @@ def test_load_errors(tmp_path):
   with pytest.raises(IndexStoreError, match="corrupted"):
     ModelIndex.load(path)
 
-  def variant(**changes):
+  def variant(seal=True, **changes):
     manifest = json.loads(text)
     manifest.update(changes)
+    if seal:  # the manifest's own checksum matches: the field checks behind it are reached
+      manifest[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(manifest)
     manifest_file.write_text(json.dumps(manifest))
+  # A manifest edited by hand (one row's metadata) is refused by its own checksum.
+  variant(seal=False, metadata=[{"task": "digits/0-1"}] + json.loads(text)["metadata"][1:])
+  with pytest.raises(IndexStoreError, match="does not match the manifest_sha256"):
+    ModelIndex.load(path)
   variant(format="know2vec-zoo")
   with pytest.raises(IndexStoreError, match="not a know2vec index"):
     ModelIndex.load(path)

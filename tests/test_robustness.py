@@ -221,6 +221,7 @@ def test_truncated_or_corrupted_proxy_file(tiny_proxy_dir, tmp_path):
   p = fresh()
   m = json.loads((p / "proxy.json").read_text())
   m["checksums"]["knowledge"] = "0" * 64
+  m[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(m)  # the manifest itself holds
   (p / "proxy.json").write_text(json.dumps(m))
   with pytest.raises(ProxyError, match=re.escape(str(p)) + ".*knowledge checkpoint .* does not "
                      "match the checksum"):

@@ -191,6 +191,7 @@ def test_incomplete_or_corrupted_zoo_is_refused(tiny_zoo_dir, tmp_path):
   # Same shapes, other values: only the recorded checksum can tell.
   m = json.loads((tiny_zoo_dir / "zoo.json").read_text())
   m["checksums"]["params/mlp-k4"] = "0" * 64
+  m[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(m)  # the manifest itself holds
   (bad / "zoo.json").write_text(json.dumps(m))
   with pytest.raises(zoo_lib.ZooError, match="does not match the checksum and shapes"):
     zoo_lib.load_zoo(bad)
