@@ -157,17 +157,28 @@ class Backbone:
     """A short hash of phi's parameters: features of two backbones with one fingerprint agree."""
     return storage.checksum(storage.pure(self.params))[:16]
 
+  def _trunk(self) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) that embed with: phi's own parameters, its (domain, class) head
+    swapped for a one-output placeholder. Embedding never reads the head, and so one compilation
+    serves every phi of one architecture, whatever its number of labels (each training of an
+    experiment's folds has its own)."""
+    graphdef, head = _trunk_template(self.config.channels, self.config.strides, self.config.dim,
+                                     self.image_shape)
+    return graphdef, nnx.State({k: head if k == "head" else self.params[k]
+                                for k in self.params.keys()})
+
   def embed(self, images, batch_size: int = 2048) -> jax.Array:
     """L2-normalised features of float32 images [..., H, W, C] -> [..., D]."""
     images = jnp.asarray(images, jnp.float32)
     lead = images.shape[:-3]
     flat = images.reshape((-1,) + images.shape[-3:])
     outs = []
+    trunk_def, trunk = self._trunk()
     for i in range(0, len(flat), batch_size):
       chunk = flat[i:i + batch_size]
       # Chunks padded to a power of two: few compilations whatever the number of images.
       size = shapes.bucket(len(chunk), batch_size)
-      outs.append(_embed(self.graphdef, self.params, shapes.pad_rows(chunk, size),
+      outs.append(_embed(trunk_def, trunk, shapes.pad_rows(chunk, size),
                          self.config.centre)[:len(chunk)])
     out = jnp.concatenate(outs) if outs else jnp.zeros((0, self.dim))
     return out.reshape(lead + (self.dim,))
@@ -224,6 +235,15 @@ def centre(images: jax.Array) -> jax.Array:
   cj = jnp.where(total > 1e-6, (mass * jj).sum(axis=(1, 2)) / safe, (w - 1) / 2.0)
   shift = jnp.stack([(h - 1) / 2.0 - ci, (w - 1) / 2.0 - cj], -1)
   return warp(images, jnp.zeros((b,)), shift)
+
+
+@functools.lru_cache(maxsize=None)
+def _trunk_template(channels, strides, dim, image_shape) -> tuple[nnx.GraphDef, nnx.State]:
+  """The graphdef of a phi with a one-output head and that head's (zero) parameters."""
+  model = nnx.eval_shape(lambda: CNN(1, image_shape=image_shape, channels=channels,
+                                     strides=strides, hidden=dim, rngs=nnx.Rngs(params=0)))
+  graphdef, state = nnx.split(model)
+  return graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state["head"])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "centred"))
