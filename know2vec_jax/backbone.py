@@ -177,7 +177,7 @@ class Backbone:
     for i in range(0, len(flat), batch_size):
       chunk = flat[i:i + batch_size]
       # Chunks padded to a power of two: few compilations whatever the number of images.
-      size = shapes.bucket(len(chunk), batch_size)
+      size = shapes.bucket(len(chunk), batch_size, floor=32)
       outs.append(_embed(trunk_def, trunk, shapes.pad_rows(chunk, size),
                          self.config.centre)[:len(chunk)])
     out = jnp.concatenate(outs) if outs else jnp.zeros((0, self.dim))

@@ -504,7 +504,7 @@ class Proxy:
     for i in range(0, len(grids), batch_size):
       g, m = grids[i:i + batch_size], masks[i:i + batch_size]
       # Chunks padded to a power of two (masked rows): few compilations whatever M is.
-      size = shapes.bucket(len(g), batch_size)
+      size = shapes.bucket(len(g), batch_size, floor=16)
       out.append(np.asarray(_embed(self._graphdef, self._state, shapes.pad_rows(g, size),
                                    shapes.pad_rows(m, size), side))[:len(g)])
     return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)

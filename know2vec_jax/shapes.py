@@ -6,17 +6,23 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def bucket(n: int, cap: int) -> int:
-  """``n`` rounded up to a power of two, at most ``cap`` (and at least 1).
+def bucket(n: int, cap: int, floor: int = 1) -> int:
+  """``n`` rounded up to a power of two, at least ``floor`` (unless ``n`` is 1), at most ``cap``.
 
   Args:
     n: the rows to hold.
     cap: the largest bucket (a chunk size: callers split larger inputs into chunks of ``cap``).
+    floor: the smallest bucket for two rows or more: small batches of any size share one
+      compilation (padding a few rows costs far less than compiling again).
 
   Returns:
-    The bucket size: few distinct values, and a single row is not padded to a whole chunk.
+    The bucket size: few distinct values, and a single row (one query: the latency path) is not
+    padded.
   """
-  return max(min(1 << max(int(n) - 1, 0).bit_length(), int(cap)), 1)
+  n, cap = int(n), int(cap)
+  if n <= 1:
+    return 1
+  return min(max(1 << (n - 1).bit_length(), int(floor)), cap)
 
 
 def pad_rows(x, size: int):
