@@ -23,6 +23,14 @@ from know2vec_jax.zoo import train as train_lib
 
 TARGET = TransferTarget("digits-flip", Task("digits+flip", (1, 2, 7)), split="train")
 CFG = FinetuneConfig(steps=8, shots=20, test_per_class=40, runs=2, chunk_size=4)
+# The linear probe of every test here: one protocol, and one model per jitted chunk, so that its
+# compiled fine-tune (one per architecture) serves stacks of any size and every test.
+LIN = FinetuneConfig(mode="linear", steps=20, shots=20, test_per_class=40, runs=2, chunk_size=1)
+# Two stacks, requested out of their order: three MLPs (six fine-tunes, one chunk of four and one
+# padded to four) and the cnn_s of test_padded_finetune_equals_a_direct_unpadded_one, whose
+# compiled fine-tunes these share.
+IDS = ["mlp.digits.1-5-7-8.a", "cnn_s.digits.1-5-7-8.a", "mlp.digits+invert.3-4-5-8.a",
+       "mlp.digits.3-4-5-8.a"]
 
 
 def test_target_split_is_fixed_disjoint_and_resamples_shots():
@@ -38,7 +46,7 @@ def test_target_split_is_fixed_disjoint_and_resamples_shots():
 
 def test_finetune_is_deterministic_and_follows_the_requested_order(tiny_zoo):
   zoo, _ = tiny_zoo
-  ids = sorted(zoo.records)[:4]
+  ids = IDS
   a = finetune_accuracy(zoo, ids, TARGET, CFG)
   b = finetune_accuracy(zoo, ids, TARGET, CFG)
   assert a.shape == (2, 4) and np.all((a >= 0) & (a <= 1))
@@ -46,14 +54,13 @@ def test_finetune_is_deterministic_and_follows_the_requested_order(tiny_zoo):
   # Column order follows the request, whatever the stacks.
   np.testing.assert_array_equal(finetune_accuracy(zoo, ids[::-1], TARGET, CFG), a[:, ::-1])
   # The linear probe (frozen body) is a different measurement of the same models.
-  lin = finetune_accuracy(zoo, ids, TARGET, FinetuneConfig(mode="linear", steps=20, shots=20,
-                                                           test_per_class=40, runs=2))
+  lin = finetune_accuracy(zoo, ids, TARGET, LIN)
   assert lin.shape == a.shape and not np.array_equal(lin, a)
 
 
 def test_ground_truth_cache_roundtrip_and_key(tiny_zoo, tiny_zoo_dir, tmp_path, monkeypatch):
   zoo, _ = tiny_zoo
-  ids = sorted(zoo.records)[:3]
+  ids = IDS[:3]
   first = ground_truth(zoo, tiny_zoo_dir, ids, [TARGET], CFG, cache_dir=tmp_path)
   files = list(tmp_path.glob("*.npz"))
   assert len(files) == 1
@@ -189,8 +196,7 @@ def test_padded_finetune_equals_a_direct_unpadded_one(tiny_zoo, mode):
   # sample's true length. None of that may change a single prediction.
   zoo, _ = tiny_zoo
   ids = ["mlp.digits.3-4-5-8.a", "cnn_s.digits.1-5-7-8.a"]
-  cfg = CFG if mode == "full" else FinetuneConfig(mode="linear", steps=20, shots=20,
-                                                  test_per_class=40, runs=2)
+  cfg = CFG if mode == "full" else LIN
   got = finetune_accuracy(zoo, ids, TARGET, cfg)
   differ = 0
   for r in range(cfg.runs):
@@ -208,11 +214,10 @@ def test_one_compilation_serves_targets_of_every_k_and_size(tiny_zoo, tiny_zoo_d
   # they reuse each stack's compiled fine-tune instead of compiling (and memory-mapping) their
   # own: ground_truth no longer needs to drop JAX's caches after every target.
   zoo, _ = tiny_zoo
-  ids = sorted(zoo.records)[:4]
+  ids = IDS
   targets = [TARGET, TransferTarget("digits-2", Task("digits", (3, 8)), split="train"),
              TransferTarget("digits-4", Task("digits", (0, 2, 6, 9)), split="test")]
-  lin = FinetuneConfig(mode="linear", steps=20, shots=10, test_per_class=40, runs=2)
-  for cfg, fn in ((CFG, transfer._finetune_rows), (lin, transfer._linear_rows)):
+  for cfg, fn in ((CFG, transfer._finetune_rows), (LIN, transfer._linear_rows)):
     finetune_accuracy(zoo, ids, targets[0], cfg)
     compiled = fn._cache_size()
     assert compiled > 0
