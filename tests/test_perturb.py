@@ -96,6 +96,7 @@ def test_bad_augmentation_settings_are_refused(field, value):
 
 def test_centre_undoes_a_translation_and_leaves_blank_images_alone():
   from know2vec_jax.backbone import centre
+  centre = jax.jit(centre)  # as phi calls it; op by op, each of its primitives compiles alone
   x = np.zeros((2, 28, 28, 1), np.float32)
   x[0, 4:9, 5:10] = 1.0  # a bright square off centre on black
   x[1] = 1.0
