@@ -20,20 +20,27 @@ from know2vec_jax.zoo.specs import demo_specs, tiny_specs
 
 @pytest.mark.parametrize("arch", ["cnn_s", "cnn_l"])
 def test_im2col_and_xla_convs_compute_the_same_function_and_gradient(arch):
-  x = jax.random.uniform(jax.random.key(0), (6, 28, 28, 1))
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.random((6, 28, 28, 1), np.float32))
   y = jnp.arange(6) % 4
 
-  # Both lowerings built from one seed, run forward and differentiated in one jitted call, as the
-  # zoo trains them (under jit). Run op by op, the same checks cost about four times as long: each
-  # init, forward and backward primitive is compiled on its own.
+  def abstract(impl):
+    return nnx.split(nnx.eval_shape(lambda: architectures.make_model(arch, 4, conv_impl=impl)))
+  # The two lowerings hold the same parameters (paths, shapes, dtypes) ...
+  (gd_a, st_a), (gd_b, st_b) = abstract("im2col"), abstract("xla")
+  assert jax.tree.structure(st_a) == jax.tree.structure(st_b)
+  assert jax.tree.leaves(st_a) == jax.tree.leaves(st_b)
+  # ... and compute the same function of them, forward and backward, under jit as the zoo trains
+  # them. The parameters are drawn by numpy (fan-in scaled, non-zero biases): jitted, the model's
+  # own initialisers take seconds to compile per kernel shape on a CPU.
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) / np.sqrt(
+      np.prod(a.shape[:-1]) if len(a.shape) > 1 else 10.0), a.dtype), st_a)
+
   @jax.jit
-  def logits_and_grads():
-    out = []
-    for impl in ("im2col", "xla"):
-      gd, st = nnx.split(architectures.make_model(arch, 4, seed=3, conv_impl=impl))
-      out.append((nnx.merge(gd, st)(x), jax.grad(lambda s: train._loss_fn(gd, s, x, y))(st)))
-    return out
-  (la, ga), (lb, gb) = logits_and_grads()
+  def logits_and_grads(params):
+    return [(nnx.merge(gd, params)(x), jax.grad(lambda s: train._loss_fn(gd, s, x, y))(params))
+            for gd in (gd_a, gd_b)]
+  (la, ga), (lb, gb) = logits_and_grads(params)
   np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
