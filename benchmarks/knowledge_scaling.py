@@ -310,7 +310,10 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
   size = SIZES["quick" if quick else ("accel" if accelerator() else "cpu")]
   comp = composition(size["scale"])
   configs = CONFIGS["quick" if quick else "full"]
-  available = jax.local_device_count() if platform != "cpu" else max(d for _, d in configs)
+  # On a CPU host every configuration runs: its worker processes force the host devices they
+  # ask for (the total of a multi-process row may exceed any one process's count).
+  available = (jax.local_device_count() if platform != "cpu"
+               else max(p * d for p, d in configs))
   timeout = 300 if quick else 900
   rows, base, base_digests = [], None, None
   with tempfile.TemporaryDirectory(prefix="knowledge-scaling-") as tmp:

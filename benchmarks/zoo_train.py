@@ -17,6 +17,8 @@ from know2vec_jax.data import load_source
 from know2vec_jax.zoo import architectures, train
 
 NAME = "zoo_train"
+# (models, training steps) of every stack in --quick runs.
+QUICK_SIZE = (4, 10)
 
 
 def run(quick: bool = False, ctx: dict | None = None) -> dict:
@@ -34,7 +36,7 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
       for strategy in ("vmap", "map"):
         # lax.conv's slow backward pass makes the xla lowering 10-15x slower: fewer model-steps
         # keep the suite short while the rate stays a per-model-step figure.
-        models, steps = (4, 10) if (quick or impl == "xla") else (16, 40)
+        models, steps = QUICK_SIZE if quick else ((4, 10) if impl == "xla" else (16, 40))
         if not quick and arch == "cnn_l":  # the big family: fewer model-steps, same rate
           models, steps = (2, 5) if impl == "xla" else (8, 20)
         spec = train.StackSpec(arch, 4, conv_impl=impl)
