@@ -143,8 +143,13 @@ class Backbone:
     self.config = config
     self.image_shape = tuple(int(d) for d in image_shape)
     self.num_labels = int(num_labels)
-    model = CNN(self.num_labels, image_shape=self.image_shape, channels=config.channels,
-                strides=config.strides, hidden=config.dim, rngs=nnx.Rngs(params=config.seed))
+
+    def make():
+      return CNN(self.num_labels, image_shape=self.image_shape, channels=config.channels,
+                 strides=config.strides, hidden=config.dim, rngs=nnx.Rngs(params=config.seed))
+    # Given parameters, the model is only traced for its structure: initialising it would compile
+    # a random-number program per kernel shape (seconds each on a CPU) for values thrown away.
+    model = make() if params is None else nnx.eval_shape(make)
     self.graphdef, state = nnx.split(model)
     self.params = state if params is None else params
 
@@ -200,14 +205,24 @@ class Backbone:
     root = pathlib.Path(path).expanduser().absolute()
     meta = storage.read_manifest(root, MANIFEST, FORMAT, VERSION, "backbone", BackboneError)
     try:
-      bb = cls(config_lib.from_dict(BackboneConfig, meta["config"], "backbone config"),
-               meta["image_shape"], meta["num_labels"])
+      bb = cls.abstract(config_lib.from_dict(BackboneConfig, meta["config"], "backbone config"),
+                        meta["image_shape"], meta["num_labels"])
     except (KeyError, TypeError, ValueError) as e:
       raise BackboneError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
     restored = storage.restore_trees(root, meta, {"params": storage.pure(bb.params)},
                                      "backbone", BackboneError)
     nnx.replace_by_pure_dict(bb.params, restored["params"])
     return bb
+
+  @classmethod
+  def abstract(cls, config: BackboneConfig, image_shape, num_labels: int) -> "Backbone":
+    """A phi whose parameters are shapes only (``jax.ShapeDtypeStruct``), nothing initialised:
+    the target a restore fills in (:func:`flax.nnx.replace_by_pure_dict`)."""
+    shapes_only = nnx.eval_shape(lambda: nnx.state(CNN(
+        int(num_labels), image_shape=tuple(int(d) for d in image_shape),
+        channels=config.channels, strides=config.strides, hidden=config.dim,
+        rngs=nnx.Rngs(params=config.seed))))
+    return cls(config, image_shape, num_labels, params=shapes_only)
 
 
 def centre(images: jax.Array) -> jax.Array:

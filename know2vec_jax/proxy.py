@@ -931,9 +931,12 @@ class Proxy:
       cfg = config_lib.from_dict(ProxyConfig, m["config"], "config")
       bb, vec = m["backbone"], m["vectorizer"]
       try:
-        backbone = Backbone(cfg.backbone, bb["image_shape"], int(bb["num_labels"]))
-        vectorizer = Know2Vec(cfg.vectorizer, int(vec["feature_dim"]), int(vec["num_tasks"]),
-                              accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0))
+        # Shapes only: the restore fills them in (initialising would compile a random-number
+        # program per parameter shape, seconds each on a CPU, for values thrown away).
+        backbone = Backbone.abstract(cfg.backbone, bb["image_shape"], int(bb["num_labels"]))
+        vectorizer = nnx.eval_shape(lambda: Know2Vec(
+            cfg.vectorizer, int(vec["feature_dim"]), int(vec["num_tasks"]),
+            accuracy_head=bool(vec["accuracy_head"]), rngs=nnx.Rngs(0)))
       except Exception as e:  # Flax and JAX refuse bad sizes with many types (and allocations)
         raise ValueError(f"its backbone and vectorizer records build no model: "
                          f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e

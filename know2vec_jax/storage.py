@@ -46,7 +46,8 @@ def pure(tree) -> dict:
   from flax import nnx
   if isinstance(tree, nnx.State):
     tree = nnx.to_pure_dict(tree)
-  return jax.tree.map(np.asarray, tree)
+  # Shapes alone (a model built abstractly, as a restore target) stay shapes.
+  return jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a), tree)
 
 
 def checksum(tree) -> str:

@@ -467,7 +467,7 @@ def test_saved_index_holds_only_vectors_and_json(tmp_path):
   manifest = json.loads((path / "index.json").read_text())
   assert set(manifest) == {"format", "version", "dim", "num_vectors", "vectors_dtype", "storage",
                            "rescore", "ids", "metadata", "classes", "checksums", "shapes",
-                           "pool", "proxies"}
+                           "pool", "proxies", "manifest_sha256"}
   assert manifest["pool"] is None and manifest["proxies"] == {}  # no own pool, no proxy
   assert manifest["storage"] == "float32" and manifest["version"] == index.VERSION
   assert manifest["classes"] is None  # vectors added alone: no class knowledge
