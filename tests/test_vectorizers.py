@@ -1,5 +1,6 @@
 """Vectorizers: permutation invariance, any K, shared encoder, the LSTM variant."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,15 @@ D = 16
 
 def _model(variant="attention", shared=True, **kw):
   cfg = VectorizerConfig(variant=variant, shared=shared, hidden=32, embed_dim=8, **kw)
-  return Know2Vec(cfg, D, 5, rngs=nnx.Rngs(0))
+  # Parameters drawn by numpy (kernels fan-in scaled): what is tested here holds for any
+  # parameters, and the initialisers, run op by op, compile a program per shape (seconds on a CPU).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Know2Vec(cfg, D, 5, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+
+  def draw(a):
+    fan_in = a.shape[0] if len(a.shape) > 1 else 10.0
+    return jnp.asarray(rng.normal(size=a.shape) / np.sqrt(fan_in), a.dtype)
+  return nnx.merge(graphdef, jax.tree.map(draw, state))
 
 
 def _grid(k, seed=0, batch=3):
