@@ -271,12 +271,14 @@ def test_estimator_families_train_answer_and_round_trip(tmp_path):
   task = tiny_specs()[0].task
   specs = [ModelSpec(model_id(a, task), a, task, seed=i, steps=0)
            for i, a in enumerate(("logreg", "forest", "knn"))]
-  specs.append(dataclasses.replace(specs[0], model_id="logreg.noisy", label_noise=0.5,
+  # The label-noise twin is a kNN, fitted in no time (a logistic regression's lbfgs fit takes
+  # seconds): measured 0.65-0.68 held out, against 0.99 for the clean one.
+  specs.append(dataclasses.replace(specs[2], model_id="knn.noisy", label_noise=0.5,
                                    role="label_noise"))
   zoo, _ = build.build_zoo(specs, progress=False)
   recs = zoo.records
   assert all(recs[s.model_id].heldout_accuracy > 0.8 for s in specs[:3])  # chance is 0.25
-  assert recs["logreg.noisy"].heldout_accuracy < recs[specs[0].model_id].heldout_accuracy
+  assert recs["knn.noisy"].heldout_accuracy < recs[specs[2].model_id].heldout_accuracy - 0.1
   zoo_lib.save_zoo(zoo, tmp_path / "z")
   back = zoo_lib.load_zoo(tmp_path / "z")
   assert set(back.estimators) == {"logreg-k4", "forest-k4", "knn-k4"}
@@ -293,6 +295,6 @@ def test_estimator_families_train_answer_and_round_trip(tmp_path):
   logreg = back.model(specs[0].model_id)
   np.testing.assert_allclose(out["logreg-k4"][0], logreg.decision_function(x.reshape(6, -1)),
                              rtol=1e-5)
-  sub = groups_from_zoo(back, model_ids=["logreg.noisy"])
-  assert [g.model_ids for g in sub] == [["logreg.noisy"]]
+  sub = groups_from_zoo(back, model_ids=["knn.noisy"])
+  assert [g.model_ids for g in sub] == [["knn.noisy"]]
   assert sub[0](x).shape == (1, 6, 4) and sub[0].queries.tolist() == [6]
