@@ -1,13 +1,17 @@
-"""One process of the multi-process stage tests (run by test_multiprocess.py, not by pytest).
+"""One process of the multi-process tests (run by test_multiprocess.py, not by pytest).
 
-Usage: python multiprocess_stages.py MODE PROCESS_ID NUM_PROCESSES PORT OUT_DIR [ZOO_DIR PROXY_DIR]
+Usage: python multiprocess_stages.py MODE PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 Modes:
-  stages          zoo build, knowledge extraction, fine-tune ground truth and index build, in
-                  sequence, then index search over the devices of every process (each storage
-                  type); process 0 writes each stage's result under OUT_DIR, every process writes
-                  what it computed itself to OUT_DIR/facts-<id>.json and what its searches
-                  returned to OUT_DIR/search-<id>.json.
+  stages          zoo build and aligner training, then (once the test process has written
+                  OUT_DIR/reference.json, naming the tiny zoo and proxy its own results come from)
+                  knowledge extraction, fine-tune ground truth and index build, in sequence, then
+                  index search over the devices of every process (each storage type); process 0
+                  writes each stage's result under OUT_DIR, every process writes what it computed
+                  itself to OUT_DIR/facts-<id>.json, what its searches returned to
+                  OUT_DIR/search-<id>.json and its copy of the aligner's parameters to
+                  OUT_DIR/align-<id>.npz. One run serves every check of the stages: each process
+                  starts Python and JAX and joins a run once, which costs more than most stages.
   die-after-part  a zoo build in which the last process kills itself right after writing its part.
   lose-coordinator  process 1 finishes at once and waits for process 0, which is busy (numpy and
                   Python, holding the GIL in turns) for BUSY_FOR seconds, then kills itself.
@@ -31,8 +35,15 @@ GT_CONFIG = dict(steps=8, shots=20, test_per_class=40, runs=2, chunk_size=4)
 # The searched index beside the built one: random rows (no cluster structure, the hardest case for
 # compressed storage), some of them repeated so that equal scores must resolve alike.
 SEARCH_ROWS, SEARCH_DIM, SEARCH_K = 3001, 32, 10
-# How long process 0 of lose-coordinator is busy before it dies (a few loss timeouts).
-BUSY_FOR = 8.0
+# Steps the aligner trains: the first of test_align's config, as its agreement test does (one
+# compiled step serves any count).
+ALIGN_STEPS = 6
+# How long process 0 of lose-coordinator is busy before it dies: over twice the test's loss
+# timeout (3 s), so that a watchdog silenced by a busy process would end the run first.
+BUSY_FOR = 6.5
+# How long the stage processes wait for the test process to name the reference zoo and proxy
+# (it may train them first, on a loaded machine).
+REFERENCE_WAIT = 900
 
 
 def gt_setup(zoo):
@@ -105,6 +116,8 @@ def main():
   build._train_chunk = recording_train_chunk
 
   if mode == "die-after-part":
+    from know2vec_jax.data import Task
+    from know2vec_jax.zoo.specs import ModelSpec, model_id
     save_part = zoo_store.save_part
 
     def save_then_die(*args, **kwargs):
@@ -113,9 +126,11 @@ def main():
         os.kill(os.getpid(), signal.SIGKILL)
       return where
     zoo_store.save_part = save_then_die
-    # Two short MLPs, one chunk per process: what matters is when the process dies.
-    import dataclasses
-    specs = [dataclasses.replace(s, steps=10) for s in tiny_specs() if s.arch == "mlp"][:2]
+    # Two short MLPs on digits, one chunk per process: what matters is when the process dies.
+    # (Not the tiny preset's: it parses mnist5k's text file first, seconds of CPU per process.)
+    task = Task("digits", (0, 1, 2, 3))
+    specs = [ModelSpec(model_id("mlp", task, v), "mlp", task, seed=i, steps=10)
+             for i, v in enumerate("ab")]
     build.build_zoo_to(out / "zoo", specs, BuildConfig(chunk_size=1), progress=False)
     return
 
@@ -130,18 +145,45 @@ def main():
   build.build_zoo_to(out / "zoo", tiny_specs(), BuildConfig(chunk_size=4), progress=False)
   facts["zoo_trained"] = trained
   lap("zoo")
+  # 2. The aligner, data-parallel over two devices of each process, each process feeding its slice
+  # of every global batch (the README's multi-host example): test_align's data and trainer. Two
+  # devices of each, as the batch crosses both processes and both devices of a process; more
+  # would only add compile and gloo time.
+  import jax
 
-  # The later stages read the zoo and proxy the 1-process reference was made from.
+  from know2vec_jax.mesh import data_mesh
+  from test_align import _data, trainer as align_trainer
+  devices = [d for p in range(distributed.process_count())
+             for d in [d for d in jax.devices() if d.process_index == p][:2]]
+  trainer = align_trainer(_data(), mesh=data_mesh(devices=devices))
+  hist = trainer.run(ALIGN_STEPS, progress=False, log_every=1)
+  facts["align"] = {"losses": [h["loss"] for h in hist], "devices": trainer.mesh.size,
+                    "processes": sorted({d.process_index for d in trainer.mesh.devices.flat})}
+  # This process's own copy of the (replicated) parameters: every process must hold the same.
+  np.savez(out / f"align-{pid}.npz", *[np.asarray(leaf.addressable_data(0))
+                                       for leaf in jax.tree.leaves(trainer.state["params"])])
+  lap("align")
+
+  # The later stages read the zoo and proxy the 1-process references were made from: the test
+  # process names them once it has them (a session's first use trains them while this runs).
   from know2vec_jax.blackbox import groups_from_zoo
   from know2vec_jax.knowledge import KnowledgeStore, group_knowledge, store_context
   from know2vec_jax.proxy import Proxy, zoo_metadata
   from know2vec_jax.zoo import load_zoo
-  zoo_dir = pathlib.Path(sys.argv[6])
+  reference = out / "reference.json"
+  deadline = time.monotonic() + REFERENCE_WAIT
+  while not reference.exists():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"no {reference} after {REFERENCE_WAIT} s")
+    time.sleep(0.1)
+  dirs = json.loads(reference.read_text())
+  lap("wait")
+  zoo_dir = pathlib.Path(dirs["zoo"])
   zoo = load_zoo(zoo_dir)
-  proxy = Proxy.load(sys.argv[7])
+  proxy = Proxy.load(dirs["proxy"])
 
   lap("load")
-  # 2. Knowledge extraction.
+  # 3. Knowledge extraction.
   groups = groups_from_zoo(zoo)
   kn = group_knowledge(groups, proxy.pool, proxy.config.knowledge)
   facts["knowledge_probed"] = [m for g in groups for m, q in zip(g.model_ids, g.queries) if q]
@@ -152,7 +194,7 @@ def main():
                                                     "queries", "pool_labels")})
 
   lap("knowledge")
-  # 3. Fine-tune ground truth (cached by process 0).
+  # 4. Fine-tune ground truth (cached by process 0).
   from know2vec_jax import transfer
   rows = []
   finetune_rows = transfer._finetune_rows
@@ -169,7 +211,7 @@ def main():
     np.savez(out / "gt.npz", **gt)
 
   lap("ground_truth")
-  # 4. Index build, every model probed again (an empty knowledge store).
+  # 5. Index build, every model probed again (an empty knowledge store).
   proxy.knowledge = KnowledgeStore(store_context(proxy.pool, proxy.config.knowledge))
   groups = groups_from_zoo(zoo)
   index = proxy.build_index(groups, zoo_metadata(zoo))
@@ -177,7 +219,7 @@ def main():
   facts["index_rows"] = len(index)
   distributed.on_writer("index", lambda: index.save(out / "index"))
   lap("index")
-  # 5. Index search over the devices of every process (local top-k per shard, then the global
+  # 6. Index search over the devices of every process (local top-k per shard, then the global
   # top-k), each storage type: the index just built (sharded from its first row; three of its
   # rows as queries) and a larger synthetic one.
   from know2vec_jax.index import ModelIndex

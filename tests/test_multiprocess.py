@@ -1,12 +1,20 @@
 """Multi-process runs on loopback (JAX's gloo CPU collectives): the aligner and every stage that
-splits its models across processes equal 1 process, and a bad launch fails in one line."""
+splits its models across processes equal 1 process, and a bad launch or a lost process fails in
+one line.
+
+Starting Python and JAX and joining a run cost seconds of CPU per process, and the lost-process
+cases mostly wait: one 2-process run serves every stage check (this process computes its own
+results meanwhile), and those cases run side by side, each timed by its own clock.
+"""
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,7 +22,6 @@ import pytest
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(os.path.abspath(HERE))
-WORKER = os.path.join(HERE, "multiprocess_worker.py")
 STAGES = os.path.join(HERE, "multiprocess_stages.py")
 RECORD = ("anchor_index", "flip_t", "anchor_fallback", "queries", "pool_labels")
 
@@ -33,52 +40,134 @@ def _env(**extra):
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, **extra)
 
 
-def _run(nproc: int, tmp_path, devices_per_process: int):
-  env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-  out = tmp_path / f"out{nproc}.json"
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(nproc), port, str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(nproc)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  return json.loads(out.read_text())
+class _Launch:
+  """Processes started together, their output in files (nothing to drain while other processes
+  run): a thread notes when each one ends, and which of the others were still running then."""
+
+  def __init__(self, commands, logs, env):
+    self.logs = logs
+    self.t0 = time.monotonic()
+    self.procs = []
+    for cmd, log in zip(commands, logs):
+      with open(log, "wb") as f:
+        self.procs.append(subprocess.Popen(list(map(str, cmd)), env=env, stdout=f,
+                                           stderr=subprocess.STDOUT))
+    self.ended = [None] * len(self.procs)  # time.monotonic() when each was first seen ended
+    self.running_then = [None] * len(self.procs)  # the others still running at that moment
+    threading.Thread(target=self._watch, daemon=True).start()
+
+  def _watch(self):
+    while None in self.ended:
+      now = time.monotonic()
+      done = [p.poll() is not None for p in self.procs]
+      for i, d in enumerate(done):
+        if d and self.ended[i] is None:
+          self.ended[i] = now
+          self.running_then[i] = [j for j, dj in enumerate(done) if not dj]
+      time.sleep(0.02)
+
+  def join(self, timeout: float) -> None:
+    """Waits until every process ended, at most ``timeout`` seconds more."""
+    deadline = time.monotonic() + timeout
+    while None in self.ended and time.monotonic() < deadline:
+      time.sleep(0.05)
+
+  def wait(self, timeout: float) -> list[str]:
+    """Waits until every process ended, at most ``timeout`` seconds more (then kills the rest
+    and fails); returns their output."""
+    self.join(timeout)
+    self.kill()
+    logs = [pathlib.Path(log).read_text(errors="replace") for log in self.logs]
+    assert None not in self.ended, f"still running after {timeout} s more: " + "\n".join(
+        log[-1500:] for log, t in zip(logs, self.ended) if t is None)
+    return logs
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
 
 
-def test_two_processes_match_one(tmp_path):
-  one = _run(1, tmp_path, devices_per_process=4)
-  two = _run(2, tmp_path, devices_per_process=2)
-  assert one["processes"] == 1 and two["processes"] == 2
-  assert one["devices"] == two["devices"] == 4
-  np.testing.assert_allclose(one["losses"], two["losses"], rtol=1e-4)
-  for a, b in zip(one["params"], two["params"]):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+def _spawn(mode: str, nproc: int, out, logs=None, **env) -> _Launch:
+  """The processes of a run of multiprocess_stages.py in ``mode``, their output in
+  ``logs``/log-<id>.txt (default: ``out``)."""
+  logs = logs or out
+  logs.mkdir(parents=True, exist_ok=True)
+  port = _free_port()
+  return _Launch([[sys.executable, STAGES, mode, i, nproc, port, out] for i in range(nproc)],
+                 [logs / f"log-{i}.txt" for i in range(nproc)], _env(**env))
 
 
-# ---- the stages: zoo build, knowledge, ground truth, index build --------------------------------
+# ---- the stages: zoo build, aligner, knowledge, ground truth, index build, search ----------------
 
-def _spawn(mode: str, nproc: int, out, *args, **env):
-  port = str(_free_port())
-  return [subprocess.Popen([sys.executable, STAGES, mode, str(i), str(nproc), port, str(out),
-                            *map(str, args)], env=_env(**env), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
+def _one_process(zoo):
+  """This process's own results for the stage checks that take seconds to make: the aligner
+  trained over this process's 8 devices as test_align's agreement test trains it (one compiled
+  step for both), as (losses, parameters); and the ground truth of the stage run's protocol."""
+  import jax
+
+  from know2vec_jax import transfer
+  from know2vec_jax.mesh import data_mesh
+  from multiprocess_stages import ALIGN_STEPS, gt_setup
+  from test_align import _data, trainer
+  one = trainer(_data(), mesh=data_mesh(8))
+  losses = [h["loss"] for h in one.run(ALIGN_STEPS, progress=False, log_every=1)]
+  params = [np.asarray(leaf) for leaf in jax.tree.leaves(one.state["params"])]
+  ids, targets, cfg = gt_setup(zoo)
+  return {"align": (losses, params), "gt": transfer.ground_truth(zoo, None, ids, targets, cfg)}
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory, tiny_zoo_dir, tiny_proxy_dir):
-  """One 2-process run of every stage (zoo build, knowledge, ground truth, index build), shared by
-  the tests below: (its output directory, each process's facts)."""
+def stages(tmp_path_factory, request):
+  """One 2-process run of every stage (zoo build, aligner training, knowledge, ground truth,
+  index build, index search), shared by the tests below: (its output directory, each process's
+  facts, this process's own results from _one_process).
+
+  This process would otherwise only wait for the run, so it works meanwhile: the run starts
+  before this process has the tiny zoo and proxy (a session's first use trains them here), and
+  builds its own zoo and trains the aligner first; then it waits for out/reference.json naming
+  them, and this process computes its own results."""
   out = tmp_path_factory.mktemp("stages")
   # The parts an unfinished earlier build left: the build removes them before writing its own.
   (out / ".zoo.parts-0123456789ab").mkdir()
   (out / ".zoo.parts-0123456789ab" / "part-00001-of-00002.npz").write_bytes(b"left over")
-  procs = _spawn("stages", 2, out, tiny_zoo_dir, tiny_proxy_dir)
-  logs = [p.communicate(timeout=400)[0] for p in procs]
-  for p, log in zip(procs, logs):
+  run = _spawn("stages", 2, out)
+  try:
+    dirs = {k: str(request.getfixturevalue(f"tiny_{k}_dir")) for k in ("zoo", "proxy")}
+    (out / "reference.tmp").write_text(json.dumps(dirs))
+    os.replace(out / "reference.tmp", out / "reference.json")  # whole, or not there
+    own = _one_process(request.getfixturevalue("tiny_zoo")[0])
+    logs = run.wait(600)
+  finally:
+    run.kill()
+  for p, log in zip(run.procs, logs):
     assert p.returncode == 0, log[-3000:]
-  (out / "log-0.txt").write_text(logs[0])
-  return out, [json.loads((out / f"facts-{i}.json").read_text()) for i in range(2)]
+  return out, [json.loads((out / f"facts-{i}.json").read_text()) for i in range(2)], own
+
+
+def test_aligner_two_processes_equal_one(stages):
+  """The aligner trained data-parallel over 2 devices of each of 2 processes equals one process
+  (this one, over its 8 devices): losses and parameters, on every process (bit for bit the same
+  on both).
+
+  Float tolerance, as between 1 and 8 devices in test_align: the meshes differ, and XLA:CPU's
+  rounding with them."""
+  from multiprocess_stages import ALIGN_STEPS
+  out, facts, own = stages
+  losses, params = own["align"]
+  assert len(losses) == ALIGN_STEPS
+  two = []
+  for f in facts:
+    assert f["processes"] == 2
+    assert f["align"]["devices"] == 4 and f["align"]["processes"] == [0, 1]
+    np.testing.assert_allclose(f["align"]["losses"], losses, rtol=1e-4)
+    with np.load(out / f"align-{f['process']}.npz") as z:
+      two.append([z[f"arr_{i}"] for i in range(len(z.files))])
+  assert len(two[0]) == len(two[1]) == len(params)
+  for a, b0, b1 in zip(params, *two):
+    np.testing.assert_array_equal(b0, b1)  # one replicated state: the same on both processes
+    np.testing.assert_allclose(b0, a, rtol=1e-4, atol=1e-5)
 
 
 def _split(facts, key, everything):
@@ -92,7 +181,7 @@ def test_zoo_build_two_processes_equal_one(stages, tiny_zoo):
   from flax import nnx
 
   from know2vec_jax.zoo import load_zoo, read_manifest
-  out, facts = stages
+  out, facts, _ = stages
   one, two = tiny_zoo[0], load_zoo(out / "zoo")
   assert list(two.stacks) == list(one.stacks)
   for name, stack in one.stacks.items():
@@ -113,7 +202,7 @@ def test_knowledge_two_processes_equal_one(stages, tiny_zoo, tiny_proxy_dir):
   from know2vec_jax.blackbox import groups_from_zoo
   from know2vec_jax.knowledge import group_knowledge
   from know2vec_jax.proxy import Proxy
-  out, facts = stages
+  out, facts, _ = stages
   proxy = Proxy.load(tiny_proxy_dir)
   one = group_knowledge(groups_from_zoo(tiny_zoo[0]), proxy.pool, proxy.config.knowledge)
   with np.load(out / "knowledge.npz") as two:
@@ -127,10 +216,10 @@ def test_knowledge_two_processes_equal_one(stages, tiny_zoo, tiny_proxy_dir):
 def test_ground_truth_two_processes_equal_one(stages, tiny_zoo, tiny_zoo_dir, monkeypatch):
   from know2vec_jax import transfer
   from multiprocess_stages import gt_setup
-  out, facts = stages
+  out, facts, own = stages
+  one = own["gt"]
   zoo = tiny_zoo[0]
   ids, targets, cfg = gt_setup(zoo)
-  one = transfer.ground_truth(zoo, None, ids, targets, cfg)
   with np.load(out / "gt.npz") as two:
     for t in targets:
       np.testing.assert_array_equal(one[t.name], two[t.name])  # bit for bit
@@ -167,7 +256,7 @@ def test_index_build_two_processes_equal_one(stages, tiny_zoo, tiny_proxy_dir):
   from know2vec_jax.index import ModelIndex
   from know2vec_jax.knowledge import KnowledgeStore, store_context
   from know2vec_jax.proxy import Proxy, zoo_metadata
-  out, facts = stages
+  out, facts, _ = stages
   zoo = tiny_zoo[0]
   proxy = Proxy.load(tiny_proxy_dir)
   proxy.knowledge = KnowledgeStore(store_context(proxy.pool, proxy.config.knowledge))
@@ -188,7 +277,7 @@ def test_index_search_across_two_processes_equals_one(stages, storage):
 
   from know2vec_jax.index import ModelIndex
   from multiprocess_stages import SEARCH_K, search_setup
-  out, _ = stages
+  out, _, _ = stages
   got = [json.loads((out / f"search-{i}.json").read_text()) for i in range(2)]
   built = ModelIndex.load(out / "index")
   ids, vectors, queries = search_setup()
@@ -266,47 +355,86 @@ def test_launch_arguments_are_checked_before_anything_starts(tmp_path, capsys):
 
 
 def _cli(*args):
+  """A `know2vec` command line."""
+  return [sys.executable, "-m", "know2vec_jax.cli", *args]
+
+
+# The loss timeout of the lost-process cases, and the seconds a survivor may take beyond it to
+# exit and be seen exiting on a loaded 2-core machine.
+LOST_TIMEOUT, LOST_MARGIN = 3, 2
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+  """The runs of the failure tests below, started when the first of them runs: {case: (its
+  directory, its processes)}. Each is timed from its own start and by when each of its processes
+  ended.
+
+  unreachable: process 0 whose process 1 never comes, process 1 of a coordinator nothing listens
+  at, and `--coordinator auto` outside any cluster; run first and on its own, as its time bound
+  counts its start-ups. Then side by side, as they mostly wait (for a busy process, a death, the
+  loss timeout), so that together they take about as long as the longest:
+  lose-coordinator: process 1 is done at once and waits; process 0 is busy for BUSY_FOR (over
+  twice the loss timeout), then dies. die-after-part: a zoo build whose process 1 dies right
+  after writing its part. disagree: two processes started with different process counts."""
+  root = tmp_path_factory.mktemp("failures")
+  cases = ("unreachable", "lose-coordinator", "die-after-part", "disagree")
+  where, logs = {c: root / c for c in cases}, root / "logs"  # logs beside the runs' directories
+  for path in (*where.values(), logs):
+    path.mkdir()
   # No cluster in the environment, whatever machine runs the tests (for `--coordinator auto`).
   env = {k: v for k, v in _env().items()
          if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "CLOUD_TPU", "JAX_COORDINATOR"))}
-  return subprocess.Popen([sys.executable, "-m", "know2vec_jax.cli", *map(str, args)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  zoo = ("zoo", "build", "--preset", "tiny", "--zoo")
+  u = where["unreachable"]
+  runs = {"unreachable": _Launch(
+      [_cli(*zoo, u / "a", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2,
+            "--process-id", 0, "--coordinator-timeout", 3),
+       _cli(*zoo, u / "b", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2,
+            "--process-id", 1, "--coordinator-timeout", 3),
+       _cli(*zoo, u / "c", "--coordinator", "auto")],
+      [logs / f"unreachable-{z}.txt" for z in "abc"], env)}
+  runs["unreachable"].join(120)
+  for case in ("lose-coordinator", "die-after-part"):  # the longest first
+    runs[case] = _spawn(case, 2, where[case], logs=logs / case,
+                        LOST_PROCESS_TIMEOUT=str(LOST_TIMEOUT))
+  port = _free_port()
+  runs["disagree"] = _Launch(
+      [_cli(*zoo, where["disagree"] / "z", "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", n, "--process-id", i, "--coordinator-timeout", 60)
+       for i, n in ((0, 2), (1, 3))],
+      [logs / f"disagree-{i}.txt" for i in range(2)], env)
+  yield {case: (where[case], run) for case, run in runs.items()}
+  for run in runs.values():
+    run.kill()
 
 
-def _error_line(proc, timeout=120) -> str:
-  _, err = proc.communicate(timeout=timeout)
-  assert proc.returncode == 2, err[-2000:]
-  lines = [ln for ln in err.splitlines() if ln.startswith("know2vec: error:")]
-  assert len(lines) == 1, err[-2000:]
+def _error_line(log: str) -> str:
+  """The one error line of a `know2vec` command that failed."""
+  lines = [ln for ln in log.splitlines() if ln.startswith("know2vec: error:")]
+  assert len(lines) == 1, log[-2000:]
   return lines[0]
 
 
-def test_unreachable_coordinator_and_missing_processes_fail_in_bounded_time(tmp_path):
-  port = _free_port()  # nothing listens there
-  t0 = time.monotonic()
-  alone = _cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "a", "--coordinator",
-               f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "0",
-               "--coordinator-timeout", 3)
-  lost = _cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "b", "--coordinator",
-              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
-              "--coordinator-timeout", 3)
-  auto = _cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "c", "--coordinator", "auto")
+def test_unreachable_coordinator_and_missing_processes_fail_in_bounded_time(failures):
+  path, run = failures["unreachable"]
+  alone, lost, auto = run.wait(120)
+  assert [p.returncode for p in run.procs] == [2, 2, 2], (alone + lost + auto)[-3000:]
   assert "cannot reach the coordinator 127.0.0.1:" in _error_line(lost)
   assert "not all 2 processes joined the coordinator" in _error_line(alone)
   assert "--coordinator auto found no cluster environment" in _error_line(auto)
-  assert time.monotonic() - t0 < 60  # 3 s waits, plus starting Python and JAX three times
-  assert not any((tmp_path / z).exists() for z in "abc")
+  assert max(run.ended) - run.t0 < 60  # 3 s waits, plus starting Python and JAX three times
+  assert not any((path / z).exists() for z in "abc")
 
 
-def test_processes_that_disagree_on_the_count_stop_with_one_line(tmp_path):
-  port = _free_port()
-  procs = [_cli("zoo", "build", "--preset", "tiny", "--zoo", tmp_path / "z", "--coordinator",
-                f"127.0.0.1:{port}", "--num-processes", n, "--process-id", i,
-                "--coordinator-timeout", 60) for i, n in ((0, 2), (1, 3))]
-  for p in procs:
-    line = _error_line(p)
+def test_processes_that_disagree_on_the_count_stop_with_one_line(failures):
+  path, run = failures["disagree"]
+  logs = run.wait(120)
+  for p, log in zip(run.procs, logs):
+    assert p.returncode == 2, log[-2000:]
+    line = _error_line(log)
     assert "processes disagree on the process count" in line and "process(es) [1]" in line
-  assert not (tmp_path / "z").exists()
+  assert not (path / "z").exists()
 
 
 def _parts(zoo, ids_units, index, count, run, parts):
@@ -365,80 +493,56 @@ def _lost_line(log: str) -> str:
   return lines[0]
 
 
-def _wait_for_death(procs, victim: int, timeout: float):
-  """Waits until ``procs[victim]`` is gone; returns when it died. Every other process must still
-  be running then: none ended the run while the victim was alive (and busy)."""
-  deadline = time.monotonic() + timeout
-  while procs[victim].poll() is None:
-    assert time.monotonic() < deadline, "the process to lose never died"
-    time.sleep(0.05)
-  died = time.monotonic()
-  assert procs[victim].returncode == -signal.SIGKILL
-  assert all(p.poll() is None for i, p in enumerate(procs) if i != victim)
-  return died
+def _death(run, victim: int) -> float:
+  """When ``run``'s process ``victim`` was seen dead (killed). Every other process was still
+  running then: none ended the run while the victim was alive (and busy)."""
+  assert run.procs[victim].returncode == -signal.SIGKILL, \
+      f"process {victim}, the one to lose, ended with status {run.procs[victim].returncode}"
+  assert run.running_then[victim] == [i for i in range(len(run.procs)) if i != victim]
+  return run.ended[victim]
 
 
-# The loss timeout of the tests below, and the seconds a survivor may take beyond it to exit
-# and be seen exiting on a loaded 2-core machine.
-LOST_TIMEOUT, LOST_MARGIN = 3, 2
-
-
-def test_a_killed_process_leaves_no_zoo_that_loads_and_ends_the_run(tmp_path, monkeypatch,
+def test_a_killed_process_leaves_no_zoo_that_loads_and_ends_the_run(failures, monkeypatch,
                                                                    capsys):
   from know2vec_jax.distributed import LOST_EXIT_STATUS
   from know2vec_jax.zoo import BuildConfig, ZooError, build, load_zoo, tiny_specs
-  procs = _spawn("die-after-part", 2, tmp_path, LOST_PROCESS_TIMEOUT=str(LOST_TIMEOUT))
-  try:
-    died = _wait_for_death(procs, 1, 300)  # right after writing its part
-    log = procs[0].communicate(timeout=LOST_TIMEOUT + LOST_MARGIN)[0]
-    ended = time.monotonic()
-    (part,) = tmp_path.glob(".zoo.parts-*/part-00001-of-00002.npz")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.communicate()
+  path, run = failures["die-after-part"]
+  log = run.wait(300)[0]
+  died = _death(run, 1)  # right after writing its part
   # The survivor ended by itself, in time, with one line naming the lost process.
-  assert procs[0].returncode == LOST_EXIT_STATUS, log[-3000:]
-  assert ended - died <= LOST_TIMEOUT + LOST_MARGIN
+  assert run.procs[0].returncode == LOST_EXIT_STATUS, log[-3000:]
+  assert run.ended[0] - died <= LOST_TIMEOUT + LOST_MARGIN
   line = _lost_line(log)
   assert line.startswith("know2vec: error: process 1 of 2 stopped responding ") and \
       line.endswith(" s ago (lost): ending this run"), line
-  assert not (tmp_path / "zoo").exists()
+  (part,) = path.glob(".zoo.parts-*/part-00001-of-00002.npz")
+  assert not (path / "zoo").exists()
   with pytest.raises(ZooError, match="does not exist"):
-    load_zoo(tmp_path / "zoo")
+    load_zoo(path / "zoo")
   with pytest.raises(ZooError, match="zoo.json is missing"):
     load_zoo(part.parent)
-  assert [p.name for p in tmp_path.iterdir()] == [part.parent.name]
+  assert [p.name for p in path.iterdir()] == [part.parent.name]
   # The next build of the zoo (here one process) removes the leftover parts before it trains.
   monkeypatch.setattr(build, "build_zoo", lambda *a, **k: 1 / 0)
   capsys.readouterr()
   with pytest.raises(ZeroDivisionError):
-    build.build_zoo_to(tmp_path / "zoo", tiny_specs(), BuildConfig(), progress=False)
-  assert list(tmp_path.iterdir()) == []
+    build.build_zoo_to(path / "zoo", tiny_specs(), BuildConfig(), progress=False)
+  assert list(path.iterdir()) == []
   assert capsys.readouterr().err == (f"removed the parts of 1 unfinished build(s) of "
-                                     f"{tmp_path / 'zoo'}: {part.parent.name}\n")
+                                     f"{path / 'zoo'}: {part.parent.name}\n")
 
 
-def test_a_lost_coordinator_is_named_and_a_busy_process_is_not_lost(tmp_path):
+def test_a_lost_coordinator_is_named_and_a_busy_process_is_not_lost(failures):
   from know2vec_jax.distributed import LOST_EXIT_STATUS
   from multiprocess_stages import BUSY_FOR
   # Process 1 is done at once and waits; process 0 is busy for BUSY_FOR (over twice the loss
   # timeout), then dies: process 1 must wait for it all that time, then name it.
-  procs = _spawn("lose-coordinator", 2, tmp_path, LOST_PROCESS_TIMEOUT=str(LOST_TIMEOUT))
-  try:
-    t0 = time.monotonic()
-    died = _wait_for_death(procs, 0, 120)
-    log = procs[1].communicate(timeout=LOST_TIMEOUT + LOST_MARGIN)[0]
-    ended = time.monotonic()
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.communicate()
-  assert died - t0 >= BUSY_FOR
-  assert procs[1].returncode == LOST_EXIT_STATUS, log[-3000:]
-  assert ended - died <= LOST_TIMEOUT + LOST_MARGIN
+  _, run = failures["lose-coordinator"]
+  log = run.wait(120)[1]
+  died = _death(run, 0)
+  assert died - run.t0 >= BUSY_FOR
+  assert run.procs[1].returncode == LOST_EXIT_STATUS, log[-3000:]
+  assert run.ended[1] - died <= LOST_TIMEOUT + LOST_MARGIN
   assert _lost_line(log).startswith("know2vec: error: process 0 of 2 stopped responding "), log
 
 
