@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ZOO    ?= artifacts/zoo-demo
+STARTER ?= artifacts/zoo-starter
 
 .PHONY: setup data demo reproduce bench test clean
 
@@ -28,11 +29,12 @@ data:
 
 setup: $(STAMP) data
 
-# The main job: demo zoo -> black-box knowledge -> backbone -> aligner -> index -> NNR table and
-# the ranked models for one held-out query. Artifacts are cached under artifacts/.
+# The main job: starter zoo (180 of the demo zoo's models) -> black-box knowledge -> backbone ->
+# aligner -> index -> NNR table and the ranked models for one held-out query. Artifacts are cached
+# under artifacts/.
 demo: setup
-	$(BIN)/know2vec zoo build --preset demo --zoo $(ZOO)
-	$(BIN)/python -m experiments.nnr --quick --zoo $(ZOO)
+	$(BIN)/know2vec zoo build --preset starter --zoo $(STARTER)
+	$(BIN)/python -m experiments.nnr --quick --zoo $(STARTER)
 
 # Every results table and figure of experiments/ (reusing cached artifacts when present; remove
 # artifacts/ to start from scratch): NNR, SF-MTE, generalisation and open world (on the varied

@@ -34,6 +34,7 @@ DEFAULT_ZOO = os.environ.get("KNOW2VEC_ZOO", "artifacts/zoo-demo")
 # architecture, task and score (``--columns`` adds more). A metadata field that index builders
 # start writing (e.g. a predicted fine-tune accuracy) becomes a column by being named here.
 DEFAULT_QUERY_COLUMNS: tuple[str, ...] = ("agreement", "token", "vector")
+ERROR_CHARS = 600  # the longest error line printed (a longer message keeps its two ends)
 # `know2vec eval NAME` runs experiments.NAME.main: the experiments and benchmarks are packages of
 # the distribution (pyproject.toml), importable wherever know2vec-jax is installed.
 EXPERIMENTS = ("nnr", "sfmte", "generalise", "openworld", "latency")
@@ -925,7 +926,9 @@ def main(argv: list[str] | None = None) -> int:
           DistributedError, OSError) as e:
     # One line: orbax and OS messages can span several.
     msg = " ".join(str(e).split())
-    print(f"know2vec: error: {msg[:600]}", file=sys.stderr)
+    if len(msg) > ERROR_CHARS:  # long paths: keep the start and the end, where the fix is named
+      msg = msg[:ERROR_CHARS // 2 - 3] + " ... " + msg[-(ERROR_CHARS // 2 - 2):]
+    print(f"know2vec: error: {msg}", file=sys.stderr)
     _leave_failed_run(2)
     return 2
   except KeyboardInterrupt:

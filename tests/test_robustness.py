@@ -307,6 +307,10 @@ def test_missing_dataset_directory(tiny_proxy_dir, tiny_index, tmp_path, capsys)
   nowhere = str(tmp_path / "nowhere")
   assert main(["data", "show", "fashion_mnist", "--data-dir", nowhere]) == 2
   _one_line(capsys, "Fashion-MNIST not found in", nowhere, "apt-get install dataset-fashion-mnist")
+  # A path long enough to overflow the error line still leaves the install command on it.
+  deep = str(tmp_path / ("d" * 200) / ("e" * 200))
+  assert main(["data", "show", "fashion_mnist", "--data-dir", deep]) == 2
+  _one_line(capsys, "Fashion-MNIST not found in", " ... ", "apt-get install dataset-fashion-mnist")
   index = str(tiny_index.save(tmp_path / "index"))
   assert main(["query", "--proxy", str(tiny_proxy_dir), "--index", index, "--task",
                "fashion_mnist:0,1", "--data-dir", nowhere]) == 2

@@ -15,7 +15,7 @@ from flax import nnx
 
 from know2vec_jax import zoo as zoo_lib
 from know2vec_jax.zoo import architectures, build, train
-from know2vec_jax.zoo.specs import demo_specs, tiny_specs
+from know2vec_jax.zoo.specs import demo_specs, starter_specs, tiny_specs
 
 
 @pytest.mark.parametrize("arch", ["cnn_s", "cnn_l"])
@@ -149,6 +149,16 @@ def test_demo_preset_design():
   roles = collections.Counter(s.role for s in specs)
   assert roles["label_noise"] >= 10 and roles["short"] >= 10
   assert demo_specs() == specs  # deterministic
+  # The main job's starter zoo: demo models exactly as the demo trains them, both families and
+  # every domain of every base, the cross-domain twins and the 10-way distractors kept.
+  starter = starter_specs()
+  assert len(starter) == 180 and set(starter) <= set(specs)
+  assert {s.arch for s in starter} == {"mlp", "cnn_s"} and {s.k for s in starter} == {4, 10}
+  assert {s.task.source for s in starter} == {s.task.source for s in specs}
+  kept = {s.task for s in starter if s.k == 4}
+  assert sum(len({t for t in kept if (t.source.split("+")[0], t.classes) == key}) > 1
+             for key in by_classes) == 36
+  assert {s.role for s in starter} == {"normal", "label_noise", "short"}
 
 
 def test_bad_specs_are_rejected():

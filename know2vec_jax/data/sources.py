@@ -307,7 +307,7 @@ def _load_fashion_mnist(directory: str):
   files = {k: d / f"{k}-{kind}-idx{n}-ubyte.gz"
            for k, kind, n in [("train", "images", 3), ("t10k", "images", 3)]}
   labels = {k: d / f"{k}-labels-idx1-ubyte.gz" for k in ("train", "t10k")}
-  missing = [str(p) for p in list(files.values()) + list(labels.values()) if not p.is_file()]
+  missing = [p.name for p in list(files.values()) + list(labels.values()) if not p.is_file()]
   if missing:
     raise DataError(
         f"Fashion-MNIST not found in {d} (missing {', '.join(missing)}). Install it with "
