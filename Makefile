@@ -8,6 +8,8 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ZOO    ?= artifacts/zoo-demo
 STARTER ?= artifacts/zoo-starter
+# pytest-xdist workers for `make test` (each with 8 forced CPU devices)
+TEST_WORKERS ?= 2
 
 .PHONY: setup data demo reproduce bench test clean
 
@@ -54,7 +56,7 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
