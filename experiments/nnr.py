@@ -2,7 +2,7 @@
 matching and LEEP, on tasks the aligner saw and on tasks (and models) it never saw.
 
 Command:   python -m experiments.nnr          (full: 3 folds, 3 variants, the T ablation, LEEP)
-           python -m experiments.nnr --quick          (the main job's table: see QUICK below)
+           python -m experiments.nnr --quick --zoo artifacts/zoo-starter   (the main job's table)
            python -m experiments.nnr --validate [--set KEY=VALUE ...]   (model selection)
 Hardware:  2-core x86-64 CPU, 24 GiB, no GPU (measured there).
 Runtime:   EXPECTED_RUNTIME below.
@@ -76,16 +76,21 @@ EXPECTED_RUNTIME = (
     "(1,201 s) with the knowledge cached; --quick 312 s on a fresh clone (162 s cached). "
     "Current defaults (contrastive phi): --quick 919 s on a fresh clone of a 2-core AMD EPYC that "
     "ran the zoo build 2.7x slower than the measurements above; the default variant alone on 3 "
-    "folds 826 s there with --quick's knowledge and phi cached")
+    "folds 826 s there with --quick's knowledge and phi cached. The main job (make demo) runs "
+    "--quick on the starter zoo (180 of the demo's models): 559 s on a fresh clone of the 2-core "
+    "AMD EPYC (knowledge 20 s, phi 290 s, aligner 86 s)")
 EXPECTED_NUMBERS = (
     "468 queries per fold (132 held out per fold). default know2vec-attention-shared: seen top-1 "
     "0.975, held-out top-1 0.899, top-5 0.997; vectors only (class matching off) held-out 0.545 / "
-    "0.856; separate encoders 0.869, lstm 0.889, T=0 0.876; untrained anchor matching 0.364; "
-    "LEEP 0.376 (top-5 0.985); random 0.008. --quick (fold 0): held-out 0.902 / 1.000, seen "
-    "0.961. Those were measured before the current defaults; with them (results/nnr-default.json, "
-    "--set variants=know2vec-attention-shared --set ablate_search_steps=false): default held-out "
-    "0.876 / 0.995, seen 0.975; vectors only 0.460 / 0.848; anchor matching 0.361; LEEP 0.348; "
-    "--quick (fold 0): held-out 0.902 / 1.000, seen 0.973, vectors only 0.455 / 0.886")
+    "0.856; separate encoders 0.869, lstm 0.889, T=0 0.876; untrained anchor matching 0.364; LEEP "
+    "0.376 (top-5 0.985); random 0.008. --quick on the demo zoo (fold 0): held-out 0.902 / 1.000, "
+    "seen 0.961. Those were measured before the current defaults; with them "
+    "(results/nnr-default.json, --set variants=know2vec-attention-shared --set "
+    "ablate_search_steps=false): default held-out 0.876 / 0.995, seen 0.975; vectors only 0.460 / "
+    "0.848; anchor matching 0.361; LEEP 0.348; --quick on the demo zoo (fold 0): held-out 0.902 / "
+    "1.000, seen 0.973, vectors only 0.455 / 0.886. The main job, --quick on the starter zoo "
+    "(results/nnr-quick.json): held-out 0.845 / 1.000, seen 0.966, vectors only 0.333 / 0.786, "
+    "LEEP 0.310, anchor matching 0.286, random 0.000")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,20 +6,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest  # noqa: E402
 
-# The slowest files first (their serial times on the 2-core CPU, 15-165 s each), then the rest in
-# their usual order: ``make test`` shares whole files among its workers (pytest-xdist,
-# ``--dist loadfile``) as each worker frees up, so a long file started last would run alone at
-# the end. The order changes no test's outcome.
-SLOW_FIRST = ("test_experiments.py", "test_multiprocess.py", "test_benchmarks_smoke.py",
-              "test_align.py", "test_openworld.py", "test_classmatch.py", "test_transfer.py",
-              "test_selection.py", "test_zoo.py", "test_backbone.py", "test_blackbox.py",
-              "test_baselines.py", "test_proxy.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable
-
 
 @pytest.fixture(scope="session")
 def tiny_zoo():

@@ -134,3 +134,28 @@ def test_a_retriever_that_ignores_classes_fails_what_the_product_passes(tiny_zoo
     blind = [sorted(order, key=lambda m: zoo.record(m).source != t.source)
              for t, _, _ in queries]
     assert not passes(blind)
+
+
+def test_leep_is_computed_once_for_a_sources_two_pool_settings(tiny_zoo, tiny_proxy, tiny_index,
+                                                               monkeypatch):
+  """LEEP reads neither phi nor the pool: the broad and strict settings of a source share its
+  scores, and the shared scores are what a fresh computation gives; other queries compute anew."""
+  zoo, _ = tiny_zoo
+  tasks = openworld.zoo_tasks_sorted(zoo)
+  task_no = {t: i for i, t in enumerate(tasks)}
+  m_task = {m: task_no[r.task] for m, r in zoo.records.items()}
+  qs = openworld.make_queries(tasks[:2], 1, 3, 0, "test", lambda source: np.zeros(0, np.int64))
+  q_task = np.asarray([i for i, _, _ in qs])
+  calls = []
+  real = openworld.leep_matrix
+  monkeypatch.setattr(openworld, "leep_matrix", lambda *a: calls.append(1) or real(*a))
+  memo: dict = {}
+  first = openworld.baseline_rows(tiny_proxy, tiny_index, zoo, qs, q_task, m_task, True, 0, memo)
+  again = openworld.baseline_rows(tiny_proxy, tiny_index, zoo, qs, q_task, m_task, True, 0, memo)
+  alone = openworld.baseline_rows(tiny_proxy, tiny_index, zoo, qs, q_task, m_task, True, 0)
+  assert len(calls) == 2 and first["leep"] == again["leep"]
+  assert {k: v for k, v in first["leep"].items() if k != "seconds_per_query"} == {
+      k: v for k, v in alone["leep"].items() if k != "seconds_per_query"}
+  other = openworld.make_queries(tasks[:2], 1, 3, 1, "test", lambda source: np.zeros(0, np.int64))
+  openworld.baseline_rows(tiny_proxy, tiny_index, zoo, other, q_task, m_task, True, 0, memo)
+  assert len(calls) == 3
