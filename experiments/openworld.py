@@ -423,7 +423,7 @@ def run(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, out: str | None,
 
 
 def summarise_targets(settings: dict, cfg: OpenWorldConfig, flags_all: dict) -> dict:
-  """The ``summary`` the issue keys: unseen_source[pool][S] and its mean, unseen_classes,
+  """The ``summary``, keyed by setting: unseen_source[pool][S] and its mean, unseen_classes,
   no_fit, with every row beside the product's."""
   def entry(s):
     d = s[DEFAULT_ROW]
