@@ -4,7 +4,8 @@ Results go to ``<out>/<backend>-<device-kind>.json`` (``-quick`` added for ``--q
 earlier results of other benchmarks on the same machine kind) and a markdown table beside it, the
 headline table first. The machine's peaks (``peak``) are measured in every run, first, because every
 other benchmark reports its throughput as a fraction of them; each benchmark stores the peak figures
-it was compared with, so merged results never mix runs.
+it was compared with, so merged results never mix runs. Both files are rewritten (whole) after
+every benchmark, so a run that fails or is stopped keeps the benchmarks that finished.
 
 Headline figures (``headline`` in the JSON): ratios are ours / theirs in throughput terms (> 1 means
 we are faster); ``headline_detail`` names the configuration, the baseline and the target of each.
@@ -109,6 +110,22 @@ def _markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _write(path: pathlib.Path, results: dict, seconds: float) -> None:
+  """Writes the results gathered so far (``path`` and its Markdown twin), after every benchmark:
+  a run that fails or is stopped part-way keeps what finished. Each file is replaced whole."""
+  from know2vec_jax import storage  # here, not at the top: only after _set_devices
+  # Keep the suite's order in the file whatever order earlier runs wrote it in.
+  results["benchmarks"] = {n: results["benchmarks"][n] for n in BENCHMARKS
+                           if n in results["benchmarks"]}
+  results["headline"], results["headline_detail"] = headline(results)
+  results["seconds_this_run"] = seconds
+  storage.write_json_atomic(path, results)
+  md = path.with_suffix(".md")
+  tmp = md.with_name(md.name + ".tmp")
+  tmp.write_text(_markdown(results))
+  os.replace(tmp, md)
+
+
 def _set_devices(n: int | None) -> None:
   """Forces ``n`` host (CPU) devices; only possible before JAX has created its backends."""
   import jax
@@ -166,13 +183,7 @@ def main(argv=None) -> int:
     results["benchmarks"][name] = res | {"quick": args.quick,
                                          "seconds": time.perf_counter() - t0,
                                          "load_average_after": list(os.getloadavg())}
-  # Keep the suite's order in the file whatever order earlier runs wrote it in.
-  results["benchmarks"] = {n: results["benchmarks"][n] for n in BENCHMARKS
-                           if n in results["benchmarks"]}
-  results["headline"], results["headline_detail"] = headline(results)
-  results["seconds_this_run"] = time.perf_counter() - t_all
-  path.write_text(json.dumps(results, indent=1))
-  path.with_suffix(".md").write_text(_markdown(results))
+    _write(path, results, time.perf_counter() - t_all)
   print("headline:", json.dumps(results["headline"]))
   print(f"wrote {path} and {path.with_suffix('.md')} ({results['seconds_this_run']:.0f} s)")
   return 0

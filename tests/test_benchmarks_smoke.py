@@ -269,3 +269,22 @@ def test_chunked_map_probe_matches_loop(monkeypatch, shared):
   chunked = probe.stack_logits(spec.graphdef(), params, x, strategy="map")
   ref = probe.stack_logits(spec.graphdef(), params, x, strategy="loop")
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_that_fails_part_way_keeps_what_finished(tmp_path):
+  """Results are written after every benchmark: a later benchmark's failure leaves the earlier
+  ones' figures on disk, whole, beside the error."""
+  from benchmarks import retrieval
+  with pytest.MonkeyPatch.context() as mp:
+    smoke_sizes(mp)
+
+    def broken(**kwargs):
+      raise RuntimeError("retrieval broke")
+    mp.setattr(retrieval, "run", broken)
+    with pytest.raises(RuntimeError, match="retrieval broke"):
+      bench.main(["--quick", "--out", str(tmp_path), "--only", "retrieval"])
+  (path,) = tmp_path.glob("*.json")
+  res = json.loads(path.read_text())
+  assert list(res["benchmarks"]) == ["peak"] and res["benchmarks"]["peak"]["peaks"]
+  assert path.with_suffix(".md").read_text().startswith("# Benchmarks on")
+  assert not list(tmp_path.glob("*.tmp*"))
