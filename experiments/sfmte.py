@@ -63,8 +63,9 @@ Protocol (nothing is tuned on the evaluation targets):
   N-LEEP, LogME and H-score forward the query through every zoo model.
 - Scores: weighted Kendall's tau against the mean fine-tune accuracy (==
   ``scipy.stats.weightedtau(gt, s, rank=None)``: importance ranked by the ground truth, not
-  scipy's default ``rank=True``, which most published SF-MTE tables call), Spearman, top-1 regret, the accuracy head's mean absolute error. ``ceiling``: the expected tau
-  of the true accuracies against the 6-run mean (:func:`know2vec_jax.transfer.noise_ceiling`,
+  scipy's default ``rank=True``, which most published SF-MTE tables call), Spearman, top-1
+  regret, the accuracy head's mean absolute error. ``ceiling``: the expected tau of the true
+  accuracies against the 6-run mean (:func:`know2vec_jax.transfer.noise_ceiling`,
   the split-half tau corrected to the full mean; conservative by up to a few hundredths for
   weighted tau); ``split-half agreement`` is the uncorrected tau between two 3-run means (what
   the earlier tables called the noise ceiling: no bound, as the prior exceeded it). ``prior`` is
