@@ -120,10 +120,7 @@ def _write(path: pathlib.Path, results: dict, seconds: float) -> None:
   results["headline"], results["headline_detail"] = headline(results)
   results["seconds_this_run"] = seconds
   storage.write_json_atomic(path, results)
-  md = path.with_suffix(".md")
-  tmp = md.with_name(md.name + ".tmp")
-  tmp.write_text(_markdown(results))
-  os.replace(tmp, md)
+  storage.write_text_atomic(path.with_suffix(".md"), _markdown(results))
 
 
 def _set_devices(n: int | None) -> None:

@@ -105,19 +105,25 @@ def manifest_checksum(manifest: Mapping) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write_json_atomic(path: pathlib.Path, obj) -> None:
-  """Writes JSON to ``path`` through a temporary file, fsynced, then renamed."""
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file, fsynced, then renamed: a reader sees
+  the old file or the new one, never part of it."""
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
   try:
     with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1)
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+  """Writes JSON to ``path`` as :func:`write_text_atomic` does."""
+  write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 # A save can be killed at any instruction (SIGKILL, power loss). The tests kill a process at each
