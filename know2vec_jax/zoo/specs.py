@@ -136,16 +136,17 @@ def starter_specs(seed: int = 0, image_size: int = 28, channels: int = 1) -> lis
     The model specs, in the demo zoo's order.
   """
   specs = demo_specs(seed, image_size, channels)
-  plain: dict[str, list] = {}
-  for s in specs:  # the demo's plain 4-way class sets, in its order
-    if s.task.k == 4 and "+" not in s.task.source and s.task not in plain.setdefault(
-        s.task.source, []):
-      plain[s.task.source].append(s.task)
+  plain: dict[str, list] = {}  # base dataset -> its plain 4-way tasks, in the demo's order
+  for s in specs:
+    if s.k == 4 and "+" not in s.task.source and s.task not in plain.get(s.task.source, []):
+      plain.setdefault(s.task.source, []).append(s.task)
   keep = {t for tasks in plain.values() for t in tasks[:STARTER_PLAIN_SETS]}
-  four = [s for s in specs if s.arch in ("mlp", "cnn_s") and s.task.k == 4
-          and ("+" in s.task.source or s.task in keep)]
-  ten = [s for s in specs if s.arch == "cnn_s" and s.task.k == 10]
-  return [s for s in specs if s in four or s in ten]
+
+  def wanted(s: ModelSpec) -> bool:
+    if s.k == 10:
+      return s.arch == "cnn_s"
+    return s.k == 4 and s.arch in ("mlp", "cnn_s") and ("+" in s.task.source or s.task in keep)
+  return [s for s in specs if wanted(s)]
 
 
 NEURAL_FAMILIES = ("mlp", "cnn_s", "cnn_l")
