@@ -3,7 +3,7 @@
 The product's query path, :func:`know2vec_jax.proxy.query` on a :class:`Proxy` of the default
 (demo) configuration, per call: :meth:`Proxy.describe_queries` (validation, backbone features of
 the shots and of the class midpoints, class-prototype grid, padding, the jitted query vectorizer,
-the query classes' nearest pool images) -> :meth:`ModelIndex.match` over a 10^4-model index
+the query classes' nearest pool images) -> :meth:`Retriever.score` over a 10^4-model index
 (the vector shortlist, 4,096 by default, then class-level matching on the index's
 resident class knowledge) -> ranked rows (model id, score and its
 parts, metadata). The proxy's probe pool has the demo's 9,600 images, and every index row holds
@@ -67,10 +67,10 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
                      for i in range(NUM_MODELS)], classes=classes)
   setup_s = time.perf_counter() - t_setup
 
-  match = proxy.config.match
+  match = proxy.retriever.config
 
   def ranked(vec, qc):
-    found = index.match(np.asarray(vec)[None], qc, TOPK, match)
+    found = proxy.retriever.score(index, np.asarray(vec)[None], qc, TOPK)
     return [dict(rank=r + 1, model_id=i, score=float(s), **index.metadata(i))
             for r, (i, s) in enumerate(zip(found.ids[0], found.scores[0]))]
 
@@ -106,7 +106,7 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
       "Proxy.describe_queries (vector + query classes in the pool)":
           latency(lambda: proxy.describe_queries([(images, labels)]), samples=samples,
                   budget_s=budget / 5),
-      f"index.match (M={NUM_MODELS}, shortlist {match.shortlist}) + ranked rows":
+      f"Retriever.score (M={NUM_MODELS}, shortlist {match.shortlist}) + ranked rows":
           latency(lambda: ranked(vec, qc), samples=samples, budget_s=budget / 5),
       f"index.search (M={NUM_MODELS}, vectors alone)":
           latency(lambda: index.search(vec, TOPK), samples=samples, budget_s=budget / 5),

@@ -358,7 +358,7 @@ def search_ranks(proxy: Proxy, index, queries, q_task: np.ndarray, m_task: dict,
 
   This is :meth:`Proxy.search` split in its two public halves so that one description of the
   queries (:meth:`Proxy.describe_queries`) is ranked under several settings
-  (:meth:`ModelIndex.match`).
+  (:meth:`know2vec_jax.retrieval.Retriever.score`).
 
   Args:
     proxy, index: the trained proxy and the index of every zoo model.
@@ -377,14 +377,15 @@ def search_ranks(proxy: Proxy, index, queries, q_task: np.ndarray, m_task: dict,
   described: dict = {}  # the settings that change how queries are described -> description
   out = {}
   for row, overrides in settings.items():
-    match = proxy.match_config(overrides)
+    retriever = proxy.retriever.with_settings(overrides)
+    match = retriever.config
     key = (match.neighbours, match.radius, match.min_neighbours)
     if key not in described:
       described[key] = proxy.with_match(neighbours=match.neighbours, radius=match.radius,
                                         min_neighbours=match.min_neighbours).describe_queries(
                                             xy, index=index)
     vectors, classes = described[key]
-    found = index.match(vectors, classes if match.enabled else None, len(index), match)
+    found = retriever.score(index, vectors, classes if match.enabled else None, len(index))
     ranks = np.empty(len(queries), np.int64)
     for qi, ids in enumerate(found.ids):
       hit = [r for r, m in enumerate(ids) if m_task[m] == q_task[qi]]
@@ -552,7 +553,7 @@ def run(cfg: GeneraliseConfig, zoo_dir: str, cache_dir: str, out: str | None,
                                            for by_fold in by_seed.values()]) | {"queries": len(
                                                ood[name])}
                                for name, by_seed in ood_flags.items()},
-                 "threshold": reference.config.match.fit_threshold,
+                 "threshold": reference.retriever.fit_threshold,
                  "calibration": reference.info.get("calibration")}
 
   # Baselines on the same queries: their scores do not depend on the fold or the aligner seed.

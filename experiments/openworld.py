@@ -68,6 +68,7 @@ from experiments.generalise import search_ranks, summarise, rate
 from experiments.nnr import leep_matrix, zoo_tasks_sorted
 from know2vec_jax import config as config_lib
 from know2vec_jax import pool as pool_lib
+from know2vec_jax import training
 from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import Presets, require, require_known
@@ -476,7 +477,7 @@ VALIDATION_NO_FIT = {"fit_token_weight": (0.25, 1.0, 2.0), "false_alarm": (0.005
 def _best_fit(proxy: Proxy, index, described, weights) -> dict:
   """Each query's highest ``agreement + w * token`` over the index, for each weight w."""
   vectors, classes = described
-  found = index.match(vectors, classes, len(index), proxy.config.match)
+  found = proxy.retriever.score(index, vectors, classes, len(index))
   a, t = np.asarray(found.agreement), np.asarray(found.token)
   return {w: (a + w * t).max(1) if a.shape[1] else np.zeros(len(a)) for w in weights}
 
@@ -531,8 +532,8 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
         scfg = config_lib.override(pcfg, [f"align.seed={seed}"])
         proxy = Proxy.train(zoo, scfg, model_ids=train_ids, cache=cache, progress=progress)
         index = proxy.build_index(groups_from_zoo(zoo, model_ids=train_ids), meta, cache=cache)
-        calib, _ = proxy.validation_queries(train_ids, {m: zoo.record(m).task for m in
-                                                        train_ids}, zoo.image_shape)
+        calib, _ = training.validation_queries(proxy, train_ids, {m: zoo.record(m).task for m in
+                                                                  train_ids}, zoo.image_shape)
         stats = {}
         for n, radius in describe:
           p = proxy.with_match(neighbours=n, radius=radius)
@@ -547,8 +548,8 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
           described = p.describe_queries(xy, index=index)
           stats[(n, radius)]["present"] = _best_fit(p, index, described, weights)
           for tw in grid["token_weight"]:
-            match = p.match_config([f"token_weight={tw}"])
-            found = index.match(described[0], described[1], len(index), match)
+            found = p.retriever.with_settings([f"token_weight={tw}"]).score(
+                index, described[0], described[1], len(index))
             r = np.asarray([next((j + 1 for j, m in enumerate(row) if m_task[m] == q_task[qi]),
                                  len(row) + 1) for qi, row in enumerate(found.ids)])
             key = json.dumps({"neighbours": n, "radius": radius, "token_weight": tw})

@@ -14,11 +14,14 @@ The public API, re-exported here (see the README for a walk-through):
 - aligner: :class:`Trainer`, :class:`AlignConfig`, :class:`RankingObjective`,
   :class:`TransferObjective`, :func:`train_step`, :func:`ranking_loss`
 - index: :class:`ModelIndex` (storage ``float32 | bfloat16 | int8``, :func:`quantize_int8`);
-  retrieval settings :class:`MatchConfig` (:mod:`know2vec_jax.classmatch`)
+  retrieval (:mod:`know2vec_jax.retrieval`): :class:`Retriever` (scores an index's models for
+  described queries), its settings :class:`MatchConfig` and fitted statistics
+  :class:`Calibration`; class-level matching :mod:`know2vec_jax.classmatch`
 - multi-process stages: :mod:`know2vec_jax.distributed` (``initialize``, the work split)
 - pipeline (black boxes -> training data, shared by the proxy and every experiment):
   :func:`probe_pool`, :class:`Cache`, :class:`LabelledSet`, :class:`TransferLabels`
-- proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`;
+- proxy (a trained, saved Know2Vec): :class:`Proxy`, :func:`proxy_preset`, :func:`query`
+  (training :mod:`know2vec_jax.training`, storage :mod:`know2vec_jax.proxy_store`);
   fine-tune selection (``Proxy.select``): :class:`SelectionConfig`, :func:`draw_targets`,
   :func:`fit_head`, :func:`finetunable`, :func:`finetune_labels`
 - configs: :func:`override` (dotted ``key=value``), :func:`to_dict`, :func:`from_dict`,
@@ -45,7 +48,6 @@ from know2vec_jax.index import IndexStoreError, ModelIndex, quantize_int8
 from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, expected_queries,
                                     extract_knowledge, grid_inputs)
 from know2vec_jax import classmatch, distributed
-from know2vec_jax.classmatch import MatchConfig
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
                                   spearman, top1_regret, weighted_tau)
@@ -53,6 +55,7 @@ from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, finetune_l
 from know2vec_jax.pool import Pool, PoolConfig
 from know2vec_jax.pool import build as build_pool
 from know2vec_jax.probe import stack_logits
+from know2vec_jax.retrieval import Calibration, MatchConfig, Matches, Retriever
 from know2vec_jax.proxy import (Proxy, ProxyConfig, ProxyError, proxy_preset, query, zoo_metadata,
                                 zoo_tasks)
 from know2vec_jax.selection import SelectionConfig, draw_targets, finetunable, fit_head

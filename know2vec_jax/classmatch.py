@@ -17,20 +17,10 @@ both sides already hold:
   of each class's anchors: the diagonal of its knowledge grid), one-to-one, summed cosine divided by
   max(K_q, K_m), so classes of a wider model that the query lacks count against it.
 
-The retrieval score is ``agreement + token_weight * token + vector_weight * (q . m)``: the aligned
-vectors keep what the aligner learned about the tasks it saw (their domains above all), the class
-terms carry the composition.
-
-**Familiar queries.** The small vector weight and the hub correction (``hub_k``) serve queries of
-tasks the aligner never saw and models of families it never saw; on a query of a task it *did*
-train on they let the class terms prefer a near-twin (the same classes in another domain, three
-classes of four shared) that the aligned vectors tell apart. A query is *familiar* when it sits
-as close to the proxy's reference queries (validation queries of its training tasks) as almost
-no reference query sits to another task's (:func:`calibrate_familiar`) and the model its vector
-prefers fits its classes about as well as any (:func:`familiar`); a familiar query weighs the
-vectors more and corrects them less (``familiar_*`` settings). The one-to-one assignment is greedy (repeatedly the largest remaining
-entry), jitted and batched over queries and candidates; on the demo zoo's queries it ranked as the
-exact (Hungarian) assignment did (top-1 0.865 vs 0.863).
+How the class terms join the aligned vectors in the retrieval score, the familiar-task gate and
+the no-fit flag are :mod:`know2vec_jax.retrieval`'s. The one-to-one assignment is greedy
+(repeatedly the largest remaining entry), jitted and batched over queries and candidates; on the
+demo zoo's queries it ranked as the exact (Hungarian) assignment did (top-1 0.865 vs 0.863).
 
 On a large index the vector stage first keeps a ``shortlist`` of candidates per query (one
 matrix product and a top-k), and only those are matched class by class.
@@ -46,112 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from know2vec_jax import shapes
-from know2vec_jax.config import require
-
-
-@dataclasses.dataclass(frozen=True)
-class MatchConfig:
-  """How retrieval scores a (query, model) pair.
-
-  The defaults were chosen on validation queries of training tasks of the varied zoo
-  (``python -m experiments.generalise --validate``; its docstring records the numbers): top-1 on
-  validation tasks the aligner never saw rose from 0.47 (vectors alone) to 0.84, and 1.00 on
-  training tasks; a larger token weight (0.5, 1) or vector weight (0.5) lost 0.05-0.15 there.
-  ``radius`` and ``fit_token_weight`` were chosen on the open-world validation carves (a source
-  no training model has; ``python -m experiments.openworld --validate``): top-1 0.712 -> 0.748
-  with the radius, and no-fit false alarm 0.208 -> 0.033 at detection 0.956 -> 0.985 with the
-  fit token weight 2.
-
-  Attributes:
-    enabled: score with class-level matching (False: the vector cosine q . m alone).
-    neighbours: pool images standing for each query class (nearest to its prototype in phi).
-    radius: keep, of those, only the pool images at least as close to the class prototype as
-      the query's own least typical image of the class (its smallest cosine to the prototype),
-      and never fewer than ``min_neighbours``: a pool with few images of the query's kind (a
-      small source, a domain the pool barely covers) then lends fewer, purer stand-ins instead
-      of filling ``neighbours`` with other classes.
-    min_neighbours: the fewest stand-ins per class with ``radius``.
-    token_weight: weight of the token match.
-    vector_weight: weight of the aligned vectors' cosine.
-    shortlist: candidates per query that the vector stage passes on (0: every model). Large, so
-      that every model of a zoo of up to this size is matched class by class: a family the aligner
-      never saw gets vectors that say little (on the varied zoo, held-out ``knn`` models ranked a
-      median 140th by their vectors while their class agreement was 0.99), and a short list of
-      256 left them out.
-    hub_k: correct each model's cosine q . m by its hub offset h(m), the mean of its ``hub_k``
-      highest cosines to the proxy's reference queries
-      (:meth:`know2vec_jax.index.ModelIndex.hub_offsets`; 0: raw cosines). Vectors of a family
-      the aligner never saw sit apart from every query (on the varied zoo, trained without
-      ``knn``: h = 0.48 for its models against 0.83-0.90 for the others): raw, their cosine ranks
-      them down whatever their class agreement.
-    hub_scale: lambda in q . m - lambda * h(m): 1 is cross-domain similarity local scaling on
-      the model side; smaller keeps more of the raw cosine, which tells the tasks the aligner
-      trained on apart best.
-    fit_threshold: a query whose fit score (the highest ``agreement + fit_token_weight *
-      token`` among the candidates, :func:`fit_score`) is below this is flagged as fitting no
-      model; set by calibration on validation queries (:func:`calibrate_threshold`). 0 never
-      flags: agreement is >= 0, and so are the token cosines, phi's features being non-negative
-      (ReLU).
-    fit_token_weight: the token match's weight in the fit score. A model of another source
-      can label a new source's stand-ins consistently (every trouser a "1"), but its class
-      tokens, made of its own kind of image, do not look like the query's classes: the token
-      separates "no model fits" from "a model fits" where agreement alone does not.
-    familiar_threshold: a query whose familiarity (its highest cosine to the proxy's reference
-      queries, :func:`familiarity`) is at least this, and that passes ``familiar_fit_gap``, is
-      *familiar*: it looks like a query of a task the aligner trained on, and is scored with
-      ``familiar_hub_scale`` and ``familiar_vector_weight`` instead of ``hub_scale`` and
-      ``vector_weight`` (:func:`familiar`). Set by calibration on the reference queries
-      (:func:`calibrate_familiar`); None: no query is familiar.
-    familiar_quantile: the calibration's share of reference queries whose nearest reference
-      query of *another* task stays under the threshold (what an unseen task's query looks
-      like); 0 turns the gate off (no threshold is calibrated).
-    familiar_fit_gap: a familiar query must also have its aligned vector's favourite model fit
-      its classes within this of the best-fitting model (:func:`fit_score`): the vectors and the
-      class terms agree on what the query is.
-    familiar_hub_scale, familiar_vector_weight: the vector term of a familiar query. Where the
-      query is of a task the aligner trained on, its aligned vectors tell that task's models
-      from near-twins (the same classes in another domain, three classes of four shared) better
-      than the untrained class terms do, and the hub correction, which keeps foreign families
-      in reach of unseen queries, only blurs that.
-  """
-  enabled: bool = True
-  neighbours: int = 100
-  radius: bool = True
-  min_neighbours: int = 5
-  token_weight: float = 0.25
-  vector_weight: float = 0.1
-  shortlist: int = 4096
-  hub_k: int = 1
-  hub_scale: float = 1.0
-  fit_threshold: float = 0.0
-  fit_token_weight: float = 2.0
-  familiar_threshold: float | None = None
-  familiar_quantile: float = 0.98
-  familiar_fit_gap: float = 0.1
-  familiar_hub_scale: float = 0.5
-  familiar_vector_weight: float = 0.5
-
-  def __post_init__(self):
-    require(self.neighbours >= 1, f"match neighbours must be >= 1, got {self.neighbours}")
-    require(1 <= self.min_neighbours <= self.neighbours, f"match min_neighbours must be in "
-            f"1..neighbours={self.neighbours}, got {self.min_neighbours}")
-    require(self.fit_token_weight >= 0, f"match fit_token_weight must be >= 0, got "
-            f"{self.fit_token_weight}")
-    require(self.token_weight >= 0 and self.vector_weight >= 0,
-            f"match token_weight and vector_weight must be >= 0, got {self.token_weight}, "
-            f"{self.vector_weight}")
-    require(self.shortlist >= 0, f"match shortlist must be >= 0, got {self.shortlist}")
-    require(self.hub_k >= 0, f"match hub_k must be >= 0, got {self.hub_k}")
-    require(0.0 <= self.hub_scale <= 1.0, f"match hub_scale must be in [0, 1], got "
-            f"{self.hub_scale}")
-    require(0.0 <= self.familiar_hub_scale <= 1.0, f"match familiar_hub_scale must be in [0, 1], "
-            f"got {self.familiar_hub_scale}")
-    require(self.familiar_vector_weight >= 0, f"match familiar_vector_weight must be >= 0, got "
-            f"{self.familiar_vector_weight}")
-    require(0.0 <= self.familiar_quantile < 1.0, f"match familiar_quantile must be in [0, 1), got "
-            f"{self.familiar_quantile}")
-    require(self.familiar_fit_gap >= 0, f"match familiar_fit_gap must be >= 0, got "
-            f"{self.familiar_fit_gap}")
 
 
 @dataclasses.dataclass
@@ -360,15 +244,6 @@ def class_scores(query: QueryClasses, tokens, token_mask=None, pool_labels=None,
   return agree, tok
 
 
-def combine(agreement, token, vector, config: MatchConfig, vector_weight=None):
-  """The retrieval score ``agreement + token_weight * token + vector_weight * vector``.
-
-  ``vector_weight``: float [Q, 1] per query (familiar queries weigh their vectors by
-  ``familiar_vector_weight``, :func:`vector_terms`); default the config's."""
-  w = config.vector_weight if vector_weight is None else vector_weight
-  return agreement + config.token_weight * token + w * vector
-
-
 def familiarity(query_vectors, reference) -> np.ndarray | None:
   """Each query's highest cosine to the reference queries (float32 [Q]); None without them.
 
@@ -383,111 +258,14 @@ def familiarity(query_vectors, reference) -> np.ndarray | None:
   return (np.asarray(query_vectors, np.float32) @ reference.T).max(1)
 
 
-def familiar(classes: "QueryClasses | None", config: MatchConfig, fit=None,
-             cosine=None) -> np.ndarray | None:
-  """bool [Q]: which queries the familiar-task gate scores with the familiar settings; None
-  when the gate is off or the queries carry no familiarity.
-
-  A query is familiar when its familiarity reaches ``familiar_threshold`` and, given the
-  candidates' fit scores and raw cosines, the model its aligned vector prefers fits its classes
-  within ``familiar_fit_gap`` of the best-fitting candidate: the vectors and the classes agree.
-
-  Args:
-    classes: the queries' :class:`QueryClasses` (their ``familiarity``).
-    config: the thresholds.
-    fit: float [Q, R] the candidates' :func:`class_score` (optional).
-    cosine: float [Q, R] the candidates' raw cosines q . m (optional, with ``fit``).
-  """
-  if config.familiar_threshold is None or classes is None or classes.familiarity is None:
-    return None
-  gate = np.asarray(classes.familiarity) >= config.familiar_threshold
-  if fit is not None and cosine is not None and np.shape(fit)[1]:
-    fit = np.asarray(fit)
-    preferred = np.take_along_axis(fit, np.argmax(cosine, axis=1)[:, None], 1)[:, 0]
-    gate &= fit.max(1) - preferred <= config.familiar_fit_gap
-  return gate
+# Moved to know2vec_jax.retrieval (the scorer owns the score, the gate and the calibrations);
+# read through here for code that imported them from this module.
+_MOVED = ("MatchConfig", "combine", "class_score", "fit_score", "familiar", "vector_terms",
+          "familiar_threshold", "calibrate_familiar", "calibrate_threshold")
 
 
-def vector_terms(gate: np.ndarray | None, config: MatchConfig) -> tuple:
-  """(hub scale, vector weight) per query, float32 [Q, 1] each, or the config's scalars when
-  ``gate`` (:func:`familiar`) is None."""
-  if gate is None:
-    return config.hub_scale, config.vector_weight
-  g = np.asarray(gate, bool)[:, None]
-  return (np.where(g, config.familiar_hub_scale, config.hub_scale).astype(np.float32),
-          np.where(g, config.familiar_vector_weight, config.vector_weight).astype(np.float32))
-
-
-def familiar_threshold(other_task, quantile: float) -> float:
-  """The ``quantile`` quantile of reference queries' highest cosines to other tasks' reference
-  queries (:func:`calibrate_familiar`'s ``other_task``): the familiar-task threshold."""
-  return float(np.quantile(np.asarray(other_task, np.float64), quantile, method="higher"))
-
-
-def calibrate_familiar(reference, tasks, quantile: float) -> dict:
-  """The familiar-task threshold from the reference queries alone.
-
-  A query of a task the aligner trained on has that task's reference queries nearby; a query of
-  another task has only other tasks' reference queries. Each reference query's highest cosine
-  to reference queries of *other* tasks stands for an unseen task's familiarity; the threshold
-  is its ``quantile`` quantile, so about ``1 - quantile`` of such queries would pass as familiar.
-  Each reference query's highest cosine to the *same* task's other reference queries, reported
-  beside it, says how many seen-task queries pass (``seen_pass``).
-
-  Args:
-    reference: float [R, E] the reference query vectors.
-    tasks: int [R] each reference query's task.
-    quantile: in [0, 1).
-
-  Returns:
-    {"threshold": float, "other_task": [R] cosines, "same_task": [R'] cosines (queries with a
-    second query of their task), "seen_pass": the share of same-task cosines >= threshold}.
-
-  Raises:
-    ValueError: fewer than two tasks, or no task with two reference queries.
-  """
-  ref = np.asarray(reference, np.float32)
-  tasks = np.asarray(tasks)
-  if len(np.unique(tasks)) < 2:
-    raise ValueError("familiar-task calibration needs reference queries of at least two tasks")
-  sim = ref @ ref.T
-  same = tasks[:, None] == tasks[None, :]
-  other = np.where(same, -np.inf, sim).max(1)
-  np.fill_diagonal(same, False)
-  has_twin = same.any(1)
-  if not has_twin.any():
-    raise ValueError("familiar-task calibration needs two reference queries of some task")
-  mine = np.where(same, sim, -np.inf).max(1)[has_twin]
-  threshold = familiar_threshold(other, quantile)
-  return {"threshold": threshold, "other_task": other.tolist(), "same_task": mine.tolist(),
-          "seen_pass": float(np.mean(mine >= threshold))}
-
-
-def class_score(agreement, token, config: MatchConfig):
-  """The class-level part of the retrieval score (no aligned vector): ``agreement +
-  token_weight * token``; the familiar-task gate compares it across candidates."""
-  return agreement + config.token_weight * token
-
-
-def fit_score(agreement, token, config: MatchConfig):
-  """How well a model fits a query's classes, comparable across seen and unseen tasks:
-  ``agreement + fit_token_weight * token``; its highest value among a query's candidates is what
-  the no-fit flag thresholds."""
-  return agreement + config.fit_token_weight * token
-
-
-def calibrate_threshold(best_fit_scores, false_alarm: float = 0.02) -> float:
-  """The no-fit threshold that flags at most ``false_alarm`` of in-distribution validation
-  queries: the ``false_alarm`` quantile of their best models' :func:`fit_score`.
-
-  Args:
-    best_fit_scores: float [V] the best model's fit score of each validation query.
-    false_alarm: the share of such queries allowed to be flagged.
-
-  Returns:
-    The threshold (a float).
-  """
-  x = np.asarray(best_fit_scores, np.float64)
-  if x.size == 0:
-    raise ValueError("no validation scores to calibrate the no-fit threshold on")
-  return float(np.quantile(x, false_alarm, method="lower"))
+def __getattr__(name: str):
+  if name in _MOVED:
+    from know2vec_jax import retrieval
+    return getattr(retrieval, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -253,9 +253,16 @@ def _cmd_train(args) -> int:
   from know2vec_jax import config as config_lib
   from know2vec_jax import proxy as proxy_lib
   from know2vec_jax.pipeline import Cache
+  from know2vec_jax.retrieval import THRESHOLDS
   from know2vec_jax.zoo import load_zoo
   distributed = _launch(args)
   overrides = list(args.set) + ([f"objective={args.objective}"] if args.objective else [])
+  for item in overrides:  # a fitted value is not a setting: refuse it rather than overwrite it
+    key = item.partition("=")[0].strip()
+    if key.removeprefix("match.") in THRESHOLDS:
+      raise CommandError(f"{key} is fitted by training (false_alarm and match.familiar_quantile "
+                         f"set the quantile it is read at), not a setting; set it by hand at "
+                         f"query time: know2vec query --set {key}=VALUE")
   cfg = config_lib.override(proxy_lib.proxy_preset(args.preset), overrides)
   if args.pool:
     cfg = _with_pool(cfg, args.pool)

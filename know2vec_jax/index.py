@@ -24,11 +24,12 @@ An index built by a proxy also holds each model's **class knowledge**: its class
 [K_max, D] (mean phi of each class's anchors), their mask, and its label for every image of the
 proxy's probe pool (uint8 [N]), and its H highest cosines to the proxy's reference queries
 (float32 [H], best first: how close the model's vector ever comes to a query, which
-:class:`know2vec_jax.classmatch.MatchConfig`'s ``hub_k`` subtracts from its cosine, so that
+:class:`know2vec_jax.retrieval.MatchConfig`'s ``hub_k`` subtracts from its cosine, so that
 models whose vectors sit apart, e.g. of a family the aligner never saw, are not ranked down for
-it). :meth:`ModelIndex.match` then ranks in two stages: the vector
+it). Retrieval (:class:`know2vec_jax.retrieval.Retriever`) then ranks in two stages: the vector
 stage keeps a shortlist per query, and class-level matching (:mod:`know2vec_jax.classmatch`)
-scores it. Rows hold class knowledge all or none.
+scores it. Rows hold class knowledge all or none; the index stores them and searches vectors,
+scoring is retrieval's.
 
 An index may also hold **its own pool**: unlabelled images (e.g. a zoo owner's images of their
 domain) that it adds to its proxy's probe pool. Every row of such an index was probed on the
@@ -54,7 +55,6 @@ place, so an interrupted save leaves any previous index at that path intact and 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -275,31 +275,6 @@ def _sharded_search_fn(mesh: jax.sharding.Mesh, k_local: int, k: int, kernel: st
   return jax.jit(fn)
 
 
-@dataclasses.dataclass
-class Matches:
-  """What :meth:`ModelIndex.match` returns for Q queries, best first (k' columns).
-
-  Attributes:
-    ids: per query, the k' model ids.
-    scores: float32 [Q, k'] the retrieval score (:func:`know2vec_jax.classmatch.combine`).
-    agreement, token, vector: float32 [Q, k'] its parts.
-    fit: float32 [Q] the highest class-level fit score among the candidates
-      (:func:`know2vec_jax.classmatch.fit_score`).
-    no_fit: bool [Q] the fit score is below the config's ``fit_threshold``: no model of the
-      index fits the query's classes well.
-    familiar: bool [Q] the query looks like one of a task the proxy trained on and was scored
-      with the config's familiar settings (:func:`know2vec_jax.classmatch.familiar`).
-  """
-  ids: list[list[str]]
-  scores: np.ndarray
-  agreement: np.ndarray
-  token: np.ndarray
-  vector: np.ndarray
-  fit: np.ndarray
-  no_fit: np.ndarray
-  familiar: np.ndarray
-
-
 def _storage_name(value: Any) -> str:
   """A storage type's canonical name ("float32", "bfloat16" or "int8"); IndexStoreError if none."""
   try:
@@ -396,7 +371,7 @@ class ModelIndex:
     self._classes: dict[str, np.ndarray] | None = None  # CLASS_ARRAYS, one row per model
     # (device arrays: (vectors,) or (int8 codes, scales); num_valid on device; mesh or None)
     self._device_state = None
-    self._device_classes = None  # classmatch.ClassKnowledge, built on the first match
+    self._device_classes = None  # classmatch.ClassKnowledge, built on the first query
     self._pool: np.ndarray | None = None  # the index's own pool images [N', H, W, C]
     self._pool_provenance: list[dict] = []
     self._proxies: dict[str, dict] = {}  # fingerprint -> what that proxy was built from
@@ -730,7 +705,7 @@ class ModelIndex:
     order = np.lexsort((rows, -exact), axis=1)[:, :k]
     return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
 
-  def _check_queries(self, queries) -> np.ndarray:
+  def check_queries(self, queries) -> np.ndarray:
     """``queries`` as float32 [Q, dim] (a 1-D query becomes Q = 1); IndexStoreError naming the
     problem for a non-float array, a wrong shape or a non-finite query."""
     try:
@@ -771,7 +746,7 @@ class ModelIndex:
     """
     check_k(k)
     depth = self._rescore if rescore is None else _rescore_depth(rescore)
-    q = self._check_queries(queries)
+    q = self.check_queries(queries)
     kk = min(int(k), len(self))
     nq = q.shape[0]
     if kk == 0 or nq == 0:
@@ -796,86 +771,25 @@ class ModelIndex:
       scores, idx = self._rescore_exact(q, idx, kk)
     return scores, [[self._ids[j] for j in row] for row in idx]
 
-  def match(self, queries, classes: classmatch.QueryClasses, k: int = 10,
-            config: classmatch.MatchConfig = classmatch.MatchConfig()) -> Matches:
-    """The k best models per query by vector *and* class-level score (two stages).
+  def rows_of(self, ids: Sequence[Sequence[str]]) -> np.ndarray:
+    """int [Q, R] the row numbers of ``ids`` (per query, R model ids, as :meth:`search` gives)."""
+    return np.asarray([[self._row[i] for i in row] for row in ids], np.int64).reshape(
+        len(ids), -1)
 
-    The vector stage ranks every row by q . m (corrected by the model's hub offset,
-    :meth:`hub_offsets`, times ``config.hub_scale`` (``familiar_hub_scale`` for a familiar
-    query, :func:`know2vec_jax.classmatch.familiar`), when ``config.hub_k`` is set: the
-    returned ``vector`` part is then the corrected cosine) and keeps ``config.shortlist`` candidates per query
-    (all rows when the shortlist is 0 or at least the index size); the candidates are scored by
-    :func:`know2vec_jax.classmatch.class_scores` and ranked by
-    :func:`know2vec_jax.classmatch.combine`. With ``config.enabled`` False this is :meth:`search`
-    (the class parts are then zero and no query is flagged).
-
-    Args:
-      queries: float [Q, dim] (or [dim]) query vectors.
-      classes: the same queries' :class:`know2vec_jax.classmatch.QueryClasses`.
-      k: how many models to return per query (at most the shortlist).
-      config: the weights, the shortlist and the no-fit threshold.
-
-    Returns:
-      :class:`Matches`.
+  def class_knowledge(self) -> classmatch.ClassKnowledge:
+    """Every row's class knowledge as class scoring reads it, resident on the device: built on
+    the first call after a change, so that a query moves only its own indices.
 
     Raises:
-      IndexStoreError: as :meth:`search` (k < 1 included); an index without class knowledge;
-        classes for another number of queries or another token size.
+      IndexStoreError: an index without class knowledge.
     """
-    check_k(k)
-    q = self._check_queries(queries)
-    nq = q.shape[0]
-    if not config.enabled:
-      scores, ids = self.search(q, k)
-      zero = np.zeros_like(scores)
-      return Matches(ids, scores, zero, zero, scores, np.zeros(nq, np.float32),
-                     np.zeros(nq, bool), np.zeros(nq, bool))
-    if not self.has_classes:
+    if self._classes is None:
       raise IndexStoreError("this index holds no class knowledge (it was not built by "
-                            "Proxy.build_index): search it with vectors alone (match.enabled=false)")
-    if len(classes) != nq:
-      raise IndexStoreError(f"got class descriptions of {len(classes)} queries for {nq} query "
-                            "vectors")
-    if classes.prototypes.shape[-1] != self._classes["tokens"].shape[-1]:
-      raise IndexStoreError(f"query prototypes of size {classes.prototypes.shape[-1]} do not match "
-                            f"the index's class tokens of size {self._classes['tokens'].shape[-1]}")
-    m = len(self)
-    r = m if config.shortlist == 0 else min(config.shortlist, m)
-    hub = self.hub_offsets(config.hub_k)
-    if r == m or hub is not None:
-      raw = q @ self._vectors.T
-      if r == m:  # every row is a candidate: score them all, no vector top-k needed
-        rows = np.broadcast_to(np.arange(m), (nq, m))
-      else:  # the shortlist by centred cosine, so that no family is cut for where it sits
-        vec = raw - config.hub_scale * hub if hub is not None else raw
-        rows = np.argpartition(-vec, r - 1, axis=1)[:, :r]
-        rows = np.take_along_axis(rows, np.argsort(-np.take_along_axis(vec, rows, 1), 1,
-                                                   kind="stable"), 1)
-        raw = np.take_along_axis(raw, rows, 1)
-    else:
-      raw, ids = self.search(q, r)
-      rows = np.asarray([[self._row[i] for i in row] for row in ids])
-    if self._device_classes is None:  # resident: a query moves only its own indices
+                            "Proxy.build_index)")
+    if self._device_classes is None:
       self._device_classes = classmatch.ClassKnowledge.from_arrays(
           self._classes["tokens"], self._classes["mask"], self._classes["pool_labels"])
-    agree, tok = classmatch.class_scores(classes, self._device_classes, rows=rows)
-    gate = classmatch.familiar(classes, config, classmatch.class_score(agree, tok, config), raw)
-    hub_scale, weight = classmatch.vector_terms(gate, config)
-    # Each model's cosine relative to how close it ever comes to a query (hub correction).
-    vec = raw - hub_scale * hub[rows] if hub is not None else raw
-    score = classmatch.combine(agree, tok, vec, config, weight)
-    kk = min(int(k), r)
-    # Best first; equal scores keep the vector stage's order (stable).
-    order = np.argsort(-score, axis=1, kind="stable")[:, :kk]
-    take = lambda a: np.take_along_axis(np.asarray(a, np.float32), order, 1)  # noqa: E731
-    # The highest fit among the candidates: whether any model of the index fits the query.
-    fit = classmatch.fit_score(agree, tok, config)
-    best_fit = (np.asarray(fit, np.float32).max(1) if fit.shape[1]
-                else np.zeros(nq, np.float32))
-    return Matches([[self._ids[j] for j in row] for row in np.take_along_axis(rows, order, 1)],
-                   take(score), take(agree), take(tok), take(vec), best_fit,
-                   best_fit < config.fit_threshold,
-                   np.zeros(nq, bool) if gate is None else gate)
+    return self._device_classes
 
   def hub_offsets(self, k: int) -> np.ndarray | None:
     """Each model's mean of its ``k`` highest cosines to the proxy's reference queries

@@ -32,12 +32,12 @@ from know2vec_jax.align import (AlignConfig, AlignData, RankingObjective, Traine
                                 TransferData, TransferObjective)
 from know2vec_jax.backbone import Backbone, BackboneConfig, augment, train_backbone
 from know2vec_jax.blackbox import BlackBoxGroup
-from know2vec_jax.classmatch import MatchConfig
 from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task, load_source, stable_seed, task_split
 from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, group_knowledge,
                                     store_context)
 from know2vec_jax.pool import Pool, PoolConfig
+from know2vec_jax.retrieval import MatchConfig
 from know2vec_jax.selection import SelectionConfig
 from know2vec_jax.strategy import STRATEGIES
 from know2vec_jax.transfer import FinetuneConfig, TransferTarget, ground_truth, target_data
@@ -49,6 +49,11 @@ PROXY_OBJECTIVES = ("retrieve", "finetune", "both")
 
 class PipelineError(ValueError):
   """Training inputs that cannot be used (an empty zoo, a task too large, mismatched labels)."""
+
+
+class ProxyError(ValueError):
+  """A proxy that cannot be trained, saved, loaded or used as asked; the message says why
+  (``know2vec_jax.proxy.ProxyError``: the proxy's modules share it)."""
 
 
 @dataclasses.dataclass(frozen=True)

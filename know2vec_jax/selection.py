@@ -35,7 +35,9 @@ from flax import nnx
 from know2vec_jax.align import listwise_loss
 from know2vec_jax.config import require
 from know2vec_jax.data import Task, load_source
+from know2vec_jax.index import check_k
 from know2vec_jax.metrics import weighted_tau
+from know2vec_jax.retrieval import _result_row
 from know2vec_jax.transfer import FinetuneConfig, TransferTarget, leak_key
 from know2vec_jax.vectorizers import AccuracyHead
 
@@ -250,3 +252,39 @@ def fit_head(query_vectors: np.ndarray, query_target: np.ndarray, model_vectors:
   head, losses = _fit(jnp.asarray(q), m, jnp.asarray(acc[qt]), cfg, hidden, cfg.seed)
   info["final_loss"] = float(losses[-1])
   return head, info
+
+
+def select(proxy, images, labels, index, k: int = 10) -> list[dict]:
+  """Ranks the index's models by predicted fine-tune accuracy on a few-shot task.
+
+  The query is embedded exactly as for retrieval; the accuracy head scores it against every
+  row of the index (the same vectors retrieval searches: one index serves both).
+
+  Args:
+    proxy: a :class:`know2vec_jax.proxy.Proxy` with an accuracy head.
+    images: float32 [N, H, W, C] in [0, 1], the task's labelled shots.
+    labels: int [N] in 0..K-1.
+    index: an index built with this proxy.
+    k: how many models to return.
+
+  Returns:
+    One dict per model, best first: ``rank`` (1-based), ``model_id``, ``predicted_accuracy``
+    (in [0, 1]), ``arch`` and ``task`` (None when the index has no such metadata), then the
+    rest of the model's metadata.
+
+  Raises:
+    InputError: a bad query; ProxyError: a proxy without an accuracy head, an empty index, an
+    index of another vector size, or rows another proxy vectorized.
+  """
+  from know2vec_jax.pipeline import ProxyError  # the pipeline imports this module
+  proxy.require_head()
+  check_k(k, ProxyError)
+  proxy.check_index(index)
+  if len(index) == 0:
+    raise ProxyError("the index is empty: add models with `know2vec index add`")
+  q = proxy.embed_query(images, labels)
+  pred = proxy.predict_accuracy(q[None], index.vectors)[0]
+  ids = index.ids
+  order = np.argsort(-pred, kind="stable")[:min(int(k), len(ids))]
+  return [_result_row(proxy, index, ids[i], r, {"predicted_accuracy": float(pred[i])})
+          for r, i in enumerate(order)]

@@ -9,6 +9,7 @@ import numpy as np
 from know2vec_jax import backbone as backbone_lib
 from know2vec_jax import pipeline
 from know2vec_jax import pool as pool_lib
+from know2vec_jax import training
 from know2vec_jax.data import load_source
 from know2vec_jax.proxy import Proxy
 
@@ -27,7 +28,7 @@ def install(monkeypatch) -> list[dict]:
   real_train = Proxy.train.__func__
   real_build, real_fit = pool_lib.build, backbone_lib.fit_backbone
   real_labelled, real_episodes = backbone_lib.labelled_data, pipeline.episode_grids
-  real_val, real_cal = Proxy.validation_queries, Proxy._calibrate
+  real_val, real_cal = training.validation_queries, training.calibrate
 
   def train(cls, zoo, cfg=None, **kw):
     seen.append({"model_ids": list(kw.get("model_ids") or zoo.records),
@@ -53,23 +54,23 @@ def install(monkeypatch) -> list[dict]:
     seen[-1].setdefault("episode_sets", []).extend(sets)
     return real_episodes(backbone, sets, *a, **k)
 
-  def validation(self, ids, model_tasks, image_shape):
-    queries, q_tasks = real_val(self, ids, model_tasks, image_shape)
+  def validation(proxy, ids, model_tasks, image_shape):
+    queries, q_tasks = real_val(proxy, ids, model_tasks, image_shape)
     seen[-1]["calibration_tasks"] = sorted({model_tasks[m] for m in ids}, key=str)
     seen[-1]["calibration_images"] = [x for x, _ in queries]
     return queries, q_tasks
 
-  def calibrate(self, rows, queries):
+  def calibrate(proxy, rows, queries, q_tasks):
     seen[-1]["calibration_models"] = list(rows[0])
-    return real_cal(self, rows, queries)
+    return real_cal(proxy, rows, queries, q_tasks)
 
   monkeypatch.setattr(Proxy, "train", classmethod(train))
   monkeypatch.setattr(pool_lib, "build", build)
   monkeypatch.setattr(backbone_lib, "labelled_data", labelled)
   monkeypatch.setattr(backbone_lib, "fit_backbone", fit)
   monkeypatch.setattr(pipeline, "episode_grids", episodes)
-  monkeypatch.setattr(Proxy, "validation_queries", validation)
-  monkeypatch.setattr(Proxy, "_calibrate", calibrate)
+  monkeypatch.setattr(training, "validation_queries", validation)
+  monkeypatch.setattr(training, "calibrate", calibrate)
   return seen
 
 

@@ -14,7 +14,9 @@ from scipy.optimize import linear_sum_assignment
 
 from know2vec_jax import classmatch
 from know2vec_jax.blackbox import CallableBlackBox
-from know2vec_jax.classmatch import MatchConfig, QueryClasses
+from know2vec_jax.classmatch import QueryClasses
+from know2vec_jax import retrieval
+from know2vec_jax.retrieval import MatchConfig, Retriever
 from know2vec_jax.data import load_source, make_task, task_images
 from know2vec_jax.index import IndexStoreError, ModelIndex
 from know2vec_jax import knowledge as knowledge_lib
@@ -87,7 +89,7 @@ def test_class_scores_prefer_the_exact_class_set_over_a_one_class_swapped_twin()
   assert agree[0, 1] == pytest.approx(0.75)  # class 3's stand-ins go to class 2, taken
   assert tok[0, 1] < 0.9
   assert agree[0, 3] == pytest.approx(0.5)  # a 2-way model covers 2 of the 4 classes
-  combined = classmatch.combine(agree, tok, np.zeros_like(agree), MatchConfig())
+  combined = retrieval.combine(agree, tok, np.zeros_like(agree), MatchConfig())
   assert np.argmax(combined[0]) == 0
   # Candidate rows: the same numbers for the rows asked about.
   a2, t2 = classmatch.class_scores(query, toks, masks, labels, rows=np.array([[2, 0]]))
@@ -133,9 +135,9 @@ def test_radius_keeps_the_stand_ins_as_close_as_the_querys_own_images():
 
 def test_fit_score_weighs_the_token_as_configured():
   a, t = np.array([[0.9, 0.5]]), np.array([[0.2, 0.9]])
-  np.testing.assert_allclose(classmatch.fit_score(a, t, MatchConfig(fit_token_weight=2.0)),
+  np.testing.assert_allclose(retrieval.fit_score(a, t, MatchConfig(fit_token_weight=2.0)),
                              [[1.3, 2.3]])
-  np.testing.assert_allclose(classmatch.class_score(a, t, MatchConfig(token_weight=0.5)),
+  np.testing.assert_allclose(retrieval.class_score(a, t, MatchConfig(token_weight=0.5)),
                              [[1.0, 0.95]])
 
 
@@ -186,7 +188,7 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
   q = rng.standard_normal((3, 8)).astype(np.float32)
   qc = QueryClasses(rng.random((3, 4, 16)).astype(np.float32), np.ones((3, 4), np.float32),
                     rng.integers(0, 50, (3, 4, 5)).astype(np.int32))
-  full = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=0))
+  full = Retriever(MatchConfig(shortlist=0, hub_k=0)).score(idx, q, qc, 40)
   # Every row scored: the combined score of each row, best first.
   agree, tok = classmatch.class_scores(qc, classes["tokens"], classes["mask"],
                                        classes["pool_labels"])
@@ -199,7 +201,7 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
       assert got[mid] == pytest.approx(want[i, j], abs=1e-5)
     assert np.all(np.diff(full.scores[i]) <= 1e-6)
   # A shortlist of 10 rescored: its rows' scores equal the full scores of the same rows.
-  short = idx.match(q, qc, 5, MatchConfig(shortlist=10, hub_k=0))
+  short = Retriever(MatchConfig(shortlist=10, hub_k=0)).score(idx, q, qc, 5)
   vec_top = idx.search(q, 10)[1]
   for i in range(3):
     assert set(short.ids[i]) <= set(vec_top[i])
@@ -208,29 +210,29 @@ def test_index_match_reranks_a_shortlist_and_equals_scoring_everything():
       assert s == pytest.approx(got[mid], abs=1e-5)
   # Hub-centred: every row's cosine minus the mean of its hub_k highest reference cosines, and
   # the shortlist taken by that centred cosine.
-  centred = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=2, hub_scale=1.0))
+  centred = Retriever(MatchConfig(shortlist=0, hub_k=2, hub_scale=1.0)).score(idx, q, qc, 40)
   hub = classes["hub"][:, :2].mean(1)
   want_c = agree + cfg.token_weight * tok + cfg.vector_weight * (q @ unit.T - hub)
   for i in range(3):
     got = dict(zip(centred.ids[i], centred.scores[i]))
     for j, mid in enumerate(idx.ids):
       assert got[mid] == pytest.approx(want_c[i, j], abs=1e-5)
-  half = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=2, hub_scale=0.5))
+  half = Retriever(MatchConfig(shortlist=0, hub_k=2, hub_scale=0.5)).score(idx, q, qc, 40)
   want_h = agree + cfg.token_weight * tok + cfg.vector_weight * (q @ unit.T - 0.5 * hub)
   for i in range(3):
     got = dict(zip(half.ids[i], half.scores[i]))
     assert all(got[mid] == pytest.approx(want_h[i, j], abs=1e-5) for j, mid in enumerate(idx.ids))
-  short_c = idx.match(q, qc, 10, MatchConfig(shortlist=10, hub_k=2, hub_scale=1.0))
+  short_c = Retriever(MatchConfig(shortlist=10, hub_k=2, hub_scale=1.0)).score(idx, q, qc, 10)
   for i in range(3):
     top = {idx.ids[j] for j in np.argsort(-(q[i] @ unit.T - hub))[:10]}
     assert set(short_c.ids[i]) == top
   # Vectors alone when matching is off; no class knowledge: a clear error.
-  off = idx.match(q, None, 5, MatchConfig(enabled=False))
+  off = Retriever(MatchConfig(enabled=False)).score(idx, q, None, 5)
   assert off.ids == idx.search(q, 5)[1]
   bare = ModelIndex(8)
   bare.add_vectors(["y"], np.ones((1, 8)))
   with pytest.raises(IndexStoreError, match="holds no class knowledge"):
-    bare.match(q, qc, 1)
+    Retriever().score(bare, q, qc, 1)
 
 
 def test_familiar_gate_scores_familiar_queries_with_their_own_settings():
@@ -242,31 +244,32 @@ def test_familiar_gate_scores_familiar_queries_with_their_own_settings():
   qc = QueryClasses(base.prototypes, base.mask, base.anchors,
                     np.array([0.9, 0.2, 0.75, 0.5], np.float32))
   gate = MatchConfig(shortlist=0, hub_k=1, hub_scale=1.0, vector_weight=0.1,
-                     familiar_threshold=0.7, familiar_fit_gap=10.0, familiar_hub_scale=0.0,
-                     familiar_vector_weight=0.5)
-  got = idx.match(q, qc, 40, gate)
+                     familiar_fit_gap=10.0, familiar_hub_scale=0.0, familiar_vector_weight=0.5)
+  got = Retriever(gate, familiar_threshold=0.7).score(idx, q, qc, 40)
   assert got.familiar.tolist() == [True, False, True, False]
   # The fit-gap condition: familiar only where the vectors' favourite model fits the query's
   # classes within the gap of the best-fitting model.
   agree, tok = classmatch.class_scores(qc, classes["tokens"], classes["mask"],
                                        classes["pool_labels"])
-  fit = classmatch.fit_score(agree, tok, gate)
+  fit = retrieval.fit_score(agree, tok, gate)
   gap = fit.max(1) - fit[np.arange(4), np.argmax(q @ idx.vectors.T, axis=1)]
   for g in (0.0, float(np.median(gap)), 10.0):
-    tight = idx.match(q, qc, 40, dataclasses.replace(gate, familiar_fit_gap=g))
+    tight = Retriever(dataclasses.replace(gate, familiar_fit_gap=g),
+                      familiar_threshold=0.7).score(idx, q, qc, 40)
     assert tight.familiar.tolist() == ((gap <= g) & np.array([1, 0, 1, 0], bool)).tolist()
   # Each query ranks exactly as under the settings its familiarity selects.
-  as_familiar = idx.match(q, base, 40, MatchConfig(shortlist=0, hub_k=1, hub_scale=0.0,
-                                                    vector_weight=0.5))
-  as_unfamiliar = idx.match(q, base, 40, MatchConfig(shortlist=0, hub_k=1, hub_scale=1.0,
-                                                      vector_weight=0.1))
+  as_familiar = Retriever(MatchConfig(shortlist=0, hub_k=1, hub_scale=0.0,
+                                      vector_weight=0.5)).score(idx, q, base, 40)
+  as_unfamiliar = Retriever(MatchConfig(shortlist=0, hub_k=1, hub_scale=1.0,
+                                        vector_weight=0.1)).score(idx, q, base, 40)
   for i, fam in enumerate(got.familiar):
     want = as_familiar if fam else as_unfamiliar
     assert got.ids[i] == want.ids[i]
     np.testing.assert_allclose(got.scores[i], want.scores[i], atol=1e-6)
   assert not as_familiar.familiar.any()  # no familiarity, no gate
   # No threshold (the gate off) or no familiarity: the plain settings for every query.
-  off = idx.match(q, qc, 40, MatchConfig(shortlist=0, hub_k=1, familiar_threshold=None))
+  off = Retriever(MatchConfig(shortlist=0, hub_k=1), familiar_threshold=None).score(
+      idx, q, qc, 40)
   assert not off.familiar.any() and off.ids == as_unfamiliar.ids
   assert qc.take([2, 0]).familiarity.tolist() == pytest.approx([0.75, 0.9])
 
@@ -281,7 +284,7 @@ def test_familiar_calibration_separates_seen_tasks_from_other_tasks():
   tasks = np.repeat(np.arange(30), 2)
   ref = centres[tasks] + 0.1 * rng.standard_normal((60, 32))
   ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-  cal = classmatch.calibrate_familiar(ref, tasks, 0.95)
+  cal = retrieval.calibrate_familiar(ref, tasks, 0.95)
   other, same = np.asarray(cal["other_task"]), np.asarray(cal["same_task"])
   assert len(other) == 60 and len(same) == 60
   assert same.min() > other.max()  # well-separated tasks: every seen query passes
@@ -295,9 +298,9 @@ def test_familiar_calibration_separates_seen_tasks_from_other_tasks():
   assert (classmatch.familiarity(new, ref) < cal["threshold"]).all()
   assert classmatch.familiarity(seen, np.zeros((0, 32))) is None
   with pytest.raises(ValueError, match="at least two tasks"):
-    classmatch.calibrate_familiar(ref[:2], tasks[:2], 0.9)
+    retrieval.calibrate_familiar(ref[:2], tasks[:2], 0.9)
   with pytest.raises(ValueError, match="two reference queries of some task"):
-    classmatch.calibrate_familiar(ref[::2], tasks[::2], 0.9)
+    retrieval.calibrate_familiar(ref[::2], tasks[::2], 0.9)
   with pytest.raises(Exception, match="familiar_quantile"):
     MatchConfig(familiar_quantile=1.0)
 
@@ -432,8 +435,8 @@ def _higher_quantile(values, q: float) -> float:
 def _calibration_queries(proxy, zoo):
   """The calibration's validation queries, drawn again through the public method, and each
   one's task number."""
-  from know2vec_jax.proxy import zoo_tasks
-  return proxy.validation_queries(list(zoo.records), zoo_tasks(zoo), zoo.image_shape)
+  from know2vec_jax.training import validation_queries, zoo_tasks
+  return validation_queries(proxy, list(zoo.records), zoo_tasks(zoo), zoo.image_shape)
 
 
 def test_no_fit_threshold_is_the_configured_quantile_of_the_validation_fits(tiny_proxy,
@@ -451,12 +454,16 @@ def test_no_fit_threshold_is_the_configured_quantile_of_the_validation_fits(tiny
   # One batch of 8, as the calibration searched them (its compiled steps are reused).
   fits = tiny_proxy.search(tiny_index, queries, k=1).fit
   cfg = tiny_proxy.config
-  assert cfg.match.fit_threshold == pytest.approx(_lower_quantile(fits, cfg.false_alarm),
-                                                  abs=1e-6), (sorted(fits), cfg.false_alarm)
+  assert tiny_proxy.retriever.fit_threshold == pytest.approx(
+      _lower_quantile(fits, cfg.false_alarm), abs=1e-6), (sorted(fits), cfg.false_alarm)
+  # The statistics it was read from are saved with it (not config fields).
+  cal = tiny_proxy.retriever.calibration
+  assert cal.false_alarm == cfg.false_alarm and not hasattr(cfg.match, "fit_threshold")
+  np.testing.assert_allclose(np.sort(cal.fit_scores), np.sort(fits), atol=1e-6)
   np.testing.assert_allclose(tiny_proxy.info["calibration"]["fit_quantiles"],
                              np.quantile(fits, [0, .02, .05, .5]), atol=1e-6)
   for q in (0.3, 0.5, 0.9):
-    assert classmatch.calibrate_threshold(fits, q) == pytest.approx(_lower_quantile(fits, q),
+    assert retrieval.calibrate_threshold(fits, q) == pytest.approx(_lower_quantile(fits, q),
                                                                      abs=1e-6), q
 
 
@@ -479,7 +486,7 @@ def test_no_fit_flag_fires_on_noise_and_far_domains_and_not_on_tasks_of_the_zoo(
   are left out.)"""
   from know2vec_jax.data import Task
   from know2vec_jax.proxy import query_result
-  threshold = tiny_proxy.config.match.fit_threshold
+  threshold = tiny_proxy.retriever.fit_threshold
   assert threshold > 0  # calibrated when it was trained
   seen = _held_out(tiny_proxy, [Task("digits", (3, 4, 5, 8)),
                                Task("digits+invert", (3, 4, 5, 8))], range(3))
@@ -502,7 +509,7 @@ def _gate_by_hand(proxy, index, queries):
   familiarity (the highest cosine of its vector to the reference queries) reaches the
   threshold, and the model its raw cosine prefers scores within ``familiar_fit_gap`` of the best
   class score. Returns (the product's flags, the recomputed ones, the familiarities)."""
-  match = proxy.config.match
+  match, threshold = proxy.retriever.config, proxy.retriever.familiar_threshold
   got, want, fam = [], [], []
   for q in queries:
     found = proxy.search(index, [tuple(q[-2:])], k=len(index))
@@ -513,8 +520,7 @@ def _gate_by_hand(proxy, index, queries):
                       for m in index.ids])
     gap = score.max() - score[np.argmax(index.vectors @ v)]
     got.append(bool(found.familiar[0]))
-    want.append(match.familiar_threshold is not None and f >= match.familiar_threshold
-                and gap <= match.familiar_fit_gap)
+    want.append(threshold is not None and f >= threshold and gap <= match.familiar_fit_gap)
     fam.append(f)
   return np.array(got), np.array(want), np.array(fam)
 
@@ -532,16 +538,15 @@ def test_familiar_gate_on_the_trained_proxy(tiny_proxy, tiny_index, tiny_zoo):
   decimals in ``info``, hence the 1e-5) and search applies it; quantile 0 turns the gate off."""
   from know2vec_jax.data import Task
   zoo = tiny_zoo[0]
-  match = tiny_proxy.config.match
-  assert match.familiar_quantile > 0 and match.familiar_threshold is not None  # the gate is on
+  match, threshold = tiny_proxy.config.match, tiny_proxy.retriever.familiar_threshold
+  assert match.familiar_quantile > 0 and threshold is not None  # the gate is on
   _, q_tasks = _calibration_queries(tiny_proxy, zoo)
   ref = tiny_proxy.reference
   assert len(ref) == len(q_tasks) == 8
   other = [max(float(ref[i] @ ref[j]) for j in range(len(ref)) if q_tasks[j] != q_tasks[i])
            for i in range(len(ref))]
   np.testing.assert_allclose(tiny_proxy.info["familiar"]["other_task"], other, atol=1e-5)
-  assert match.familiar_threshold == pytest.approx(
-      _higher_quantile(other, match.familiar_quantile), abs=1e-6)
+  assert threshold == pytest.approx(_higher_quantile(other, match.familiar_quantile), abs=1e-6)
   seen = _held_out(tiny_proxy, sorted({r.task for r in zoo.records.values()},
                                       key=lambda t: t.task_id), range(3))
   far = _held_out(tiny_proxy, [Task("fashion_mnist", (0, 1, 2, 3)), Task("digits", (5, 9))],
@@ -549,7 +554,7 @@ def test_familiar_gate_on_the_trained_proxy(tiny_proxy, tiny_index, tiny_zoo):
   got, want, fam = _gate_by_hand(tiny_proxy, tiny_index, seen + far)
   np.testing.assert_array_equal(got, want)
   n = len(seen)
-  assert (fam[:n] >= match.familiar_threshold).all(), fam[:n]
+  assert (fam[:n] >= threshold).all(), fam[:n]
   per_task = Counter(t for (t, _, _), f in zip(seen, got[:n]) if f)
   assert all(per_task[t] >= 2 for t, _, _ in seen), per_task
   assert not got[n:].any(), fam[n:]
@@ -557,16 +562,16 @@ def test_familiar_gate_on_the_trained_proxy(tiny_proxy, tiny_index, tiny_zoo):
   # statistic than 0.9 q would); the new threshold is the one search applies.
   for q in (0.3, 0.5, 0.6, 0.7, 0.9):
     other_q = tiny_proxy.with_match(familiar_quantile=q)
-    assert other_q.config.match.familiar_threshold == pytest.approx(
+    assert other_q.retriever.familiar_threshold == pytest.approx(
         _higher_quantile(other, q), abs=1e-5), q
     assert other_q.fingerprint == tiny_proxy.fingerprint
   low = tiny_proxy.with_match(familiar_quantile=0.5)
   fashion = [q for q in far if q[0].source == "fashion_mnist"]
   got, want, fam = _gate_by_hand(low, tiny_index, fashion)
   np.testing.assert_array_equal(got, want)
-  assert got.all(), (fam, low.config.match.familiar_threshold)  # familiar at the lower bar
+  assert got.all(), (fam, low.retriever.familiar_threshold)  # familiar at the lower bar
   off = tiny_proxy.with_match(familiar_quantile=0.0)
-  assert off.config.match.familiar_threshold is None
+  assert off.retriever.familiar_threshold is None
   assert not any(f.familiar[0] for f in _search_each(off, tiny_index, seen, k=3))
 
 
@@ -584,3 +589,36 @@ def test_familiar_gate_refuses_a_near_twin_of_a_training_task(tiny_proxy, tiny_i
            Task("digits+invert", (3, 4, 5, 9))]
   found = _search_each(tiny_proxy, tiny_index, _held_out(tiny_proxy, twins, range(3)), k=3)
   assert not any(f.familiar[0] for f in found), [bool(f.familiar[0]) for f in found]
+
+
+def test_retriever_settings_apart_from_its_fitted_thresholds():
+  """Settings change through ``with_settings``; a fitted threshold is not a config field, can be
+  set by hand at query time, and stays set through later setting changes; a bad one is refused
+  by name."""
+  cal = retrieval.Calibration(np.eye(3, dtype=np.float32), fit_threshold=1.5, false_alarm=0.02,
+                              fit_scores=[1.5, 2.0, 3.0], familiar_other=[0.1, 0.5, 0.9])
+  r = Retriever(MatchConfig(familiar_quantile=0.5), cal)
+  assert not {"fit_threshold", "familiar_threshold"} & {
+      f.name for f in dataclasses.fields(MatchConfig)}
+  assert r.fit_threshold == 1.5 and r.familiar_threshold == 0.5
+  hand = r.with_settings(["fit_threshold=0.25", "match.familiar_threshold=0.7"])
+  assert hand.fit_threshold == 0.25 and hand.familiar_threshold == 0.7
+  later = hand.with_settings(["token_weight=0.5"])
+  assert later.config.token_weight == 0.5 and later.fit_threshold == 0.25
+  assert later.familiar_threshold == 0.7
+  # A new quantile without a hand-set threshold reads it from the calibration again.
+  assert r.with_settings(["familiar_quantile=0.9"]).familiar_threshold == pytest.approx(0.9)
+  assert r.with_settings(["familiar_quantile=0"]).familiar_threshold is None
+  assert hand.with_settings(["familiar_threshold=none"]).familiar_threshold is None
+  for bad, msg in [("fit_threshold=high", "bad value 'high' for fit_threshold"),
+                   ("fit_threshold=none", "fit_threshold must be a number"),
+                   ("fit_threshold=nan", "expected a finite number"),
+                   ("vector_wieght=1", "unknown config key 'vector_wieght'"),
+                   ("token_weight", "must be KEY=VALUE")]:
+    with pytest.raises(Exception, match=msg):
+      r.with_settings([bad])
+  # The manifest form round-trips every statistic.
+  back = retrieval.Calibration.from_manifest(cal.to_manifest(), cal.reference)
+  assert back.fit_threshold == 1.5 and back.false_alarm == 0.02
+  np.testing.assert_array_equal(back.fit_scores, cal.fit_scores)
+  np.testing.assert_array_equal(back.familiar_other, cal.familiar_other)

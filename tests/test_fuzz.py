@@ -100,6 +100,7 @@ FIELDS = {
               ("vectorizer", "num_tasks"), ("pool_shape",), ("pool_shape", 0), ("pool",),
               ("pool", 0), ("pool", 0, "source"), ("pool", 0, "rows"), ("tasks",),
               ("knowledge",), ("knowledge", 0), ("knowledge", 0, 2), ("reference",),
+              ("retrieval",), ("retrieval", "fit_threshold"), ("retrieval", "familiar_other"),
               ("checksums",), ("checksums", "vectorizer")],
     "index": [("format",), ("version",), ("dim",), ("num_vectors",), ("storage",), ("rescore",),
               ("ids",), ("ids", 0), ("metadata",), ("metadata", 0), ("metadata", 0, "arch"),

@@ -215,6 +215,38 @@ def test_save_load_round_trip(tiny_proxy, tiny_proxy_dir, tiny_zoo):
   np.testing.assert_array_equal(back.reference, tiny_proxy.reference)
   assert len(back.knowledge) == len(tiny_proxy.knowledge) > 0
   _same_knowledge(back, tiny_proxy)
+  # Retrieval's fitted statistics come back exactly, and with them the thresholds in use.
+  a, b = back.retriever, tiny_proxy.retriever
+  assert a.fit_threshold == b.fit_threshold > 0 and a.familiar_threshold == b.familiar_threshold
+  for name in ("fit_scores", "familiar_other", "familiar_same"):
+    np.testing.assert_array_equal(getattr(a.calibration, name), getattr(b.calibration, name))
+
+
+def test_a_version_5_proxy_loads_with_its_thresholds(tiny_proxy, tiny_proxy_dir, tmp_path):
+  """A proxy saved before retrieval's statistics had their own place (version 5: both thresholds
+  in the config's match section, the familiar cosines in ``info``) loads, and searches with the
+  thresholds it was saved with."""
+  import json
+  import shutil
+  from know2vec_jax import storage
+  old = tmp_path / "v5"
+  shutil.copytree(tiny_proxy_dir, old)
+  m = json.loads((old / "proxy.json").read_text())
+  m["version"] = 5
+  cal = m.pop("retrieval")
+  m["config"]["match"]["fit_threshold"] = cal["fit_threshold"]
+  m["config"]["match"]["familiar_threshold"] = tiny_proxy.retriever.familiar_threshold
+  m[storage.MANIFEST_CHECKSUM] = storage.manifest_checksum(m)
+  (old / "proxy.json").write_text(json.dumps(m))
+  back = Proxy.load(old)
+  assert back.config == tiny_proxy.config
+  assert back.retriever.fit_threshold == tiny_proxy.retriever.fit_threshold > 0
+  assert back.retriever.familiar_threshold == tiny_proxy.retriever.familiar_threshold
+  np.testing.assert_array_equal(back.reference, tiny_proxy.reference)
+  # A new quantile is read from the recorded cosines, as before.
+  q = back.with_match(familiar_quantile=0.5).retriever.familiar_threshold
+  assert q == pytest.approx(tiny_proxy.with_match(familiar_quantile=0.5).retriever
+                            .familiar_threshold, abs=1e-5)
 
 
 def _same_knowledge(a, b):
@@ -384,8 +416,8 @@ def test_training_does_not_depend_on_how_black_boxes_are_grouped(tiny_zoo, tiny_
   for key, rec in tiny_proxy.knowledge.items():
     np.testing.assert_array_equal(dict(other.knowledge.items())[key].anchor_index,
                                   rec.anchor_index)
-  for a, b in zip(jax.tree.leaves(other._trees["vectorizer"]),
-                  jax.tree.leaves(tiny_proxy._trees["vectorizer"])):
+  for a, b in zip(jax.tree.leaves(other.trees["vectorizer"]),
+                  jax.tree.leaves(tiny_proxy.trees["vectorizer"])):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
