@@ -380,9 +380,12 @@ def select_models(zoo, spec: str | None, zoo_path: str = "the zoo") -> list[str]
   return [m for m in zoo.records if m in chosen]
 
 
-def _zoo_groups(zoo, zoo_path: str, model_ids, strategy: str = "auto"):
-  """The zoo's black-box groups (optionally only some models), unknown ids named."""
+def _zoo_groups(zoo, zoo_path: str, model_ids, strategy: str = "auto",
+                devices: str = "auto"):
+  """The zoo's black-box groups (optionally only some models), unknown ids named; each stack
+  probed over ``devices`` (:func:`know2vec_jax.mesh.probe_mesh`)."""
   from know2vec_jax.blackbox import groups_from_zoo
+  from know2vec_jax.mesh import probe_mesh
   from know2vec_jax.zoo import ZooError
   if model_ids is not None:
     unknown = [m for m in model_ids if m not in zoo.records]
@@ -392,7 +395,7 @@ def _zoo_groups(zoo, zoo_path: str, model_ids, strategy: str = "auto"):
                      + "; `know2vec zoo list --zoo ...` shows the ids")
     if not model_ids:
       raise ZooError("--models names no model")
-  return groups_from_zoo(zoo, model_ids=model_ids, strategy=strategy)
+  return groups_from_zoo(zoo, model_ids=model_ids, strategy=strategy, mesh=probe_mesh(devices))
 
 
 def _index_summary(index, path) -> dict:
@@ -476,7 +479,8 @@ def _cmd_index(args) -> int:
       _print(_index_summary(index, args.index) | {"added": []}, args.json,
              f"nothing to add: every model is already in {args.index}")
       return 0
-  groups = _zoo_groups(zoo, args.zoo, ids, args.strategy or proxy.config.strategy)
+  groups = _zoo_groups(zoo, args.zoo, ids, args.strategy or proxy.config.strategy,
+                       args.probe_devices or proxy.config.probe_devices)
   pool = None
   if getattr(args, "pool", None):
     import dataclasses
@@ -794,6 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strategy", default=None, choices=list(STRATEGIES),
                     help="model-axis strategy for probing the zoo's stacks (default: the "
                     "proxy's config)")
+    sp.add_argument("--probe-devices", default=None, choices=["auto", "all", "one"],
+                    help="the local devices the stacks' model axis is sharded over when probing: "
+                    "auto (every local accelerator; one device on a CPU host), all, one "
+                    "(default: the proxy's config); the knowledge is the same either way")
   ib.add_argument("--out", required=True, help="the index directory to write")
   ib.add_argument("--pool", action="append", default=[], metavar="SOURCE[@SPLIT]",
                   help="unlabelled images this index adds to the proxy's probe pool (repeatable; "

@@ -36,6 +36,7 @@ from know2vec_jax.config import Presets, require
 from know2vec_jax.data import Task, load_source, stable_seed, task_split
 from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, group_knowledge,
                                     store_context)
+from know2vec_jax.mesh import PROBE_DEVICES
 from know2vec_jax.pool import Pool, PoolConfig
 from know2vec_jax.retrieval import MatchConfig
 from know2vec_jax.selection import SelectionConfig
@@ -91,6 +92,9 @@ class ProxyConfig:
     false_alarm: the share of those validation queries the no-fit flag may fire on.
     max_classes: K_max, the most classes a model or query may have.
     strategy: model-axis strategy for probing zoo stacks (:mod:`know2vec_jax.strategy`).
+    probe_devices: the local devices zoo stacks are probed over, their model axis sharded
+      (:func:`know2vec_jax.mesh.probe_mesh`: ``auto`` every local accelerator, ``all``, ``one``);
+      the knowledge is the same either way.
     seed: probe-pool and episode sampling.
   """
   pool: PoolConfig = PoolConfig()
@@ -110,6 +114,7 @@ class ProxyConfig:
   false_alarm: float = 0.02
   max_classes: int = 10
   strategy: str = "auto"
+  probe_devices: str = "auto"
   seed: int = 0
 
   def __post_init__(self):
@@ -128,6 +133,8 @@ class ProxyConfig:
             f"got {self.objective!r}")
     require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
             f"{self.strategy!r}")
+    require(self.probe_devices in PROBE_DEVICES, f"probe_devices must be one of "
+            f"{PROBE_DEVICES}, got {self.probe_devices!r}")
 
   @property
   def loss(self) -> RankingObjective | TransferObjective:

@@ -150,7 +150,8 @@ def shard_stack(params, mesh):
   this once (as :class:`know2vec_jax.blackbox.StackGroup` does) keeps it off every call.
   """
   if mesh is None or mesh.size == 1:
-    return params
+    # On the device once, not copied from the host on every call.
+    return jax.device_put(params, None if mesh is None else mesh.devices.flat[0])
   sharding = NamedSharding(mesh, P("data"))
   leaf = jax.tree.leaves(params)[0]
   if leaf.shape[0] % mesh.size == 0 and getattr(leaf, "sharding", None) == sharding:

@@ -21,6 +21,7 @@ from know2vec_jax import pool as pool_lib
 from know2vec_jax.blackbox import BlackBoxGroup, groups_from_zoo
 from know2vec_jax.data import Task
 from know2vec_jax.index import ModelIndex
+from know2vec_jax.mesh import probe_mesh
 from know2vec_jax.pipeline import ProxyConfig, ProxyError, proxy_preset
 
 
@@ -84,7 +85,8 @@ def train(zoo, cfg: ProxyConfig | None = None, *, model_ids: Sequence[str] | Non
   ids = list(zoo.records) if model_ids is None else list(model_ids)
   if not ids:
     raise ProxyError("the zoo holds no models" if model_ids is None else "model_ids names no model")
-  groups = groups_from_zoo(zoo, strategy=cfg.strategy, model_ids=ids)
+  groups = groups_from_zoo(zoo, strategy=cfg.strategy, model_ids=ids,
+                           mesh=probe_mesh(cfg.probe_devices))
   if cfg.needs_labels and transfer is None:
     transfer = measure_labels(zoo, cfg, ids, cache=cache, zoo_dir=zoo_dir,
                               exclude_targets=exclude_targets, progress=progress)

@@ -1,5 +1,6 @@
 """Anchors, label-only boundary search and the query-count formula."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -133,3 +134,26 @@ def test_store_reuses_knowledge_by_id_and_fingerprint_and_probes_only_the_rest(t
   fresh = KnowledgeStore(store.context, tmp_path)
   with pytest.raises(KnowledgeError, match=str(f)):
     group_knowledge([g], pool, cfg, fresh)
+
+
+def test_knowledge_is_the_same_on_one_device_and_eight(tiny_zoo, pool):
+  """Every stack probed with its model axis sharded over the 8 local devices (what ``know2vec
+  train`` and ``index build`` do on a multi-accelerator host, ``probe_devices``) gives the
+  knowledge one device gives, bit for bit; the device policy is checked by name."""
+  from know2vec_jax.mesh import probe_mesh
+  zoo, _ = tiny_zoo
+  cfg = KnowledgeConfig(search_steps=3, anchors_per_class=4)
+  mesh = probe_mesh("all")
+  assert mesh is not None and mesh.size == 8
+  assert probe_mesh("one") is None
+  if jax.local_devices()[0].platform == "cpu":  # forced host devices share the cores: one
+    assert probe_mesh("auto") is None
+  with pytest.raises(ValueError, match="probe devices must be one of"):
+    probe_mesh("some")
+  images = pool[::4]  # 100 images: the compilations, not the pool, are what this costs
+  one = [extract_knowledge(g, images, cfg) for g in groups_from_zoo(zoo)]
+  eight = [extract_knowledge(g, images, cfg) for g in groups_from_zoo(zoo, mesh=mesh)]
+  for a, b in zip(one, eight):
+    assert a.model_ids == b.model_ids
+    for f in ("anchor_index", "flip_t", "anchor_fallback", "queries", "pool_labels", "inputs"):
+      np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
