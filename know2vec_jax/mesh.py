@@ -34,8 +34,8 @@ def probe_mesh(devices: str = "auto") -> jax.sharding.Mesh | None:
       accelerator, one device on a CPU host. Forced host devices
       (``--xla_force_host_platform_device_count``) share the same cores, and sharding the model
       axis over them compiles one program per device for no gain: the tiny zoo's knowledge took
-      11.4 s on one device and 29.7 s over 8 forced devices of the 2-core CPU, compilations
-      included. The knowledge is the same bit for bit either way
+      4.8-5.5 s on one device and 10.7-13.0 s over 8 forced devices of the 2-core CPU (2 runs,
+      compilations included). The knowledge is the same bit for bit either way
       (tests/test_knowledge.py::test_knowledge_is_the_same_on_one_device_and_eight).
 
   Raises:
