@@ -40,7 +40,7 @@ Protocol:
 Rows (:data:`ROWS`): ``know2vec`` is the configured proxy; the ablation rows switch one lever at a
 time, on fold 0: ``vector-only`` (no class matching: the aligned vectors alone),
 ``class-only`` (class matching without the vector term), ``no-familiar-gate`` (every query
-scored as an unfamiliar one: :class:`know2vec_jax.classmatch.MatchConfig`'s ``familiar_*``
+scored as an unfamiliar one: :class:`know2vec_jax.retrieval.MatchConfig`'s ``familiar_*``
 settings off), ``no-augmentation`` (phi and the query episodes without nuisance views).
 
 Model selection (``--validate``; never the evaluation queries): a quarter of fold 0's training
