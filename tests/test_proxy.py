@@ -346,13 +346,18 @@ def test_readme_python_api_example(tiny_zoo_dir, tiny_proxy_dir, tmp_path, capsy
   exec(compile(code, "README.md", "exec"), scope)
   out = capsys.readouterr().out.splitlines()
   results, index, proxy = scope["results"], scope["index"], scope["proxy"]
-  assert len(results) == 5 and len(out) == 5 and out[0].startswith("1 ")
+  assert len(results) == 5 and len(out) == 6 and out[0].startswith("1 ")
   assert "my-nearest-mean" in index and len(index) == 9
   assert index.metadata("my-nearest-mean")["task"] == "digits+invert/0-3-5-7"
   np.testing.assert_allclose(np.asarray(scope["q"]), proxy.embed_query(scope["images"],
                                                                       scope["labels"]), atol=1e-5)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(scope["grads"]))
   assert ModelIndex.load(tmp_path / "index").ids == index.ids
+  # Step 6: another setting, the same fitted threshold, five rows of the index.
+  heavier, found = scope["heavier_tokens"], scope["found"]
+  assert heavier.config.token_weight == 0.5 and proxy.config.match.token_weight == 0.25
+  assert heavier.fit_threshold == proxy.retriever.fit_threshold > 0
+  assert len(found.ids[0]) == 5 and set(found.ids[0]) <= set(index.ids)
 
 
 def test_train_then_index_build_probes_each_model_once(tiny_zoo, tiny_proxy, tmp_path):
