@@ -77,8 +77,8 @@ EXPECTED_RUNTIME = (
     "Current defaults (contrastive phi): --quick 919 s on a fresh clone of a 2-core AMD EPYC that "
     "ran the zoo build 2.7x slower than the measurements above; the default variant alone on 3 "
     "folds 826 s there with --quick's knowledge and phi cached. The main job (make demo) runs "
-    "--quick on the starter zoo (180 of the demo's models): 559 s on a fresh clone of the 2-core "
-    "AMD EPYC (knowledge 20 s, phi 290 s, aligner 86 s)")
+    "--quick on the starter zoo (180 of the demo's models): 559-606 s on fresh clones of the 2-core "
+    "AMD EPYC (knowledge 20-21 s, phi 290-307 s, aligner 86-93 s; the same figures)")
 EXPECTED_NUMBERS = (
     "468 queries per fold (132 held out per fold). default know2vec-attention-shared: seen top-1 "
     "0.975, held-out top-1 0.899, top-5 0.997; vectors only (class matching off) held-out 0.545 / "
