@@ -437,7 +437,7 @@ class ModelIndex:
 
   @property
   def has_classes(self) -> bool:
-    """Whether the rows hold class knowledge (so :meth:`match` can score classes)."""
+    """Whether the rows hold class knowledge (so retrieval can score classes)."""
     return self._classes is not None
 
   @property
@@ -775,6 +775,10 @@ class ModelIndex:
     """int [Q, R] the row numbers of ``ids`` (per query, R model ids, as :meth:`search` gives)."""
     return np.asarray([[self._row[i] for i in row] for row in ids], np.int64).reshape(
         len(ids), -1)
+
+  def ids_at(self, rows) -> list[list[str]]:
+    """The model ids of row numbers ``rows`` [Q, R] (no copy of the whole id list)."""
+    return [[self._ids[j] for j in row] for row in rows]
 
   def class_knowledge(self) -> classmatch.ClassKnowledge:
     """Every row's class knowledge as class scoring reads it, resident on the device: built on

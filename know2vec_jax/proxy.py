@@ -91,8 +91,7 @@ class Proxy:
     self._pool_features = None
     self._index_pools: dict[str, np.ndarray] = {}  # an index pool's checksum -> its features
     self._pool_knowledge: dict[str, KnowledgeStore] = {}  # knowledge on index pools, by context
-    self.retriever = Retriever(config.match, calibration if calibration is not None else
-                               Calibration(np.zeros((0, self.embed_dim), np.float32)))
+    self.retriever = Retriever(config.match, calibration)
 
   # ---- properties --------------------------------------------------------------------------
 
@@ -113,8 +112,7 @@ class Proxy:
     """float32 [R, E] the reference queries (validation queries of the training tasks), against
     which every index row records how close its vector comes to a query."""
     ref = self.retriever.calibration.reference
-    return ref if ref.ndim == 2 and ref.shape[1] == self.embed_dim else np.zeros(
-        (0, self.embed_dim), np.float32)
+    return ref if len(ref) else np.zeros((0, self.embed_dim), np.float32)
 
   @functools.cached_property
   def trees(self) -> dict:

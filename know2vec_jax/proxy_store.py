@@ -20,6 +20,7 @@ thresholds become the fitted statistics they are.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -153,8 +154,8 @@ def load(path: str | os.PathLike):
     if n_ref < 0:
       raise ValueError(f"reference count {n_ref}")
     embed_dim = cfg.vectorizer.embed_dim
-    calibration = retrieval.Calibration.from_manifest(
-        cal_manifest, np.zeros((0, embed_dim), np.float32))  # checked before any array is read
+    calibration = retrieval.Calibration.from_manifest(cal_manifest, ())  # checked before any
+    # array is read; the reference vectors follow from the restore
   except (KeyError, TypeError, ValueError) as e:
     raise ProxyError(f"{root / MANIFEST} is corrupted: {type(e).__name__}: {e}") from e
   _, v_state = nnx.split(vectorizer)
@@ -183,9 +184,7 @@ def load(path: str | os.PathLike):
                                        kn["fallback"][i, :k].astype(bool),
                                        int(kn["queries"][i]), kn["pool_labels"][i]))
   if n_ref:
-    calibration = retrieval.Calibration(
-        restored["reference"]["vectors"], calibration.fit_threshold, calibration.false_alarm,
-        calibration.fit_scores, calibration.familiar_other, calibration.familiar_same)
+    calibration = dataclasses.replace(calibration, reference=restored["reference"]["vectors"])
   proxy = Proxy(cfg, backbone, vectorizer, pool, tasks, m.get("info", {}), store, calibration,
                 provenance)
   if familiar is not retrieval._DERIVED:  # a version 5 proxy's threshold, exactly as it used it

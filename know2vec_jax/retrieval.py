@@ -168,8 +168,8 @@ class Calibration:
 
   def __post_init__(self):
     ref = np.asarray(self.reference, np.float32)
-    object.__setattr__(self, "reference", ref.reshape((0, 0)) if ref.size == 0 and ref.ndim != 2
-                       else ref)
+    require(ref.ndim == 2 or ref.size == 0, f"reference must be [R, E], got shape {ref.shape}")
+    object.__setattr__(self, "reference", ref if ref.ndim == 2 else ref.reshape(0, 0))
     for name in ("fit_scores", "familiar_other", "familiar_same"):
       object.__setattr__(self, name, _floats(getattr(self, name)))
     require(np.isfinite(self.fit_threshold), f"fit_threshold must be finite, got "
@@ -499,8 +499,7 @@ class Retriever:
     fit = fit_score(agree, tok, config)
     best_fit = (np.asarray(fit, np.float32).max(1) if fit.shape[1]
                 else np.zeros(nq, np.float32))
-    ids = index.ids
-    return Matches([[ids[j] for j in row] for row in np.take_along_axis(rows, order, 1)],
+    return Matches(index.ids_at(np.take_along_axis(rows, order, 1)),
                    take(score), take(agree), take(tok), take(vec), best_fit,
                    best_fit < self.fit_threshold,
                    np.zeros(nq, bool) if gate is None else gate)
@@ -571,7 +570,7 @@ def calibrate(config: MatchConfig, reference, reference_tasks, false_alarm: floa
 
 # ---- a query's answer, as the CLI and the Python API give it -------------------------------------
 
-def _result_row(proxy, index: "ModelIndex", model_id: str, rank: int, scores: dict) -> dict:
+def result_row(proxy, index: "ModelIndex", model_id: str, rank: int, scores: dict) -> dict:
   """One ranked row: rank, id, ``scores``, arch, task, then the model's other metadata; refuses a
   row another proxy vectorized (ProxyError)."""
   from know2vec_jax.pipeline import ProxyError  # pipeline imports this module's MatchConfig
@@ -623,7 +622,7 @@ def query_result(proxy, index: "ModelIndex", images, labels, k: int = 10) -> dic
     As :func:`query`.
   """
   found = proxy.search(index, [(images, labels)], k)
-  rows = [_result_row(proxy, index, mid, r, {
+  rows = [result_row(proxy, index, mid, r, {
       "score": float(found.scores[0, r]), "agreement": float(found.agreement[0, r]),
       "token": float(found.token[0, r]), "vector": float(found.vector[0, r])})
       for r, mid in enumerate(found.ids[0])]

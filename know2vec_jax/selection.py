@@ -37,7 +37,7 @@ from know2vec_jax.config import require
 from know2vec_jax.data import Task, load_source
 from know2vec_jax.index import check_k
 from know2vec_jax.metrics import weighted_tau
-from know2vec_jax.retrieval import _result_row
+from know2vec_jax.retrieval import result_row
 from know2vec_jax.transfer import FinetuneConfig, TransferTarget, leak_key
 from know2vec_jax.vectorizers import AccuracyHead
 
@@ -286,5 +286,5 @@ def select(proxy, images, labels, index, k: int = 10) -> list[dict]:
   pred = proxy.predict_accuracy(q[None], index.vectors)[0]
   ids = index.ids
   order = np.argsort(-pred, kind="stable")[:min(int(k), len(ids))]
-  return [_result_row(proxy, index, ids[i], r, {"predicted_accuracy": float(pred[i])})
+  return [result_row(proxy, index, ids[i], r, {"predicted_accuracy": float(pred[i])})
           for r, i in enumerate(order)]
