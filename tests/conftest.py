@@ -3,6 +3,14 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compiling is most of the suite's CPU time (tests/test_align.py: 126 CPU-s from nothing, 30 s
+# with its programs compiled before), and the test workers and the processes the tests start
+# compile many of the same programs: JAX's persistent compilation cache shares them. Every
+# program is kept (the default keeps those over 1 s to compile, and most here take less). The
+# environment carries both settings into the processes the tests start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compile"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
