@@ -10,6 +10,10 @@ ZOO    ?= artifacts/zoo-demo
 STARTER ?= artifacts/zoo-starter
 # pytest-xdist workers for `make test` (each with 8 forced CPU devices)
 TEST_WORKERS ?= 2
+# The tests' XLA: 8 forced CPU devices (the sharded paths run), and XLA:CPU's backend optimisation
+# off: compiling is most of the suite's CPU time and the tests' arrays are small (tests/test_align.py
+# took 76 CPU-s instead of 138). The main job and the benchmarks keep XLA's default.
+TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 
 .PHONY: setup data demo reproduce bench test clean
 
@@ -56,7 +60,8 @@ bench: setup
 	$(BIN)/python -m benchmarks
 
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  --durations=15 tests
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

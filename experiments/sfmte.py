@@ -88,7 +88,7 @@ import numpy as np
 from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
 from know2vec_jax import config as config_lib
 from know2vec_jax.align import AlignConfig
-from know2vec_jax.baselines import BASELINES, run_baseline
+from know2vec_jax.baselines import BASELINES, run_baseline, task_prototype
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task
@@ -110,6 +110,14 @@ VARIANTS = {
     "know2vec-lstm": ("sfmte", ("vectorizer.variant=lstm", "vectorizer.shared=false")),
 }
 DEFAULT_VARIANT = "know2vec-attention-shared"
+# The comparisons reported as paired per-target differences (with their standard error): what
+# `know2vec select` ranks by and the label-trained q.m against the best white-box baseline and
+# the priors a user could build from the same training labels.
+KEY_COMPARISONS = tuple(
+    (a, b) for a in (f"{DEFAULT_VARIANT} (q.m)", f"{DEFAULT_VARIANT} (accuracy head)",
+                     "know2vec-both (accuracy head)")
+    for b in ("logme-features (white-box)", "source-aware prior",
+              "source-aware prior (5 nearest)", "prior (training targets)"))
 
 EXPECTED_RUNTIME = (
     "2-core CPU, nothing else running. query_dependent (--quick runs it with one seed): ground "
@@ -519,9 +527,11 @@ def zoo_outputs(groups, zoo, x):
 
 
 def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, seed: int,
-                    knowledge=None) -> tuple[dict, dict]:
+                    knowledge=None, prototypes=None) -> tuple[dict, dict]:
   """Scores [M] (columns in ``ids`` order) of every named baseline for one target query, and its
-  cost: zoo forwards as the black boxes counted them, warm seconds (compilation excluded)."""
+  cost: zoo forwards as the black boxes counted them, warm seconds (compilation excluded).
+  ``prototypes``: the source-aware priors' inputs (the query's and the training targets'
+  prototypes in phi, the training targets' ground truth)."""
   col = {m: i for i, m in enumerate(ids)}
   zoo_outputs(groups, zoo, x)  # warm-up: compile the forward passes for this query's shape
   before = sum(int(g.queries.sum()) for g in groups)
@@ -544,6 +554,7 @@ def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, se
       cost = {"forwards": forwards, "seconds": sec}
     else:  # no zoo call at query time: knowledge grids, other targets' ground truth, nothing
       kw = (knowledge if b.input == "knowledge" else
+            prototypes if b.input == "prototypes" else
             {"ground_truth_other_targets": others} if b.input == "ground_truth" else
             {"key": jax.random.key(seed), "num_models": len(ids)})
       run_baseline(name, **kw)  # warm-up
@@ -551,6 +562,12 @@ def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, se
       sc, cost = r.scores, {"forwards": 0, "seconds": r.seconds}
     scores[name], costs[name] = np.asarray(sc), cost
   return scores, costs
+
+
+def prototype_of(proxy: Proxy, images, labels) -> np.ndarray:
+  """float32 [D]: a labelled image set's unit prototype in the proxy's phi
+  (:func:`know2vec_jax.baselines.task_prototype`)."""
+  return task_prototype(np.asarray(proxy.backbone.embed(images)), labels)
 
 
 def _selected(proxy: Proxy, index, x, y) -> dict:
@@ -568,6 +585,25 @@ def _searched(proxy: Proxy, index, x, y) -> dict:
 def _in_order(by_id: dict, ids: list[str]) -> np.ndarray:
   """float32 [M]: ``by_id``'s scores in the benchmark's model order ``ids``."""
   return np.asarray([by_id[m] for m in ids], np.float32)
+
+
+def paired_differences(per_target: dict, comparisons) -> dict:
+  """Paired per-target differences of weighted tau (both conventions) for ``comparisons``
+  ((method, reference) pairs; a pair with a method not run is skipped): "A - B" -> {metric:
+  {mean, se (standard error over targets), wins (targets where A is ahead), targets}}."""
+  out = {}
+  for a, b in comparisons:
+    if a not in per_target or b not in per_target:
+      continue
+    names = sorted(set(per_target[a]) & set(per_target[b]))
+    row = {}
+    for metric in ("weighted_tau", "weighted_tau_symmetric"):
+      d = np.asarray([per_target[a][n][metric] - per_target[b][n][metric] for n in names])
+      row[metric] = {"mean": float(d.mean()),
+                     "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"),
+                     "wins": int((d > 0).sum()), "targets": len(d)}
+    out[f"{a} - {b}"] = row
+  return out
 
 
 def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
@@ -627,13 +663,20 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
   groups = groups_from_zoo(zoo, model_ids=ids, strategy="auto")
   _, m_grid, m_mask = proxy.model_grids(groups, cache=cache)
   eval_acc = np.stack([gt_mean[t.name] for t in kept])
+  # The source-aware priors read the training targets a user measured (their fine-tune labels)
+  # and the last proxy's phi: each target's prototype from the images its labels were fitted on.
+  train_protos = np.stack([prototype_of(proxy, *run_sample(t, bcfg.train_gt, 0))
+                           for t in gt["train_targets"]])
   for i, t in enumerate(kept):
     x, y = queries[t.name]
     qg, qm = proxy.query_grid(x, y)
     others = other_targets(eval_acc, i)
     sc, cost = score_baselines(cfg.baselines, groups, zoo, x, y, t.k, ids, others,
                                cfg.seed + i, dict(query_grid=qg, query_mask=qm,
-                                                  model_grids=m_grid, model_masks=m_mask))
+                                                  model_grids=m_grid, model_masks=m_mask),
+                               dict(query_prototype=prototype_of(proxy, x, y),
+                                    target_prototypes=train_protos,
+                                    ground_truth_other_targets=tr_acc))
     for b in sc:
       scores.setdefault(b, {})[t.name] = [sc[b]]
       costs.setdefault(b, []).append(cost[b])
@@ -651,11 +694,12 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
     per_target[method] = {n: {k: float(np.mean([r[n][k] for r in reps])) for k in reps[0][n]}
                           for n in by_t}
     taus = [np.mean([r[n]["weighted_tau"] for n in r]) for r in reps]
+    taus_sym = [np.mean([r[n]["weighted_tau_symmetric"] for n in r]) for r in reps]
     regrets = [np.mean([r[n]["top1_regret"] for n in r]) for r in reps]
     cs = costs[method]
     summary[method] = {
         "mean_tau": float(np.mean(taus)), "tau_spread": float(np.std(taus)),
-        "seeds": n_seeds,
+        "mean_tau_symmetric": float(np.mean(taus_sym)), "seeds": n_seeds,
         "mean_spearman": float(np.mean([np.mean([r[n]["spearman"] for n in r]) for r in reps])),
         "mean_regret": float(np.mean(regrets)),
         "forwards_per_query": float(np.mean([c["forwards"] for c in cs])),
@@ -674,6 +718,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
     summary[name_]["accuracy_mae"] = mae[name_]["mean"]
   return {
       "summary": summary,
+      "paired": paired_differences(per_target, KEY_COMPARISONS),
       "per_target": per_target,
       "ceiling": ceilings,
       "split_half": halves,
@@ -839,15 +884,17 @@ def plot(out: dict, path: str, name: str) -> None:
 
 
 def format_table(summary: dict) -> str:
-  lines = ["| method | mean weighted tau | spread | mean Spearman | mean top-1 regret | "
-           "zoo forwards / query | query s | accuracy MAE |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| method | mean weighted tau (by ground truth) | spread | weighted tau (scipy "
+           "default) | mean Spearman | mean top-1 regret | zoo forwards / query | query s | "
+           "accuracy MAE |", "|---|---|---|---|---|---|---|---|---|"]
   for m, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean_tau"]):
     if "mean_regret" not in s:
-      lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | | | |")
+      lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | | | | |")
       continue
     mae = f"{s['accuracy_mae']:.3f}" if "accuracy_mae" in s else ""
     spread = f"± {s['tau_spread']:.3f} ({s['seeds']} seeds)" if s["seeds"] > 1 else ""
-    lines.append(f"| {m} | {s['mean_tau']:.3f} | {spread} | {s['mean_spearman']:.3f} | "
+    lines.append(f"| {m} | {s['mean_tau']:.3f} | {spread} | {s['mean_tau_symmetric']:.3f} | "
+                 f"{s['mean_spearman']:.3f} | "
                  f"{s['mean_regret']:.3f} | {s['forwards_per_query']:,.0f} | "
                  f"{s['query_seconds']:.3f} | {mae} |")
   return "\n".join(lines)

@@ -50,7 +50,7 @@ from know2vec_jax.knowledge import (Knowledge, KnowledgeConfig, KnowledgeStore, 
 from know2vec_jax import classmatch, distributed
 from know2vec_jax.mesh import data_mesh
 from know2vec_jax.metrics import (first_correct_rank, pearson, ranking_report, retrieval_metrics,
-                                  spearman, top1_regret, weighted_tau)
+                                  spearman, top1_regret, weighted_tau, weighted_tau_symmetric)
 from know2vec_jax.pipeline import Cache, LabelledSet, TransferLabels, finetune_labels, probe_pool
 from know2vec_jax.pool import Pool, PoolConfig
 from know2vec_jax.pool import build as build_pool

@@ -162,6 +162,24 @@ def top1_regret(ground_truth, scores) -> float:
   return float(gt.max() - gt[s == s.max()].mean())
 
 
+def weighted_tau_symmetric(ground_truth, scores) -> float:
+  """Weighted Kendall's tau under scipy's default convention, which most published SF-MTE tables
+  call (``scipy.stats.weightedtau(ground_truth, scores).correlation``, ``rank=True``): the mean of
+  :func:`weighted_tau` with importance ranked by the ground truth and with importance ranked by
+  the scores, so a confident wrong top of the ranking costs as much as a missed true top.
+
+  Args:
+    ground_truth: [M] measured accuracies; scores: [M] proxy scores.
+
+  Returns:
+    tau in [-1, 1]; NaN when either argument is constant.
+
+  Raises:
+    ValueError: as :func:`weighted_tau`.
+  """
+  return 0.5 * (weighted_tau(ground_truth, scores) + weighted_tau(scores, ground_truth))
+
+
 def ranking_report(ground_truth, scores) -> dict:
   """All four ranking metrics of one target.
 
@@ -169,8 +187,10 @@ def ranking_report(ground_truth, scores) -> dict:
     ground_truth: [M] measured accuracies; scores: [M] proxy scores.
 
   Returns:
-    {"weighted_tau", "pearson", "spearman", "top1_regret", "models"}.
+    {"weighted_tau" (importance by ground truth), "weighted_tau_symmetric" (scipy's default),
+    "pearson", "spearman", "top1_regret", "models"}.
   """
   gt, s = _check_pair(ground_truth, scores)
-  return {"weighted_tau": weighted_tau(gt, s), "pearson": pearson(gt, s),
+  return {"weighted_tau": weighted_tau(gt, s),
+          "weighted_tau_symmetric": weighted_tau_symmetric(gt, s), "pearson": pearson(gt, s),
           "spearman": spearman(gt, s), "top1_regret": top1_regret(gt, s), "models": len(gt)}

@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The Makefile's TEST_XLA_FLAGS, where pytest is run by hand: 8 forced devices, and XLA:CPU's
+# backend optimisation off (compiling is most of the suite's time; the arrays are small).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0")
 # Compiling is most of the suite's CPU time (tests/test_align.py: 126 CPU-s from nothing, 30 s
 # with its programs compiled before), and the test workers and the processes the tests start
 # compile many of the same programs: JAX's persistent compilation cache shares them. Every

@@ -14,7 +14,7 @@ from sklearn.mixture import GaussianMixture
 from know2vec_jax.baselines import (BASELINES, BaselineInputError, forward_passes, hscore_scores,
                                     hscore_shrinkage_scores, leep_scores, logme_scores,
                                     nce_scores, nleep_scores, prior_scores, random_scores,
-                                    run_baseline)
+                                    run_baseline, source_aware_prior_scores, task_prototype)
 from know2vec_jax.baselines.cost import measure_costs
 from know2vec_jax.baselines.logme import log_evidence
 from know2vec_jax.baselines.nleep import pca_reduce
@@ -255,6 +255,51 @@ def test_prior_is_minus_mean_rank():
   gt = rng.integers(0, 5, (6, 9)) / 5
   want = -np.mean([scipy.stats.rankdata(-row) for row in gt], 0)
   np.testing.assert_allclose(prior_scores(gt), want, rtol=1e-6)
+
+
+def test_source_aware_prior_reads_only_the_nearest_targets():
+  rng = np.random.default_rng(3)
+  protos = rng.normal(size=(6, 8))
+  protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+  gt = rng.random((6, 5))
+  q = protos[4] + 0.05 * rng.normal(size=8)
+  q /= np.linalg.norm(q)
+  near = np.argsort(-(protos @ q))
+  assert near[0] == 4
+  np.testing.assert_allclose(source_aware_prior_scores(q, protos, gt, k=1), prior_scores(gt[[4]]))
+  np.testing.assert_allclose(source_aware_prior_scores(q, protos, gt, k=3),
+                             prior_scores(gt[np.sort(near[:3])]), rtol=1e-6)
+  # The farther targets' ground truth never reaches the scores; k above T is every target.
+  changed = gt.copy()
+  changed[near[3:]] = rng.random((3, 5))
+  np.testing.assert_array_equal(source_aware_prior_scores(q, protos, gt, k=3),
+                                source_aware_prior_scores(q, protos, changed, k=3))
+  np.testing.assert_allclose(source_aware_prior_scores(q, protos, gt, k=99), prior_scores(gt),
+                             rtol=1e-6)
+  assert run_baseline("source-aware prior", query_prototype=q, target_prototypes=protos,
+                      ground_truth_other_targets=gt).forward_passes == 0
+  with pytest.raises(BaselineInputError, match="k must be an int >= 1"):
+    source_aware_prior_scores(q, protos, gt, k=0)
+  with pytest.raises(BaselineInputError, match="target_prototypes \[T, D\]"):
+    source_aware_prior_scores(q, protos[:, :4], gt)
+  with pytest.raises(BaselineInputError, match="needs query_prototype"):
+    run_baseline("source-aware prior", ground_truth_other_targets=gt)
+
+
+def test_task_prototypes_in_phi_tell_the_image_kind_apart(tiny_proxy):
+  """On real images through a trained phi, a query's nearest measured target is one of its own
+  source (domain), whatever the classes: what the source-aware prior relies on."""
+  from know2vec_jax.data import Task, few_shot, load_source
+  def proto(source, classes, seed, split):
+    x, y = few_shot(load_source(source), Task(source, classes), 5, seed=seed, split=split)
+    return task_prototype(np.asarray(tiny_proxy.backbone.embed(x)), y)
+  sources = ("digits", "digits+invert", "fashion_mnist")
+  targets = np.stack([proto(s, (0, 1, 2, 3), 0, "train") for s in sources])
+  for i, s in enumerate(sources):
+    got = np.argmax(targets @ proto(s, (5, 6, 7), 1, "test"))
+    assert sources[got] == s
+  with pytest.raises(BaselineInputError, match="features must be \[N, D\]"):
+    task_prototype(np.ones((4, 3)), np.zeros(3))
 
 
 def test_random_scores():

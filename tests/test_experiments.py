@@ -234,7 +234,7 @@ def test_sfmte_run_learns_from_its_training_targets_only(tiny_zoo_dir, tmp_path,
   bench = sfmte.BenchmarkConfig(gt_cfg, gt_cfg, 4, ("know2vec-attention-shared",),
                                 ("align.steps=20",))
   cfg = sfmte.SFMTEConfig(benchmarks=("query_dependent",), query_dependent=bench, seeds=(0,),
-                          baselines=("random",))
+                          baselines=("random", "source-aware prior"))
   out = sfmte.run(cfg, str(tiny_zoo_dir), str(tmp_path / "cache"), None, None, progress=False)
   res = out["benchmarks"]["query_dependent"]
   zoo = load_zoo(tiny_zoo_dir)
@@ -270,7 +270,18 @@ def test_sfmte_run_learns_from_its_training_targets_only(tiny_zoo_dir, tmp_path,
     assert leak_spies.count_in(images, ev_images) == 0, part
   assert set(res["summary"]) >= {"know2vec-attention-shared (accuracy head)",
                                  "know2vec-attention-shared (q.m)", "random",
-                                 "prior (training targets)"}
+                                 "prior (training targets)", "source-aware prior"}
+  assert all(-1 <= s["mean_tau_symmetric"] <= 1 for s in res["summary"].values()
+             if "mean_regret" in s)
+  # Paired per-target differences of the key comparisons that ran, both tau conventions.
+  pair = res["paired"]["know2vec-attention-shared (q.m) - source-aware prior"]
+  for metric in ("weighted_tau", "weighted_tau_symmetric"):
+    want = np.mean([res["per_target"]["know2vec-attention-shared (q.m)"][n][metric]
+                    - res["per_target"]["source-aware prior"][n][metric] for n in res["targets"]
+                    if n in res["per_target"]["source-aware prior"]])
+    assert pair[metric]["mean"] == pytest.approx(want)
+    assert pair[metric]["targets"] == len(res["per_target"]["source-aware prior"])
+  assert "know2vec-attention-shared (q.m) - logme-features (white-box)" not in res["paired"]
 
 
 def _images(target, per_class):

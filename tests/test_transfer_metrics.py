@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from know2vec_jax.metrics import pearson, ranking_report, spearman, top1_regret, weighted_tau
+from know2vec_jax.metrics import (pearson, ranking_report, spearman, top1_regret, weighted_tau,
+                                  weighted_tau_symmetric)
 
 
 def _cases():
@@ -37,6 +38,17 @@ def test_weighted_tau_equals_scipy(case):
   ref = scipy.stats.weightedtau(gt, s, rank=None).correlation
   got = weighted_tau(gt, s)
   if np.isnan(ref):  # a constant side (scipy gives NaN): so must we
+    assert np.isnan(got)
+  else:
+    assert got == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", range(0, 50, 3))
+def test_symmetric_weighted_tau_equals_scipys_default(case):
+  gt, s = _cases()[case]
+  ref = scipy.stats.weightedtau(gt, s).correlation  # rank=True, what most SF-MTE tables call
+  got = weighted_tau_symmetric(gt, s)
+  if np.isnan(ref):
     assert np.isnan(got)
   else:
     assert got == pytest.approx(ref, abs=1e-12)
@@ -79,7 +91,9 @@ def test_top1_regret():
 def test_ranking_report():
   gt, s = np.asarray([0.6, 0.9, 0.7, 0.8]), np.asarray([1.0, 4.0, 3.0, 2.0])
   r = ranking_report(gt, s)
-  assert set(r) == {"weighted_tau", "pearson", "spearman", "top1_regret", "models"}
+  assert set(r) == {"weighted_tau", "weighted_tau_symmetric", "pearson", "spearman",
+                    "top1_regret", "models"}
+  assert r["weighted_tau_symmetric"] == pytest.approx(scipy.stats.weightedtau(gt, s).correlation)
   assert r["weighted_tau"] == pytest.approx(scipy.stats.weightedtau(gt, s, rank=None).correlation)
   assert r["spearman"] == pytest.approx(0.8)
   assert r["top1_regret"] == 0.0 and r["models"] == 4

@@ -56,3 +56,66 @@ def prior_scores(ground_truth_other_targets):
   if not all_finite(ground_truth_other_targets):
     raise BaselineInputError("ground_truth_other_targets contain NaN/inf values")
   return _prior(jnp.asarray(ground_truth_other_targets, jnp.float32))
+
+
+def task_prototype(features, labels) -> np.ndarray:
+  """A task's unit prototype in an embedding space: the mean of its unit class means, so each
+  class weighs the same whatever its shot count.
+
+  Args:
+    features: float [N, D] embeddings of the task's images (e.g. phi's).
+    labels: int [N] their classes.
+
+  Returns:
+    float32 [D], unit norm.
+
+  Raises:
+    BaselineInputError: shapes that disagree, no image, or NaN/inf features.
+  """
+  f = np.asarray(features, np.float32)
+  y = np.asarray(labels)
+  if f.ndim != 2 or y.shape != (f.shape[0],) or f.shape[0] == 0:
+    raise BaselineInputError(f"features must be [N, D] with labels [N], N >= 1; got "
+                             f"{f.shape} and {y.shape}")
+  if not np.isfinite(f).all():
+    raise BaselineInputError("features contain NaN/inf values")
+  means = np.stack([f[y == c].mean(0) for c in np.unique(y)])
+  means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+  p = means.mean(0)
+  return p / max(float(np.linalg.norm(p)), 1e-12)
+
+
+def source_aware_prior_scores(query_prototype, target_prototypes, ground_truth_targets,
+                              k: int = 1):
+  """The prior of the ``k`` measured targets nearest to the query: what reading the query's
+  source (its domain and kind of image) buys without reading its task. Targets are compared by
+  the cosine of their :func:`task_prototype`; the scores are the :func:`prior_scores` of the
+  nearest ``k`` targets' ground truth.
+
+  Args:
+    query_prototype: float [D] the query's unit prototype.
+    target_prototypes: float [T, D] the measured targets' unit prototypes (never the query's own
+      target: the caller leaves it out).
+    ground_truth_targets: float [T, M] those targets' measured accuracies of the M models.
+    k: how many nearest targets (1 <= k; capped at T).
+
+  Returns:
+    float32 [M] scores (higher = better on the query's nearest targets).
+
+  Raises:
+    BaselineInputError: shapes that disagree, k < 1, or NaN/inf inputs.
+  """
+  q = np.asarray(query_prototype, np.float32)
+  p = np.asarray(target_prototypes, np.float32)
+  gt = np.asarray(ground_truth_targets, np.float32)
+  if q.ndim != 1 or p.ndim != 2 or p.shape[1] != q.shape[0] or gt.ndim != 2 \
+      or gt.shape[0] != p.shape[0] or min(gt.shape) == 0:
+    raise BaselineInputError(f"need query_prototype [D], target_prototypes [T, D] and "
+                             f"ground_truth_targets [T, M] with T, M >= 1; got {q.shape}, "
+                             f"{p.shape}, {gt.shape}")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise BaselineInputError(f"k must be an int >= 1, got {k!r}")
+  if not (np.isfinite(q).all() and np.isfinite(p).all()):
+    raise BaselineInputError("prototypes contain NaN/inf values")
+  nearest = np.argsort(-(p @ q), kind="stable")[:min(int(k), p.shape[0])]
+  return prior_scores(gt[nearest])

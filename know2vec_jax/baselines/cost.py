@@ -46,6 +46,7 @@ def measure_costs(num_models: int, num_images: int, num_classes: int, num_logits
                         + signal[None, :, :num_features], 0).astype(np.float32)
   k_max = max(num_classes, 10)
   mask = lambda k: (np.arange(k_max) < k).astype(np.float32)  # noqa: E731
+  unit = lambda v: (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
   kw = dict(logits=logits, features=features, labels=labels, num_target_classes=num_classes,
             ground_truth_other_targets=rng.random((num_targets, num_models)),
             num_models=num_models,
@@ -53,7 +54,9 @@ def measure_costs(num_models: int, num_images: int, num_classes: int, num_logits
             query_mask=mask(num_classes),
             model_grids=rng.normal(size=(num_models, k_max, k_max, num_features)
                                    ).astype(np.float32),
-            model_masks=np.tile(mask(min(4, k_max)), (num_models, 1)))
+            model_masks=np.tile(mask(min(4, k_max)), (num_models, 1)),
+            query_prototype=unit(rng.normal(size=num_features)),
+            target_prototypes=unit(rng.normal(size=(num_targets, num_features))))
   unknown = sorted(set(methods or ()) - set(BASELINES))
   if unknown:
     raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")

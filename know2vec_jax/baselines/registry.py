@@ -4,6 +4,7 @@ query time."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 
 from know2vec_jax.baselines.anchor import anchor_matching_scores
-from know2vec_jax.baselines.blind import prior_scores, random_scores
+from know2vec_jax.baselines.blind import prior_scores, random_scores, source_aware_prior_scores
 from know2vec_jax.baselines.checks import BaselineInputError
 from know2vec_jax.baselines.hscore import hscore_scores, hscore_shrinkage_scores
 from know2vec_jax.baselines.leep import leep_scores
@@ -19,7 +20,7 @@ from know2vec_jax.baselines.logme import logme_scores
 from know2vec_jax.baselines.nce import nce_scores
 from know2vec_jax.baselines.nleep import nleep_scores
 
-INPUTS = ("logits", "features", "knowledge", "ground_truth", "none")
+INPUTS = ("logits", "features", "knowledge", "ground_truth", "prototypes", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +30,12 @@ class Baseline:
   Attributes:
     fn: the scoring function. input "logits"/"features": ``fn(x [M, N, D], labels [N], K)``;
       "knowledge": ``fn(query_grid, query_mask, model_grids, model_masks)``;
-      "ground_truth": ``fn(ground_truth_other_targets [T, M])``; "none": ``fn(key, M)``.
+      "ground_truth": ``fn(ground_truth_other_targets [T, M])``; "prototypes":
+      ``fn(query_prototype [D], target_prototypes [T, D], ground_truth_other_targets [T, M])``;
+      "none": ``fn(key, M)``.
     input: what it reads at query time: the zoo's logits (black-box), its penultimate features
       (white-box), the proxy's stored knowledge grids (no zoo call), the measured accuracy on
-      other targets, or nothing.
+      other targets (with "prototypes": of the targets nearest the query in phi), or nothing.
     white_box: whether it needs access inside the models (features).
     reference: where the method comes from.
   """
@@ -71,6 +74,12 @@ BASELINES: dict[str, Baseline] = {
     "random": Baseline(random_scores, "none", False, "chance level"),
     "prior": Baseline(prior_scores, "ground_truth", False,
                       "query-blind: minus the mean rank on the other targets"),
+    "source-aware prior": Baseline(functools.partial(source_aware_prior_scores, k=1),
+                                   "prototypes", False,
+                                   "the prior of the measured target nearest the query in phi"),
+    "source-aware prior (5 nearest)": Baseline(
+        functools.partial(source_aware_prior_scores, k=5), "prototypes", False,
+        "the prior of the 5 measured targets nearest the query in phi"),
 }
 
 
@@ -107,7 +116,8 @@ class BaselineRun:
 def run_baseline(method: str, *, logits=None, features=None, labels=None,
                  num_target_classes: int | None = None, ground_truth_other_targets=None,
                  key=None, num_models: int | None = None, query_grid=None, query_mask=None,
-                 model_grids=None, model_masks=None) -> BaselineRun:
+                 model_grids=None, model_masks=None, query_prototype=None,
+                 target_prototypes=None) -> BaselineRun:
   """Runs one registry entry with the inputs it reads, timing it on the host.
 
   Args:
@@ -115,7 +125,10 @@ def run_baseline(method: str, *, logits=None, features=None, labels=None,
     logits, features: float [M, N, Z] / [M, N, F] of the zoo on the target images (only the one
       the method reads is needed).
     labels, num_target_classes: the target task (for logits / features methods).
-    ground_truth_other_targets: float [T, M] (for "prior").
+    ground_truth_other_targets: float [T, M] (for "prior" and the source-aware priors).
+    query_prototype, target_prototypes: float [D] / [T, D] unit prototypes in phi
+      (:func:`know2vec_jax.baselines.blind.task_prototype`; for the source-aware priors), the
+      rows of ``target_prototypes`` matching those of ``ground_truth_other_targets``.
     key, num_models: PRNG key and M (for "random"; key defaults to ``jax.random.key(0)``).
     query_grid, query_mask, model_grids, model_masks: padded grids (for "knowledge" methods:
       :meth:`know2vec_jax.proxy.Proxy.query_grid` and ``model_grids``).
@@ -144,6 +157,12 @@ def run_baseline(method: str, *, logits=None, features=None, labels=None,
     if ground_truth_other_targets is None:
       raise BaselineInputError(f"{method!r} needs ground_truth_other_targets [T, M]")
     scores = np.asarray(b.fn(ground_truth_other_targets))
+    passes = 0
+  elif b.input == "prototypes":
+    if any(a is None for a in (query_prototype, target_prototypes, ground_truth_other_targets)):
+      raise BaselineInputError(f"{method!r} needs query_prototype [D], target_prototypes [T, D] "
+                               "and ground_truth_other_targets [T, M]")
+    scores = np.asarray(b.fn(query_prototype, target_prototypes, ground_truth_other_targets))
     passes = 0
   else:
     if num_models is None:
