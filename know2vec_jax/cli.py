@@ -301,9 +301,7 @@ def _cmd_train(args) -> int:
              f"fitted in {sel['seconds']:.0f} s")
     val = sel.get("validation")
     if val:
-      text += (f"; on {len(val['targets'])} held-out targets mean abs. error {val['head_mae']:.3f}"
-               f" (constant {val['constant_mae']:.3f}), weighted tau {val['head_tau']:.3f} "
-               f"(query-blind prior {val['prior_tau']:.3f})")
+      text += f"; on {len(val['targets'])} held-out targets {_accuracy_error_text(val)}"
   cal = info.get("calibration")
   if cal:
     text += (f"\nno-fit threshold {cal['threshold']:.3f} (calibrated on {cal['queries']} "
@@ -585,6 +583,37 @@ def _cmd_query(args) -> int:
   return 0
 
 
+def _accuracy_error_text(val: dict) -> str:
+  """The accuracy head's validation errors, one line (``per_model_mae`` is absent from proxies
+  saved before it was measured)."""
+  model = val.get("per_model_mae")
+  return (f"mean abs. error {val['head_mae']:.3f} (constant {val['constant_mae']:.3f}"
+          + (f", each model's mean accuracy {model:.3f}" if model is not None else "")
+          + f"), weighted tau {val['head_tau']:.3f} (query-blind prior {val['prior_tau']:.3f})")
+
+
+def accuracy_note(selection: dict | None) -> tuple[bool, str]:
+  """(whether ``know2vec select`` prints predicted accuracies, the line that says why): only with
+  the validation error they were measured at, and saying so when they are no better than each
+  model's mean accuracy over the training targets.
+
+  Args:
+    selection: the proxy's ``info["selection"]`` (None for a proxy without it).
+  """
+  val = (selection or {}).get("validation")
+  if not val:
+    return False, ("predicted accuracies not shown: the accuracy head was fitted without held-out "
+                   "targets (selection.holdout = 0), so their error is unknown; the models are "
+                   "ranked by them")
+  text = (f"predicted accuracy, measured on {len(val['targets'])} held-out training targets: "
+          + _accuracy_error_text(val))
+  model = val.get("per_model_mae")
+  if model is not None and val["head_mae"] >= model:
+    text += ("; no better than each model's mean accuracy over the training targets: read the "
+             "ranking, not the values")
+  return True, text
+
+
 def _cmd_select(args) -> int:
   from know2vec_jax.proxy import Proxy
   if args.k < 1:
@@ -601,11 +630,15 @@ def _cmd_select(args) -> int:
   head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
           f"{desc['num_images']} images; top {len(rows)} of {len(index)} models by predicted "
           "fine-tune accuracy")
-  cols = [("rank", ""), ("model_id", ""), ("arch", ""), ("task", ""),
-          ("predicted_accuracy", ".3f")]
+  shown, note = accuracy_note(proxy.info.get("selection"))
+  cols = [("rank", ""), ("model_id", ""), ("arch", ""), ("task", "")]
+  cols += [("predicted_accuracy", ".3f")] if shown else []
   cols += [(c, ".3f" if any(isinstance(r.get(c), float) for r in rows) else "")
            for c in extra if c not in dict(cols)]
-  _print({"query": desc, "results": rows}, args.json, head + "\n" + _fmt_table(rows, cols))
+  _print({"query": desc, "results": rows,
+          "accuracy_validation": (proxy.info.get("selection") or {}).get("validation"),
+          "accuracy_note": note}, args.json,
+         head + "\n" + _fmt_table(rows, cols) + "\n" + note)
   return 0
 
 

@@ -219,9 +219,9 @@ def fit_head(query_vectors: np.ndarray, query_target: np.ndarray, model_vectors:
   Returns:
     (the head fitted on every target, info): ``info`` has the final training loss and, when
     ``cfg.holdout`` leaves at least one target out, ``validation``: on the held-out targets the
-    head's mean absolute error and mean weighted tau against the constant predictor's error (the
-    training targets' mean accuracy) and the query-blind prior's tau (each model's mean accuracy
-    over the training targets).
+    head's mean absolute error and mean weighted tau against the errors of a constant predictor
+    (the training targets' mean accuracy) and of the per-model mean (each model's mean accuracy
+    over the training targets, the query-blind prior, whose tau is given too).
   """
   q = np.asarray(query_vectors, np.float32)
   qt = np.asarray(query_target, np.int64)
@@ -237,16 +237,18 @@ def fit_head(query_vectors: np.ndarray, query_target: np.ndarray, model_vectors:
     rows = np.isin(qt, train)
     head, _ = _fit(jnp.asarray(q[rows]), m, jnp.asarray(acc[qt[rows]]), cfg, hidden, cfg.seed)
     prior = acc[train].mean(0)
-    head_mae, head_tau, const_mae, prior_tau = [], [], [], []
+    head_mae, head_tau, const_mae, model_mae, prior_tau = [], [], [], [], []
     for v in val:
       pred = _predict(head, q[qt == v], m).mean(0)  # the mean over the target's episodes
       head_mae.append(float(np.mean(np.abs(pred - acc[v]))))
       head_tau.append(weighted_tau(acc[v], pred))
       const_mae.append(float(np.mean(np.abs(acc[train].mean() - acc[v]))))
+      model_mae.append(float(np.mean(np.abs(prior - acc[v]))))
       prior_tau.append(weighted_tau(acc[v], prior))
     info["validation"] = {"targets": [int(v) for v in val],
                           "head_mae": float(np.mean(head_mae)),
                           "constant_mae": float(np.mean(const_mae)),
+                          "per_model_mae": float(np.mean(model_mae)),
                           "head_tau": float(np.mean(head_tau)),
                           "prior_tau": float(np.mean(prior_tau))}
   head, losses = _fit(jnp.asarray(q), m, jnp.asarray(acc[qt]), cfg, hidden, cfg.seed)

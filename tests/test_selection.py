@@ -56,6 +56,11 @@ def test_accuracy_head_beats_a_constant_and_the_prior_on_held_out_targets():
   assert len(val["targets"]) == 6
   assert val["head_mae"] < 0.5 * val["constant_mae"]
   assert val["head_tau"] > val["prior_tau"] + 0.3
+  # Each model's mean accuracy over the training targets, on the held-out ones.
+  train = np.setdiff1d(np.arange(n_targets), val["targets"])
+  assert val["per_model_mae"] == pytest.approx(np.mean(
+      [np.abs(acc[train].mean(0) - acc[v]).mean() for v in val["targets"]]), rel=1e-5)
+  assert val["head_mae"] < 0.6 * val["per_model_mae"]
   # The final fit (on every target) predicts them closely.
   pred = np.asarray(head(q[:, None, :], m[None]))
   assert np.mean(np.abs(pred - acc[qt])) < val["constant_mae"]
@@ -217,6 +222,23 @@ def test_select_errors_are_clear(tiny_proxy, tiny_index, tiny_zoo):
               override(proxy_preset("tiny"), ["objective=both"]), progress=False)
 
 
+def test_select_shows_predicted_accuracy_only_with_its_validation_error():
+  from know2vec_jax.cli import accuracy_note
+  shown, note = accuracy_note({"targets": 4})  # fitted without held-out targets
+  assert not shown and "error is unknown" in note
+  assert accuracy_note(None)[0] is False
+  val = {"targets": [1, 3], "head_mae": 0.05, "constant_mae": 0.09, "per_model_mae": 0.07,
+         "head_tau": 0.5, "prior_tau": 0.3}
+  shown, note = accuracy_note({"validation": val})
+  assert shown and "2 held-out training targets" in note and "no better" not in note
+  shown, note = accuracy_note({"validation": val | {"head_mae": 0.08}})
+  assert shown and note.endswith("read the ranking, not the values")
+  # A proxy saved before the per-model error was measured: the line without it.
+  old = {k: v for k, v in val.items() if k != "per_model_mae"}
+  shown, note = accuracy_note({"validation": old})
+  assert shown and "each model's mean accuracy" not in note
+
+
 def test_cli_select(both_proxy, tiny_zoo, tiny_zoo_dir, tiny_proxy_dir, tmp_path, capsys):
   proxy, _ = both_proxy
   pdir = proxy.save(tmp_path / "proxy")
@@ -231,8 +253,17 @@ def test_cli_select(both_proxy, tiny_zoo, tiny_zoo_dir, tiny_proxy_dir, tmp_path
   out = json.loads(capsys.readouterr().out)
   assert len(out["results"]) == 3 and out["query"]["task"] == task.task_id
   assert all(0 <= r["predicted_accuracy"] <= 1 for r in out["results"])
+  val = proxy.info["selection"]["validation"]
+  assert out["accuracy_validation"] == val and "per_model_mae" in val
   assert main(["select", "--proxy", str(pdir), "--index", str(idx), "--task", spec]) == 0
-  assert "predicted_accuracy" in capsys.readouterr().out
+  text = capsys.readouterr().out
+  assert "predicted_accuracy" in text
+  note = text.strip().splitlines()[-1]
+  assert note.startswith(f"predicted accuracy, measured on {len(val['targets'])} held-out")
+  assert f"mean abs. error {val['head_mae']:.3f}" in note
+  assert f"each model's mean accuracy {val['per_model_mae']:.3f}" in note
+  assert ("no better than each model's mean accuracy" in note) == \
+      (val["head_mae"] >= val["per_model_mae"])
   # A retrieval-only proxy: one line, exit 2.
   assert main(["select", "--proxy", str(tiny_proxy_dir), "--index", str(idx), "--task",
                spec]) == 2
