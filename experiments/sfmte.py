@@ -61,16 +61,20 @@ Protocol (nothing is tuned on the evaluation targets):
 - Query: one draw of the protocol's shots per class of the target (run 0's training sample).
   Every method sees those same images. Know2Vec needs no zoo forward at query time; LEEP, NCE,
   N-LEEP, LogME and H-score forward the query through every zoo model.
-- Scores: weighted Kendall's tau against the mean fine-tune accuracy (==
-  ``scipy.stats.weightedtau(gt, s, rank=None)``: importance ranked by the ground truth, not
-  scipy's default ``rank=True``, which most published SF-MTE tables call), Spearman, top-1
-  regret, the accuracy head's mean absolute error. ``ceiling``: the expected tau of the true
+- Scores: weighted Kendall's tau against the mean fine-tune accuracy under both conventions:
+  ``mean_tau`` (== ``scipy.stats.weightedtau(gt, s, rank=None)``: importance ranked by the ground
+  truth) and ``mean_tau_symmetric`` (scipy's default ``rank=True``, which most published SF-MTE
+  tables call); Spearman, top-1 regret, the accuracy head's mean absolute error; ``paired``: the
+  per-target differences of :data:`KEY_COMPARISONS` with their standard error and wins. ``ceiling``: the expected tau of the true
   accuracies against the 6-run mean (:func:`know2vec_jax.transfer.noise_ceiling`,
   the split-half tau corrected to the full mean; conservative by up to a few hundredths for
   weighted tau); ``split-half agreement`` is the uncorrected tau between two 3-run means (what
   the earlier tables called the noise ceiling: no bound, as the prior exceeded it). ``prior`` is
   the query-blind prior from the other evaluation targets, ``prior (training targets)`` the one
-  a user could build from the training labels.
+  a user could build from the training labels; ``source-aware prior`` (and ``(5 nearest)``) the
+  prior of the training target(s) nearest the query by phi prototype
+  (:func:`know2vec_jax.baselines.source_aware_prior_scores`): what recognising the query's source
+  alone buys.
 """
 
 from __future__ import annotations
