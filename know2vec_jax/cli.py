@@ -625,17 +625,20 @@ def _cmd_select(args) -> int:
                        "both`")
   index = proxy.load_index(args.index)
   images, labels, desc = _query_images(args, proxy, index)
-  rows = proxy.select(images, labels, index, k=args.k)
+  scorer = args.scorer or proxy.config.selection.scorer
+  rows = proxy.select(images, labels, index, k=args.k, scorer=scorer)
   extra = _split_list(args.columns) or []
+  by = ("predicted fine-tune accuracy (the accuracy head)" if scorer == "head" else
+        "q.m (the query vector against model vectors trained on fine-tune labels)")
   head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
-          f"{desc['num_images']} images; top {len(rows)} of {len(index)} models by predicted "
-          "fine-tune accuracy")
+          f"{desc['num_images']} images; top {len(rows)} of {len(index)} models by {by}")
   shown, note = accuracy_note(proxy.info.get("selection"))
   cols = [("rank", ""), ("model_id", ""), ("arch", ""), ("task", "")]
+  cols += [("score", ".3f")] if scorer == "q.m" else []
   cols += [("predicted_accuracy", ".3f")] if shown else []
   cols += [(c, ".3f" if any(isinstance(r.get(c), float) for r in rows) else "")
            for c in extra if c not in dict(cols)]
-  _print({"query": desc, "results": rows,
+  _print({"query": desc, "results": rows, "scorer": scorer,
           "accuracy_validation": (proxy.info.get("selection") or {}).get("validation"),
           "accuracy_note": note}, args.json,
          head + "\n" + _fmt_table(rows, cols) + "\n" + note)
@@ -883,12 +886,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "match.vector_weight=0, match.shortlist=0, match.enabled=false (repeatable)")
 
   sl = sub.add_parser(
-      "select", help="rank the index's models by predicted fine-tune accuracy",
+      "select", help="rank the index's models for fine-tuning on a task",
       description="Embeds a few-shot labelled image set with the proxy and ranks every model of "
-      "the index by the accuracy it is predicted to reach after fine-tuning on that task (the "
-      "proxy's accuracy head: `know2vec train --objective both`). Zero zoo forwards; the same "
-      "index as `know2vec query`. --json carries the predicted accuracies.")
-  _add_query_arguments(sl, "a proxy trained with --objective both", shots=10)
+      "the index for fine-tuning on that task, by the proxy's validated scorer "
+      "(selection.scorer): the accuracy it is predicted to reach (the accuracy head: `know2vec "
+      "train --objective both`) or q.m, the query vector against model vectors trained on "
+      "fine-tune labels (`know2vec train --preset select`). Zero zoo forwards; the same index as "
+      "`know2vec query`. --json carries the predicted accuracies and their validation error.")
+  _add_query_arguments(sl, "a proxy with an accuracy head (know2vec train --preset select, or "
+                       "--objective both)", shots=10)
+  sl.add_argument("--scorer", choices=("head", "q.m"), default=None,
+                  help="rank by the accuracy head or by q.m (default: the proxy's "
+                  "selection.scorer, chosen on validation)")
 
   e = sub.add_parser("eval", help="run an experiment: " + ", ".join(EXPERIMENTS) +
                      " (arguments passed on)",

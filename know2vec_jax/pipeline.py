@@ -187,6 +187,22 @@ def _full() -> ProxyConfig:
                      episodes=64, **_LEVERS)
 
 
+# Fine-tune selection (`know2vec train --preset select`, then `know2vec select`): the vectors
+# trained on measured fine-tune labels (objective "finetune") of 192 training targets, the aligner
+# settings and the scorer chosen on validation targets carved from the training targets of the
+# SF-MTE query-dependent benchmark (experiments/sfmte.py: QD_ALIGNER and the target count, whose
+# numbers are there; held-out validation targets ranked at weighted tau 0.698 by q.m against 0.672
+# by the accuracy head). Query episodes of 10 shots per class, the benchmark's query size.
+@PRESETS.register("select")
+def _select() -> ProxyConfig:
+  """Fine-tune selection: vectors trained on fine-tune labels of 192 targets (2,000 steps, listwise
+  target temperature 1, score temperature 0.1), ranked by q.m (``selection.scorer``)."""
+  return ProxyConfig(objective="finetune", episodes=8, shots=10,
+                     align=AlignConfig(steps=2000, batch_size=16, warmup_steps=50),
+                     transfer=TransferObjective(temperature=0.1, target_temperature=1.0),
+                     selection=SelectionConfig(targets=192, scorer="q.m"))
+
+
 # Near-twin batches for the aligner (RankingObjective.hard_share): chosen on validation queries of
 # the varied zoo (experiments/generalise.py, --validate, round 7): labels-only knn left out
 # 0.75 -> 0.81 top-5, logreg 0.90 -> 0.98, seen tasks 0.985 -> 0.989, unseen 0.907 -> 0.897.

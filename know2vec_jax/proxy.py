@@ -376,16 +376,17 @@ class Proxy:
       raise ProxyError("this proxy has no accuracy head: train it with objective 'both' or "
                        "'finetune' (`know2vec train --objective both`)")
 
-  def select(self, images, labels, index: ModelIndex, k: int = 10) -> list[dict]:
-    """Ranks the index's models by predicted fine-tune accuracy on a few-shot task
+  def select(self, images, labels, index: ModelIndex, k: int = 10,
+             scorer: str | None = None) -> list[dict]:
+    """Ranks the index's models for fine-tuning on a few-shot task
     (:func:`know2vec_jax.selection.select`: rows as :func:`query` gives them, with
-    ``predicted_accuracy`` for the score).
+    ``predicted_accuracy``; ranked by ``scorer``, default the config's ``selection.scorer``).
 
     Raises:
-      InputError: a bad query; ProxyError: a proxy without an accuracy head, an empty index, an
-      index of another vector size, or rows another proxy vectorized.
+      InputError: a bad query; ProxyError: a proxy without an accuracy head, an unknown scorer,
+      an empty index, an index of another vector size, or rows another proxy vectorized.
     """
-    return selection.select(self, images, labels, index, k)
+    return selection.select(self, images, labels, index, k, scorer)
 
   def build_index(self, groups: BlackBoxGroup | Sequence[BlackBoxGroup],
                   metadata: Mapping[str, dict] | None = None, index: ModelIndex | None = None,

@@ -195,6 +195,21 @@ def test_sfmte_benchmark_aligner_settings_reach_the_label_trained_variants_only(
     sfmte.BenchmarkConfig(aligner=("transfer.nope=1",))
 
 
+def test_sfmte_label_trained_rows_are_the_select_preset():
+  """The query-dependent benchmark's label-trained proxy is `know2vec train --preset select`
+  with only what the benchmark must set (its queries' shots, the seed, a train-split pool)."""
+  from know2vec_jax import config as config_lib
+  from know2vec_jax.proxy import proxy_preset
+  bench = sfmte.PRESETS.get("full").query_dependent
+  got = sfmte.variant_proxy("know2vec-attention-shared", bench.eval_gt.shots, 2, bench.aligner)
+  want = config_lib.override(proxy_preset("select"), [
+      f"shots={bench.eval_gt.shots}", "align.seed=2", "selection.seed=2",
+      f"pool.split={sfmte.POOL_SPLIT}"])
+  assert got == want
+  assert want.objective == "finetune" and want.selection.scorer == "q.m"
+  assert want.selection.targets == 192 and want.align.steps == 2000
+
+
 def test_sfmte_baseline_costs_are_the_black_boxes_counts(tiny_zoo):
   zoo = tiny_zoo[0]
   ids = list(zoo.records)

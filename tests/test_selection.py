@@ -1,6 +1,7 @@
 """Fine-tune selection in the product: training targets, the accuracy head, `Proxy.select` and
 `know2vec select`."""
 
+import copy
 import json
 
 import numpy as np
@@ -222,6 +223,39 @@ def test_select_errors_are_clear(tiny_proxy, tiny_index, tiny_zoo):
               override(proxy_preset("tiny"), ["objective=both"]), progress=False)
 
 
+def test_select_ranks_by_the_configured_scorer(both_proxy, both_index, tiny_zoo):
+  """``"head"`` ranks by predicted accuracy, ``"q.m"`` by the query vector against the model
+  vectors; both rows carry the head's prediction; an unknown scorer is refused, in the config
+  too."""
+  from know2vec_jax.config import ConfigError
+  from know2vec_jax.data import few_shot, load_source
+  proxy, _ = both_proxy
+  task = tiny_zoo[0].records[next(iter(tiny_zoo[0].records))].task
+  images, labels = few_shot(load_source(task.source), task, 5, seed=1, split="test")
+  index = both_index
+  n = len(index)
+  by_head = proxy.select(images, labels, index, k=n)
+  assert proxy.config.selection.scorer == "head"
+  assert proxy.select(images, labels, index, k=n, scorer="head") == by_head
+  assert all(r["score"] == r["predicted_accuracy"] for r in by_head)
+  by_qm = proxy.select(images, labels, index, k=n, scorer="q.m")
+  q = proxy.embed_query(images, labels)
+  qm = dict(zip(index.ids, np.asarray(index.vectors) @ q))
+  assert [r["model_id"] for r in by_qm] == sorted(qm, key=lambda m: -qm[m])
+  np.testing.assert_allclose([r["score"] for r in by_qm], [qm[r["model_id"]] for r in by_qm],
+                             rtol=1e-5)
+  pred = {r["model_id"]: r["predicted_accuracy"] for r in by_head}
+  assert all(r["predicted_accuracy"] == pytest.approx(pred[r["model_id"]]) for r in by_qm)
+  # The configured scorer is the default.
+  qm_proxy = copy.copy(proxy)
+  qm_proxy.config = override(proxy.config, ["selection.scorer=q.m"])
+  assert qm_proxy.select(images, labels, index, k=n) == by_qm
+  with pytest.raises(ProxyError, match="unknown scorer 'qm'"):
+    proxy.select(images, labels, index, scorer="qm")
+  with pytest.raises(ConfigError, match="selection.scorer must be one of"):
+    override(proxy_preset("tiny"), ["selection.scorer=best"])
+
+
 def test_select_shows_predicted_accuracy_only_with_its_validation_error():
   from know2vec_jax.cli import accuracy_note
   shown, note = accuracy_note({"targets": 4})  # fitted without held-out targets
@@ -255,6 +289,13 @@ def test_cli_select(both_proxy, tiny_zoo, tiny_zoo_dir, tiny_proxy_dir, tmp_path
   assert all(0 <= r["predicted_accuracy"] <= 1 for r in out["results"])
   val = proxy.info["selection"]["validation"]
   assert out["accuracy_validation"] == val and "per_model_mae" in val
+  assert out["scorer"] == "head"
+  assert main(["select", "--proxy", str(pdir), "--index", str(idx), "--task", spec, "-k", "3",
+               "--scorer", "q.m", "--json"]) == 0
+  qm = json.loads(capsys.readouterr().out)
+  assert qm["scorer"] == "q.m"
+  scores = [r["score"] for r in qm["results"]]
+  assert scores == sorted(scores, reverse=True)
   assert main(["select", "--proxy", str(pdir), "--index", str(idx), "--task", spec]) == 0
   text = capsys.readouterr().out
   assert "predicted_accuracy" in text
