@@ -569,12 +569,6 @@ def score_baselines(names, groups, zoo, x, y, k: int, ids: list[str], others, se
   return scores, costs
 
 
-def prototype_of(proxy: Proxy, images, labels) -> np.ndarray:
-  """float32 [D]: a labelled image set's unit prototype in the proxy's phi
-  (:func:`know2vec_jax.baselines.task_prototype`)."""
-  return task_prototype(np.asarray(proxy.backbone.embed(images)), labels)
-
-
 def _selected(proxy: Proxy, index, x, y, scorer: str = "head") -> dict:
   """Model id -> the score :meth:`Proxy.select` ranks the whole index by (``know2vec select
   --scorer SCORER``): the predicted fine-tune accuracy (``"head"``) or q.m (``"q.m"``)."""
@@ -664,7 +658,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
   eval_acc = np.stack([gt_mean[t.name] for t in kept])
   # The source-aware priors read the training targets a user measured (their fine-tune labels)
   # and the last proxy's phi: each target's prototype from the images its labels were fitted on.
-  train_protos = np.stack([prototype_of(proxy, *run_sample(t, bcfg.train_gt, 0))
+  train_protos = np.stack([task_prototype(*proxy.query_grid(*run_sample(t, bcfg.train_gt, 0)))
                            for t in gt["train_targets"]])
   for i, t in enumerate(kept):
     x, y = queries[t.name]
@@ -673,7 +667,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
     sc, cost = score_baselines(cfg.baselines, groups, zoo, x, y, t.k, ids, others,
                                cfg.seed + i, dict(query_grid=qg, query_mask=qm,
                                                   model_grids=m_grid, model_masks=m_mask),
-                               dict(query_prototype=prototype_of(proxy, x, y),
+                               dict(query_prototype=task_prototype(qg, qm),
                                     target_prototypes=train_protos,
                                     ground_truth_other_targets=tr_acc))
     for b in sc:

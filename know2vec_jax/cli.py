@@ -632,14 +632,15 @@ def _cmd_select(args) -> int:
         "q.m (the query vector against model vectors trained on fine-tune labels)")
   head = (f"query: {desc.get('task', desc.get('images'))} ({', '.join(desc['classes'])}), "
           f"{desc['num_images']} images; top {len(rows)} of {len(index)} models by {by}")
-  shown, note = accuracy_note(proxy.info.get("selection"))
+  selection = proxy.info.get("selection")
+  shown, note = accuracy_note(selection)
   cols = [("rank", ""), ("model_id", ""), ("arch", ""), ("task", "")]
   cols += [("score", ".3f")] if scorer == "q.m" else []
   cols += [("predicted_accuracy", ".3f")] if shown else []
   cols += [(c, ".3f" if any(isinstance(r.get(c), float) for r in rows) else "")
            for c in extra if c not in dict(cols)]
   _print({"query": desc, "results": rows, "scorer": scorer,
-          "accuracy_validation": (proxy.info.get("selection") or {}).get("validation"),
+          "accuracy_validation": (selection or {}).get("validation"),
           "accuracy_note": note}, args.json,
          head + "\n" + _fmt_table(rows, cols) + "\n" + note)
   return 0

@@ -294,14 +294,16 @@ def test_task_prototypes_in_phi_tell_the_image_kind_apart(tiny_proxy):
   from know2vec_jax.data import Task, few_shot, load_source
   def proto(source, classes, seed, split):
     x, y = few_shot(load_source(source), Task(source, classes), 5, seed=seed, split=split)
-    return task_prototype(np.asarray(tiny_proxy.backbone.embed(x)), y)
+    return task_prototype(*tiny_proxy.query_grid(x, y))
   sources = ("digits", "digits+invert", "mnist5k")
   targets = np.stack([proto(s, (0, 1, 2, 3), 0, "train") for s in sources])
   for s in sources:
     for classes in ((0, 1, 2), (5, 6, 7)):
       assert sources[np.argmax(targets @ proto(s, classes, 1, "test"))] == s
-  with pytest.raises(BaselineInputError, match="features must be \[N, D\]"):
-    task_prototype(np.ones((4, 3)), np.zeros(3))
+  with pytest.raises(BaselineInputError, match="query_grid must be \[K, K, D\]"):
+    task_prototype(np.ones((4, 3, 2)), np.ones(4))
+  with pytest.raises(BaselineInputError, match="naming at least one class"):
+    task_prototype(np.ones((3, 3, 2)), np.zeros(3))
 
 
 def test_random_scores():

@@ -58,30 +58,31 @@ def prior_scores(ground_truth_other_targets):
   return _prior(jnp.asarray(ground_truth_other_targets, jnp.float32))
 
 
-def task_prototype(features, labels) -> np.ndarray:
-  """A task's unit prototype in an embedding space: the mean of its unit class means, so each
-  class weighs the same whatever its shot count.
+def task_prototype(query_grid, query_mask) -> np.ndarray:
+  """A task's unit prototype in phi: the normalised mean of its unit class prototypes (the
+  diagonal of its query grid, :meth:`know2vec_jax.proxy.Proxy.query_grid`), so each class weighs
+  the same whatever its shot count.
 
   Args:
-    features: float [N, D] embeddings of the task's images (e.g. phi's).
-    labels: int [N] their classes.
+    query_grid: float [K_max, K_max, D] a task's padded query grid.
+    query_mask: [K_max] its valid classes (nonzero).
 
   Returns:
     float32 [D], unit norm.
 
   Raises:
-    BaselineInputError: shapes that disagree, no image, or NaN/inf features.
+    BaselineInputError: a grid that is not square over classes, a mask of another length or with
+      no class, or NaN/inf entries.
   """
-  f = np.asarray(features, np.float32)
-  y = np.asarray(labels)
-  if f.ndim != 2 or y.shape != (f.shape[0],) or f.shape[0] == 0:
-    raise BaselineInputError(f"features must be [N, D] with labels [N], N >= 1; got "
-                             f"{f.shape} and {y.shape}")
-  if not np.isfinite(f).all():
-    raise BaselineInputError("features contain NaN/inf values")
-  means = np.stack([f[y == c].mean(0) for c in np.unique(y)])
-  means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-  p = means.mean(0)
+  g = np.asarray(query_grid, np.float32)
+  m = np.asarray(query_mask) != 0
+  if g.ndim != 3 or g.shape[0] != g.shape[1] or m.shape != (g.shape[0],) or not m.any():
+    raise BaselineInputError(f"query_grid must be [K, K, D] with query_mask [K] naming at least "
+                             f"one class; got {g.shape} and {m.shape}")
+  if not np.isfinite(g).all():
+    raise BaselineInputError("query_grid contains NaN/inf values")
+  k = np.arange(g.shape[0])
+  p = g[k, k][m].mean(0)
   return p / max(float(np.linalg.norm(p)), 1e-12)
 
 
