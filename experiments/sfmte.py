@@ -91,7 +91,8 @@ import numpy as np
 
 from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
 from know2vec_jax import config as config_lib
-from know2vec_jax.baselines import BASELINES, run_baseline, task_prototype
+from know2vec_jax.baselines import (BASELINES, run_baseline, source_aware_accuracy,
+                                    task_prototype)
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import Task
@@ -620,6 +621,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
   # Queries: run 0's training sample of every evaluation target.
   queries = {t.name: run_sample(t, bcfg.eval_gt, 0) for t in kept}
   scores, costs, predicted, info = {}, {}, {}, {}
+  learned = set()  # the Know2Vec rows (each trained on the training targets' labels)
   proxy = None
   for variant in bcfg.variants:
     for seed in cfg.seeds:
@@ -648,6 +650,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
           if how == "head":
             predicted.setdefault(method, {}).setdefault(t.name, []).append(sc)
         costs.setdefault(method, []).append({"forwards": 0, "seconds": float(np.mean(qcost))})
+        learned.add(method)
       info.setdefault(variant, []).append({"seed": seed, "train_s": proxy.info["seconds"]["total"],
                                            "selection": proxy.info.get("selection")})
 
@@ -660,9 +663,18 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
   # and the last proxy's phi: each target's prototype from the images its labels were fitted on.
   train_protos = np.stack([task_prototype(*proxy.query_grid(*run_sample(t, bcfg.train_gt, 0)))
                            for t in gt["train_targets"]])
+  # Accuracy predictors a learned head must beat: one constant, each model's mean over the
+  # training targets, and the source-aware prior's accuracies (its nearest training targets').
+  reference = {"constant": {}, "per-model mean": {}, "source-aware prior": {},
+               "source-aware prior (5 nearest)": {}}
   for i, t in enumerate(kept):
     x, y = queries[t.name]
     qg, qm = proxy.query_grid(x, y)
+    reference["constant"][t.name] = np.full(len(ids), tr_acc.mean(), np.float32)
+    reference["per-model mean"][t.name] = tr_acc.mean(0)
+    for name_, k_near in (("source-aware prior", 1), ("source-aware prior (5 nearest)", 5)):
+      reference[name_][t.name] = source_aware_accuracy(task_prototype(qg, qm), train_protos,
+                                                       tr_acc, k=k_near)
     others = other_targets(eval_acc, i)
     sc, cost = score_baselines(cfg.baselines, groups, zoo, x, y, t.k, ids, others,
                                cfg.seed + i, dict(query_grid=qg, query_mask=qm,
@@ -678,6 +690,19 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
     costs.setdefault("prior (training targets)", []).append({"forwards": 0,
                                                              "seconds": r.seconds})
 
+  # Training-time labels: the white-box fine-tunes (model x target x run) a row needs before
+  # its first query. The learned rows and the priors over training targets read the training
+  # targets' labels; the prior over the other evaluation targets reads theirs.
+  n_models = len(ids)
+  train_cost = len(gt["train_targets"]) * n_models * bcfg.train_gt.runs
+  eval_cost = (len(kept) - 1) * n_models * bcfg.eval_gt.runs
+
+  def finetunes(method: str) -> int:
+    if method in learned or method == "prior (training targets)":
+      return train_cost
+    kind = BASELINES[method].input if method in BASELINES else None
+    return train_cost if kind == "prototypes" else eval_cost if kind == "ground_truth" else 0
+
   # Reports: a learned method's number is the mean over its seeds, with their spread.
   per_target, summary = {}, {}
   for method, by_t in scores.items():
@@ -690,7 +715,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
     taus_sym = [np.mean([r[n]["weighted_tau_symmetric"] for n in r]) for r in reps]
     regrets = [np.mean([r[n]["top1_regret"] for n in r]) for r in reps]
     cs = costs[method]
-    summary[method] = {
+    summary[method] = {"train_finetunes": finetunes(method),
         "mean_tau": float(np.mean(taus)), "tau_spread": float(np.std(taus)),
         "mean_tau_symmetric": float(np.mean(taus_sym)), "seeds": n_seeds,
         "mean_spearman": float(np.mean([np.mean([r[n]["spearman"] for n in r]) for r in reps])),
@@ -709,6 +734,11 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
                   "per_target": {n: float(np.mean([np.mean(np.abs(q - gt_mean[n])) for q in p]))
                                  for n, p in by_t.items()}}
     summary[name_]["accuracy_mae"] = mae[name_]["mean"]
+  ref_mae = {name_: float(np.mean([np.mean(np.abs(p - gt_mean[n])) for n, p in by_t.items()]))
+             for name_, by_t in reference.items()}
+  for name_ in mae:  # the target: at most 0.6 of the per-model mean's error
+    summary[name_]["accuracy_mae_ratio_per_model_mean"] = (
+        mae[name_]["mean"] / max(ref_mae["per-model mean"], 1e-12))
   return {
       "summary": summary,
       "paired": paired_differences(per_target, KEY_COMPARISONS),
@@ -716,6 +746,7 @@ def run_benchmark(name: str, cfg: SFMTEConfig, zoo, zoo_dir: str, cache: Cache,
       "ceiling": ceilings,
       "split_half": halves,
       "accuracy_head_mae": mae,
+      "accuracy_reference_mae": ref_mae,
       "targets": {t.name: t.to_json() | {
           "gt_mean": float(gt_mean[t.name].mean()), "gt_std": float(gt_mean[t.name].std()),
           "gt_min": float(gt_mean[t.name].min()), "gt_max": float(gt_mean[t.name].max())}
@@ -878,18 +909,18 @@ def plot(out: dict, path: str, name: str) -> None:
 
 def format_table(summary: dict) -> str:
   lines = ["| method | mean weighted tau (by ground truth) | spread | weighted tau (scipy "
-           "default) | mean Spearman | mean top-1 regret | zoo forwards / query | query s | "
-           "accuracy MAE |", "|---|---|---|---|---|---|---|---|---|"]
+           "default) | mean Spearman | mean top-1 regret | zoo forwards / query | training "
+           "fine-tunes | query s | accuracy MAE |", "|---|---|---|---|---|---|---|---|---|---|"]
   for m, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean_tau"]):
     if "mean_regret" not in s:
-      lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | | | | |")
+      lines.append(f"| {m} | {s['mean_tau']:.3f} | | | | | | | | |")
       continue
     mae = f"{s['accuracy_mae']:.3f}" if "accuracy_mae" in s else ""
     spread = f"± {s['tau_spread']:.3f} ({s['seeds']} seeds)" if s["seeds"] > 1 else ""
     lines.append(f"| {m} | {s['mean_tau']:.3f} | {spread} | {s['mean_tau_symmetric']:.3f} | "
                  f"{s['mean_spearman']:.3f} | "
                  f"{s['mean_regret']:.3f} | {s['forwards_per_query']:,.0f} | "
-                 f"{s['query_seconds']:.3f} | {mae} |")
+                 f"{s.get('train_finetunes', 0):,} | {s['query_seconds']:.3f} | {mae} |")
   return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ from sklearn.mixture import GaussianMixture
 from know2vec_jax.baselines import (BASELINES, BaselineInputError, forward_passes, hscore_scores,
                                     hscore_shrinkage_scores, leep_scores, logme_scores,
                                     nce_scores, nleep_scores, prior_scores, random_scores,
-                                    run_baseline, source_aware_prior_scores, task_prototype)
+                                    run_baseline, source_aware_accuracy,
+                                    source_aware_prior_scores, task_prototype)
 from know2vec_jax.baselines.cost import measure_costs
 from know2vec_jax.baselines.logme import log_evidence
 from know2vec_jax.baselines.nleep import pca_reduce
@@ -285,6 +286,35 @@ def test_source_aware_prior_reads_only_the_nearest_targets():
   with pytest.raises(BaselineInputError, match="needs query_prototype"):
     run_baseline("source-aware prior", ground_truth_other_targets=gt)
 
+
+
+def test_source_aware_accuracy_is_the_nearest_targets_mean_accuracy():
+  """The source-aware prior as an accuracy predictor: each model's mean measured accuracy over
+  the same nearest targets the ranking reads, and nothing from the farther ones."""
+  rng = np.random.default_rng(5)
+  protos = rng.normal(size=(7, 6))
+  protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+  gt = rng.random((7, 4))
+  q = protos[2] + 0.05 * rng.normal(size=6)
+  q /= np.linalg.norm(q)
+  near = np.argsort(-(protos @ q))
+  assert near[0] == 2
+  np.testing.assert_allclose(source_aware_accuracy(q, protos, gt, k=1), gt[2], rtol=1e-6)
+  np.testing.assert_allclose(source_aware_accuracy(q, protos, gt, k=3), gt[near[:3]].mean(0),
+                             rtol=1e-6)
+  # Its order is the source-aware prior's ranking of the same targets (k = 1).
+  np.testing.assert_array_equal(np.argsort(-source_aware_accuracy(q, protos, gt, k=1)),
+                                np.argsort(-source_aware_prior_scores(q, protos, gt, k=1)))
+  changed = gt.copy()
+  changed[near[3:]] = rng.random((4, 4))
+  np.testing.assert_array_equal(source_aware_accuracy(q, protos, gt, k=3),
+                                source_aware_accuracy(q, protos, changed, k=3))
+  with pytest.raises(BaselineInputError, match="k must be an int >= 1"):
+    source_aware_accuracy(q, protos, gt, k=0)
+  bad = gt.copy()
+  bad[near[0], 1] = np.nan
+  with pytest.raises(BaselineInputError, match="NaN"):
+    source_aware_accuracy(q, protos, bad, k=1)
 
 def test_task_prototypes_in_phi_tell_the_image_kind_apart(tiny_proxy):
   """On real images through a trained phi, a query's nearest measured target is one of its own

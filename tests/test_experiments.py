@@ -297,6 +297,25 @@ def test_sfmte_run_learns_from_its_training_targets_only(tiny_zoo_dir, tmp_path,
     assert pair[metric]["mean"] == pytest.approx(want)
     assert pair[metric]["targets"] == len(res["per_target"]["source-aware prior"])
   assert "know2vec-attention-shared (q.m) - logme-features (white-box)" not in res["paired"]
+  # Training-time labels: 4 training targets x 4 models x 2 runs for every row that reads them.
+  cost = {m: s["train_finetunes"] for m, s in res["summary"].items() if "mean_regret" in s}
+  assert cost == {"know2vec-attention-shared (accuracy head)": 32,
+                  "know2vec-attention-shared (q.m)": 32, "prior (training targets)": 32,
+                  "source-aware prior": 32, "random": 0}
+  # Accuracy predictors the head is measured against, recomputed from the measured accuracies.
+  truth = {n: v.mean(0) for n, v in ground_truth(zoo, None, ids, ev, gt_cfg).items()
+           if n not in res["dropped_saturated"]}
+  assert truth
+  ref = res["accuracy_reference_mae"]
+  assert ref["per-model mean"] == pytest.approx(np.mean(
+      [np.abs(labels.accuracy.mean(0) - a).mean() for a in truth.values()]), abs=1e-6)
+  assert ref["constant"] == pytest.approx(np.mean(
+      [np.abs(labels.accuracy.mean() - a).mean() for a in truth.values()]), abs=1e-6)
+  assert set(ref) == {"constant", "per-model mean", "source-aware prior",
+                      "source-aware prior (5 nearest)"}
+  head = res["summary"]["know2vec-attention-shared (accuracy head)"]
+  assert head["accuracy_mae_ratio_per_model_mean"] == pytest.approx(
+      head["accuracy_mae"] / ref["per-model mean"])
 
 
 def _images(target, per_class):

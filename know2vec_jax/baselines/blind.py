@@ -86,6 +86,25 @@ def task_prototype(query_grid, query_mask) -> np.ndarray:
   return p / max(float(np.linalg.norm(p)), 1e-12)
 
 
+def _nearest_targets(query_prototype, target_prototypes, ground_truth_targets, k):
+  """(indices of the ``k`` targets nearest the query by prototype cosine, ground truth [T, M]),
+  after checking the inputs of the source-aware predictors."""
+  q = np.asarray(query_prototype, np.float32)
+  p = np.asarray(target_prototypes, np.float32)
+  gt = np.asarray(ground_truth_targets, np.float32)
+  if q.ndim != 1 or p.ndim != 2 or p.shape[1] != q.shape[0] or gt.ndim != 2 \
+      or gt.shape[0] != p.shape[0] or min(gt.shape) == 0:
+    raise BaselineInputError(f"need query_prototype [D], target_prototypes [T, D] and "
+                             f"ground_truth_targets [T, M] with T, M >= 1; got {q.shape}, "
+                             f"{p.shape}, {gt.shape}")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise BaselineInputError(f"k must be an int >= 1, got {k!r}")
+  if not (np.isfinite(q).all() and np.isfinite(p).all()):
+    raise BaselineInputError("prototypes contain NaN/inf values")
+  # Stable: equal cosines keep the targets' order, so the choice is reproducible.
+  return np.argsort(-(p @ q), kind="stable")[:min(int(k), p.shape[0])], gt
+
+
 def source_aware_prior_scores(query_prototype, target_prototypes, ground_truth_targets,
                               k: int = 1):
   """The prior of the ``k`` measured targets nearest to the query: what reading the query's
@@ -106,17 +125,28 @@ def source_aware_prior_scores(query_prototype, target_prototypes, ground_truth_t
   Raises:
     BaselineInputError: shapes that disagree, k < 1, or NaN/inf inputs.
   """
-  q = np.asarray(query_prototype, np.float32)
-  p = np.asarray(target_prototypes, np.float32)
-  gt = np.asarray(ground_truth_targets, np.float32)
-  if q.ndim != 1 or p.ndim != 2 or p.shape[1] != q.shape[0] or gt.ndim != 2 \
-      or gt.shape[0] != p.shape[0] or min(gt.shape) == 0:
-    raise BaselineInputError(f"need query_prototype [D], target_prototypes [T, D] and "
-                             f"ground_truth_targets [T, M] with T, M >= 1; got {q.shape}, "
-                             f"{p.shape}, {gt.shape}")
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise BaselineInputError(f"k must be an int >= 1, got {k!r}")
-  if not (np.isfinite(q).all() and np.isfinite(p).all()):
-    raise BaselineInputError("prototypes contain NaN/inf values")
-  nearest = np.argsort(-(p @ q), kind="stable")[:min(int(k), p.shape[0])]
+  nearest, gt = _nearest_targets(query_prototype, target_prototypes, ground_truth_targets, k)
   return prior_scores(gt[nearest])
+
+
+def source_aware_accuracy(query_prototype, target_prototypes, ground_truth_targets,
+                          k: int = 1) -> np.ndarray:
+  """The source-aware prior as a predictor of accuracy: each model's mean measured accuracy over
+  the ``k`` targets nearest to the query (by :func:`task_prototype` cosine, the same targets
+  :func:`source_aware_prior_scores` ranks by). The reference a learned accuracy predictor must
+  beat to show it reads more than the query's source.
+
+  Args:
+    query_prototype, target_prototypes, ground_truth_targets, k: as
+      :func:`source_aware_prior_scores`.
+
+  Returns:
+    float32 [M] predicted accuracies.
+
+  Raises:
+    BaselineInputError: shapes that disagree, k < 1, or NaN/inf inputs.
+  """
+  nearest, gt = _nearest_targets(query_prototype, target_prototypes, ground_truth_targets, k)
+  if not np.isfinite(gt[nearest]).all():
+    raise BaselineInputError("ground_truth_targets contain NaN/inf values")
+  return gt[nearest].mean(0).astype(np.float32)
