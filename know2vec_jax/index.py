@@ -372,6 +372,7 @@ class ModelIndex:
     # (device arrays: (vectors,) or (int8 codes, scales); num_valid on device; mesh or None)
     self._device_state = None
     self._device_classes = None  # classmatch.ClassKnowledge, built on the first query
+    self._device_match: dict = {}  # hub_k -> (float32 vectors, hub offsets) on the device
     self._pool: np.ndarray | None = None  # the index's own pool images [N', H, W, C]
     self._pool_provenance: list[dict] = []
     self._proxies: dict[str, dict] = {}  # fingerprint -> what that proxy was built from
@@ -562,6 +563,7 @@ class ModelIndex:
       self._meta.append(m)
     self._device_state = None
     self._device_classes = None
+    self._device_match = {}
 
   def _check_classes(self, classes: dict | None, n: int) -> dict | None:
     """Validated class knowledge of n new rows (None when there is none)."""
@@ -655,6 +657,7 @@ class ModelIndex:
     self._row = {i: r for r, i in enumerate(self._ids)}
     self._device_state = None
     self._device_classes = None
+    self._device_match = {}
 
   # ---- search --------------------------------------------------------------------------------
 
@@ -794,6 +797,23 @@ class ModelIndex:
       self._device_classes = classmatch.ClassKnowledge.from_arrays(
           self._classes["tokens"], self._classes["mask"], self._classes["pool_labels"])
     return self._device_classes
+
+  def match_arrays(self, hub_k: int) -> tuple[jax.Array, jax.Array]:
+    """The rows as the default query's device scorer reads them, resident on the device: built
+    on the first call after a change, so that a query moves only its own vectors.
+
+    Args:
+      hub_k: the hub correction's k (:meth:`hub_offsets`; 0: no correction, zeros).
+
+    Returns:
+      (float32 [M, dim] the unit vectors, float32 [M] the hub offsets).
+    """
+    k = int(hub_k)
+    if k not in self._device_match:
+      hub = self.hub_offsets(k)
+      hub = np.zeros(len(self), np.float32) if hub is None else np.asarray(hub, np.float32)
+      self._device_match[k] = (jnp.asarray(self._vectors, jnp.float32), jnp.asarray(hub))
+    return self._device_match[k]
 
   def hub_offsets(self, k: int) -> np.ndarray | None:
     """Each model's mean of its ``k`` highest cosines to the proxy's reference queries

@@ -21,7 +21,7 @@ aligned vectors' cosine, and the model's hub offset h(m) (the mean of its ``hub_
 cosines to the reference queries, stored with each index row). A query is *familiar* when it
 sits as close to the reference queries as almost no reference query sits to another task's and
 the model its vector prefers fits its classes about as well as any: it is scored with the
-``familiar_*`` weights (:func:`familiar`). The best candidate's fit score
+``familiar_*`` weights (:meth:`Retriever.score`). The best candidate's fit score
 ``agreement + fit_token_weight * token`` below the no-fit threshold flags the query as fitting
 no model of the index.
 """
@@ -29,11 +29,14 @@ no model of the index.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from know2vec_jax import classmatch
+from know2vec_jax import classmatch, shapes
 from know2vec_jax import config as config_lib
 from know2vec_jax.config import ConfigError, require
 
@@ -211,7 +214,7 @@ class Matches:
     no_fit: bool [Q] the fit score is below the retriever's ``fit_threshold``: no model of the
       index fits the query's classes well.
     familiar: bool [Q] the query looks like one of a task the proxy trained on and was scored
-      with the familiar settings (:func:`familiar`).
+      with the familiar settings (:meth:`Retriever.score`).
   """
   ids: list[list[str]]
   scores: np.ndarray
@@ -229,7 +232,7 @@ def combine(agreement, token, vector, config: MatchConfig, vector_weight=None):
   """The retrieval score ``agreement + token_weight * token + vector_weight * vector``.
 
   ``vector_weight``: float [Q, 1] per query (familiar queries weigh their vectors by
-  ``familiar_vector_weight``, :func:`vector_terms`); default the config's."""
+  ``familiar_vector_weight``); default the config's."""
   w = config.vector_weight if vector_weight is None else vector_weight
   return agreement + config.token_weight * token + w * vector
 
@@ -245,42 +248,6 @@ def fit_score(agreement, token, config: MatchConfig):
   ``agreement + fit_token_weight * token``; its highest value among a query's candidates is what
   the no-fit flag thresholds."""
   return agreement + config.fit_token_weight * token
-
-
-def familiar(familiarity, threshold: float | None, config: MatchConfig, fit=None,
-             cosine=None) -> np.ndarray | None:
-  """bool [Q]: which queries the familiar-task gate scores with the familiar settings; None
-  when the gate is off (no threshold) or the queries carry no familiarity.
-
-  A query is familiar when its familiarity reaches ``threshold`` and, given the candidates' class
-  scores and raw cosines, the model its aligned vector prefers fits its classes within
-  ``config.familiar_fit_gap`` of the best-fitting candidate: the vectors and the classes agree.
-
-  Args:
-    familiarity: float [Q] each query's highest cosine to the reference queries, or None.
-    threshold: the familiar-task threshold, or None (the gate is off).
-    config: the fit gap.
-    fit: float [Q, R] the candidates' :func:`class_score` (optional).
-    cosine: float [Q, R] the candidates' raw cosines q . m (optional, with ``fit``).
-  """
-  if threshold is None or familiarity is None:
-    return None
-  gate = np.asarray(familiarity) >= threshold
-  if fit is not None and cosine is not None and np.shape(fit)[1]:
-    fit = np.asarray(fit)
-    preferred = np.take_along_axis(fit, np.argmax(cosine, axis=1)[:, None], 1)[:, 0]
-    gate &= fit.max(1) - preferred <= config.familiar_fit_gap
-  return gate
-
-
-def vector_terms(gate: np.ndarray | None, config: MatchConfig) -> tuple:
-  """(hub scale, vector weight) per query, float32 [Q, 1] each, or the config's scalars when
-  ``gate`` (:func:`familiar`) is None."""
-  if gate is None:
-    return config.hub_scale, config.vector_weight
-  g = np.asarray(gate, bool)[:, None]
-  return (np.where(g, config.familiar_hub_scale, config.hub_scale).astype(np.float32),
-          np.where(g, config.familiar_vector_weight, config.vector_weight).astype(np.float32))
 
 
 # ---- calibration (pure) --------------------------------------------------------------------------
@@ -427,10 +394,14 @@ class Retriever:
     :meth:`know2vec_jax.index.ModelIndex.hub_offsets`, times ``hub_scale``, or
     ``familiar_hub_scale`` for a familiar query, when ``hub_k`` is set: the returned ``vector``
     part is then the corrected cosine) and keeps ``shortlist`` candidates per query (all rows
-    when the shortlist is 0 or at least the index size); the candidates are scored by
-    :func:`know2vec_jax.classmatch.class_scores` and ranked by :func:`combine`. With
-    ``enabled`` False this is the index's vector search (the class parts are then zero and no
-    query is flagged).
+    when the shortlist is 0 or at least the index size); the candidates' class terms
+    (:func:`know2vec_jax.classmatch.class_scores`), the familiar-task gate,
+    the score (:func:`combine`) and the top k follow in the same jitted call, on the device that
+    holds the index's vectors, hub offsets and class knowledge
+    (:meth:`know2vec_jax.index.ModelIndex.match_arrays`, ``class_knowledge``): a query moves
+    only its own arrays. Without the hub correction, a shortlist of an index stored in bfloat16
+    or int8 comes from the index's own search. With ``enabled`` False this is the index's vector
+    search (the class parts are then zero and no query is flagged).
 
     Args:
       index: a :class:`know2vec_jax.index.ModelIndex` (with class knowledge unless class
@@ -464,45 +435,114 @@ class Retriever:
     if classes is None or len(classes) != nq:
       raise IndexStoreError(f"got class descriptions of {0 if classes is None else len(classes)} "
                             f"queries for {nq} query vectors")
-    tokens = index.classes["tokens"]
-    if classes.prototypes.shape[-1] != tokens.shape[-1]:
+    know = index.class_knowledge()
+    if classes.prototypes.shape[-1] != know.tokens.shape[-1]:
       raise IndexStoreError(f"query prototypes of size {classes.prototypes.shape[-1]} do not match "
-                            f"the index's class tokens of size {tokens.shape[-1]}")
+                            f"the index's class tokens of size {know.tokens.shape[-1]}")
     m = len(index)
     r = m if config.shortlist == 0 else min(config.shortlist, m)
-    hub = index.hub_offsets(config.hub_k)
-    if r == m or hub is not None:
-      raw = q @ index.vectors.T
-      if r == m:  # every row is a candidate: score them all, no vector top-k needed
-        rows = np.broadcast_to(np.arange(m), (nq, m))
-      else:  # the shortlist by centred cosine, so that no family is cut for where it sits
-        vec = raw - config.hub_scale * hub if hub is not None else raw
-        rows = np.argpartition(-vec, r - 1, axis=1)[:, :r]
-        rows = np.take_along_axis(rows, np.argsort(-np.take_along_axis(vec, rows, 1), 1,
-                                                   kind="stable"), 1)
-        raw = np.take_along_axis(raw, rows, 1)
-    else:
-      raw, ids = index.search(q, r)
-      rows = index.rows_of(ids)
-    agree, tok = classmatch.class_scores(classes, index.class_knowledge(), rows=rows)
-    fam = classes.familiarity if classes.familiarity is not None else self.familiarity(q)
-    gate = familiar(fam, self.familiar_threshold, config, class_score(agree, tok, config), raw)
-    hub_scale, weight = vector_terms(gate, config)
-    # Each model's cosine relative to how close it ever comes to a query (hub correction).
-    vec = raw - hub_scale * hub[rows] if hub is not None else raw
-    score = combine(agree, tok, vec, config, weight)
     kk = min(int(k), r)
-    # Best first; equal scores keep the vector stage's order (stable).
-    order = np.argsort(-score, axis=1, kind="stable")[:, :kk]
-    take = lambda a: np.take_along_axis(np.asarray(a, np.float32), order, 1)  # noqa: E731
-    # The highest fit among the candidates: whether any model of the index fits the query.
-    fit = fit_score(agree, tok, config)
-    best_fit = (np.asarray(fit, np.float32).max(1) if fit.shape[1]
-                else np.zeros(nq, np.float32))
-    return Matches(index.ids_at(np.take_along_axis(rows, order, 1)),
-                   take(score), take(agree), take(tok), take(vec), best_fit,
-                   best_fit < self.fit_threshold,
-                   np.zeros(nq, bool) if gate is None else gate)
+    fam = classes.familiarity if classes.familiarity is not None else self.familiarity(q)
+    threshold = self.familiar_threshold
+    gate_on = threshold is not None and fam is not None
+    fam = np.zeros(nq, np.float32) if fam is None else np.asarray(fam, np.float32)
+    settings = jnp.asarray([config.hub_scale, config.familiar_hub_scale, config.vector_weight,
+                            config.familiar_vector_weight, config.token_weight,
+                            config.fit_token_weight,
+                            threshold if gate_on else np.inf, config.familiar_fit_gap],
+                           jnp.float32)
+    vecs, hub = index.match_arrays(config.hub_k)
+    # The shortlist on the device by centred cosine (so that no family is cut for where it
+    # sits), unless the vectors alone decide it and the index stores them compressed: then the
+    # index's own search (its storage type and sharding, exact re-scoring) makes it.
+    rows_given = r < m and not config.hub_k and index.storage != "float32"
+    if rows_given:
+      raw_given, ids_given = index.search(q, r)
+      rows_all = index.rows_of(ids_given)
+    out = [np.zeros((nq, kk), np.int64)] + [np.zeros((nq, kk), np.float32) for _ in range(4)] + [
+        np.zeros(nq, np.float32), np.zeros(nq, bool)]
+    if m == 0 or kk == 0:
+      return Matches([[] for _ in range(nq)], *out[1:5], out[5], out[5] < self.fit_threshold,
+                     out[6])
+    # Queries of one class count run together, trimmed to it (a 4-way query padded to 10 classes
+    # would gather and compare 2.5x the labels); each bucket of queries compiles once.
+    k_of = classes.mask.sum(-1).astype(int)
+    km, dim = know.tokens.shape[1:]
+    for kq in np.unique(k_of):
+      members = np.flatnonzero(k_of == kq)
+      size = shapes.bucket(len(members), _QUERY_CHUNK)
+      c = max(int(kq), 1)
+      for s0 in range(0, len(members), size):
+        part = members[s0:s0 + size]
+        pad = np.concatenate([part, np.full(size - len(part), part[-1])])
+        w = None if classes.weights is None else jnp.asarray(classes.weights[pad, :c])
+        given = ((jnp.asarray(rows_all[pad], jnp.int32), jnp.asarray(raw_given[pad]))
+                 if rows_given else None)
+        got = _ranked(jnp.asarray(q[pad]), vecs, hub, given, jnp.asarray(fam[pad]),
+                      jnp.asarray(classes.prototypes[pad, :c]), jnp.asarray(classes.mask[pad, :c]),
+                      jnp.asarray(classes.anchors[pad, :c]), w, know.tokens, know.mask,
+                      know.pool_labels, settings, r=r, k=kk,
+                      gather_tokens=r * km * dim < m * c * km)
+        for dst, src in zip(out, jax.device_get(got)):
+          dst[part] = np.asarray(src)[:len(part)]
+    rows, score, agree, tok, vec, best_fit, gate = out
+    return Matches(index.ids_at(rows), score, agree, tok, vec, best_fit,
+                   best_fit < self.fit_threshold, gate if gate_on else np.zeros(nq, bool))
+
+
+# Queries per jitted scoring call (a batch pads up to a power of two below it).
+_QUERY_CHUNK = 32
+
+
+@functools.partial(jax.jit, static_argnames=("r", "k", "gather_tokens"))
+def _ranked(q, vectors, hub, given, fam, prototypes, q_mask, anchors, weights, tokens, t_mask,
+            labels, settings, *, r: int, k: int, gather_tokens: bool):
+  """The default query's scoring in one jitted call: the shortlist, the class terms, the
+  familiar-task gate, the combined score and the top k (:meth:`Retriever.score`).
+
+  Args:
+    q: float32 [Q, E] query vectors; vectors [M, E] and hub [M] the index's rows
+      (:meth:`know2vec_jax.index.ModelIndex.match_arrays`).
+    given: None (the shortlist is made here: the r best rows by q . m - hub_scale * hub, every
+      row when r == M) or (rows int32 [Q, r], their cosines [Q, r]) made by the index's search.
+    fam: float32 [Q] each query's familiarity.
+    prototypes, q_mask, anchors, weights: the queries' classes (trimmed to their class count).
+    tokens, t_mask, labels: the index's class knowledge (:class:`classmatch.ClassKnowledge`).
+    settings: float32 [8]: hub_scale, familiar_hub_scale, vector_weight, familiar_vector_weight,
+      token_weight, fit_token_weight, the familiar threshold (inf: the gate is off) and
+      familiar_fit_gap (traced: a new setting does not compile again).
+
+  Returns:
+    (rows int32 [Q, k], score, agreement, token, vector float32 [Q, k], best fit float32 [Q],
+    familiar bool [Q]), best first; equal scores keep the shortlist's order.
+  """
+  (hub_scale, fam_hub_scale, vector_weight, fam_vector_weight, token_weight, fit_token_weight,
+   threshold, fit_gap) = (settings[i] for i in range(8))
+  m = vectors.shape[0]
+  if given is None:
+    raw_all = q @ vectors.T  # [Q, M]
+    if r == m:  # every row is a candidate: no vector top-k needed
+      rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), raw_all.shape)
+      raw = raw_all
+    else:  # lax.top_k puts the lower row first among equal values
+      _, rows = jax.lax.top_k(raw_all - hub_scale * hub[None], r)
+      raw = jnp.take_along_axis(raw_all, rows, 1)
+  else:
+    rows, raw = given
+  agree, tok = classmatch._class_scores(prototypes, q_mask, anchors, weights, tokens, t_mask,
+                                        labels, rows, gather_tokens)
+  # The familiar-task gate: close to the reference queries, and the model
+  # the vectors prefer fits the classes within the gap of the best-fitting candidate.
+  fit_c = agree + token_weight * tok
+  preferred = jnp.take_along_axis(fit_c, jnp.argmax(raw, axis=1)[:, None], 1)[:, 0]
+  gate = (fam >= threshold) & (fit_c.max(1) - preferred <= fit_gap)
+  g = gate[:, None]
+  vec = raw - jnp.where(g, fam_hub_scale, hub_scale) * hub[rows]
+  score = agree + token_weight * tok + jnp.where(g, fam_vector_weight, vector_weight) * vec
+  best_fit = (agree + fit_token_weight * tok).max(1)
+  top, order = jax.lax.top_k(score, k)
+  take = lambda a: jnp.take_along_axis(a, order, 1)  # noqa: E731
+  return take(rows), top, take(agree), take(tok), take(vec), best_fit, gate
 
 
 def _threshold(key: str, text: str) -> float | None:

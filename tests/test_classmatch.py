@@ -77,6 +77,60 @@ def _model(centres, cluster, classes, k_max=4):
   return toks, mask, sim.argmax(1).astype(np.uint8)
 
 
+
+@pytest.mark.parametrize("km,n", [(4, 100), (10, 100), (10, 300), (3, 1)])
+def test_packed_label_counts_equal_counting_each_class(km, n):
+  """The packed counts (several classes' counts in one uint32 word) against counting each class
+  with numpy: word boundaries (10 classes: 3 words), fields wider than 8 bits (n = 300), a mask,
+  and every label a count could hit."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(km * 1000 + n)
+  labels = rng.integers(0, km, (3, 2, n, 7)).astype(np.uint8)
+  labels[0, 0, :, 0] = km - 1  # one field at its largest count
+  keep = rng.random((3, 2, n, 1)) < 0.7
+  keep[0, 0] = True
+  got = np.asarray(classmatch._field_counts(jnp.asarray(labels), jnp.asarray(keep), km, n, axis=2))
+  want = np.stack([((labels == e) & keep).sum(2) for e in range(km)], -1)
+  np.testing.assert_array_equal(got, want)
+  assert got[0, 0, 0, km - 1] == n
+
+
+def test_class_scores_read_whole_label_rows_or_the_candidates_columns_alike():
+  """The two ways class scoring reads the pool labels (whole pool-major rows for an index within
+  a few shortlists, the candidates' columns for a larger one) give the same scores for the same
+  candidates, with and without stand-in weights; and both equal the confusion counted in numpy."""
+  rng = np.random.default_rng(11)
+  m, n_pool, k_max, d = 90, 60, 6, 8
+  tokens = rng.random((m, k_max, d)).astype(np.float32)
+  mask = (np.arange(k_max) < rng.integers(2, k_max + 1, m)[:, None]).astype(np.float32)
+  labels = (rng.integers(0, 100, (m, n_pool)) % mask.sum(1, keepdims=True)).astype(np.uint8)
+  know = classmatch.ClassKnowledge.from_arrays(tokens, mask, labels)
+  np.testing.assert_array_equal(np.asarray(know.pool_labels), labels.T)
+  q = QueryClasses(rng.random((2, k_max, d)).astype(np.float32),
+                   (np.arange(k_max) < 3).astype(np.float32)[None].repeat(2, 0),
+                   rng.integers(0, n_pool, (2, k_max, 9)).astype(np.int32))
+  rows = np.stack([rng.permutation(m) for _ in range(2)])
+  for weights in (None, (rng.random((2, k_max, 9)) < 0.6).astype(np.float32)):
+    q.weights = weights
+    few = classmatch.class_scores(q, know, rows=rows[:, :10])  # 90 > 8 * 10: the columns
+    many = classmatch.class_scores(q, know, rows=rows[:, :40])  # 90 <= 8 * 40: whole rows
+    np.testing.assert_allclose(few[0], many[0][:, :10], atol=1e-6)
+    np.testing.assert_allclose(few[1], many[1][:, :10], atol=1e-6)
+    # The agreement from the confusion counted in numpy (the greedy assignment, 3 classes).
+    w = np.ones((2, k_max, 9)) if weights is None else weights
+    for i in range(2):
+      for j, row in enumerate(rows[i, :10]):
+        got = labels[row][q.anchors[i, :3]]  # [3, 9]
+        conf = np.stack([((got == e) * w[i, :3]).sum(1) / np.maximum(w[i, :3].sum(1), 1)
+                         for e in range(k_max)], 1)
+        conf[:, mask[row] == 0] = -np.inf
+        total = 0.0
+        for _ in range(min(3, int(mask[row].sum()))):
+          a, b = np.unravel_index(np.argmax(conf), conf.shape)
+          total += conf[a, b]
+          conf[a, :], conf[:, b] = -np.inf, -np.inf
+        assert few[0][i, j] == pytest.approx(total / 3, abs=1e-6)
+
 def test_class_scores_prefer_the_exact_class_set_over_a_one_class_swapped_twin():
   centres, cluster, pool = _synthetic()
   models = [(0, 1, 2, 3), (0, 1, 2, 4), (4, 5, 6, 7), (0, 1)]
@@ -524,6 +578,73 @@ def _gate_by_hand(proxy, index, queries):
     fam.append(f)
   return np.array(got), np.array(want), np.array(fam)
 
+
+
+def _reference_scores(retriever, index, q, classes):
+  """The two-stage score over every row of ``index`` in numpy (independent of the device
+  scorer): the rows of the shortlist by centred cosine, their combined scores, best fits and
+  familiar flags. Returns (shortlist rows [Q, r] best first, {row: score} per query, best fit
+  [Q], familiar [Q])."""
+  cfg = retriever.config
+  m = len(index)
+  agree, tok = classmatch.class_scores(classes, index.classes["tokens"], index.classes["mask"],
+                                       index.classes["pool_labels"])
+  raw = q @ index.vectors.T
+  hub = index.hub_offsets(cfg.hub_k)
+  hub = np.zeros(m, np.float32) if hub is None else hub
+  r = m if cfg.shortlist == 0 else min(cfg.shortlist, m)
+  short = np.argsort(-(raw - cfg.hub_scale * hub), axis=1, kind="stable")[:, :r]
+  pick = lambda a: np.take_along_axis(a, short, 1)  # noqa: E731
+  a, t, c = pick(agree), pick(tok), pick(raw)
+  fit_c = a + cfg.token_weight * t
+  fam = (q @ retriever.calibration.reference.T).max(1)
+  thr = retriever.familiar_threshold
+  preferred = np.take_along_axis(fit_c, np.argmax(c, 1)[:, None], 1)[:, 0]
+  gate = ((fam >= thr) if thr is not None else np.zeros(len(q), bool)) & (
+      fit_c.max(1) - preferred <= cfg.familiar_fit_gap)
+  hs = np.where(gate, cfg.familiar_hub_scale, cfg.hub_scale)[:, None]
+  w = np.where(gate, cfg.familiar_vector_weight, cfg.vector_weight)[:, None]
+  score = fit_c + w * (c - hs * hub[short])
+  return (short, [dict(zip(short[i], score[i])) for i in range(len(q))],
+          (a + cfg.fit_token_weight * t).max(1), gate)
+
+
+@pytest.mark.parametrize("settings", [(), ("shortlist=5",), ("shortlist=5", "hub_k=0"),
+                                      ("familiar_threshold=0.5", "shortlist=7")])
+def test_device_scorer_ranks_real_queries_as_the_reference_score(tiny_proxy, tiny_index,
+                                                                 tiny_zoo, settings):
+  """The default query's one-call device scorer against the score computed in numpy, on
+  held-out queries of every tiny-zoo task: the same shortlist, the same scores (float
+  tolerance), the same order wherever two scores are not within it, the same best fits, no-fit
+  flags and familiar flags; with the index stored in int8 when the vectors alone make the
+  shortlist (the index's own search then makes it)."""
+  from know2vec_jax.training import zoo_tasks
+  retriever = tiny_proxy.retriever.with_settings(list(settings))
+  index = tiny_index
+  if "hub_k=0" in settings:
+    index = ModelIndex(tiny_index.dim, storage="int8")
+    index.add_vectors(tiny_index.ids, tiny_index.vectors,
+                      [tiny_index.metadata(i) for i in tiny_index.ids], classes=tiny_index.classes)
+  queries = _held_out(tiny_proxy, sorted(set(zoo_tasks(tiny_zoo[0]).values()), key=str),
+                      seeds=(0,))
+  vectors, classes = tiny_proxy.describe_queries([(x, y) for _, x, y in queries], index=index)
+  classes.familiarity = None  # read from the calibration's reference queries, as by default
+  found = retriever.score(index, vectors, classes, k=len(index))
+  short, want, best_fit, gate = _reference_scores(retriever, index, vectors, classes)
+  row = {m: j for j, m in enumerate(index.ids)}
+  assert found.scores.shape[1] == short.shape[1] < len(index) or not settings
+  for i in range(len(queries)):
+    got = [row[m] for m in found.ids[i]]
+    assert set(got) == set(short[i])
+    np.testing.assert_allclose(found.scores[i], [want[i][j] for j in got], atol=2e-5)
+    # Best first: a pair out of the reference's order only where the scores tie within 2e-5.
+    ref = np.array([want[i][j] for j in got])
+    assert np.all(np.diff(ref) <= 2e-5)
+  np.testing.assert_allclose(found.fit, best_fit, atol=2e-5)
+  np.testing.assert_array_equal(found.no_fit, best_fit < retriever.fit_threshold)
+  np.testing.assert_array_equal(found.familiar, gate)
+  if "familiar_threshold=0.5" in settings:
+    assert found.familiar.any()  # the gate's own settings are exercised
 
 def test_familiar_gate_on_the_trained_proxy(tiny_proxy, tiny_index, tiny_zoo):
   """The calibrated gate on the trained tiny proxy.
