@@ -174,7 +174,10 @@ class Backbone:
 
   def embed(self, images, batch_size: int = 2048) -> jax.Array:
     """L2-normalised features of float32 images [..., H, W, C] -> [..., D]."""
-    images = jnp.asarray(images, jnp.float32)
+    # Host images stay on the host until the jitted call (sliced and padded there: each eager
+    # device op costs a dispatch, most of a small query's time on a CPU).
+    images = (np.asarray(images, np.float32) if not isinstance(images, jax.Array)
+              else images.astype(jnp.float32))
     lead = images.shape[:-3]
     flat = images.reshape((-1,) + images.shape[-3:])
     outs = []
@@ -183,10 +186,11 @@ class Backbone:
       chunk = flat[i:i + batch_size]
       # Chunks padded to a power of two: few compilations whatever the number of images.
       size = shapes.bucket(len(chunk), batch_size, floor=32)
-      outs.append(_embed(trunk_def, trunk, shapes.pad_rows(chunk, size),
-                         self.config.centre)[:len(chunk)])
-    out = jnp.concatenate(outs) if outs else jnp.zeros((0, self.dim))
-    return out.reshape(lead + (self.dim,))
+      got = _embed(trunk_def, trunk, shapes.pad_rows(chunk, size), self.config.centre)
+      outs.append(got if size == len(chunk) else got[:len(chunk)])
+    out = (outs[0] if len(outs) == 1 else jnp.concatenate(outs) if outs
+           else jnp.zeros((0, self.dim)))
+    return out.reshape(lead + (self.dim,)) if out.shape[:-1] != lead else out
 
   def save(self, path) -> pathlib.Path:
     """Writes phi atomically (orbax parameters + JSON config, checksummed)."""

@@ -89,7 +89,7 @@ class Proxy:
     self.knowledge = knowledge or KnowledgeStore(store_context(self.pool, config.knowledge))
     self._graphdef, self._state = nnx.split(vectorizer)
     self._pool_features = None
-    self._index_pools: dict[str, np.ndarray] = {}  # an index pool's checksum -> its features
+    self._index_pools: dict = {}  # id(an index's pool) -> (that pool, phi of the whole pool)
     self._pool_knowledge: dict[str, KnowledgeStore] = {}  # knowledge on index pools, by context
     self.retriever = Retriever(config.match, calibration)
 
@@ -142,14 +142,17 @@ class Proxy:
                        f"proxy's are {self.image_shape}")
     return np.concatenate([self.pool, index.pool])
 
-  def index_pool_features(self, index: ModelIndex | None) -> np.ndarray:
-    """phi of :meth:`index_pool` [N + N', D] (the index's part computed once per pool)."""
-    if index is None or index.pool is None:
-      return self.pool_features()
-    key = storage.checksum({"images": index.pool})
-    if key not in self._index_pools:
-      self._index_pools[key] = np.asarray(self.backbone.embed(index.pool))
-    return np.concatenate([self.pool_features(), self._index_pools[key]])
+  def index_pool_features(self, index: ModelIndex | None) -> jax.Array:
+    """phi of :meth:`index_pool` [N + N', D], resident on the device (computed once per pool,
+    so that a query does not move the pool's features again)."""
+    pool = None if index is None else index.pool
+    hit = self._index_pools.get(id(pool))
+    if hit is None or hit[0] is not pool:  # the entry holds the pool: its id is not reused
+      feats = self.pool_features()
+      if pool is not None:
+        feats = np.concatenate([feats, np.asarray(self.backbone.embed(pool))])
+      hit = self._index_pools[id(pool)] = (pool, jnp.asarray(feats))
+    return hit[1]
 
   @property
   def provenance(self) -> dict:

@@ -4,6 +4,7 @@ padded up to one of few sizes (powers of two up to a cap) before they reach it."
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -34,9 +35,12 @@ def pad_rows(x, size: int):
     size: the rows wanted.
 
   Returns:
-    [size, ...], the first N rows ``x``'s.
+    [size, ...], the first N rows ``x``'s: a host array for a host array (padded on the host, so
+    that a jitted call moves it once), a device array otherwise.
   """
   n = x.shape[0]
   if n == size:
     return x
+  if isinstance(x, np.ndarray):
+    return np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
   return jnp.concatenate([jnp.asarray(x), jnp.zeros((size - n,) + x.shape[1:], x.dtype)])
