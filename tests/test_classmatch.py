@@ -609,42 +609,41 @@ def _reference_scores(retriever, index, q, classes):
           (a + cfg.fit_token_weight * t).max(1), gate)
 
 
-@pytest.mark.parametrize("settings", [(), ("shortlist=5",), ("shortlist=5", "hub_k=0"),
-                                      ("familiar_threshold=0.5", "shortlist=7")])
 def test_device_scorer_ranks_real_queries_as_the_reference_score(tiny_proxy, tiny_index,
-                                                                 tiny_zoo, settings):
+                                                                 tiny_zoo):
   """The default query's one-call device scorer against the score computed in numpy, on
-  held-out queries of every tiny-zoo task: the same shortlist, the same scores (float
-  tolerance), the same order wherever two scores are not within it, the same best fits, no-fit
-  flags and familiar flags; with the index stored in int8 when the vectors alone make the
-  shortlist (the index's own search then makes it)."""
+  held-out queries of every tiny-zoo task, under the default settings, a shortlist, the
+  familiar-task gate open to many queries, and a shortlist made by an int8 index's own search
+  (no hub correction): the same shortlist, the same scores (float tolerance), the same order
+  wherever two scores are not within it, the same best fits, no-fit flags and familiar flags."""
   from know2vec_jax.training import zoo_tasks
-  retriever = tiny_proxy.retriever.with_settings(list(settings))
-  index = tiny_index
-  if "hub_k=0" in settings:
-    index = ModelIndex(tiny_index.dim, storage="int8")
-    index.add_vectors(tiny_index.ids, tiny_index.vectors,
-                      [tiny_index.metadata(i) for i in tiny_index.ids], classes=tiny_index.classes)
   queries = _held_out(tiny_proxy, sorted(set(zoo_tasks(tiny_zoo[0]).values()), key=str),
                       seeds=(0,))
-  vectors, classes = tiny_proxy.describe_queries([(x, y) for _, x, y in queries], index=index)
+  vectors, classes = tiny_proxy.describe_queries([(x, y) for _, x, y in queries],
+                                                 index=tiny_index)
   classes.familiarity = None  # read from the calibration's reference queries, as by default
-  found = retriever.score(index, vectors, classes, k=len(index))
-  short, want, best_fit, gate = _reference_scores(retriever, index, vectors, classes)
-  row = {m: j for j, m in enumerate(index.ids)}
-  assert found.scores.shape[1] == short.shape[1] < len(index) or not settings
-  for i in range(len(queries)):
-    got = [row[m] for m in found.ids[i]]
-    assert set(got) == set(short[i])
-    np.testing.assert_allclose(found.scores[i], [want[i][j] for j in got], atol=2e-5)
-    # Best first: a pair out of the reference's order only where the scores tie within 2e-5.
-    ref = np.array([want[i][j] for j in got])
-    assert np.all(np.diff(ref) <= 2e-5)
-  np.testing.assert_allclose(found.fit, best_fit, atol=2e-5)
-  np.testing.assert_array_equal(found.no_fit, best_fit < retriever.fit_threshold)
-  np.testing.assert_array_equal(found.familiar, gate)
-  if "familiar_threshold=0.5" in settings:
-    assert found.familiar.any()  # the gate's own settings are exercised
+  int8 = ModelIndex(tiny_index.dim, storage="int8")
+  int8.add_vectors(tiny_index.ids, tiny_index.vectors,
+                   [tiny_index.metadata(i) for i in tiny_index.ids], classes=tiny_index.classes)
+  for settings, index in (((), tiny_index), (("shortlist=5",), tiny_index),
+                          (("familiar_threshold=0.5", "shortlist=7"), tiny_index),
+                          (("shortlist=5", "hub_k=0"), int8)):
+    retriever = tiny_proxy.retriever.with_settings(list(settings))
+    found = retriever.score(index, vectors, classes, k=len(index))
+    short, want, best_fit, gate = _reference_scores(retriever, index, vectors, classes)
+    row = {m: j for j, m in enumerate(index.ids)}
+    assert found.scores.shape[1] == short.shape[1] < len(index) or not settings
+    for i in range(len(queries)):
+      got = [row[m] for m in found.ids[i]]
+      assert set(got) == set(short[i]), settings
+      np.testing.assert_allclose(found.scores[i], [want[i][j] for j in got], atol=2e-5)
+      # Best first: a pair out of the reference's order only where the scores tie within 2e-5.
+      assert np.all(np.diff([want[i][j] for j in got]) <= 2e-5), settings
+    np.testing.assert_allclose(found.fit, best_fit, atol=2e-5)
+    np.testing.assert_array_equal(found.no_fit, best_fit < retriever.fit_threshold)
+    np.testing.assert_array_equal(found.familiar, gate)
+    if "familiar_threshold=0.5" in settings:
+      assert found.familiar.any()  # the gate's own settings are exercised
 
 def test_familiar_gate_on_the_trained_proxy(tiny_proxy, tiny_index, tiny_zoo):
   """The calibrated gate on the trained tiny proxy.

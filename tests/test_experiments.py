@@ -271,7 +271,7 @@ def test_sfmte_run_learns_from_its_training_targets_only(tiny_zoo_dir, tmp_path,
     np.testing.assert_array_equal(got.images[got.index], w.images[w.index])
     np.testing.assert_array_equal(got.labels, w.labels)
   assert labels.model_ids == ids
-  measured = ground_truth(zoo, None, ids, train, gt_cfg)
+  measured = ground_truth(zoo, None, ids, list(train) + list(ev), gt_cfg)
   np.testing.assert_allclose(labels.accuracy, np.stack([measured[t.name].mean(0) for t in train]),
                              atol=1e-6)
   # No evaluation image reaches the labels, the pool, phi, the episodes or the calibration.
@@ -303,8 +303,7 @@ def test_sfmte_run_learns_from_its_training_targets_only(tiny_zoo_dir, tmp_path,
                   "know2vec-attention-shared (q.m)": 32, "prior (training targets)": 32,
                   "source-aware prior": 32, "random": 0}
   # Accuracy predictors the head is measured against, recomputed from the measured accuracies.
-  truth = {n: v.mean(0) for n, v in ground_truth(zoo, None, ids, ev, gt_cfg).items()
-           if n not in res["dropped_saturated"]}
+  truth = {t.name: measured[t.name].mean(0) for t in ev if t.name not in res["dropped_saturated"]}
   assert truth
   ref = res["accuracy_reference_mae"]
   assert ref["per-model mean"] == pytest.approx(np.mean(
