@@ -31,6 +31,8 @@ HEADLINE_KEYS = ("probe_vs_torch_loop", "probe_fraction_of_peak", "retrieval_1e6
                  "knowledge_models_per_s", "knowledge_scaling_efficiency",
                  "knowledge_2proc_efficiency")
 RESULTS = pathlib.Path(__file__).parent / "results"
+# What each benchmark's entry records of the machine it ran on.
+RUN_FACTS = ("cpu_model", "processor", "cpu_count", "device_kind", "jax", "date")
 
 
 def _fmt(v) -> str:
@@ -76,7 +78,7 @@ def headline(results: dict) -> tuple[dict, dict]:
 def _markdown(results: dict) -> str:
   m = results["machine"]
   lines = [f"# Benchmarks on {m['device_kind']} ({m['backend']}, {m['num_devices']} device(s))",
-           "", f"{m.get('cpu_model', m['processor'])}, {m.get('cpu_count', '?')} cores; "
+           "", f"Last run: {m.get('cpu_model', m['processor'])}, {m.get('cpu_count', '?')} cores; "
            f"{m['platform']}; jax {m['jax']}, flax {m['flax']}, torch {m.get('torch')}, "
            f"faiss {m.get('faiss')}; {m['date']}", "",
            "Ratios are ours / baseline in throughput terms (> 1: ours is faster), both measured "
@@ -104,6 +106,10 @@ def _markdown(results: dict) -> str:
       for kk, v in res.get(k, {}).items():
         lines.append(f"- {kk}: {_fmt(v)}")
     load = res.get("load_average_after")
+    ran = res.get("machine")
+    if ran:
+      lines.append(f"- ran on: {ran.get('cpu_model') or ran.get('processor')}, "
+                   f"{ran.get('cpu_count', '?')} cores, {ran.get('date')}")
     lines += [f"- seconds: {res.get('seconds', 0):.1f}"
               + (f"; load average after (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load)}"
                  if load else ""), ""]
@@ -177,9 +183,12 @@ def main(argv=None) -> int:
       res["peak_used"] = ctx["peak"]
     # The load average beside each result: the machine may be shared, and load from elsewhere
     # slows ours and the baselines alike only when they are timed interleaved.
+    # Each entry names the machine and date it ran on: a merged file may hold entries of
+    # several runs (and, on machines of one kind, several CPU models).
     results["benchmarks"][name] = res | {"quick": args.quick,
                                          "seconds": time.perf_counter() - t0,
-                                         "load_average_after": list(os.getloadavg())}
+                                         "load_average_after": list(os.getloadavg()),
+                                         "machine": {k: info.get(k) for k in RUN_FACTS}}
     _write(path, results, time.perf_counter() - t_all)
   print("headline:", json.dumps(results["headline"]))
   print(f"wrote {path} and {path.with_suffix('.md')} ({results['seconds_this_run']:.0f} s)")
