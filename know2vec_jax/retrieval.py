@@ -481,10 +481,12 @@ class Retriever:
         got = _ranked(jnp.asarray(q[pad]), vecs, hub, given, jnp.asarray(fam[pad]),
                       jnp.asarray(classes.prototypes[pad, :c]), jnp.asarray(classes.mask[pad, :c]),
                       jnp.asarray(classes.anchors[pad, :c]), w, know.tokens, know.mask,
-                      know.pool_labels, settings, r=r, k=kk,
+                      know.pool_labels, settings, r=r, k=shapes.bucket(kk, r),
                       gather_tokens=r * km * dim < m * c * km)
+        # The top k is taken at a power of two (one compilation for many k), then cut to k.
         for dst, src in zip(out, jax.device_get(got)):
-          dst[part] = np.asarray(src)[:len(part)]
+          src = np.asarray(src)[:len(part)]
+          dst[part] = src[:, :kk] if src.ndim == 2 else src
     rows, score, agree, tok, vec, best_fit, gate = out
     return Matches(index.ids_at(rows), score, agree, tok, vec, best_fit,
                    best_fit < self.fit_threshold, gate if gate_on else np.zeros(nq, bool))
