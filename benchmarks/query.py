@@ -123,7 +123,7 @@ def run(quick: bool = False, ctx: dict | None = None) -> dict:
              f"(E={vcfg.embed_dim}, {vcfg.variant} vectorizer, class matching of a "
              f"{match.shortlist}-model shortlist, pool {POOL})",
       baseline=f"same path, eager NNX vectorizer: p50 {eager['p50_ms']:.1f} ms",
-      target="<= 20")}
+      target="<= 5")}
   return {"rows": rows, "first_call_ms": first_ms, "setup_s": setup_s,
           "ratios": {"jit_vs_eager": ratio(eager["p50_ms"], e2e["p50_ms"])},
           "headline": headline, "num_devices": jax.device_count(),
