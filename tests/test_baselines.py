@@ -258,15 +258,22 @@ def test_prior_is_minus_mean_rank():
   np.testing.assert_allclose(prior_scores(gt), want, rtol=1e-6)
 
 
-def test_source_aware_prior_reads_only_the_nearest_targets():
-  rng = np.random.default_rng(3)
-  protos = rng.normal(size=(6, 8))
+def _targets_near(seed, targets, dim, models, own):
+  """Unit prototypes of ``targets`` measured targets, their ground truth [T, models], a query
+  prototype next to target ``own``, and the targets by cosine to it (nearest first)."""
+  rng = np.random.default_rng(seed)
+  protos = rng.normal(size=(targets, dim))
   protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-  gt = rng.random((6, 5))
-  q = protos[4] + 0.05 * rng.normal(size=8)
+  gt = rng.random((targets, models))
+  q = protos[own] + 0.05 * rng.normal(size=dim)
   q /= np.linalg.norm(q)
   near = np.argsort(-(protos @ q))
-  assert near[0] == 4
+  assert near[0] == own
+  return rng, protos, gt, q, near
+
+
+def test_source_aware_prior_reads_only_the_nearest_targets():
+  rng, protos, gt, q, near = _targets_near(3, 6, 8, 5, own=4)
   np.testing.assert_allclose(source_aware_prior_scores(q, protos, gt, k=1), prior_scores(gt[[4]]))
   np.testing.assert_allclose(source_aware_prior_scores(q, protos, gt, k=3),
                              prior_scores(gt[np.sort(near[:3])]), rtol=1e-6)
@@ -291,14 +298,7 @@ def test_source_aware_prior_reads_only_the_nearest_targets():
 def test_source_aware_accuracy_is_the_nearest_targets_mean_accuracy():
   """The source-aware prior as an accuracy predictor: each model's mean measured accuracy over
   the same nearest targets the ranking reads, and nothing from the farther ones."""
-  rng = np.random.default_rng(5)
-  protos = rng.normal(size=(7, 6))
-  protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-  gt = rng.random((7, 4))
-  q = protos[2] + 0.05 * rng.normal(size=6)
-  q /= np.linalg.norm(q)
-  near = np.argsort(-(protos @ q))
-  assert near[0] == 2
+  rng, protos, gt, q, near = _targets_near(5, 7, 6, 4, own=2)
   np.testing.assert_allclose(source_aware_accuracy(q, protos, gt, k=1), gt[2], rtol=1e-6)
   np.testing.assert_allclose(source_aware_accuracy(q, protos, gt, k=3), gt[near[:3]].mean(0),
                              rtol=1e-6)
