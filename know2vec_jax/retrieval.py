@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
@@ -232,7 +233,9 @@ def combine(agreement, token, vector, config: MatchConfig, vector_weight=None):
   """The retrieval score ``agreement + token_weight * token + vector_weight * vector``.
 
   ``vector_weight``: float [Q, 1] per query (familiar queries weigh their vectors by
-  ``familiar_vector_weight``); default the config's."""
+  ``familiar_vector_weight``); default the config's. ``config`` here and in the two functions
+  below is a :class:`MatchConfig` or any object with its weights: the device scorer passes
+  traced ones, so that a new setting does not compile again."""
   w = config.vector_weight if vector_weight is None else vector_weight
   return agreement + config.token_weight * token + w * vector
 
@@ -535,13 +538,16 @@ def _ranked(q, vectors, hub, given, fam, prototypes, q_mask, anchors, weights, t
                                         labels, rows, gather_tokens)
   # The familiar-task gate: close to the reference queries, and the model
   # the vectors prefer fits the classes within the gap of the best-fitting candidate.
-  fit_c = agree + token_weight * tok
+  # The score's parts through the same functions as every caller (the weights traced).
+  weights = types.SimpleNamespace(token_weight=token_weight, vector_weight=vector_weight,
+                                  fit_token_weight=fit_token_weight)
+  fit_c = class_score(agree, tok, weights)
   preferred = jnp.take_along_axis(fit_c, jnp.argmax(raw, axis=1)[:, None], 1)[:, 0]
   gate = (fam >= threshold) & (fit_c.max(1) - preferred <= fit_gap)
   g = gate[:, None]
   vec = raw - jnp.where(g, fam_hub_scale, hub_scale) * hub[rows]
-  score = agree + token_weight * tok + jnp.where(g, fam_vector_weight, vector_weight) * vec
-  best_fit = (agree + fit_token_weight * tok).max(1)
+  score = combine(agree, tok, vec, weights, jnp.where(g, fam_vector_weight, vector_weight))
+  best_fit = fit_score(agree, tok, weights).max(1)
   top, order = jax.lax.top_k(score, k)
   take = lambda a: jnp.take_along_axis(a, order, 1)  # noqa: E731
   return take(rows), top, take(agree), take(tok), take(vec), best_fit, gate
