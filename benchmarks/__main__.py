@@ -22,12 +22,13 @@ import re
 import sys
 import time
 
-BENCHMARKS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "query", "align_train",
-              "zoo_train")
+BENCHMARKS = ("peak", "probe", "knowledge_scaling", "boundary", "retrieval", "retrieval_threads",
+              "query", "align_train", "zoo_train")
 HEADLINE_KEYS = ("probe_vs_torch_loop", "probe_fraction_of_peak", "retrieval_1e6_vs_faiss",
                  "retrieval_1e6_fraction_of_bandwidth", "retrieval_1e6_int8_vs_faiss",
                  "retrieval_1e6_int8_recall10", "retrieval_1e6_bf16_vs_faiss",
-                 "retrieval_1e6_bf16_recall10", "query_p50_ms_1e4",
+                 "retrieval_1e6_bf16_recall10", "retrieval_1e6_int8_vs_faiss_matched",
+                 "query_p50_ms_1e4",
                  "knowledge_models_per_s", "knowledge_scaling_efficiency",
                  "knowledge_2proc_efficiency")
 RESULTS = pathlib.Path(__file__).parent / "results"

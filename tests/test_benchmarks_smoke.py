@@ -288,3 +288,22 @@ def test_a_run_that_fails_part_way_keeps_what_finished(tmp_path):
   assert list(res["benchmarks"]) == ["peak"] and res["benchmarks"]["peak"]["peaks"]
   assert path.with_suffix(".md").read_text().startswith("# Benchmarks on")
   assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_matched_threads_retrieval_pins_each_setting(monkeypatch):
+  """The matched-threads comparison runs each setting in its own process pinned to its cores
+  (faiss's rows and the headline only where faiss is installed)."""
+  from benchmarks import retrieval_threads
+  monkeypatch.setitem(retrieval_threads.SIZES, "quick", 1000)
+  monkeypatch.setattr(retrieval_threads, "_cores", lambda: [1])
+  res = retrieval_threads.run(quick=True)
+  assert res["settings"] == [{"threads": 1, "cores": res["settings"][0]["cores"]}]
+  assert len(res["settings"][0]["cores"]) == 1
+  methods = {r["method"] for r in res["rows"]}
+  assert {(r["queries"], r["threads"]) for r in res["rows"]} == {(1, 1), (64, 1)}
+  assert all(r["p50_ms"] > 0 and r["models"] == 1000 for r in res["rows"])
+  if "faiss" in methods:
+    assert res["recall10"]["index-int8"] >= 0.99
+    assert res["headline"]["retrieval_1e4_int8_vs_faiss_matched"]["value"] > 0
+  else:
+    assert methods == {"index-int8"} and res["headline"] == {}
