@@ -120,9 +120,10 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
                         for a, b in zip(found, exact)]))
 
 
-def _faiss_methods(faiss, unit: np.ndarray, k_factor: int) -> tuple[dict, dict]:
-  """faiss's flat, SQ8 and SQ8 + exact refine searches at both thread settings, and the indexes
-  (kept alive with them)."""
+def faiss_indexes(faiss, unit: np.ndarray, k_factor: int) -> dict:
+  """faiss's indexes of ``unit`` [M, E]: ``flat`` (IndexFlatIP), ``sq8`` (IndexScalarQuantizer
+  QT_8bit, inner product) and ``refine`` (SQ8 re-ranked exactly by the flat index, ``k_factor``
+  rows per result: faiss's form of our two-stage search)."""
   dim = unit.shape[1]
   flat = faiss.IndexFlatIP(dim)
   flat.add(unit)
@@ -132,6 +133,14 @@ def _faiss_methods(faiss, unit: np.ndarray, k_factor: int) -> tuple[dict, dict]:
   # The refine stage shares the flat index: no second float32 copy.
   refine = faiss.IndexRefine(sq8, flat)
   refine.k_factor = float(k_factor)
+  return {"flat": flat, "sq8": sq8, "refine": refine}
+
+
+def _faiss_methods(faiss, unit: np.ndarray, k_factor: int) -> tuple[dict, dict]:
+  """faiss's flat, SQ8 and SQ8 + exact refine searches at both thread settings, and the indexes
+  (kept alive with them)."""
+  fidx = faiss_indexes(faiss, unit, k_factor)
+  flat, sq8, refine = fidx["flat"], fidx["sq8"], fidx["refine"]
   default_threads = faiss.omp_get_max_threads()
 
   def search(index, q, threads):
@@ -145,7 +154,7 @@ def _faiss_methods(faiss, unit: np.ndarray, k_factor: int) -> tuple[dict, dict]:
                               ("faiss-sq8-refine", refine, 1)):
     for t in sorted({default_threads, 1}, reverse=True):
       methods[f"{name}-{t}t"] = (lambda q, i=index, t=t: search(i, q, t), nbytes, 1)
-  return methods, {"flat": flat, "sq8": sq8, "refine": refine}
+  return methods, fidx
 
 
 def _breakdown(unit: np.ndarray, q: np.ndarray, indexes: dict, quick: bool) -> dict:

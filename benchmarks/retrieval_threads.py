@@ -36,6 +36,8 @@ E = 256
 TOPK = 10
 BATCH = 64
 SIZES = {"quick": 10**4, "full": 10**6}
+# The faiss methods: row name -> index of benchmarks.retrieval.faiss_indexes.
+FAISS = {"faiss": "flat", "faiss-sq8": "sq8", "faiss-sq8-refine": "refine"}
 
 
 def _cores() -> list[int]:
@@ -48,6 +50,7 @@ def _worker(threads: int, m: int, quick: bool) -> dict:
   """One setting, in its own process: pins it to ``threads`` cores, then times every method."""
   os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
   from benchmarks.common import compare_latency, optional
+  from benchmarks.retrieval import _recall, _rows, faiss_indexes
   from know2vec_jax.index import ModelIndex
   faiss = optional("faiss")
   rng = np.random.default_rng(0)
@@ -61,16 +64,10 @@ def _worker(threads: int, m: int, quick: bool) -> dict:
   exact = None
   if faiss is not None:
     faiss.omp_set_num_threads(threads)
-    flat = faiss.IndexFlatIP(E)
-    flat.add(unit)
-    sq8 = faiss.IndexScalarQuantizer(E, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    sq8.train(unit)
-    sq8.add(unit)
-    refine = faiss.IndexRefine(sq8, flat)
-    refine.k_factor = index.rescore
-    methods |= {"faiss": lambda q: flat.search(q, TOPK), "faiss-sq8": lambda q: sq8.search(q, TOPK),
-                "faiss-sq8-refine": lambda q: refine.search(q, TOPK)}
-    exact = flat.search(queries, TOPK)[1]
+    fidx = faiss_indexes(faiss, unit, index.rescore)
+    methods |= {name: (lambda q, i=fidx[key]: i.search(q, TOPK))
+                for name, key in FAISS.items()}
+    exact = fidx["flat"].search(queries, TOPK)[1]
   rows = []
   for q in (1, BATCH):
     lats = compare_latency({n: (lambda fn=fn: fn(queries[:q])) for n, fn in methods.items()},
@@ -79,12 +76,9 @@ def _worker(threads: int, m: int, quick: bool) -> dict:
              for n, lat in lats.items()]
   recall = {}
   if exact is not None:
-    found = {"index-int8": np.array([[int(i[1:]) for i in r]
-                                     for r in index.search(queries, TOPK)[1]]),
-             "faiss-sq8": sq8.search(queries, TOPK)[1],
-             "faiss-sq8-refine": refine.search(queries, TOPK)[1]}
-    recall = {n: float(np.mean([len(set(a.tolist()) & set(b.tolist())) / TOPK
-                                for a, b in zip(f, exact)])) for n, f in found.items()}
+    recall = {"index-int8": _recall(_rows(index.search(queries, TOPK)[1]), exact)}
+    recall |= {name: _recall(fidx[key].search(queries, TOPK)[1], exact)
+               for name, key in FAISS.items() if key != "flat"}
   return {"rows": rows, "recall10": recall, "threads": threads,
           "cores": sorted(os.sched_getaffinity(0))}
 
