@@ -60,6 +60,13 @@ class QueryClasses:
   def __len__(self) -> int:
     return self.prototypes.shape[0]
 
+  def device_batch(self, rows, k: int) -> tuple:
+    """(prototypes, mask, anchors, weights or None) of the queries at ``rows``, trimmed to ``k``
+    classes, on the device: what class scoring reads of a batch."""
+    w = None if self.weights is None else jnp.asarray(self.weights[rows, :k])
+    return (jnp.asarray(self.prototypes[rows, :k]), jnp.asarray(self.mask[rows, :k]),
+            jnp.asarray(self.anchors[rows, :k]), w)
+
   def take(self, rows) -> "QueryClasses":
     """The queries at ``rows``."""
     fam = None if self.familiarity is None else self.familiarity[rows]
@@ -265,26 +272,30 @@ def class_scores(query: QueryClasses, tokens, token_mask=None, pool_labels=None,
   tok = np.zeros(rows.shape, np.float32)
   if q == 0 or rows.shape[1] == 0:
     return agree, tok
-  # Queries of one class count run together, trimmed to it (a 4-way query padded to 10 classes
-  # would gather and compare 2.5x the labels).
+  km, dim = know.tokens.shape[1:]
+  for kk, part, pad in query_batches(query, chunk):
+    gather = rows.shape[1] * km * dim < m * kk * km
+    a, t = _class_scores(*query.device_batch(pad, kk), know.tokens, know.mask, know.pool_labels,
+                         jnp.asarray(rows[pad], jnp.int32), gather)
+    agree[part], tok[part] = np.asarray(a)[:len(part)], np.asarray(t)[:len(part)]
+  return agree, tok
+
+
+def query_batches(query: QueryClasses, chunk: int):
+  """The batches class scoring runs ``query`` in: queries of one class count together, trimmed
+  to it (a 4-way query padded to 10 classes would gather and compare 2.5x the labels), at most
+  ``chunk`` per batch and padded to a power of two (one compilation per size).
+
+  Yields:
+    (class count K >= 1, the batch's query rows, those rows padded by repeating the last).
+  """
   k_of = query.mask.sum(-1).astype(int)
   for kq in np.unique(k_of):
     members = np.flatnonzero(k_of == kq)
     size = shapes.bucket(len(members), chunk)
     for s in range(0, len(members), size):
       part = members[s:s + size]
-      pad = np.concatenate([part, np.full(size - len(part), part[-1])])  # one shape per size
-      kk = max(int(kq), 1)
-      km, dim = know.tokens.shape[1:]
-      gather = rows.shape[1] * km * dim < m * kk * km
-      w = None if query.weights is None else jnp.asarray(query.weights[pad, :kk])
-      a, t = _class_scores(jnp.asarray(query.prototypes[pad, :kk]),
-                           jnp.asarray(query.mask[pad, :kk]), jnp.asarray(query.anchors[pad, :kk]),
-                           w,
-                           know.tokens, know.mask, know.pool_labels,
-                           jnp.asarray(rows[pad], jnp.int32), gather)
-      agree[part], tok[part] = np.asarray(a)[:len(part)], np.asarray(t)[:len(part)]
-  return agree, tok
+      yield max(int(kq), 1), part, np.concatenate([part, np.full(size - len(part), part[-1])])
 
 
 def familiarity(query_vectors, reference) -> np.ndarray | None:

@@ -467,29 +467,17 @@ class Retriever:
     if m == 0 or kk == 0:
       return Matches([[] for _ in range(nq)], *out[1:5], out[5], out[5] < self.fit_threshold,
                      out[6])
-    # Queries of one class count run together, trimmed to it (a 4-way query padded to 10 classes
-    # would gather and compare 2.5x the labels); each bucket of queries compiles once.
-    k_of = classes.mask.sum(-1).astype(int)
     km, dim = know.tokens.shape[1:]
-    for kq in np.unique(k_of):
-      members = np.flatnonzero(k_of == kq)
-      size = shapes.bucket(len(members), _QUERY_CHUNK)
-      c = max(int(kq), 1)
-      for s0 in range(0, len(members), size):
-        part = members[s0:s0 + size]
-        pad = np.concatenate([part, np.full(size - len(part), part[-1])])
-        w = None if classes.weights is None else jnp.asarray(classes.weights[pad, :c])
-        given = ((jnp.asarray(rows_all[pad], jnp.int32), jnp.asarray(raw_given[pad]))
-                 if rows_given else None)
-        got = _ranked(jnp.asarray(q[pad]), vecs, hub, given, jnp.asarray(fam[pad]),
-                      jnp.asarray(classes.prototypes[pad, :c]), jnp.asarray(classes.mask[pad, :c]),
-                      jnp.asarray(classes.anchors[pad, :c]), w, know.tokens, know.mask,
-                      know.pool_labels, settings, r=r, k=shapes.bucket(kk, r),
-                      gather_tokens=r * km * dim < m * c * km)
-        # The top k is taken at a power of two (one compilation for many k), then cut to k.
-        for dst, src in zip(out, jax.device_get(got)):
-          src = np.asarray(src)[:len(part)]
-          dst[part] = src[:, :kk] if src.ndim == 2 else src
+    for c, part, pad in classmatch.query_batches(classes, _QUERY_CHUNK):
+      given = ((jnp.asarray(rows_all[pad], jnp.int32), jnp.asarray(raw_given[pad]))
+               if rows_given else None)
+      got = _ranked(jnp.asarray(q[pad]), vecs, hub, given, jnp.asarray(fam[pad]),
+                    *classes.device_batch(pad, c), know.tokens, know.mask, know.pool_labels,
+                    settings, r=r, k=shapes.bucket(kk, r), gather_tokens=r * km * dim < m * c * km)
+      # The top k is taken at a power of two (one compilation for many k), then cut to k.
+      for dst, src in zip(out, jax.device_get(got)):
+        src = np.asarray(src)[:len(part)]
+        dst[part] = src[:, :kk] if src.ndim == 2 else src
     rows, score, agree, tok, vec, best_fit, gate = out
     return Matches(index.ids_at(rows), score, agree, tok, vec, best_fit,
                    best_fit < self.fit_threshold, gate if gate_on else np.zeros(nq, bool))
@@ -536,11 +524,11 @@ def _ranked(q, vectors, hub, given, fam, prototypes, q_mask, anchors, weights, t
     rows, raw = given
   agree, tok = classmatch._class_scores(prototypes, q_mask, anchors, weights, tokens, t_mask,
                                         labels, rows, gather_tokens)
-  # The familiar-task gate: close to the reference queries, and the model
-  # the vectors prefer fits the classes within the gap of the best-fitting candidate.
   # The score's parts through the same functions as every caller (the weights traced).
   weights = types.SimpleNamespace(token_weight=token_weight, vector_weight=vector_weight,
                                   fit_token_weight=fit_token_weight)
+  # The familiar-task gate: close to the reference queries, and the model the vectors prefer
+  # fits the classes within the gap of the best-fitting candidate.
   fit_c = class_score(agree, tok, weights)
   preferred = jnp.take_along_axis(fit_c, jnp.argmax(raw, axis=1)[:, None], 1)[:, 0]
   gate = (fam >= threshold) & (fit_c.max(1) - preferred <= fit_gap)
