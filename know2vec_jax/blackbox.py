@@ -206,7 +206,8 @@ class StackGroup(BlackBoxGroup):
     self.strategy = strategy_lib.resolve(strategy)
     self._mesh = mesh
     self.name = stack.name
-    self.max_pairs = 16384 * max(1, mesh.size if mesh is not None else 1)
+    self.max_pairs = 16384  # (model, image) pairs live at once per device under vmap
+    self.min_batch = 256  # vmap: below this many images per call, models run in chunks instead
     self.max_batch = 4096
 
   @functools.cached_property
@@ -240,18 +241,32 @@ class StackGroup(BlackBoxGroup):
     sub.__dict__["_fingerprints"] = [self._fingerprints[r] for r in rows]
     return sub._attach(self, model_ids)
 
+  def call_plan(self, b: int) -> tuple[int, int | None]:
+    """(images per call, models at once per device or None for all) for ``b`` inputs per model.
+
+    vmap materialises the activations of every model it batches, so it covers at most
+    ``max_pairs`` (model, image) pairs per device: by fewer images per call while that keeps
+    ``min_batch`` of them, beyond that by running the models in chunks within the call (a large
+    stack would otherwise be probed one image per call). map and loop hold one model at a time.
+    """
+    per_call = min(b, self.max_batch)
+    if self.strategy != "vmap":
+      return max(per_call, 1), None
+    devices = self._mesh.size if self._mesh is not None else 1
+    models = -(-self.num_models // devices)  # per device
+    per_call = min(per_call, max(self.max_pairs // models, self.min_batch))
+    chunk = None if models * per_call <= self.max_pairs else max(self.max_pairs // per_call, 1)
+    return max(per_call, 1), chunk
+
   def _evaluate(self, images, shared: bool):
-    # Bound the live activations: vmap materialises every model's activations at once, so a call
-    # covers at most ``max_pairs`` (model, image) pairs; map/loop hold one model at a time.
     b = images.shape[0 if shared else 1]
-    per_call = max(1, self.max_pairs // (self.num_models if self.strategy == "vmap" else 1))
-    per_call = min(per_call, self.max_batch)
+    per_call, chunk = self.call_plan(b)
     outs = []
     for s in range(0, b, per_call):
       x = images[s:s + per_call] if shared else images[:, s:s + per_call]
       outs.append(probe_lib.stack_logits(self._graphdef, self._params, jax.numpy.asarray(x),
                                          strategy=self.strategy, mesh=self._mesh,
-                                         num_models=self.num_models))
+                                         num_models=self.num_models, model_chunk=chunk))
     return outs[0] if len(outs) == 1 else jax.numpy.concatenate(outs, axis=1)
 
 

@@ -66,13 +66,13 @@ def _chunked(fn, x, chunk):
   return out.reshape((n * chunk,) + out.shape[2:])[:b]
 
 
-def _local(graphdef, params, images, shared, strategy, features):
+def _local(graphdef, params, images, shared, strategy, features, model_chunk=None):
   if strategy == "vmap":
     if shared:
       return strategy_lib.map_models(lambda p: _apply(graphdef, p, images, features), params,
-                                     strategy="vmap")
+                                     strategy="vmap", chunk=model_chunk)
     return strategy_lib.map_models(lambda p, x: _apply(graphdef, p, x, features), params,
-                                   images, strategy="vmap")
+                                   images, strategy="vmap", chunk=model_chunk)
   chunk = images.shape[-4]  # the whole batch: one chunk
   if jax.default_backend() == "cpu":
     chunk = _chunk_size(graphdef, params, images.shape[-3:], features)
@@ -84,11 +84,14 @@ def _local(graphdef, params, images, shared, strategy, features):
   return strategy_lib.map_models(one, params, images, strategy="map")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "shared", "strategy", "features", "mesh"))
-def _stack_logits(graphdef, params, images, *, shared, strategy, features, mesh):
+@functools.partial(jax.jit, static_argnames=("graphdef", "shared", "strategy", "features", "mesh",
+                                             "model_chunk"))
+def _stack_logits(graphdef, params, images, *, shared, strategy, features, mesh,
+                  model_chunk=None):
   if mesh is None:
-    return _local(graphdef, params, images, shared, strategy, features)
-  fn = functools.partial(_local, graphdef, shared=shared, strategy=strategy, features=features)
+    return _local(graphdef, params, images, shared, strategy, features, model_chunk)
+  fn = functools.partial(_local, graphdef, shared=shared, strategy=strategy, features=features,
+                         model_chunk=model_chunk)
   return jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P() if shared else P("data")),
                        out_specs=P("data"))(params, images)
 
@@ -99,7 +102,8 @@ def _one_logits(graphdef, p, x, *, features):
 
 
 def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
-                 features: bool = False, num_models: int | None = None) -> jax.Array:
+                 features: bool = False, num_models: int | None = None,
+                 model_chunk: int | None = None) -> jax.Array:
   """Logits of every model of a stack.
 
   Args:
@@ -113,6 +117,8 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
     features: return penultimate features instead of logits.
     num_models: how many leading rows of ``params`` are real models (the rest is padding from
       :func:`shard_stack`); default: all rows, or the number of per-model input batches.
+    model_chunk: ``vmap`` only: at most this many models (per device) run at once, the rest in
+      turn within the same call (:func:`know2vec_jax.strategy.map_models`); None: all at once.
 
   Returns:
     [M, B, K] logits (or [M, B, D] features).
@@ -131,7 +137,7 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
     return jnp.stack(outs)
   if mesh is None or mesh.size == 1:
     return _stack_logits(graphdef, params, images, shared=shared, strategy=strategy,
-                         features=features, mesh=None)[:m]
+                         features=features, mesh=None, model_chunk=model_chunk)[:m]
   params = shard_stack(params, mesh)  # a no-op for a stack shard_stack already placed
   rows = jax.tree.leaves(params)[0].shape[0]
   if not shared and images.shape[0] < rows:  # padded stack: pad the per-model inputs to match
@@ -139,7 +145,7 @@ def stack_logits(graphdef, params, images, *, strategy: str = "auto", mesh=None,
   sharding = NamedSharding(mesh, P("data"))
   images = jax.device_put(images, NamedSharding(mesh, P()) if shared else sharding)
   out = _stack_logits(graphdef, params, images, shared=shared, strategy=strategy,
-                      features=features, mesh=mesh)
+                      features=features, mesh=mesh, model_chunk=model_chunk)
   return out[:m]
 
 

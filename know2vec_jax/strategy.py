@@ -50,17 +50,22 @@ def resolve(strategy: str, backend: str | None = None,
   return "map" if (backend or jax.default_backend()) == "cpu" else "vmap"
 
 
-def map_models(fn: Callable, *args, strategy: str):
+def map_models(fn: Callable, *args, strategy: str, chunk: int | None = None):
   """``fn`` applied to each model's slice of ``args`` (leading axis = model), stacked.
 
   Args:
     fn: a per-model function of the unstacked arguments.
     *args: pytrees whose leaves all have the model axis first.
     strategy: ``"vmap"``, ``"map"`` or ``"auto"`` (resolved for the default backend).
+    chunk: ``vmap`` only: batch at most this many models at once (``lax.map`` over chunks of a
+      ``vmap``), bounding the live activations of a large stack; None: every model at once.
 
   Returns:
     ``fn``'s outputs with a leading model axis.
   """
   if resolve(strategy, allowed=TRACED) == "vmap":
-    return jax.vmap(fn)(*args)
+    m = jax.tree.leaves(args)[0].shape[0]
+    if chunk is None or chunk >= m:
+      return jax.vmap(fn)(*args)
+    return jax.lax.map(lambda a: fn(*a), args, batch_size=max(int(chunk), 1))
   return jax.lax.map(lambda a: fn(*a), args)

@@ -77,6 +77,29 @@ def test_strategies_and_sharding_agree(tiny_zoo, strategy):
     np.testing.assert_allclose(sharded, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_vmap_group_runs_a_large_stack_in_model_chunks(tiny_zoo):
+  # A stack too large for max_pairs at min_batch images runs its models in chunks within each
+  # call instead of shrinking the call to a few images; the logits are the unchunked ones.
+  zoo, _ = tiny_zoo
+  g = next(g for g in groups_from_zoo(zoo, strategy="vmap") if g.num_models >= 3)
+  x = _images(12)
+  ref = g(x)
+  g.max_pairs, g.min_batch = 16, 8  # models * 8 images > 16 pairs: chunks of 2 models
+  assert g.call_plan(12) == (8, 2)
+  np.testing.assert_allclose(g(x), ref, rtol=1e-5, atol=1e-6)
+  per = np.stack([_images(12, s) for s in range(g.num_models)])
+  g.max_pairs, g.min_batch = 1 << 20, 256
+  assert g.call_plan(12) == (12, None)
+  ref = g(per)
+  g.max_pairs, g.min_batch = 16, 8
+  np.testing.assert_allclose(g(per), ref, rtol=1e-5, atol=1e-6)
+  # Whatever the plan, the live pairs stay within max_pairs and every image is covered.
+  for pairs, least in ((64, 4), (16, 1), (1000, 256)):
+    g.max_pairs, g.min_batch = pairs, least
+    per_call, chunk = g.call_plan(12)
+    assert 1 <= per_call <= 12 and (chunk or g.num_models) * per_call <= max(pairs, per_call)
+
+
 def test_group_selection_and_unknown_ids(tiny_zoo):
   zoo, _ = tiny_zoo
   some = list(zoo.records)[:3]

@@ -20,13 +20,15 @@ def test_auto_rule_per_backend():
     strategy.resolve("loop", allowed=strategy.TRACED)
 
 
-@pytest.mark.parametrize("name", ["vmap", "map", "auto"])
-def test_map_models_matches_a_python_loop(name):
+@pytest.mark.parametrize("name,chunk", [("vmap", None), ("vmap", 2), ("map", None),
+                                        ("auto", None)])
+def test_map_models_matches_a_python_loop(name, chunk):
   w = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3, 2)), jnp.float32)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 4, 3)), jnp.float32)
 
   def one(wi, xi):
     return jnp.tanh(xi @ wi)
-  got = jax.jit(lambda w, x: strategy.map_models(one, w, x, strategy=name))(w, x)
+  # chunk 2 of 5 models: two vmapped chunks in turn and a remainder of one.
+  got = jax.jit(lambda w, x: strategy.map_models(one, w, x, strategy=name, chunk=chunk))(w, x)
   want = np.stack([np.asarray(one(w[i], x[i])) for i in range(5)])
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
