@@ -53,6 +53,7 @@ the numbers that decided the defaults are in VALIDATION.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -61,6 +62,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import add_config_arguments, add_run_arguments, config_from_args, pyplot
@@ -89,6 +91,11 @@ DEFAULT_ROW = "know2vec"
 # both from S's training side; each source is T once and V once.
 CARVES = {"fashion_mnist": ("mnist5k", "digits"), "mnist5k": ("digits", "fashion_mnist"),
           "digits": ("fashion_mnist", "mnist5k")}
+# The same pairs the other way round (``--carves reversed|all``): with CARVES, every ordered pair
+# of sources, so that each kind of image is held out against a proxy trained on each other kind
+# (a digits-only proxy meets clothing in CARVES' "mnist5k" carve, a 28 x 28 digits proxy only
+# here, in "digits:reversed").
+REVERSED_CARVES = {f"{s}:reversed": (v, t) for s, (t, v) in CARVES.items()}
 
 EXPECTED_RUNTIME = (
     "full: 7,343 s (122 min) on the 2-core CPU from a built varied zoo, the broad pool's knowledge "
@@ -472,19 +479,104 @@ VALIDATION_GRID = {"neighbours": (30, 50, 100), "radius": (False, True),
 # ... and the no-fit flag: the token's weight in the fit score, and the share of the
 # calibration queries (validation queries of the training tasks) flagged.
 VALIDATION_NO_FIT = {"fit_token_weight": (0.25, 1.0, 2.0), "false_alarm": (0.005, 0.01, 0.02)}
+# Candidate extra fit terms (validation only; ``anchor_weight`` 0 is the product's fit score):
+# whether the model's most confident pool images (its anchors) lie where the query's classes
+# are: ``in``, the share of a model class's anchors among the query class's counted stand-ins;
+# ``near``, the share whose phi cosine to the query class's prototype reaches that of its
+# farthest counted stand-in; each one-to-one over classes like the agreement.
+VALIDATION_ANCHOR = {"anchor_term": ("in", "near"), "anchor_weight": (0.0, 0.5, 1.0, 2.0)}
 
 
-def _best_fit(proxy: Proxy, index, described, weights) -> dict:
-  """Each query's highest ``agreement + w * token`` over the index, for each weight w."""
+@jax.jit
+def _anchor_overlap(protos, q_mask, standins, weights, pool_features, anchors, anchor_features,
+                    a_mask):
+  """One query batch against every model: protos [Q, Kq, D], q_mask [Q, Kq], standins and
+  weights [Q, Kq, n]; pool_features [N, D]; anchors int [M, Km, A], their phi
+  [M, Km, A, D], a_mask [M, Km] -> (in, near) float32 [Q, M]."""
+  from know2vec_jax.classmatch import greedy_assignment
+  n_pool = pool_features.shape[0]
+  q, kq = q_mask.shape
+  counted = weights > 0
+  bitmap = jnp.zeros((q, kq, n_pool), bool).at[
+      jnp.arange(q)[:, None, None], jnp.arange(kq)[None, :, None], standins].max(counted)
+  inside = bitmap[:, :, anchors].mean(-1)  # [Q, Kq, M, Km]
+  sim_standin = jnp.einsum("qkd,qknd->qkn", protos, pool_features[standins])
+  edge = jnp.where(counted, sim_standin, jnp.inf).min(-1)  # [Q, Kq]
+  sim_anchor = jnp.einsum("qkd,mjad->qkmja", protos, anchor_features)
+  near = (sim_anchor >= edge[:, :, None, None, None] - 1e-6).mean(-1)  # [Q, Kq, M, Km]
+  rows, cols = q_mask[:, None, :] > 0, a_mask[None] > 0
+  kq_n = jnp.maximum(q_mask.sum(-1), 1.0)[:, None]
+
+  def assign(x):
+    return greedy_assignment(x.transpose(0, 2, 1, 3), rows, cols) / kq_n
+  return assign(inside), assign(near)
+
+
+def anchor_overlap(classes, pool_features, anchors, a_mask, batch: int = 4):
+  """:func:`_anchor_overlap` over every query (``classes``: QueryClasses with stand-in
+  weights) in batches: (in, near) float32 [Q, M]."""
+  q = len(classes)
+  w = classes.weights if classes.weights is not None else np.ones(classes.anchors.shape,
+                                                                  np.float32)
+  pf, an, am = jnp.asarray(pool_features), jnp.asarray(anchors), jnp.asarray(a_mask)
+  af = pf[an]
+  outs = ([], [])
+  for s in range(0, q, batch):
+    part = np.minimum(np.arange(s, s + batch), q - 1)
+    i, nr = _anchor_overlap(jnp.asarray(classes.prototypes[part]),
+                            jnp.asarray(classes.mask[part]), jnp.asarray(classes.anchors[part]),
+                            jnp.asarray(w[part]), pf, an, af, am)
+    take = min(batch, q - s)
+    outs[0].append(np.asarray(i)[:take])
+    outs[1].append(np.asarray(nr)[:take])
+  return np.concatenate(outs[0]), np.concatenate(outs[1])
+
+
+def _index_anchors(proxy: Proxy, index) -> tuple[np.ndarray, np.ndarray]:
+  """Every index row's anchor indices (int32 [M, Km, A], padded) and class mask [M, Km], from
+  the knowledge the proxy probed them with (its pool)."""
+  recs = {m: r for (m, _), r in proxy.knowledge.items()}
+  rows = [recs[m].anchor_index for m in index.ids]
+  km = max(r.shape[0] for r in rows)
+  a = rows[0].shape[1]
+  anchors = np.zeros((len(rows), km, a), np.int32)
+  mask = np.zeros((len(rows), km), np.float32)
+  for i, r in enumerate(rows):
+    anchors[i, :r.shape[0]] = r
+    mask[i, :r.shape[0]] = 1
+  return anchors, mask
+
+
+def _fit_parts(proxy: Proxy, index, described, anchors=None) -> dict:
+  """The fit score's parts for every (query, index row), rows in index order: agreement,
+  token [Q, M] and, with ``anchors`` (:func:`_index_anchors`), the candidate anchor terms."""
   vectors, classes = described
   found = proxy.retriever.score(index, vectors, classes, len(index))
-  a, t = np.asarray(found.agreement), np.asarray(found.token)
-  return {w: (a + w * t).max(1) if a.shape[1] else np.zeros(len(a)) for w in weights}
+  col = {m: j for j, m in enumerate(index.ids)}
+  order = np.asarray([[col[m] for m in row] for row in found.ids], np.int64)
+  parts = {}
+  for name in ("agreement", "token"):
+    v = np.full((len(order), len(index)), -np.inf, np.float32)
+    np.put_along_axis(v, order, np.asarray(getattr(found, name)), axis=1)
+    parts[name] = v
+  if anchors is not None:
+    parts["in"], parts["near"] = anchor_overlap(classes, proxy.index_pool_features(index),
+                                                *anchors)
+  return parts
+
+
+def _best_fit(parts: dict, w: float, term: str | None = None, u: float = 0.0) -> np.ndarray:
+  """Each query's highest ``agreement + w * token (+ u * anchor term)`` over the index."""
+  f = parts["agreement"] + w * parts["token"]
+  if u:
+    f = f + u * parts[term]
+  return f.max(1) if f.shape[1] else np.zeros(len(f))
 
 
 def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool = True,
              variants: dict | None = None, grid: dict | None = None,
-             no_fit: dict | None = None, carves: dict | None = None) -> dict:
+             no_fit: dict | None = None, carves: dict | None = None,
+             anchor: dict | None = None) -> dict:
   """Model selection on the carves (see the module docstring); never an evaluation query.
 
   Per training variant, carve and aligner seed, one proxy is trained on the carve's training
@@ -492,11 +584,15 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
   no-fit setting of ``no_fit`` is calibrated exactly as the product calibrates it (the quantile
   of the training tasks' validation queries' fit scores against the training models) and read
   on the validation queries with their models absent (``detection``) and present
-  (``false_alarm``).
+  (``false_alarm``), also with the candidate anchor terms of ``anchor``
+  (:data:`VALIDATION_ANCHOR`; keys with ``anchor_weight`` > 0 name them). ``diagnostics``
+  records, per carve, which training models' sources give the unflagged absent queries their
+  best fit under the product's settings.
 
   Returns:
     {"ranking": {variant: {setting: {carve: {"top1", "top5"}, "mean": ...}}},
-     "no_fit": {variant: {setting: {carve: {"false_alarm", "detection"}, "mean": ...}}}}.
+     "no_fit": {variant: {setting: {carve: {"false_alarm", "detection"}, "mean": ...}}},
+     "diagnostics": {variant: {carve: {source: unflagged absent queries best fit there}}}}.
   """
   zoo = load_zoo(zoo_dir)
   cache = Cache(cache_dir)
@@ -508,10 +604,15 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
   grid = grid or VALIDATION_GRID
   no_fit = no_fit or VALIDATION_NO_FIT
   carves = carves or {s: CARVES[s] for s in cfg.sources}
-  weights = tuple(no_fit["fit_token_weight"])
+  anchor = anchor or {"anchor_term": ("in",), "anchor_weight": (0.0,)}
+  fits = [(w, term, u) for w in no_fit["fit_token_weight"] for term in anchor["anchor_term"]
+          for u in anchor["anchor_weight"] if u or term == anchor["anchor_term"][0]]
+  with_anchors = any(u for _, _, u in fits)
   describe = list(itertools.product(grid["neighbours"], grid["radius"]))
+  product = cfg.proxy.match
   ranking: dict = {}
   flags: dict = {}
+  diagnostics: dict = {}
   for name, ov in variants.items():
     rank_acc: dict = {}
     fit_acc: dict = {}
@@ -535,18 +636,30 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
         calib, _ = training.validation_queries(proxy, train_ids, {m: zoo.record(m).task for m in
                                                                   train_ids}, zoo.image_shape)
         stats = {}
+        anchors = _index_anchors(proxy, index) if with_anchors else None
         for n, radius in describe:
           p = proxy.with_match(neighbours=n, radius=radius)
           stats[(n, radius)] = {
-              "calibration": _best_fit(p, index, p.describe_queries(calib, index=index),
-                                       weights),
-              "absent": _best_fit(p, index, p.describe_queries(xy, index=index), weights)}
+              "calibration": _fit_parts(p, index, p.describe_queries(calib, index=index),
+                                        anchors),
+              "absent": _fit_parts(p, index, p.describe_queries(xy, index=index), anchors)}
+        if seed == cfg.seeds[0] and (product.neighbours, product.radius) in stats:
+          st = stats[(product.neighbours, product.radius)]
+          w = product.fit_token_weight
+          th = float(np.quantile(_best_fit(st["calibration"], w), pcfg.false_alarm,
+                                 method="lower"))
+          f = st["absent"]["agreement"] + w * st["absent"]["token"]
+          src = [zoo.record(m).source for m in index.ids]
+          missed = f.max(1) >= th
+          diagnostics.setdefault(name, {})[evaluation] = dict(sorted(
+              collections.Counter(src[j] for j in f.argmax(1)[missed]).items()))
         index = proxy.build_index(groups_from_zoo(zoo, model_ids=held_ids), meta, index=index,
                                   cache=cache)
+        anchors = _index_anchors(proxy, index) if with_anchors else None
         for n, radius in describe:
           p = proxy.with_match(neighbours=n, radius=radius)
           described = p.describe_queries(xy, index=index)
-          stats[(n, radius)]["present"] = _best_fit(p, index, described, weights)
+          stats[(n, radius)]["present"] = _fit_parts(p, index, described, anchors)
           for tw in grid["token_weight"]:
             found = p.retriever.with_settings([f"token_weight={tw}"]).score(
                 index, described[0], described[1], len(index))
@@ -556,16 +669,19 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
             e = rank_acc.setdefault(key, {}).setdefault(evaluation, {"top1": [], "top5": []})
             e["top1"].append(float(np.mean(r == 1)))
             e["top5"].append(float(np.mean(r <= 5)))
-          for w in weights:
+          st = stats[(n, radius)]
+          for w, term, u in fits:
+            best = {part: _best_fit(st[part], w, term, u) for part in st}
             for fa in no_fit["false_alarm"]:
-              st = stats[(n, radius)]
-              th = float(np.quantile(st["calibration"][w], fa, method="lower"))
-              key = json.dumps({"neighbours": n, "radius": radius, "fit_token_weight": w,
-                                "false_alarm": fa})
-              e = fit_acc.setdefault(key, {}).setdefault(evaluation, {"false_alarm": [],
-                                                                      "detection": []})
-              e["false_alarm"].append(float(np.mean(st["present"][w] < th)))
-              e["detection"].append(float(np.mean(st["absent"][w] < th)))
+              th = float(np.quantile(best["calibration"], fa, method="lower"))
+              setting = {"neighbours": n, "radius": radius, "fit_token_weight": w,
+                         "false_alarm": fa}
+              if u:
+                setting.update(anchor_term=term, anchor_weight=u)
+              e = fit_acc.setdefault(json.dumps(setting), {}).setdefault(
+                  evaluation, {"false_alarm": [], "detection": []})
+              e["false_alarm"].append(float(np.mean(best["present"] < th)))
+              e["detection"].append(float(np.mean(best["absent"] < th)))
         vec_only = search_ranks(proxy, index, queries, q_task, m_task,
                                 {"vector-only": ("enabled=false",)})["vector-only"][0]
         e = rank_acc.setdefault("vector-only", {}).setdefault(evaluation, {"top1": [], "top5": []})
@@ -581,8 +697,8 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
                                 for c, x in v.items() if c != "mean"),
             f"| mean false alarm {v['mean']['false_alarm']:.3f} detection "
             f"{v['mean']['detection']:.3f}", flush=True)
-  return {"ranking": ranking, "no_fit": flags, "carves": {k: list(v) for k, v in carves.items()},
-          "config": config_lib.to_dict(cfg)}
+  return {"ranking": ranking, "no_fit": flags, "diagnostics": diagnostics,
+          "carves": {k: list(v) for k, v in carves.items()}, "config": config_lib.to_dict(cfg)}
 
 
 def _means(acc: dict) -> dict:
@@ -655,12 +771,32 @@ def main(argv=None):
   p.add_argument("--validate", action="store_true",
                  help="model selection on carves of the training side (never an evaluation "
                  "query)")
+  p.add_argument("--carves", choices=("paired", "reversed", "all"), default="paired",
+                 help="--validate: CARVES, REVERSED_CARVES or both")
+  p.add_argument("--variants", default=",".join(VALIDATION_VARIANTS),
+                 help="--validate: the training variants to score, comma-separated")
+  p.add_argument("--no-fit-only", action="store_true",
+                 help="--validate: the product's stand-in and token settings only, with the "
+                 "candidate anchor terms of the fit score (VALIDATION_ANCHOR)")
   args = p.parse_args(argv)
   if args.quick:
     args.preset = "quick"
   cfg = config_from_args(p, PRESETS, args)
   if args.validate:
-    res = validate(cfg, args.zoo, args.cache, not args.quiet)
+    carves = {"paired": CARVES, "reversed": REVERSED_CARVES,
+              "all": {**CARVES, **REVERSED_CARVES}}[args.carves]
+    carves = {k: v for k, v in carves.items() if k.partition(":")[0] in cfg.sources}
+    names = [v for v in args.variants.split(",") if v]
+    require_known(names, tuple(VALIDATION_VARIANTS), "validation variant(s)")
+    grid = anchor = None
+    if args.no_fit_only:
+      m = cfg.proxy.match
+      grid = {"neighbours": (m.neighbours,), "radius": (m.radius,),
+              "token_weight": (m.token_weight,)}
+      anchor = VALIDATION_ANCHOR
+    res = validate(cfg, args.zoo, args.cache, not args.quiet,
+                   variants={v: VALIDATION_VARIANTS[v] for v in names}, grid=grid,
+                   carves=carves, anchor=anchor)
     path = pathlib.Path(args.out or "experiments/results/openworld-validation.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))

@@ -159,3 +159,30 @@ def test_leep_is_computed_once_for_a_sources_two_pool_settings(tiny_zoo, tiny_pr
   other = openworld.make_queries(tasks[:2], 1, 3, 1, "test", lambda source: np.zeros(0, np.int64))
   openworld.baseline_rows(tiny_proxy, tiny_index, zoo, other, q_task, m_task, True, 0, memo)
   assert len(calls) == 3
+
+
+def test_anchor_overlap_reads_where_a_models_anchors_lie():
+  # Two query classes, each stood in for by 3 pool images; model 0's anchors are exactly those
+  # images (class order swapped: the assignment finds it), model 1's lie elsewhere in the pool,
+  # model 2 has one class whose anchors are half inside. Pool features: one-hot per image, the
+  # prototypes the normalised sums of their stand-ins.
+  n, d = 12, 12
+  pool = np.eye(n, d, dtype=np.float32)
+  standins = np.asarray([[[0, 1, 2], [3, 4, 5]]])
+  protos = pool[standins].sum(2)
+  protos /= np.linalg.norm(protos, axis=-1, keepdims=True)
+  from know2vec_jax.classmatch import QueryClasses
+  q = QueryClasses(protos, np.ones((1, 2), np.float32), standins,
+                   weights=np.ones((1, 2, 3), np.float32))
+  anchors = np.asarray([[[3, 4, 5], [0, 1, 2], [0, 0, 0]],
+                        [[6, 7, 8], [9, 10, 11], [0, 0, 0]],
+                        [[0, 6, 7], [8, 9, 10], [0, 0, 0]]])
+  mask = np.asarray([[1, 1, 0], [1, 1, 0], [1, 1, 0]], np.float32)
+  inside, near = openworld.anchor_overlap(q, pool, anchors, mask)
+  np.testing.assert_allclose(inside[0], [1.0, 0.0, 1 / 6], atol=1e-6)
+  # "near": an anchor as close to the prototype as its farthest stand-in counts.
+  np.testing.assert_allclose(near[0], [1.0, 0.0, 1 / 6], atol=1e-6)
+  # A stand-in that does not count (weight 0) is not "inside".
+  q.weights = np.asarray([[[1, 1, 0], [1, 1, 1]]], np.float32)
+  inside, _ = openworld.anchor_overlap(q, pool, anchors, mask)
+  np.testing.assert_allclose(inside[0], [5 / 6, 0.0, 1 / 6], atol=1e-6)
