@@ -74,7 +74,7 @@ from know2vec_jax import training
 from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
 from know2vec_jax.config import Presets, require, require_known
-from know2vec_jax.data import DataError, Task, few_shot, load_source, parse_source_name, task_split
+from know2vec_jax.data import DataError, Task, few_shot, load_source, parse_source_name
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
 from know2vec_jax.pipeline import Cache
 from know2vec_jax.proxy import Proxy, ProxyConfig, proxy_preset, zoo_metadata
