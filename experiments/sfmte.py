@@ -1,6 +1,8 @@
-"""SF-MTE (source-free model transferability estimation): two benchmarks on the demo zoo.
+"""SF-MTE (source-free model transferability estimation): three benchmarks on the demo zoo.
 
-Command:   python -m experiments.sfmte                 (both benchmarks, 3 training seeds, figures)
+Command:   python -m experiments.sfmte                 (query_dependent and capacity, 3 training
+                                                        seeds, figures)
+           python -m experiments.sfmte --preset all    (the mixed benchmark too; not yet run)
            python -m experiments.sfmte --quick         (the query-dependent benchmark, one seed)
            python -m experiments.sfmte --ground-truth  (only compute and cache the ground truth)
            python -m experiments.sfmte --validate [--set KEY=VALUE]   (model selection)
@@ -47,6 +49,11 @@ Benchmarks:
   capacity and training quality, the same for every target. The cheaper frozen-body linear probe
   (``--preset linear-labels``) ranks this zoo unlike the full fine-tune: on the training targets
   alone, weighted tau between the two labels was 0.41 on average (``--compare-train-labels``).
+- ``mixed``: :func:`mixed_models`, every neural model of the demo zoo (435: mlp, cnn_s, cnn_l,
+  K = 2/4/10, the weak ones included). Evaluation targets (:func:`mixed_targets`): 24 drawn as
+  the product draws training targets (the zoo's sources in turn, K from its class counts), test
+  splits, none sharing a zoo model's dataset and class set in any domain; training targets: 192
+  drawn by the product; the query-dependent benchmark's protocol (:data:`QD_GT`) and aligner.
 
 Protocol (nothing is tuned on the evaluation targets):
 - The leak rule, as code (:func:`know2vec_jax.transfer.leaks`, tested over these lists): no
@@ -103,6 +110,7 @@ from know2vec_jax.selection import SelectionConfig, draw_targets
 from know2vec_jax.transfer import (FinetuneConfig, TransferTarget, ground_truth, leak_key, leaks,
                                    noise_ceiling, run_sample, split_half)
 from know2vec_jax.zoo import load_zoo
+from know2vec_jax.zoo.estimators import is_estimator
 
 # Each variant is a proxy config: the preset it starts from and its overrides. "both" is the
 # product's `know2vec train --objective both` (the retrieval proxy plus an accuracy head on its
@@ -263,6 +271,23 @@ def query_dependent_targets(zoo_tasks, per_source: int = 2, seed: int = 0
   return tuple(out)
 
 
+def mixed_models(zoo) -> list[str]:
+  """Every neural model of the zoo (every stack's; the scikit-learn estimators are not
+  fine-tunable): on the demo zoo all 435, three architectures, K = 2/4/10, weak ones included."""
+  return [m for m, r in zoo.records.items() if not is_estimator(r.arch)]
+
+
+def mixed_targets(zoo_tasks, count: int = 24, seed: int = 0) -> tuple[TransferTarget, ...]:
+  """Evaluation targets drawn as the product draws its training targets
+  (:func:`know2vec_jax.selection.draw_targets`: the zoo's sources in turn, K from the zoo's class
+  counts) but from test splits, away from every zoo model's dataset and class set in any domain
+  (the leak rule). Deterministic in the zoo's tasks and ``seed``."""
+  drawn = draw_targets(zoo_tasks, count, (), seed, zoo_tasks, any_domain=True)
+  return tuple(dataclasses.replace(t, name=f"mixed-{t.task.source}-"
+                                   f"{'-'.join(map(str, t.task.classes))}", split="test",
+                                   kind="mixed") for t in drawn)
+
+
 def query_dependent_training(zoo_tasks, evaluation, count: int, seed: int):
   """Training targets of the query-dependent benchmark: drawn by the product
   (:func:`know2vec_jax.selection.draw_targets`) from the zoo's sources and class counts, away from
@@ -378,7 +403,7 @@ class BenchmarkConfig:
     config_lib.override(_sfmte_proxy(), list(self.aligner))  # a bad key or value fails here
 
 
-BENCHMARKS = ("query_dependent", "capacity")
+BENCHMARKS = ("query_dependent", "capacity", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +416,8 @@ class SFMTEConfig:
       spread over the zoo's sources, so the best model depends on the target.
     capacity: the 114-model structured subset (three families, K = 2/4/10, weak models), whose
       ranking is mostly capacity and training quality.
+    mixed: every neural model of the zoo, targets drawn like the product's training targets
+      (:func:`mixed_targets`), the query-dependent benchmark's protocol and aligner.
     seeds: training seeds of every learned method (its figure is the mean over them).
     baselines: the registry baselines to score.
     seed: random scores, the targets' draws.
@@ -400,6 +427,9 @@ class SFMTEConfig:
       QD_GT["eval"], QD_GT["train"], 192, ("know2vec-both", "know2vec-attention-shared"),
       QD_ALIGNER)
   capacity: BenchmarkConfig = BenchmarkConfig()
+  mixed: BenchmarkConfig = BenchmarkConfig(
+      QD_GT["eval"], QD_GT["train"], 192, ("know2vec-both", "know2vec-attention-shared"),
+      QD_ALIGNER)
   seeds: tuple[int, ...] = (0, 1, 2)
   baselines: tuple[str, ...] = tuple(BASELINES)
   seed: int = 0
@@ -415,7 +445,13 @@ PRESETS: Presets[SFMTEConfig] = Presets("sfmte")
 
 @PRESETS.register("full")
 def _full() -> SFMTEConfig:
-  """Both benchmarks, 3 training seeds (the README tables)."""
+  """The query-dependent and capacity benchmarks, 3 training seeds (the README tables)."""
+  return SFMTEConfig(benchmarks=("query_dependent", "capacity"))
+
+
+@PRESETS.register("all")
+def _all() -> SFMTEConfig:
+  """Every benchmark, the mixed one included, 3 training seeds."""
   return SFMTEConfig()
 
 
@@ -439,6 +475,9 @@ def benchmark_setup(name: str, cfg: SFMTEConfig, zoo) -> dict:
   if name == "capacity":
     ids = sfmte_models(zoo)
     candidates = EVAL_TARGETS
+  elif name == "mixed":
+    ids = mixed_models(zoo)
+    candidates = mixed_targets([zoo.records[m].task for m in ids], seed=cfg.seed + 7)
   else:
     ids = query_dependent_models(zoo)
     candidates = query_dependent_targets([zoo.records[m].task for m in ids], seed=cfg.seed)
@@ -446,6 +485,9 @@ def benchmark_setup(name: str, cfg: SFMTEConfig, zoo) -> dict:
   ev = [t for t in candidates if not leaks([t.task], tasks)]
   if name == "capacity":
     train = training_targets(zoo, bcfg.train_targets, cfg.seed, tuple(ev))
+  elif name == "mixed":  # as the product draws them: K from the zoo's class counts
+    train = draw_targets(tasks, bcfg.train_targets, (), cfg.seed + 1, [t.task for t in ev],
+                         any_domain=True)
   else:
     train = query_dependent_training(tasks, ev, bcfg.train_targets, cfg.seed + 1)
   problems = leaks([t.task for t in ev], tasks, [t.task for t in train])

@@ -152,11 +152,11 @@ def test_sfmte_targets_obey_the_leak_rule(bench):
   # Over the experiment's actual lists: no evaluation target shares (dataset, class set) with a
   # model of the benchmark's zoo or a training target, in any domain.
   zoo = _demo_zoo_records()
-  setup = sfmte.benchmark_setup(bench, sfmte.PRESETS.get("full"), zoo)
+  setup = sfmte.benchmark_setup(bench, sfmte.PRESETS.get("all"), zoo)
   ev, train = setup["eval_targets"], setup["train_targets"]
   tasks = [zoo.records[m].task for m in setup["ids"]]
   assert leaks([t.task for t in ev], tasks, [t.task for t in train]) == []
-  assert len(ev) >= 10 and len(train) == getattr(sfmte.PRESETS.get("full"), bench).train_targets
+  assert len(ev) >= 10 and len(train) == getattr(sfmte.PRESETS.get("all"), bench).train_targets
   assert {t.split for t in train} == {"train"} and {t.split for t in ev} == {"test"}
   if bench == "capacity":
     # The original list had three leaking targets; they are dropped and named.
@@ -165,6 +165,11 @@ def test_sfmte_targets_obey_the_leak_rule(bench):
     # Training targets stay in the zoo's own domains; evaluation targets may not.
     assert {t.task.source.split("+", 1)[-1] for t in train if "+" in t.task.source} <= {
         "invert", "rot90", "blur"}
+  elif bench == "mixed":
+    # Every model of the zoo (all neural), targets drawn like the product's over its sources.
+    assert len(setup["ids"]) == len(zoo.records) == 435
+    assert {t.kind for t in ev} == {"mixed"} and len(ev) == 24
+    assert {t.k for t in ev} <= {2, 4, 10} and len({t.task.source for t in ev}) >= 10
   else:
     # Matched models (one architecture and budget) and targets in every source of the zoo.
     recs = [zoo.records[m] for m in setup["ids"]]
