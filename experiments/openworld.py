@@ -55,11 +55,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import pathlib
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +72,11 @@ from experiments.generalise import search_ranks, summarise, rate
 from experiments.nnr import leep_matrix, zoo_tasks_sorted
 from know2vec_jax import config as config_lib
 from know2vec_jax import pool as pool_lib
+from know2vec_jax import retrieval
 from know2vec_jax import training
 from know2vec_jax.baselines import run_baseline
 from know2vec_jax.blackbox import groups_from_zoo
+from know2vec_jax.classmatch import greedy_assignment
 from know2vec_jax.config import Presets, require, require_known
 from know2vec_jax.data import DataError, Task, few_shot, load_source, parse_source_name
 from know2vec_jax.metrics import first_correct_rank, retrieval_metrics
@@ -506,57 +510,53 @@ VALIDATION_GRID = {"neighbours": (30, 50, 100), "radius": (False, True),
 # ... and the no-fit flag: the token's weight in the fit score, and the share of the
 # calibration queries (validation queries of the training tasks) flagged.
 VALIDATION_NO_FIT = {"fit_token_weight": (0.25, 1.0, 2.0), "false_alarm": (0.005, 0.01, 0.02)}
-# Candidate extra fit terms (validation only; ``anchor_weight`` 0 is the product's fit score):
+# The candidate extra fit term (validation only; ``anchor_weight`` 0 is the product's fit score):
 # whether the model's most confident pool images (its anchors) lie where the query's classes
-# are: ``in``, the share of a model class's anchors among the query class's counted stand-ins;
-# ``near``, the share whose phi cosine to the query class's prototype reaches that of its
-# farthest counted stand-in; each one-to-one over classes like the agreement.
-VALIDATION_ANCHOR = {"anchor_term": ("in", "near"), "anchor_weight": (0.0, 0.5, 1.0, 2.0)}
+# are, as the share of a model class's anchors among the query class's counted stand-ins,
+# one-to-one over classes like the agreement (``anchor_term`` "in" in the results' keys). The
+# first runs also scored "near" (anchors as close to the prototype as the farthest counted
+# stand-in): the same images, as the counted stand-ins are the pool images within that cosine,
+# and the same numbers in openworld-validation-nofit*.json, so it was dropped.
+VALIDATION_ANCHOR = {"anchor_weight": (0.0, 0.5, 1.0, 2.0)}
 
 
-@jax.jit
-def _anchor_overlap(protos, q_mask, standins, weights, pool_features, anchors, anchor_features,
-                    a_mask):
-  """One query batch against every model: protos [Q, Kq, D], q_mask [Q, Kq], standins and
-  weights [Q, Kq, n]; pool_features [N, D]; anchors int [M, Km, A], their phi
-  [M, Km, A, D], a_mask [M, Km] -> (in, near) float32 [Q, M]."""
-  from know2vec_jax.classmatch import greedy_assignment
-  n_pool = pool_features.shape[0]
+@functools.partial(jax.jit, static_argnames=("pool_size",))
+def _anchor_overlap(q_mask, standins, weights, anchors, a_mask, *, pool_size: int):
+  """One query batch against every model: q_mask [Q, Kq], standins and weights [Q, Kq, n];
+  anchors int [M, Km, A] (pool indices), a_mask [M, Km] -> float32 [Q, M]."""
   q, kq = q_mask.shape
-  counted = weights > 0
-  bitmap = jnp.zeros((q, kq, n_pool), bool).at[
-      jnp.arange(q)[:, None, None], jnp.arange(kq)[None, :, None], standins].max(counted)
+  bitmap = jnp.zeros((q, kq, pool_size), bool).at[
+      jnp.arange(q)[:, None, None], jnp.arange(kq)[None, :, None], standins].max(weights > 0)
   inside = bitmap[:, :, anchors].mean(-1)  # [Q, Kq, M, Km]
-  sim_standin = jnp.einsum("qkd,qknd->qkn", protos, pool_features[standins])
-  edge = jnp.where(counted, sim_standin, jnp.inf).min(-1)  # [Q, Kq]
-  sim_anchor = jnp.einsum("qkd,mjad->qkmja", protos, anchor_features)
-  near = (sim_anchor >= edge[:, :, None, None, None] - 1e-6).mean(-1)  # [Q, Kq, M, Km]
-  rows, cols = q_mask[:, None, :] > 0, a_mask[None] > 0
-  kq_n = jnp.maximum(q_mask.sum(-1), 1.0)[:, None]
-
-  def assign(x):
-    return greedy_assignment(x.transpose(0, 2, 1, 3), rows, cols) / kq_n
-  return assign(inside), assign(near)
+  total = greedy_assignment(inside.transpose(0, 2, 1, 3), q_mask[:, None, :] > 0,
+                            a_mask[None] > 0)
+  return total / jnp.maximum(q_mask.sum(-1), 1.0)[:, None]
 
 
-def anchor_overlap(classes, pool_features, anchors, a_mask, batch: int = 4):
-  """:func:`_anchor_overlap` over every query (``classes``: QueryClasses with stand-in
-  weights) in batches: (in, near) float32 [Q, M]."""
+def anchor_overlap(classes, pool_size: int, anchors, a_mask, batch: int = 4) -> np.ndarray:
+  """:func:`_anchor_overlap` over every query (``classes``: QueryClasses; without stand-in
+  weights every stand-in counts) in batches of ``batch``: float32 [Q, M]."""
   q = len(classes)
   w = classes.weights if classes.weights is not None else np.ones(classes.anchors.shape,
                                                                   np.float32)
-  pf, an, am = jnp.asarray(pool_features), jnp.asarray(anchors), jnp.asarray(a_mask)
-  af = pf[an]
-  outs = ([], [])
+  an, am = jnp.asarray(anchors), jnp.asarray(a_mask)
+  outs = []
   for s in range(0, q, batch):
-    part = np.minimum(np.arange(s, s + batch), q - 1)
-    i, nr = _anchor_overlap(jnp.asarray(classes.prototypes[part]),
-                            jnp.asarray(classes.mask[part]), jnp.asarray(classes.anchors[part]),
-                            jnp.asarray(w[part]), pf, an, af, am)
-    take = min(batch, q - s)
-    outs[0].append(np.asarray(i)[:take])
-    outs[1].append(np.asarray(nr)[:take])
-  return np.concatenate(outs[0]), np.concatenate(outs[1])
+    part = np.minimum(np.arange(s, s + batch), q - 1)  # the last batch padded: one shape
+    got = _anchor_overlap(jnp.asarray(classes.mask[part]), jnp.asarray(classes.anchors[part]),
+                          jnp.asarray(w[part]), an, am, pool_size=int(pool_size))
+    outs.append(np.asarray(got)[:min(batch, q - s)])
+  return np.concatenate(outs)
+
+
+def validation_carves(kind: str, sources) -> dict[str, tuple[str, str]]:
+  """The carves of ``kind`` (``paired``: :data:`CARVES`, ``reversed``: :data:`REVERSED_CARVES`,
+  ``all``: both) for the evaluation sources ``sources``: name -> (training source, unseen
+  source)."""
+  require_known([kind], ("paired", "reversed", "all"), "carve set(s)")
+  chosen = {**(CARVES if kind != "reversed" else {}), **(REVERSED_CARVES if kind != "paired"
+                                                         else {})}
+  return {k: v for k, v in chosen.items() if k.partition(":")[0] in sources}
 
 
 def _index_anchors(proxy: Proxy, index) -> tuple[np.ndarray, np.ndarray]:
@@ -576,7 +576,7 @@ def _index_anchors(proxy: Proxy, index) -> tuple[np.ndarray, np.ndarray]:
 
 def _fit_parts(proxy: Proxy, index, described, anchors=None) -> dict:
   """The fit score's parts for every (query, index row), rows in index order: agreement,
-  token [Q, M] and, with ``anchors`` (:func:`_index_anchors`), the candidate anchor terms."""
+  token [Q, M] and, with ``anchors`` (:func:`_index_anchors`), the candidate anchor term."""
   vectors, classes = described
   found = proxy.retriever.score(index, vectors, classes, len(index))
   col = {m: j for j, m in enumerate(index.ids)}
@@ -587,16 +587,21 @@ def _fit_parts(proxy: Proxy, index, described, anchors=None) -> dict:
     np.put_along_axis(v, order, np.asarray(getattr(found, name)), axis=1)
     parts[name] = v
   if anchors is not None:
-    parts["in"], parts["near"] = anchor_overlap(classes, proxy.index_pool_features(index),
-                                                *anchors)
+    parts["anchor"] = anchor_overlap(classes, len(proxy.index_pool_features(index)), *anchors)
   return parts
 
 
-def _best_fit(parts: dict, w: float, term: str | None = None, u: float = 0.0) -> np.ndarray:
-  """Each query's highest ``agreement + w * token (+ u * anchor term)`` over the index."""
-  f = parts["agreement"] + w * parts["token"]
-  if u:
-    f = f + u * parts[term]
+def _fit(parts: dict, w: float, u: float = 0.0) -> np.ndarray:
+  """``agreement + w * token (+ u * anchor share)`` [Q, M]: the product's fit score
+  (:func:`know2vec_jax.retrieval.fit_score`) at token weight ``w``, plus the candidate term."""
+  f = retrieval.fit_score(parts["agreement"], parts["token"],
+                          types.SimpleNamespace(fit_token_weight=w))
+  return f + u * parts["anchor"] if u else f
+
+
+def _best_fit(parts: dict, w: float, u: float = 0.0) -> np.ndarray:
+  """Each query's highest :func:`_fit` over the index."""
+  f = _fit(parts, w, u)
   return f.max(1) if f.shape[1] else np.zeros(len(f))
 
 
@@ -631,10 +636,9 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
   grid = grid or VALIDATION_GRID
   no_fit = no_fit or VALIDATION_NO_FIT
   carves = carves or {s: CARVES[s] for s in cfg.sources}
-  anchor = anchor or {"anchor_term": ("in",), "anchor_weight": (0.0,)}
-  fits = [(w, term, u) for w in no_fit["fit_token_weight"] for term in anchor["anchor_term"]
-          for u in anchor["anchor_weight"] if u or term == anchor["anchor_term"][0]]
-  with_anchors = any(u for _, _, u in fits)
+  anchor = anchor or {"anchor_weight": (0.0,)}
+  fits = [(w, u) for w in no_fit["fit_token_weight"] for u in anchor["anchor_weight"]]
+  with_anchors = any(u for _, u in fits)
   describe = list(itertools.product(grid["neighbours"], grid["radius"]))
   product = cfg.proxy.match
   ranking: dict = {}
@@ -675,7 +679,7 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
           w = product.fit_token_weight
           th = float(np.quantile(_best_fit(st["calibration"], w), pcfg.false_alarm,
                                  method="lower"))
-          f = st["absent"]["agreement"] + w * st["absent"]["token"]
+          f = _fit(st["absent"], w)
           src = [zoo.record(m).source for m in index.ids]
           missed = f.max(1) >= th
           diagnostics.setdefault(name, {})[evaluation] = dict(sorted(
@@ -697,14 +701,14 @@ def validate(cfg: OpenWorldConfig, zoo_dir: str, cache_dir: str, progress: bool 
             e["top1"].append(float(np.mean(r == 1)))
             e["top5"].append(float(np.mean(r <= 5)))
           st = stats[(n, radius)]
-          for w, term, u in fits:
-            best = {part: _best_fit(st[part], w, term, u) for part in st}
+          for w, u in fits:
+            best = {part: _best_fit(st[part], w, u) for part in st}
             for fa in no_fit["false_alarm"]:
               th = float(np.quantile(best["calibration"], fa, method="lower"))
               setting = {"neighbours": n, "radius": radius, "fit_token_weight": w,
                          "false_alarm": fa}
               if u:
-                setting.update(anchor_term=term, anchor_weight=u)
+                setting.update(anchor_term="in", anchor_weight=u)
               e = fit_acc.setdefault(json.dumps(setting), {}).setdefault(
                   evaluation, {"false_alarm": [], "detection": []})
               e["false_alarm"].append(float(np.mean(best["present"] < th)))
@@ -810,9 +814,7 @@ def main(argv=None):
     args.preset = "quick"
   cfg = config_from_args(p, PRESETS, args)
   if args.validate:
-    carves = {"paired": CARVES, "reversed": REVERSED_CARVES,
-              "all": {**CARVES, **REVERSED_CARVES}}[args.carves]
-    carves = {k: v for k, v in carves.items() if k.partition(":")[0] in cfg.sources}
+    carves = validation_carves(args.carves, cfg.sources)
     names = [v for v in args.variants.split(",") if v]
     require_known(names, tuple(VALIDATION_VARIANTS), "validation variant(s)")
     grid = anchor = None

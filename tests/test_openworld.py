@@ -178,11 +178,28 @@ def test_anchor_overlap_reads_where_a_models_anchors_lie():
                         [[6, 7, 8], [9, 10, 11], [0, 0, 0]],
                         [[0, 6, 7], [8, 9, 10], [0, 0, 0]]])
   mask = np.asarray([[1, 1, 0], [1, 1, 0], [1, 1, 0]], np.float32)
-  inside, near = openworld.anchor_overlap(q, pool, anchors, mask)
+  inside = openworld.anchor_overlap(q, n, anchors, mask)
   np.testing.assert_allclose(inside[0], [1.0, 0.0, 1 / 6], atol=1e-6)
-  # "near": an anchor as close to the prototype as its farthest stand-in counts.
-  np.testing.assert_allclose(near[0], [1.0, 0.0, 1 / 6], atol=1e-6)
+  # "near": an anchor as close to the prototype as its farthest stand-in counts; those are the
+  # counted stand-ins themselves, so the share inside is that share (why "near" was dropped).
+  edge = np.einsum("kd,knd->kn", protos[0], pool[standins[0]]).min(-1)
+  close = np.einsum("kd,mjad->kmja", protos[0], pool[anchors]) >= edge[:, None, None, None] - 1e-6
+  near = np.asarray([max(close[0, m, a].mean() + close[1, m, b].mean() for a, b in ((0, 1), (1, 0)))
+                     / 2 for m in range(3)])
+  np.testing.assert_allclose(near, [1.0, 0.0, 1 / 6], atol=1e-6)
+  np.testing.assert_allclose(inside[0], near, atol=1e-6)
   # A stand-in that does not count (weight 0) is not "inside".
   q.weights = np.asarray([[[1, 1, 0], [1, 1, 1]]], np.float32)
-  inside, _ = openworld.anchor_overlap(q, pool, anchors, mask)
+  inside = openworld.anchor_overlap(q, n, anchors, mask)
   np.testing.assert_allclose(inside[0], [5 / 6, 0.0, 1 / 6], atol=1e-6)
+
+
+def test_validation_carves_cover_every_ordered_pair_once():
+  every = openworld.validation_carves("all", openworld.SOURCES)
+  assert sorted(every.values()) == sorted(
+      (t, v) for t in openworld.SOURCES for v in openworld.SOURCES if t != v)
+  assert set(openworld.validation_carves("paired", openworld.SOURCES)) == set(openworld.CARVES)
+  rev = openworld.validation_carves("reversed", ("digits",))
+  assert rev == {"digits:reversed": ("mnist5k", "fashion_mnist")}  # MNIST trains, clothes unseen
+  with pytest.raises(ConfigError, match="carve set"):
+    openworld.validation_carves("some", openworld.SOURCES)
